@@ -1,0 +1,95 @@
+"""Configuration structs and the TOML loader.
+
+Configs are frozen msgspec Structs; unknown keys and wrong types are errors that name the file
+and the key. Derived runtime values (e.g. the number of KV blocks after profiling) never get
+written back into a config object.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from mell.common.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How one worker runs its model: weights, dtype, device, KV pool and batching limits."""
+
+    model: str = "mell-tiny"  # a checkpoint directory, or "mell-tiny" for the built-in model
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    block_size: int = 16  # tokens per KV block (page)
+    num_kv_blocks: int = 0  # 0: derive from kv_cache_memory_bytes / the device's free memory
+    kv_cache_memory_bytes: int = 0  # 0: a default share of device memory
+    max_num_seqs: int = 64  # running requests per step
+    max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    seed: int = 0
+
+
+class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The worker daemon: where its gateway is, who it is, and its engine."""
+
+    gateway: str = "tcp://127.0.0.1:7100"
+    worker_id: str = ""  # empty: derived from host name and device index
+    data_host: str = "127.0.0.1"  # address other workers reach this worker's data port on
+    data_port: int = 0  # 0: an ephemeral port
+    heartbeat_interval_s: float = 0.5
+    load_report_interval_s: float = 0.25
+    drain_grace_s: float = 30.0
+    fake_token_rate: float = 0.0  # benchmarks only: emit tokens at this rate without the model
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The gateway: HTTP listeners, worker endpoint, admission limits, policy, journal."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_endpoint: str = "tcp://127.0.0.1:7100"  # workers connect here
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
+    data_dir: str = ".mell"
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    models: list[str] = msgspec.field(default_factory=lambda: ["mell-tiny"])
+    max_queued_requests: int = 1024
+    request_timeout_s: float = 600.0
+    worker_timeout_s: float = 3.0  # no heartbeat for this long: the worker is lost
+    policy: str = "least-loaded"
+    epoch_s: float = 0.25
+
+
+def load_config(path: str | Path, kind: type[T]) -> T:
+    """Load a TOML file into `kind`; raise ConfigError naming the file and the bad key."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    return convert_config(raw, kind, source=str(path))
+
+
+def convert_config(raw: dict[str, Any], kind: type[T], *, source: str) -> T:
+    """Convert already-parsed data into `kind`; errors name `source` and the key path."""
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"{source}: {_readable(str(err))}") from None
+
+
+def _readable(msg: str) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.engine.block_size`"; name the key plainly.
+    if " - at `$." in msg:
+        what, _, where = msg.partition(" - at `$.")
+        return f"key {where.rstrip('`')!r}: {what}"
+    return msg

@@ -1,0 +1,1 @@
+"""mellctl: the admin CLI. One module per command group; `main` wires them together."""
