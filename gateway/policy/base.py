@@ -1,0 +1,158 @@
+"""Contract C: the cluster policy interface and the policy registry.
+
+A policy decides; it never acts. `place` answers one arrival, `plan_epoch` returns the moves of
+one epoch. Policies do no I/O, read no clock and never mutate the view. They may keep private
+memory derived from what they have seen (activation order, bundles), but the view is the truth:
+requests and workers missing from it are forgotten, new ones are adopted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from mell.common.errors import InvalidRequest
+
+
+class WorkerStatus(IntEnum):
+    """Lifecycle of a worker as the view sees it; only ACTIVE accepts placements and moves."""
+
+    JOINING = 0
+    ACTIVE = 1
+    DRAINING = 2
+    LOST = 3
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """One worker as the policy sees it: capacity and the KV blocks each request holds."""
+
+    worker_id: str
+    model: str
+    status: WorkerStatus
+    capacity_blocks: int
+    block_size: int
+    request_blocks: Mapping[str, int]  # request id -> current KV blocks (placed ones included)
+    num_free_blocks: int  # capacity - sum(request_blocks), may be reported
+
+
+class PolicyView(Protocol):
+    """Read-only cluster state a policy decides on (the gateway's ClusterView, the simulator)."""
+
+    def models(self) -> Sequence[str]: ...
+
+    def workers(self, model: str) -> Sequence[WorkerInfo]:  # every non-LOST worker of the model
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A new request to place."""
+
+    request_id: str
+    model: str
+    num_prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    reason: str
+
+
+MoveKind = Literal["kv", "tokens", "auto"]
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Migrate a running request from worker `src` to worker `dst`.
+
+    `kind` "auto" means the policy leaves KV-vs-token to the migration choice
+    (`mell.gateway.policy.migration_choice.choose_transfers`).
+    """
+
+    request_id: str
+    src: str
+    dst: str
+    kind: MoveKind = "auto"
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection: ...
+
+    def plan_epoch(self, view: PolicyView, now: float) -> list[Move]: ...
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    """KV blocks holding `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
+def arrival_blocks(arrival: Arrival, block_size: int) -> int:
+    """KV blocks a new request needs at admission: its prompt plus the first generated token."""
+    return blocks_for_tokens(arrival.num_prompt_tokens + 1, block_size)
+
+
+def active_workers(view: PolicyView, model: str) -> list[WorkerInfo]:
+    """The workers of `model` that accept placements, in the view's order."""
+    return [w for w in view.workers(model) if w.status == WorkerStatus.ACTIVE]
+
+
+def free_blocks(worker: WorkerInfo) -> int:
+    """Free KV blocks of a worker, from its request map (never trusts a stale report above it)."""
+    used = sum(worker.request_blocks.values())
+    return min(worker.num_free_blocks, worker.capacity_blocks - used)
+
+
+_REGISTRY: dict[str, Callable[..., Policy]] = {}
+
+
+def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[..., Policy]]:
+    """Class decorator adding a policy factory to the registry under `name`."""
+
+    def add(factory: Callable[..., Policy]) -> Callable[..., Policy]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def policy_names() -> list[str]:
+    _load_builtin_policies()
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """A new policy object by registry name: least-loaded, round-robin, best-fit, worst-fit, lb,
+    mell. Options are passed to its constructor (e.g. `headroom_epochs` for mell)."""
+    _load_builtin_policies()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise InvalidRequest(f"unknown policy {name!r}; known: {known}", param="policy") from None
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise InvalidRequest(f"bad options for policy {name!r}: {err}", param="policy") from None
+
+
+def _load_builtin_policies() -> None:
+    # Imported here: the policy modules import this one.
+    import importlib
+    import importlib.util
+
+    for module in ("baselines", "mell"):
+        name = f"mell.gateway.policy.{module}"
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)

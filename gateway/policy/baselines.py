@@ -1,0 +1,202 @@
+"""Baseline policies behind contract C: least-loaded, round-robin, best-fit, worst-fit, lb.
+
+Every consolidating baseline (round-robin, best-fit, worst-fit, lb) does what the MELL paper's
+baselines do (§VIII): choose among the *busy* workers (ACTIVE, holding at least one request) and
+"activate" an idle ACTIVE worker only when no busy one has room. least-loaded is the plain
+spreading policy of a fixed pool: every ACTIVE worker is a candidate.
+
+Only lb migrates (Llumnix's load balancing): freeness = free blocks / batch size, the least free
+workers paired with the most free ones, the shortest request of each source moved.
+"""
+
+from __future__ import annotations
+
+from mell.gateway.policy.base import (
+    Arrival,
+    Move,
+    Placement,
+    PolicyView,
+    Rejection,
+    WorkerInfo,
+    active_workers,
+    arrival_blocks,
+    free_blocks,
+    register_policy,
+)
+
+
+def _no_room(arrival: Arrival, need: int) -> Rejection:
+    return Rejection(
+        f"no ACTIVE worker of model {arrival.model!r} has {need} free KV blocks "
+        f"for a {arrival.num_prompt_tokens}-token prompt"
+    )
+
+
+def _need(view: PolicyView, arrival: Arrival) -> tuple[list[WorkerInfo], int]:
+    workers = active_workers(view, arrival.model)
+    block_size = workers[0].block_size if workers else 16
+    return workers, arrival_blocks(arrival, block_size)
+
+
+def _first_idle(workers: list[WorkerInfo], need: int) -> WorkerInfo | None:
+    for w in workers:
+        if not w.request_blocks and free_blocks(w) >= need:
+            return w
+    return None
+
+
+@register_policy("least-loaded")
+class LeastLoaded:
+    """Place on the ACTIVE worker with the most free KV blocks; never migrate."""
+
+    name = "least-loaded"
+
+    def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
+        workers, need = _need(view, arrival)
+        best: WorkerInfo | None = None
+        best_free = -1
+        for w in workers:
+            free = free_blocks(w)
+            if free >= need and free > best_free:
+                best, best_free = w, free
+        return Placement(best.worker_id) if best else _no_room(arrival, need)
+
+    def plan_epoch(self, view: PolicyView, now: float) -> list[Move]:
+        return []
+
+
+class _FitPolicy:
+    """Pick among busy workers by a score (lowest wins); else the first idle worker."""
+
+    name = "fit"
+
+    def __init__(self, headroom_blocks: int = 0) -> None:
+        self.headroom_blocks = headroom_blocks
+
+    def _score(self, worker: WorkerInfo, free: int) -> float:
+        raise NotImplementedError
+
+    def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
+        workers, need = _need(view, arrival)
+        best: WorkerInfo | None = None
+        best_score = 0.0
+        for w in workers:
+            if not w.request_blocks:
+                continue
+            free = free_blocks(w)
+            if free < need + self.headroom_blocks:
+                continue
+            score = self._score(w, free)
+            if best is None or score < best_score:
+                best, best_score = w, score
+        if best is None:
+            best = _first_idle(workers, need)
+        return Placement(best.worker_id) if best else _no_room(arrival, need)
+
+    def plan_epoch(self, view: PolicyView, now: float) -> list[Move]:
+        return []
+
+
+@register_policy("best-fit")
+class BestFit(_FitPolicy):
+    """The busy worker with the fewest free blocks that still fits; no migration."""
+
+    name = "best-fit"
+
+    def _score(self, worker: WorkerInfo, free: int) -> float:
+        return free
+
+
+@register_policy("worst-fit")
+class WorstFit(_FitPolicy):
+    """The busy worker with the most free blocks; no migration."""
+
+    name = "worst-fit"
+
+    def _score(self, worker: WorkerInfo, free: int) -> float:
+        return -free
+
+
+@register_policy("round-robin")
+class RoundRobin:
+    """Busy workers in turn (by id), skipping those without room; else an idle worker."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._last: dict[str, str] = {}  # model -> worker id placed last
+
+    def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
+        workers, need = _need(view, arrival)
+        busy = sorted((w for w in workers if w.request_blocks), key=lambda w: w.worker_id)
+        last = self._last.get(arrival.model, "")
+        after = [w for w in busy if w.worker_id > last] + [w for w in busy if w.worker_id <= last]
+        chosen = next((w for w in after if free_blocks(w) >= need), None)
+        if chosen is None:
+            chosen = _first_idle(workers, need)
+        if chosen is None:
+            return _no_room(arrival, need)
+        self._last[arrival.model] = chosen.worker_id
+        return Placement(chosen.worker_id)
+
+    def plan_epoch(self, view: PolicyView, now: float) -> list[Move]:
+        return []
+
+
+def freeness(worker: WorkerInfo) -> float:
+    """Llumnix's freeness: free blocks per running request (inf for an idle worker)."""
+    n = len(worker.request_blocks)
+    return free_blocks(worker) / n if n else float("inf")
+
+
+@register_policy("lb")
+class LoadBalance:
+    """Llumnix-style load balancing (the MELL paper's LB baseline).
+
+    Dispatch: the busy worker with the highest freeness that fits, else an idle worker.
+    Every epoch: sources are busy workers with freeness below `migrate_out_threshold`,
+    destinations busy workers above it; sources sorted least free first, destinations most free
+    first, zipped; each pair moves the source's shortest request if it fits the destination
+    with the threshold still met there (Llumnix's `defrag` pairing, one request per pair).
+    """
+
+    name = "lb"
+
+    def __init__(self, migrate_out_threshold: float = 3.0) -> None:
+        self.migrate_out_threshold = migrate_out_threshold
+
+    def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
+        workers, need = _need(view, arrival)
+        best: WorkerInfo | None = None
+        best_free = -1.0
+        for w in workers:
+            if not w.request_blocks or free_blocks(w) < need:
+                continue
+            f = freeness(w)
+            if f > best_free:
+                best, best_free = w, f
+        if best is None:
+            best = _first_idle(workers, need)
+        return Placement(best.worker_id) if best else _no_room(arrival, need)
+
+    def plan_epoch(self, view: PolicyView, now: float) -> list[Move]:
+        moves: list[Move] = []
+        for model in view.models():
+            busy = [w for w in active_workers(view, model) if w.request_blocks]
+            sources = sorted(
+                (w for w in busy if freeness(w) < self.migrate_out_threshold), key=freeness
+            )
+            dests = sorted(
+                (w for w in busy if freeness(w) >= self.migrate_out_threshold),
+                key=freeness,
+                reverse=True,
+            )
+            for src, dst in zip(sources, dests, strict=False):
+                if len(src.request_blocks) < 2:
+                    continue
+                rid, size = min(src.request_blocks.items(), key=lambda kv: (kv[1], kv[0]))
+                free_after = free_blocks(dst) - size
+                if free_after / (len(dst.request_blocks) + 1) < self.migrate_out_threshold:
+                    continue
+                moves.append(Move(rid, src.worker_id, dst.worker_id, "kv"))
+        return moves
