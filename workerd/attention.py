@@ -1,0 +1,80 @@
+"""The attention backend interface, and the choice of backend.
+
+A step's batch is laid out decode-first: the first `num_decode` requests have one query token
+each, the rest are prefill chunks. The backend is planned once per step (per distinct set of
+block tables, normally one for all layers) and then run once per layer. K/V of the step's new
+tokens are already written into the paged cache when `forward` runs.
+
+KV cache of one layer: `[num_pages, 2, page_size, num_kv_heads, head_dim]` (FlashInfer NHD),
+`[:, 0]` is K and `[:, 1]` is V.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from mell.common.errors import ConfigError
+
+
+@dataclass(slots=True)
+class AttentionBatch:
+    """Host-side description of one step's attention work for one set of block tables."""
+
+    num_decode: int
+    q_lens: list[int]  # query tokens per request (1 for the first num_decode)
+    kv_lens: list[int]  # tokens in the cache per request, this step's new ones included
+    block_tables: list[list[int]]  # pages per request, in order
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+
+class AttentionBackend(ABC):
+    """Paged attention over the cache: plan once per step, run per layer."""
+
+    name: str
+
+    def __init__(self, shape: AttentionShape) -> None:
+        self.shape = shape
+
+    def begin_step(self) -> None:
+        """Called once before the step's plans (backends that pool per-plan state reset it)."""
+
+    @abstractmethod
+    def plan(self, batch: AttentionBatch) -> object:
+        """Build whatever the per-layer calls need (index tensors, kernel plans)."""
+
+    @abstractmethod
+    def forward(self, plan: object, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """q [tokens, num_heads, head_dim] → output of the same shape."""
+
+
+def make_attention_backend(name: str, shape: AttentionShape) -> AttentionBackend:
+    """ "auto" picks FlashInfer on CUDA and torch elsewhere."""
+    if name == "auto":
+        name = "flashinfer" if shape.device.type == "cuda" else "torch"
+    if name == "torch":
+        from mell.workerd.attention_torch import TorchAttention
+
+        return TorchAttention(shape)
+    if name == "flashinfer":
+        if shape.device.type != "cuda" or not torch.cuda.is_available():
+            raise ConfigError("attention_backend 'flashinfer' needs a CUDA device")
+        from mell.workerd.attention_flashinfer import FlashInferAttention
+
+        return FlashInferAttention(shape)
+    raise ConfigError(f"unknown attention_backend {name!r}")

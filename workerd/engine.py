@@ -1,0 +1,174 @@
+"""The in-process inference engine (contract A): add requests, step, collect outputs, abort.
+
+One `step()` is one story: schedule → run the model → sample → update the requests → return
+their new tokens. The worker daemon wraps this; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mell.common.config import EngineConfig
+from mell.common.errors import ConfigError, InvalidRequest
+from mell.common.sampling import SamplingParams
+from mell.workerd.block_manager import BlockManager
+from mell.workerd.model_config import ModelConfig, load_model_config
+from mell.workerd.outputs import EngineStats, RequestOutput
+from mell.workerd.runner import ModelRunner, kv_bytes_per_block, resolve_device, resolve_dtype
+from mell.workerd.scheduler import Scheduler
+from mell.workerd.sequence import Sequence
+
+__all__ = ["Engine", "EngineStats", "RequestOutput"]
+
+CPU_KV_CACHE_LIMIT_BYTES = 1 << 30
+CUDA_KV_CACHE_FRACTION = 0.85  # of the free device memory after loading the weights
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        _check_config(config)
+        self.config = config
+        model_dir = Path(config.model)
+        checkpoint = load_model_config(model_dir)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, checkpoint.dtype, device)
+        max_len = config.max_model_len or checkpoint.max_model_len
+        if max_len > checkpoint.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                f"{checkpoint.max_position_embeddings}"
+            )
+        checkpoint = checkpoint.with_max_model_len(max_len)
+        self.device, self.dtype = device, dtype
+        self.runner = ModelRunner(
+            model_dir,
+            checkpoint,
+            device=device,
+            dtype=dtype,
+            attention_backend=config.attention_backend,
+            block_size=config.block_size,
+            seed=config.seed,
+        )
+        num_blocks = self._num_blocks(checkpoint, device, dtype)
+        self.runner.allocate_kv_cache(num_blocks)
+        # A request must always fit alone in the pool, or preemption could not make room.
+        capacity = num_blocks * config.block_size
+        self.model_config: ModelConfig = checkpoint.with_max_model_len(min(max_len, capacity))
+        self.blocks = BlockManager(num_blocks, config.block_size, checkpoint.num_layers)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self._seqs: dict[str, Sequence] = {}
+
+    # -- contract A -------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> None:
+        sampling.validate()
+        if request_id in self._seqs:
+            raise InvalidRequest(f"duplicate request id {request_id!r}", param="request_id")
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"prompt token id {bad} is out of the vocabulary (0..{vocab - 1})", param="prompt"
+            )
+        limit = self.model_config.max_model_len
+        total = len(prompt_token_ids) + sampling.max_tokens
+        if total > limit:
+            raise InvalidRequest(
+                f"prompt of {len(prompt_token_ids)} tokens + max_tokens {sampling.max_tokens} "
+                f"= {total} exceeds max_model_len {limit}",
+                param="max_tokens",
+            )
+        seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        samples = self.runner.execute(batch, self.blocks)
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            seq.num_computed += n
+        outputs = []
+        max_len = self.model_config.max_model_len
+        for s in samples:
+            seq = s.seq
+            first = len(seq.output_token_ids)
+            seq.append_token(s.token_id, max_len)
+            outputs.append(
+                RequestOutput(
+                    request_id=seq.request_id,
+                    first_index=first,
+                    new_token_ids=[s.token_id],
+                    logprobs=None if s.logprobs is None else [s.logprobs],
+                    finish_reason=seq.finish_reason,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                )
+            )
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+                del self._seqs[seq.request_id]
+        return outputs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_total_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free(),
+            block_size=self.blocks.block_size,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
+        )
+
+    # -- extras -----------------------------------------------------------------------------
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    def _num_blocks(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+        c = self.config
+        per_block = kv_bytes_per_block(cfg, c.block_size, dtype)
+        if c.num_kv_blocks > 0:
+            n = c.num_kv_blocks
+        elif c.kv_cache_memory_bytes > 0:
+            n = c.kv_cache_memory_bytes // per_block
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            n = int(free * CUDA_KV_CACHE_FRACTION) // per_block
+        else:
+            wanted = -(-c.max_num_seqs * cfg.max_model_len // c.block_size)
+            n = min(wanted, CPU_KV_CACHE_LIMIT_BYTES // per_block)
+        if n < 1:
+            raise ConfigError(f"KV cache too small: {n} blocks of {per_block} bytes")
+        return n
+
+
+def _check_config(c: EngineConfig) -> None:
+    for key in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"engine.{key} must be at least 1, got {getattr(c, key)}")
+    for key in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"engine.{key} must be >= 0, got {getattr(c, key)}")

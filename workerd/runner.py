@@ -1,0 +1,179 @@
+"""The model runner: owns the weights, the KV tensors and the attention backend, turns a
+scheduled batch into flat tensors, runs the model and samples.
+
+The batch is laid out decode-first (requests computing one token), then prefill chunks.
+Block tables are read per layer; when every request's layers share one table (the normal
+case) the attention plan and the K/V slots are computed once for all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mell.common.errors import ConfigError
+from mell.common.sampling import TokenLogprobs
+from mell.workerd.attention import AttentionBatch, AttentionShape, make_attention_backend
+from mell.workerd.block_manager import BlockManager
+from mell.workerd.model import ForwardBatch, LlamaModel
+from mell.workerd.model_config import ModelConfig
+from mell.workerd.sampler import Sampler
+from mell.workerd.scheduler import ScheduledBatch
+from mell.workerd.sequence import Sequence
+from mell.workerd.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class Sample:
+    seq: Sequence
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto": the checkpoint's dtype, except float16 on CPU (→ float32) and float32 on CUDA
+    (→ bfloat16, which FlashInfer needs)."""
+    if name == "auto":
+        name = checkpoint_dtype if checkpoint_dtype in DTYPES else "float32"
+        if device.type == "cpu" and name == "float16":
+            name = "float32"
+        if device.type == "cuda" and name == "float32":
+            name = "bfloat16"
+    if device.type == "cpu" and name == "float16":
+        raise ConfigError("dtype 'float16' is not supported on CPU (use float32 or bfloat16)")
+    return DTYPES[name]
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block in every layer (K and V)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        cfg: ModelConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_backend: str,
+        block_size: int,
+        seed: int,
+    ) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        weights = load_weights(model_dir, cfg, dtype, device)
+        shape = AttentionShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        self.attention = make_attention_backend(attention_backend, shape)
+        self.model = LlamaModel(cfg, weights, self.attention, cfg.max_position_embeddings)
+        self.sampler = Sampler(seed)
+        self.kv_caches: list[torch.Tensor] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, 2, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(self.cfg.num_layers)
+        ]
+
+    def execute(self, batch: ScheduledBatch, blocks: BlockManager) -> list[Sample]:
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] != 1)
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_tokens[i] for i in order]
+        fwd, samplers = self._prepare(seqs, counts, blocks)
+        logits = self.model.forward(fwd, self.kv_caches)
+        if not samplers:
+            return []
+        result = self.sampler(
+            logits, [s.sampling for s in samplers], [s.generator for s in samplers]
+        )
+        return [
+            Sample(seq, tok, lp)
+            for seq, tok, lp in zip(samplers, result.token_ids, result.logprobs, strict=True)
+        ]
+
+    def _prepare(
+        self, seqs: list[Sequence], counts: list[int], blocks: BlockManager
+    ) -> tuple[ForwardBatch, list[Sequence]]:
+        tokens: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        samplers: list[Sequence] = []
+        kv_lens: list[int] = []
+        num_decode = 0
+        for seq, n in zip(seqs, counts, strict=True):
+            start = seq.num_computed
+            end = start + n
+            if n == 1:
+                num_decode += 1
+                tokens.append(seq.token_ids[start])
+                positions.append(start)
+            else:
+                tokens.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+            kv_lens.append(end)
+            if end == seq.num_tokens:
+                logit_rows.append(len(tokens) - 1)
+                samplers.append(seq)
+        dev = self.device
+        positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
+        q_lens = counts
+        layer_tables = self._layer_tables(seqs, blocks)
+        self.attention.begin_step()
+        plans: dict[int, tuple[object, torch.Tensor]] = {}
+        attn_plans: list[object] = []
+        slot_pages: list[torch.Tensor] = []
+        for tables in layer_tables:
+            key = id(tables)
+            if key not in plans:
+                batch = AttentionBatch(num_decode, q_lens, kv_lens, tables, self.block_size)
+                plans[key] = (self.attention.plan(batch), self._slot_pages(tables, seqs, counts))
+            attn_plans.append(plans[key][0])
+            slot_pages.append(plans[key][1])
+        fwd = ForwardBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
+            positions=positions_t,
+            slot_pages=slot_pages,
+            slot_offsets=positions_t % self.block_size,
+            attn_plans=attn_plans,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+        )
+        return fwd, samplers
+
+    def _layer_tables(self, seqs: list[Sequence], blocks: BlockManager) -> list[list[list[int]]]:
+        """Block tables per layer; the same list object for all layers when all are uniform."""
+        ids = [s.request_id for s in seqs]
+        if all(blocks.is_uniform(r) for r in ids):
+            shared = [blocks.block_table(r, 0) for r in ids]
+            return [shared] * self.cfg.num_layers
+        return [[blocks.block_table(r, layer) for r in ids] for layer in range(self.cfg.num_layers)]
+
+    def _slot_pages(
+        self, tables: list[list[int]], seqs: list[Sequence], counts: list[int]
+    ) -> torch.Tensor:
+        size = self.block_size
+        pages: list[int] = []
+        for table, seq, n in zip(tables, seqs, counts, strict=True):
+            start = seq.num_computed
+            if n == 1:
+                pages.append(table[start // size])
+            else:
+                pages.extend(table[p // size] for p in range(start, start + n))
+        return torch.tensor(pages, dtype=torch.long, device=self.device)
