@@ -38,12 +38,14 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """The worker daemon: where its gateway is, who it is, and its engine."""
 
     gateway: str = "tcp://127.0.0.1:7100"
-    worker_id: str = ""  # empty: derived from host name and device index
+    worker_id: str = ""  # empty: derived from host name, device and pid
+    data_dir: str = ".mell"  # where "mell-tiny" is created on first use
     data_host: str = "127.0.0.1"  # address other workers reach this worker's data port on
     data_port: int = 0  # 0: an ephemeral port
     heartbeat_interval_s: float = 0.5
     load_report_interval_s: float = 0.25
     drain_grace_s: float = 30.0
+    hello_timeout_s: float = 60.0  # give up (exit 1) when no gateway answers for this long
     fake_token_rate: float = 0.0  # benchmarks only: emit tokens at this rate without the model
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
@@ -58,10 +60,12 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     admin_port: int = 8001
     data_dir: str = ".mell"
     api_keys: list[str] = msgspec.field(default_factory=list)
-    models: list[str] = msgspec.field(default_factory=lambda: ["mell-tiny"])
+    models: list[str] = msgspec.field(default_factory=lambda: ["mell-tiny"])  # dirs or mell-tiny
     max_queued_requests: int = 1024
     request_timeout_s: float = 600.0
     worker_timeout_s: float = 3.0  # no heartbeat for this long: the worker is lost
+    send_timeout_s: float = 2.0  # a worker that cannot take a message this fast is lost
+    tokenize_inline_chars: int = 2048  # longer prompts are tokenized in a thread pool
     policy: str = "least-loaded"
     epoch_s: float = 0.25
 

@@ -1,0 +1,160 @@
+"""Cluster events: every change of cluster state, named in the past tense.
+
+An event is a frozen msgspec Struct tagged by its class name; `EventEnvelope` wraps it with its
+source (who produced the fact: "gateway" or a worker id), a per-source sequence number and a
+wall-clock timestamp. `ClusterView.apply` folds envelopes into the view; the journal stores them
+as MessagePack (`encode_envelope` / `decode_envelope`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from mell.common.messages import RequestLoad
+
+
+class _Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    pass
+
+
+class WorkerJoined(_Event):
+    worker_id: str
+    boot_id: str
+    model: str
+    capacity_blocks: int
+    block_size: int
+    max_model_len: int
+    data_address: str
+
+
+class WorkerActivated(_Event):
+    """The worker's first load report arrived: it accepts placements."""
+
+    worker_id: str
+
+
+class LoadReported(_Event):
+    """A worker's load for one epoch (coalesced: one per worker per epoch)."""
+
+    worker_id: str
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    num_preemptions_total: int
+    requests: list[RequestLoad] = []
+
+
+class WorkerDraining(_Event):
+    worker_id: str
+
+
+class WorkerUndrained(_Event):
+    worker_id: str
+
+
+class WorkerDrained(_Event):
+    """The worker finished draining; `exiting` when it left the cluster for good."""
+
+    worker_id: str
+    exiting: bool
+
+
+class WorkerLost(_Event):
+    worker_id: str
+    reason: str
+
+
+class RequestPlaced(_Event):
+    request_id: str
+    model: str
+    worker_id: str
+    num_prompt_tokens: int
+    max_tokens: int
+    num_blocks: int  # estimate until the worker reports
+
+
+class RequestAdmitted(_Event):
+    """The request's first tokens arrived from its worker."""
+
+    request_id: str
+    worker_id: str
+
+
+class RequestFinished(_Event):
+    request_id: str
+    worker_id: str
+    finish_reason: str  # "stop", "length", "abort" or "error"
+    num_prompt_tokens: int
+    num_generated_tokens: int
+
+
+class RequestAborted(_Event):
+    request_id: str
+    worker_id: str
+    reason: str  # "client disconnected", "stop string", "worker lost", ...
+
+
+class MigrationStarted(_Event):
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    kind: str  # "kv" or "tokens"
+
+
+class MigrationCommitted(_Event):
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    kind: str
+
+
+class MigrationAborted(_Event):
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    kind: str
+    reason: str
+
+
+Event = (
+    WorkerJoined
+    | WorkerActivated
+    | LoadReported
+    | WorkerDraining
+    | WorkerUndrained
+    | WorkerDrained
+    | WorkerLost
+    | RequestPlaced
+    | RequestAdmitted
+    | RequestFinished
+    | RequestAborted
+    | MigrationStarted
+    | MigrationCommitted
+    | MigrationAborted
+)
+
+
+class EventEnvelope(msgspec.Struct, frozen=True, array_like=True):
+    """An event with where it came from, its per-source sequence number and when (unix s)."""
+
+    source: str
+    seq: int
+    ts: float
+    event: Event
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(EventEnvelope)
+
+
+def encode_envelope(envelope: EventEnvelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def decode_envelope(data: bytes | memoryview) -> EventEnvelope:
+    """Raises msgspec.DecodeError / ValidationError on bad bytes."""
+    return _decoder.decode(data)

@@ -1,0 +1,172 @@
+"""Messages between the gateway and its workers: one tagged union per direction.
+
+Worker → gateway: `WorkerMessage`; gateway → worker: `GatewayMessage`. Each message is a frozen
+msgspec Struct, MessagePack on the wire, tagged by a short name, encoded as an array (small
+frames, cheap to decode). Large binary payloads (KV blocks) never sit
+inside a message: a `FrameRef` names an extra ZeroMQ frame that travels beside it uncopied.
+
+Messages that expect an answer carry `call_id` (> 0); the answer is a `Reply` with the same id.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from mell.common.sampling import SamplingParams, TokenLogprobs
+
+
+class FrameRef(msgspec.Struct, frozen=True, array_like=True):
+    """An extra frame of the same multipart message: index into the frames after the body."""
+
+    index: int
+    dtype: str  # numpy dtype string, e.g. "<f2"
+    shape: list[int]
+
+
+# ---------------------------------------------------------------- worker → gateway
+
+
+class Hello(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="hello"):
+    """A worker announces itself; sent on start and until the gateway answers `Welcome`."""
+
+    worker_id: str
+    boot_id: str  # new every process start: tells a restart from a reconnect
+    model: str  # served model name
+    capacity_blocks: int
+    block_size: int
+    max_model_len: int
+    data_address: str  # where peers reach this worker's data plane (migration)
+    request_ids: list[str] = []  # requests it still holds (after a gateway restart)
+
+
+class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag="hb"):
+    """Proof of life from the worker's engine loop."""
+
+    step: int
+
+
+class TokenOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """New tokens of one request from one engine step; tokens are numbered per request."""
+
+    request_id: str
+    first_index: int  # index of token_ids[0] in the request's output
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None  # FinishReason value on the request's last output
+    num_prompt_tokens: int
+
+
+class TokenBatch(msgspec.Struct, frozen=True, array_like=True, tag="tok"):
+    """Every request that produced tokens in one engine step: one message per step."""
+
+    step: int
+    outputs: list[TokenOutput]
+
+
+class RequestLoad(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """KV blocks and tokens of one request held by a worker."""
+
+    request_id: str
+    num_blocks: int
+    num_tokens: int  # prompt + generated so far
+
+
+class LoadReport(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="load"):
+    """A worker's load, once per epoch."""
+
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    num_preemptions_total: int
+    draining: bool = False
+    requests: list[RequestLoad] = []
+
+
+class RequestFailed(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="rfail"):
+    """One request could not be served (e.g. its prompt is too long); the worker lives on."""
+
+    request_id: str
+    code: str  # an ErrorCode value
+    message: str
+
+
+class WorkerFailed(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="wfail"):
+    """The worker hit a fatal error and is exiting."""
+
+    code: str
+    message: str
+
+
+class DrainCompleted(msgspec.Struct, frozen=True, array_like=True, tag="drained"):
+    """The worker holds no requests after a drain; `exiting` when it is shutting down."""
+
+    exiting: bool
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="reply"):
+    """The answer to a message that carried `call_id`; `error` is None on success."""
+
+    call_id: int
+    error: str | None = None
+
+
+WorkerMessage = (
+    Hello
+    | Heartbeat
+    | TokenBatch
+    | LoadReport
+    | RequestFailed
+    | WorkerFailed
+    | DrainCompleted
+    | Reply
+)
+
+
+# ---------------------------------------------------------------- gateway → worker
+
+
+class Welcome(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="welcome"):
+    """The gateway accepted a worker's hello."""
+
+    gateway_boot_id: str
+    epoch_s: float
+
+
+class Rejoin(msgspec.Struct, frozen=True, array_like=True, tag="rejoin"):
+    """The gateway does not know this worker (it restarted): send `Hello` again."""
+
+
+class AddRequest(msgspec.Struct, frozen=True, array_like=True, tag="add"):
+    """Start generating for a request the gateway placed on this worker."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+class AbortRequest(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
+    """Stop these requests and free their KV blocks; unknown ids are ignored."""
+
+    request_ids: list[str]
+
+
+class Drain(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="drain"):
+    """Stop admitting; finish what runs; answer `DrainCompleted` when empty."""
+
+    call_id: int = 0
+
+
+class Undrain(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="undrain"):
+    """Admit requests again after a `Drain`."""
+
+    call_id: int = 0
+
+
+class Ping(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="ping"):
+    """Answered with `Reply(call_id)` by the worker's engine loop."""
+
+    call_id: int
+
+
+GatewayMessage = Welcome | Rejoin | AddRequest | AbortRequest | Drain | Undrain | Ping

@@ -1,0 +1,160 @@
+"""The gateway's aiohttp application: routes, middlewares, background tasks.
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /version, /load,
+/metrics. Every error leaves as OpenAI error JSON; an unexpected exception is a 500 with the
+request id logged, never a traceback to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from mell.common.errors import InvalidRequest, MellError, NotFound, Unauthorized
+from mell.gateway.context import CONTEXT, GatewayContext
+from mell.gateway.epoch import run_epochs
+from mell.gateway.errors import error_response
+from mell.gateway.metrics import CONTENT_TYPE
+from mell.gateway.openai_api import chat_completions, completions
+from mell.gateway.policy.base import WorkerStatus
+
+log = structlog.get_logger("mell.gateway")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(ctx: GatewayContext) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware(ctx.config.api_keys)],
+        client_max_size=64 * 1024 * 1024,
+    )
+    app[CONTEXT] = ctx
+    app.add_routes(
+        [
+            web.post("/v1/completions", completions),
+            web.post("/v1/chat/completions", chat_completions),
+            web.get("/v1/models", list_models),
+            web.get("/health", health),
+            web.get("/version", get_version),
+            web.get("/load", load),
+            web.get("/metrics", metrics),
+        ]
+    )
+    app.cleanup_ctx.append(background_tasks)
+    return app
+
+
+async def background_tasks(app: web.Application) -> AsyncIterator[None]:
+    ctx = app[CONTEXT]
+    tasks = [
+        asyncio.create_task(ctx.link.receive_forever(), name="worker-receive"),
+        asyncio.create_task(ctx.link.watch_forever(), name="worker-watch"),
+        asyncio.create_task(
+            run_epochs(ctx.policy, ctx.state.view, ctx.config.epoch_s), name="epochs"
+        ),
+    ]
+    yield
+    ctx.dispatcher.abort_all("gateway shutting down")
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except MellError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = NotFound(exc.reason) if exc.status == 404 else InvalidRequest(exc.reason)
+        return error_response(err, exc.status)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("handler_failed", path=request.path)
+        err = MellError("internal error; see the gateway log")
+        return error_response(err, 500)
+
+
+def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    keys = [k.encode() for k in api_keys]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            if not any(hmac.compare_digest(given, k) for k in keys):
+                return error_response(Unauthorized("missing or invalid API key"))
+        return await handler(request)
+
+    return check
+
+
+async def list_models(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    data = [
+        {
+            "id": m.name,
+            "object": "model",
+            "created": m.created,
+            "owned_by": "mell",
+            "root": str(m.path),
+            "parent": None,
+            "max_model_len": m.max_model_len,
+            "permission": [],
+        }
+        for m in ctx.models.models.values()
+    ]
+    return _json({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when every configured model has an active worker, else 503; the body says why."""
+    ctx = request.app[CONTEXT]
+    view = ctx.state.view
+    models = {}
+    for name in ctx.models.names():
+        rows = [w for w in view.worker_rows.values() if w.model == name]
+        models[name] = {s.name.lower(): sum(w.status == s for w in rows) for s in WorkerStatus}
+    lost = [
+        {"worker_id": w.worker_id, "model": w.model, "reason": w.lost_reason}
+        for w in view.worker_rows.values()
+        if w.status == WorkerStatus.LOST
+    ]
+    ok = all(m["active"] > 0 for m in models.values())
+    body = {"status": "ok" if ok else "unavailable", "models": models, "lost_workers": lost}
+    return _json(body, 200 if ok else 503)
+
+
+async def get_version(request: web.Request) -> web.Response:
+    try:
+        v = version("mell")
+    except PackageNotFoundError:
+        v = "0+unknown"
+    return _json({"version": v})
+
+
+async def load(request: web.Request) -> web.Response:
+    return _json({"server_load": len(request.app[CONTEXT].dispatcher.streams)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[CONTEXT].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(obj), status=status, content_type="application/json"
+    )

@@ -1,0 +1,217 @@
+"""Response bodies and SSE chunks, byte for byte as vLLM/OpenAI emit them.
+
+The invariant part of every chunk of a request (id, object, created, model) is encoded once;
+a content chunk is then a concatenation of that prefix, the JSON-escaped text and a fixed suffix,
+so the per-token cost is one string escape.
+
+Chat stream: role chunk, content chunks, the last one carrying `finish_reason` (and vLLM's
+`stop_reason`), an optional usage chunk with `"choices": []`, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from tokenizers import Tokenizer
+
+from mell.common.sampling import TokenLogprobs
+
+_json = msgspec.json.encode
+DONE = b"data: [DONE]\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class _Format:
+    object_chunk: bytes
+    object_full: str
+
+    def __init__(self, request_id: str, model: str, created: int, tokenizer: Tokenizer) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = created
+        self.tokenizer = tokenizer
+        head = (
+            b'{"id":'
+            + _json(request_id)
+            + b',"object":"'
+            + self.object_chunk
+            + b'","created":'
+            + str(created).encode()
+            + b',"model":'
+            + _json(model)
+        )
+        self._head = b"data: " + head
+        self._choice = self._head + b',"choices":[{"index":0,'
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return (
+            self._head
+            + b',"choices":[],"usage":'
+            + _json(usage(prompt_tokens, completion_tokens))
+            + b"}\n\n"
+        )
+
+    def _full(self, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+        return _json(
+            {
+                "id": self.request_id,
+                "object": self.object_full,
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                "usage": usage(prompt_tokens, completion_tokens),
+            }
+        )
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class ChatFormat(_Format):
+    object_chunk = b"chat.completion.chunk"
+    object_full = "chat.completion"
+
+    def role_chunk(self) -> bytes:
+        return (
+            self._choice + b'"delta":{"role":"assistant","content":""},'
+            b'"logprobs":null,"finish_reason":null}]}\n\n'
+        )
+
+    def delta_chunk(self, text: str, logprobs: bytes, finish_reason: str | None) -> bytes:
+        tail = (
+            b'"finish_reason":null}]}\n\n'
+            if finish_reason is None
+            else b'"finish_reason":"' + finish_reason.encode() + b'","stop_reason":null}]}\n\n'
+        )
+        return (
+            self._choice
+            + b'"delta":{"content":'
+            + _json(text)
+            + b'},"logprobs":'
+            + logprobs
+            + b","
+            + tail
+        )
+
+    def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+        """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+        content = []
+        for token_id, entry in zip(token_ids, entries, strict=False):
+            top = [
+                self._entry(t, lp)
+                for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=False)
+            ]
+            content.append({**self._entry(token_id, entry.logprob), "top_logprobs": top})
+        return {"content": content}
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token = self._token(token_id)
+        return {
+            "token": token,
+            "logprob": max(logprob, -9999.0),
+            "bytes": list(token.encode("utf-8")),
+        }
+
+    def response(
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> bytes:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+        }
+        return self._full(choice, prompt_tokens, completion_tokens)
+
+
+class CompletionFormat(_Format):
+    object_chunk = b"text_completion"
+    object_full = "text_completion"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._text_offset = 0
+
+    def role_chunk(self) -> bytes | None:
+        return None
+
+    def delta_chunk(self, text: str, logprobs: bytes, finish_reason: str | None) -> bytes:
+        reason = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
+        return (
+            self._choice
+            + b'"text":'
+            + _json(text)
+            + b',"logprobs":'
+            + logprobs
+            + b',"finish_reason":'
+            + reason
+            + b',"stop_reason":null}]}\n\n'
+        )
+
+    def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+        """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs,
+        text_offset)."""
+        tokens, token_logprobs, tops, offsets = [], [], [], []
+        for token_id, entry in zip(token_ids, entries, strict=False):
+            token = self._token(token_id)
+            tokens.append(token)
+            token_logprobs.append(max(entry.logprob, -9999.0))
+            top = {
+                self._token(t): max(lp, -9999.0)
+                for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=False)
+            }
+            tops.append(top or {token: max(entry.logprob, -9999.0)})
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {
+            "text_offset": offsets,
+            "token_logprobs": token_logprobs,
+            "tokens": tokens,
+            "top_logprobs": tops,
+        }
+
+    def response(
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> bytes:
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+        }
+        return self._full(choice, prompt_tokens, completion_tokens)
+
+
+def merge_logprobs(parts: list[Any]) -> Any:
+    """Join the per-chunk logprobs objects of a whole response into one."""
+    if not parts:
+        return None
+    merged: dict[str, list[Any]] = {key: [] for key in parts[0]}
+    for part in parts:
+        for key, values in part.items():
+            merged[key].extend(values)
+    return merged
+
+
+def encode(obj: Any) -> bytes:
+    return _json(obj)

@@ -1,0 +1,29 @@
+"""Everything a gateway handler may need, built once at start and stored in the app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from mell.common.config import GatewayConfig
+from mell.gateway.cluster_state import ClusterState
+from mell.gateway.dispatcher import Dispatcher
+from mell.gateway.metrics import Metrics
+from mell.gateway.models import ModelRegistry
+from mell.gateway.policy.base import Policy
+from mell.gateway.worker_link import WorkerLink
+
+
+@dataclass(slots=True)
+class GatewayContext:
+    config: GatewayConfig
+    models: ModelRegistry
+    state: ClusterState
+    link: WorkerLink
+    dispatcher: Dispatcher
+    metrics: Metrics
+    policy: Policy
+
+
+CONTEXT = web.AppKey("context", GatewayContext)

@@ -1,0 +1,213 @@
+"""Mechanism of serving one request: place it, send it, fan its tokens out, end it.
+
+The policy decides where (`place`); the dispatcher records `RequestPlaced` through the cluster
+state before `AddRequest` leaves, so back-to-back requests see each other. Token batches from
+workers are fanned out to the per-request streams in one pass. `release` is the one place a
+request ends: it aborts the request on its worker if the worker has not finished it, records
+`RequestFinished` or `RequestAborted`, and writes the request's one lifecycle log line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from mell.common.errors import (
+    ErrorCode,
+    InvalidRequest,
+    MellError,
+    NoCapacity,
+    Overloaded,
+    RequestAborted,
+    WorkerLost,
+)
+from mell.common.events import (
+    RequestAborted as RequestAbortedEvent,
+)
+from mell.common.events import (
+    RequestAdmitted,
+    RequestFinished,
+    RequestPlaced,
+)
+from mell.common.messages import AbortRequest, AddRequest, RequestFailed, TokenBatch
+from mell.common.sampling import SamplingParams
+from mell.gateway.cluster_state import ClusterState
+from mell.gateway.metrics import Metrics
+from mell.gateway.policy.base import Arrival, Policy, Rejection, blocks_for_tokens
+from mell.gateway.stream import RequestStream
+
+log = structlog.get_logger("mell.gateway")
+
+_ERRORS: dict[str, type[MellError]] = {
+    ErrorCode.INVALID_REQUEST.value: InvalidRequest,
+    ErrorCode.NO_CAPACITY.value: NoCapacity,
+    ErrorCode.ABORTED.value: RequestAborted,
+}
+
+
+@dataclass(slots=True)
+class Job:
+    """A request ready to place: tokenized prompt and sampling parameters."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival: float  # time.monotonic() when the HTTP request arrived
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        state: ClusterState,
+        policy: Policy,
+        send: Callable[[str, Any], bool],
+        metrics: Metrics,
+        max_in_flight: int,
+    ) -> None:
+        self.state = state
+        self.policy = policy
+        self._send = send  # (worker id, message) -> delivered
+        self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.streams: dict[str, RequestStream] = {}
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, job: Job) -> RequestStream:
+        """Place and send a request; Overloaded (429) or NoCapacity (503) when it cannot."""
+        if len(self.streams) >= self.max_in_flight:
+            raise Overloaded(f"too many requests in flight ({self.max_in_flight}); retry later")
+        num_prompt = len(job.prompt_token_ids)
+        arrival = Arrival(job.request_id, job.model, num_prompt, job.sampling.max_tokens)
+        decision = self.policy.place(self.state.view, arrival)
+        if isinstance(decision, Rejection):
+            raise NoCapacity(decision.reason)
+        worker = self.state.view.worker_rows[decision.worker_id]
+        stream = RequestStream(
+            job.request_id,
+            job.model,
+            worker.worker_id,
+            num_prompt,
+            job.sampling.max_tokens,
+            job.arrival,
+        )
+        self.streams[job.request_id] = stream
+        self.state.record(
+            RequestPlaced(
+                request_id=job.request_id,
+                model=job.model,
+                worker_id=worker.worker_id,
+                num_prompt_tokens=num_prompt,
+                max_tokens=job.sampling.max_tokens,
+                num_blocks=blocks_for_tokens(num_prompt + 1, worker.block_size),
+            )
+        )
+        log.info(
+            "request_placed",
+            request_id=job.request_id,
+            model=job.model,
+            worker_id=worker.worker_id,
+            prompt_tokens=num_prompt,
+            max_tokens=job.sampling.max_tokens,
+        )
+        self.metrics.model(job.model).prompt_tokens.inc(num_prompt)
+        if not self._send(
+            worker.worker_id, AddRequest(job.request_id, job.prompt_token_ids, job.sampling)
+        ):
+            stream.fail(WorkerLost(f"worker {worker.worker_id} is unreachable"))
+        return stream
+
+    def release(
+        self, stream: RequestStream, finish_reason: str | None, reason: str, num_generated: int
+    ) -> None:
+        """End a request: abort it on its worker if still running, record how it ended."""
+        if self.streams.pop(stream.request_id, None) is None:
+            return
+        if not stream.done:
+            self._send(stream.worker_id, AbortRequest([stream.request_id]))
+        elapsed = time.monotonic() - stream.arrival
+        if finish_reason is not None:
+            self.metrics.model(stream.model).e2e.observe(elapsed)
+            self.metrics.model(stream.model).success(finish_reason)
+            self.state.record(
+                RequestFinished(
+                    request_id=stream.request_id,
+                    worker_id=stream.worker_id,
+                    finish_reason=finish_reason,
+                    num_prompt_tokens=stream.num_prompt_tokens,
+                    num_generated_tokens=num_generated,
+                )
+            )
+            ttft = stream.first_token_at - stream.arrival if stream.first_token_at else None
+            log.info(
+                "request_finished",
+                request_id=stream.request_id,
+                worker_id=stream.worker_id,
+                finish_reason=finish_reason,
+                prompt_tokens=stream.num_prompt_tokens,
+                completion_tokens=num_generated,
+                ttft_s=round(ttft, 4) if ttft is not None else None,
+                e2e_s=round(elapsed, 4),
+            )
+        else:
+            self.state.record(
+                RequestAbortedEvent(
+                    request_id=stream.request_id, worker_id=stream.worker_id, reason=reason
+                )
+            )
+            log.info(
+                "request_aborted",
+                request_id=stream.request_id,
+                worker_id=stream.worker_id,
+                reason=reason,
+                completion_tokens=num_generated,
+                e2e_s=round(elapsed, 4),
+            )
+
+    # ------------------------------------------------------------ from workers
+
+    def on_token_batch(self, worker_id: str, batch: TokenBatch) -> None:
+        """Fan one step's outputs out to their streams (one pass, no per-token work)."""
+        now = time.monotonic()
+        unknown: list[str] = []
+        streams = self.streams
+        for out in batch.outputs:
+            stream = streams.get(out.request_id)
+            if stream is None:
+                if out.finish_reason is None:
+                    unknown.append(out.request_id)
+                continue
+            first = stream.next_index == 0
+            if not stream.push(out):
+                continue
+            m = self.metrics.model(stream.model)
+            m.generation_tokens.inc(len(out.token_ids))
+            if first:
+                stream.first_token_at = now
+                m.ttft.observe(now - stream.arrival)
+                self.state.record(RequestAdmitted(request_id=out.request_id, worker_id=worker_id))
+            else:
+                m.itl.observe(now - stream.last_token_at)
+            stream.last_token_at = now
+        if unknown:  # outputs of requests nobody waits for any more: stop them
+            self._send(worker_id, AbortRequest(unknown))
+
+    def on_request_failed(self, worker_id: str, msg: RequestFailed) -> None:
+        stream = self.streams.get(msg.request_id)
+        if stream is not None and stream.worker_id == worker_id:
+            stream.fail(_ERRORS.get(msg.code, WorkerLost)(msg.message))
+
+    def on_worker_lost(self, worker_id: str, reason: str) -> None:
+        """Every request on a lost worker ends with an error (its client sees an error event)."""
+        for stream in self.streams.values():
+            if stream.worker_id == worker_id:
+                stream.fail(WorkerLost(f"worker {worker_id} was lost: {reason}"))
+
+    def abort_all(self, reason: str) -> None:
+        for stream in list(self.streams.values()):
+            stream.fail(RequestAborted(reason))

@@ -1,0 +1,180 @@
+"""From a request's token stream to the HTTP response: SSE chunks or one JSON body.
+
+`TextOutput` turns token outputs into text (incremental detokenization, stop strings held back,
+logprobs). `respond` runs one placed request to its end; its `finally` is the one place a
+request ends (`Dispatcher.release`), whether it finished, failed, or its client went away (aiohttp
+cancels the handler then: `handler_cancellation=True`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from mell.common.errors import MellError, RequestAborted
+from mell.common.messages import TokenOutput
+from mell.gateway.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
+from mell.gateway.detokenizer import Detokenizer
+from mell.gateway.dispatcher import Dispatcher, Job
+from mell.gateway.errors import error_event
+from mell.gateway.stop_strings import StopMatcher
+from mell.gateway.stream import RequestStream, StreamTimeout
+
+Format = ChatFormat | CompletionFormat
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "Connection": "keep-alive",
+}
+
+
+class TextOutput:
+    """Text, logprobs and finish reason of one request, from its token outputs."""
+
+    __slots__ = ("_detok", "_fmt", "_stop", "finish_reason", "num_generated", "want_logprobs")
+
+    def __init__(self, fmt: Format, stops: list[str], want_logprobs: bool) -> None:
+        self._fmt = fmt
+        self._detok = Detokenizer(fmt.tokenizer)
+        self._stop = StopMatcher(stops) if stops else None
+        self.want_logprobs = want_logprobs
+        self.num_generated = 0
+        self.finish_reason: str | None = None
+
+    def feed(self, outputs: list[TokenOutput]) -> tuple[str, Any]:
+        """New text and the logprobs object (None when not requested) of these outputs."""
+        parts: list[str] = []
+        lp_ids: list[int] = []
+        lp_entries: list[Any] = []
+        for out in outputs:
+            self.num_generated += len(out.token_ids)
+            text = self._detok.step(out.token_ids)
+            if self.want_logprobs and out.logprobs is not None:
+                lp_ids.extend(out.token_ids)
+                lp_entries.extend(out.logprobs)
+            if self._stop is not None:
+                text = self._stop.feed(text)
+                if self._stop.stopped:
+                    parts.append(text)
+                    self.finish_reason = "stop"
+                    break
+                if out.finish_reason is not None:
+                    text += self._stop.flush()
+            parts.append(text)
+            if out.finish_reason is not None:
+                self.finish_reason = out.finish_reason
+                break
+        logprobs = self._fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
+        return "".join(parts), logprobs
+
+
+@dataclass(slots=True)
+class Outcome:
+    finish_reason: str | None = None
+    reason: str = "client disconnected"
+    text: list[str] = field(default_factory=list)
+
+
+async def respond(
+    request: web.Request,
+    dispatcher: Dispatcher,
+    job: Job,
+    fmt: Format,
+    stops: list[str],
+    want_logprobs: bool,
+    stream_mode: bool,
+    include_usage: bool,
+    timeout_s: float,
+) -> web.StreamResponse:
+    """Place the request and answer it; the request always ends in `release`."""
+    stream = dispatcher.submit(job)
+    text = TextOutput(fmt, stops, want_logprobs)
+    outcome = Outcome()
+    try:
+        if stream_mode:
+            return await _sse(request, stream, fmt, text, include_usage, timeout_s, outcome)
+        return await _collect(stream, fmt, text, timeout_s, outcome)
+    finally:
+        dispatcher.release(stream, outcome.finish_reason, outcome.reason, text.num_generated)
+
+
+async def _next(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
+    try:
+        return await stream.next(timeout_s)
+    except StreamTimeout:
+        raise RequestAborted(f"no output from the worker for {timeout_s} s") from None
+
+
+async def _sse(
+    request: web.Request,
+    stream: RequestStream,
+    fmt: Format,
+    text: TextOutput,
+    include_usage: bool,
+    timeout_s: float,
+    outcome: Outcome,
+) -> web.StreamResponse:
+    outputs = await _next(stream, timeout_s)  # errors before the first token: HTTP status
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    role = fmt.role_chunk()
+    pending = [role] if role else []
+    try:
+        while True:
+            piece, logprobs = text.feed(outputs)
+            finish = text.finish_reason
+            if piece or finish is not None or logprobs is not None:
+                lp = b"null" if logprobs is None else _encode(logprobs)
+                pending.append(fmt.delta_chunk(piece, lp, finish))
+            if finish is not None:
+                break
+            if pending:
+                await response.write(b"".join(pending))
+                pending.clear()
+            outputs = await _next(stream, timeout_s)
+        outcome.finish_reason = text.finish_reason
+        if include_usage:
+            pending.append(fmt.usage_chunk(stream.num_prompt_tokens, text.num_generated))
+    except MellError as err:
+        outcome.reason = err.message
+        pending.append(error_event(err))
+    except ConnectionError:
+        return response
+    pending.append(DONE)
+    try:
+        await response.write(b"".join(pending))
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    return response
+
+
+async def _collect(
+    stream: RequestStream, fmt: Format, text: TextOutput, timeout_s: float, outcome: Outcome
+) -> web.Response:
+    parts: list[str] = []
+    logprobs: list[Any] = []
+    try:
+        while text.finish_reason is None:
+            piece, lp = text.feed(await _next(stream, timeout_s))
+            parts.append(piece)
+            if lp is not None:
+                logprobs.append(lp)
+    except MellError as err:
+        outcome.reason = err.message
+        raise
+    outcome.finish_reason = text.finish_reason
+    body = fmt.response(
+        "".join(parts),
+        merge_logprobs(logprobs) if text.want_logprobs else None,
+        text.finish_reason,
+        stream.num_prompt_tokens,
+        text.num_generated,
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
+def _encode(obj: Any) -> bytes:
+    return encode(obj)

@@ -1,0 +1,94 @@
+"""The models this gateway serves: name, checkpoint directory, tokenizer, chat template, limits.
+
+Model specs are resolved as the workers resolve them (`mell.common.model_spec`), so both sides
+agree on the names. Tokenization of long prompts runs in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from mell.common.errors import InvalidRequest, NotFound
+from mell.common.model_spec import model_name, resolve_model_dir
+from mell.gateway.chat_template import ChatTemplate
+
+
+@dataclass(slots=True)
+class ServedModel:
+    name: str
+    path: Path
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate | None
+    vocab_size: int
+    max_model_len: int
+    created: int
+
+    @classmethod
+    def load(cls, spec: str, data_dir: str | Path) -> ServedModel:
+        path = resolve_model_dir(spec, data_dir)
+        config = json.loads((path / "config.json").read_text())
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        return cls(
+            name=model_name(spec),
+            path=path,
+            tokenizer=tokenizer,
+            chat_template=ChatTemplate.load(path),
+            vocab_size=int(config.get("vocab_size", tokenizer.get_vocab_size())),
+            max_model_len=int(config.get("max_position_embeddings", 2048)),
+            created=int(time.time()),
+        )
+
+
+class ModelRegistry:
+    """Served models by name; tokenizes prompts (long ones off the event loop)."""
+
+    def __init__(self, models: list[ServedModel], inline_chars: int = 2048) -> None:
+        self.models = {m.name: m for m in models}
+        self._inline_chars = inline_chars
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mell-tokenize")
+
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names; an empty name means the first model (as vLLM does)."""
+        if not name:
+            return next(iter(self.models.values()))
+        model = self.models.get(name)
+        if model is None:
+            valid = ", ".join(self.models)
+            raise NotFound(
+                f"The model `{name}` does not exist. Valid models: {valid}", param="model"
+            )
+        return model
+
+    async def encode(self, model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) <= self._inline_chars:
+            return model.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        loop = asyncio.get_running_loop()
+        encoding = await loop.run_in_executor(
+            self._pool, lambda: model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        )
+        return encoding.ids
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def check_token_ids(model: ServedModel, ids: list[object]) -> list[int]:
+    """A prompt given as token ids: every id an int in the vocabulary."""
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise InvalidRequest("prompt token ids must be integers", param="prompt")
+        if not 0 <= token < model.vocab_size:
+            raise InvalidRequest(
+                f"token id {token} is out of vocabulary (size {model.vocab_size})", param="prompt"
+            )
+    return ids  # type: ignore[return-value]

@@ -1,0 +1,117 @@
+"""The outputs of one request on their way from the worker link to its HTTP handler.
+
+Tokens are numbered per request: an output whose tokens were already delivered (a duplicate
+after a migration) is dropped, an overlap is trimmed, so the client sees every token once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mell.common.errors import MellError
+from mell.common.messages import TokenOutput
+
+
+class StreamTimeout(Exception):
+    pass
+
+
+class RequestStream:
+    """Single producer (the dispatcher), single consumer (the handler)."""
+
+    __slots__ = (
+        "_pending",
+        "_waiter",
+        "arrival",
+        "error",
+        "finish_reason",
+        "first_token_at",
+        "last_token_at",
+        "max_tokens",
+        "model",
+        "next_index",
+        "num_prompt_tokens",
+        "request_id",
+        "worker_id",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        worker_id: str,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        arrival: float,
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.worker_id = worker_id
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        self.arrival = arrival
+        self.next_index = 0  # == tokens delivered so far
+        self.finish_reason: str | None = None  # set by the worker's last output
+        self.error: MellError | None = None
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+        self._pending: list[TokenOutput] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def done(self) -> bool:
+        """No more output will come (finished at the worker, or failed)."""
+        return self.finish_reason is not None or self.error is not None
+
+    def push(self, out: TokenOutput) -> bool:
+        """Queue an output; False when it brings nothing new."""
+        if self.done:
+            return False
+        skip = self.next_index - out.first_index
+        if skip > 0:
+            if skip >= len(out.token_ids) and out.finish_reason is None:
+                return False
+            out = _trimmed(out, skip)
+        self.next_index += len(out.token_ids)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+        self._pending.append(out)
+        self._wake()
+        return True
+
+    def fail(self, error: MellError) -> None:
+        if not self.done:
+            self.error = error
+            self._wake()
+
+    async def next(self, timeout_s: float) -> list[TokenOutput]:
+        """Everything queued since the last call; raises the stream's error once drained."""
+        if not self._pending and self.error is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout_s)
+            except TimeoutError:
+                raise StreamTimeout(self.request_id) from None
+            finally:
+                self._waiter = None
+        if self._pending:
+            pending, self._pending = self._pending, []
+            return pending
+        assert self.error is not None
+        raise self.error
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _trimmed(out: TokenOutput, skip: int) -> TokenOutput:
+    return TokenOutput(
+        out.request_id,
+        out.first_index + skip,
+        out.token_ids[skip:],
+        out.logprobs[skip:] if out.logprobs is not None else None,
+        out.finish_reason,
+        out.num_prompt_tokens,
+    )

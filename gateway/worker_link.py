@@ -1,0 +1,220 @@
+"""The gateway's side of the worker channel: membership, liveness, and message routing.
+
+Workers connect to the gateway's ROUTER and say `Hello`; the link records `WorkerJoined`,
+answers `Welcome`, turns load reports into `LoadReported` events (the first one activates the
+worker), hands token batches to the dispatcher, and declares a worker lost when it falls silent
+for `worker_timeout_s`, fails, or cannot be sent to. A message from a worker it does not know
+gets `Rejoin`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, assert_never
+
+import structlog
+import zmq.asyncio
+
+from mell.common.config import GatewayConfig
+from mell.common.events import (
+    LoadReported,
+    WorkerActivated,
+    WorkerDrained,
+    WorkerDraining,
+    WorkerJoined,
+    WorkerLost,
+)
+from mell.common.ids import new_boot_id
+from mell.common.messages import (
+    AbortRequest,
+    DrainCompleted,
+    GatewayMessage,
+    Heartbeat,
+    Hello,
+    LoadReport,
+    Rejoin,
+    Reply,
+    RequestFailed,
+    TokenBatch,
+    Welcome,
+    WorkerFailed,
+    WorkerMessage,
+)
+from mell.gateway.cluster_state import ClusterState
+from mell.gateway.dispatcher import Dispatcher
+from mell.gateway.policy.base import WorkerStatus
+from mell.transport.channel import PeerUnreachable, RouterChannel
+from mell.transport.codec import Codec
+from mell.transport.rpc import PendingCalls
+
+log = structlog.get_logger("mell.gateway")
+
+
+class WorkerLink:
+    """Owns the ROUTER socket and the liveness clock of every worker."""
+
+    def __init__(self, config: GatewayConfig, state: ClusterState, endpoint: str) -> None:
+        self.config = config
+        self.state = state
+        self.boot_id = new_boot_id()
+        self._ctx = zmq.asyncio.Context()
+        self.channel: RouterChannel[WorkerMessage] = RouterChannel(
+            self._ctx, endpoint, Codec(WorkerMessage)
+        )
+        self.endpoint = self.channel.endpoint
+        self.calls = PendingCalls()
+        self.dispatcher: Dispatcher | None = None
+        self._last_seen: dict[str, float] = {}
+
+    @property
+    def view(self) -> Any:
+        return self.state.view
+
+    def send(self, worker_id: str, message: GatewayMessage) -> bool:
+        """Send without blocking; a worker that cannot be reached is declared lost."""
+        try:
+            self.channel.send(worker_id, message)
+            return True
+        except PeerUnreachable:
+            self.lose(worker_id, "unreachable")
+            return False
+
+    def lose(self, worker_id: str, reason: str) -> None:
+        row = self.view.worker_rows.get(worker_id)
+        if row is None or row.status == WorkerStatus.LOST:
+            return
+        log.warning(
+            "worker_lost", worker_id=worker_id, reason=reason, num_requests=len(row.request_blocks)
+        )
+        self._last_seen.pop(worker_id, None)
+        if self.dispatcher is not None:
+            self.dispatcher.on_worker_lost(worker_id, reason)
+        self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
+
+    # ------------------------------------------------------------ tasks
+
+    async def receive_forever(self) -> None:
+        while True:
+            peer, message, _frames = await self.channel.recv()
+            try:
+                self._handle(peer, message)
+            except Exception:  # a handler bug must not stop the receive loop
+                log.exception("worker_message_failed", peer=peer, kind=type(message).__name__)
+
+    async def watch_forever(self) -> None:
+        """Declare silent workers lost."""
+        period = min(0.25, self.config.worker_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            deadline = time.monotonic() - self.config.worker_timeout_s
+            for worker_id, seen in list(self._last_seen.items()):
+                if seen < deadline:
+                    self.lose(worker_id, f"silent for {self.config.worker_timeout_s} s")
+
+    def close(self) -> None:
+        self.channel.close()
+        self._ctx.term()
+
+    # ------------------------------------------------------------ messages
+
+    def _handle(self, peer: str, message: WorkerMessage) -> None:
+        if isinstance(message, Hello):
+            self._hello(peer, message)
+            return
+        row = self.view.worker_rows.get(peer)
+        if row is None or row.status == WorkerStatus.LOST:
+            self.send_quietly(peer, Rejoin())
+            return
+        self._last_seen[peer] = time.monotonic()
+        match message:
+            case TokenBatch():
+                if self.dispatcher is not None:
+                    self.dispatcher.on_token_batch(peer, message)
+            case Heartbeat():
+                pass
+            case LoadReport():
+                self._load(peer, row.status, message)
+            case RequestFailed():
+                if self.dispatcher is not None:
+                    self.dispatcher.on_request_failed(peer, message)
+            case WorkerFailed(message=text):
+                self.lose(peer, f"worker failed: {text}")
+            case DrainCompleted(exiting=exiting):
+                self._drained(peer, exiting)
+            case Reply(call_id=call_id, error=error):
+                self.calls.resolve(call_id, error)
+            case Hello():
+                pass
+            case _:
+                assert_never(message)
+
+    def _hello(self, peer: str, hello: Hello) -> None:
+        if peer != hello.worker_id:
+            log.warning(
+                "hello_dropped",
+                peer=peer,
+                worker_id=hello.worker_id,
+                reason="identity and worker id differ",
+            )
+            return
+        row = self.view.worker_rows.get(peer)
+        known = row is not None and row.boot_id == hello.boot_id
+        if row is not None and not known:
+            self.lose(peer, "restarted")
+        if not known or row.status == WorkerStatus.LOST:
+            self.state.record(
+                WorkerJoined(
+                    worker_id=peer,
+                    boot_id=hello.boot_id,
+                    model=hello.model,
+                    capacity_blocks=hello.capacity_blocks,
+                    block_size=hello.block_size,
+                    max_model_len=hello.max_model_len,
+                    data_address=hello.data_address,
+                ),
+                source=peer,
+            )
+            log.info(
+                "worker_joined",
+                worker_id=peer,
+                model=hello.model,
+                capacity_blocks=hello.capacity_blocks,
+                block_size=hello.block_size,
+            )
+        self._last_seen[peer] = time.monotonic()
+        self.send(peer, Welcome(gateway_boot_id=self.boot_id, epoch_s=self.config.epoch_s))
+        orphans = [r for r in hello.request_ids if r not in self.view.requests]
+        if orphans:  # held for clients of an earlier gateway: nobody reads them
+            self.send(peer, AbortRequest(orphans))
+
+    def _load(self, peer: str, status: WorkerStatus, report: LoadReport) -> None:
+        if status == WorkerStatus.JOINING and not report.draining:
+            self.state.record(WorkerActivated(worker_id=peer), source=peer)
+        elif report.draining and status == WorkerStatus.ACTIVE:
+            self.state.record(WorkerDraining(worker_id=peer), source=peer)
+        self.state.record(
+            LoadReported(
+                worker_id=peer,
+                num_running=report.num_running,
+                num_waiting=report.num_waiting,
+                num_total_blocks=report.num_total_blocks,
+                num_free_blocks=report.num_free_blocks,
+                num_preemptions_total=report.num_preemptions_total,
+                requests=report.requests,
+            ),
+            source=peer,
+        )
+
+    def _drained(self, peer: str, exiting: bool) -> None:
+        log.info("worker_drained", worker_id=peer, exiting=exiting)
+        if exiting:
+            self._last_seen.pop(peer, None)
+            if self.dispatcher is not None:
+                self.dispatcher.on_worker_lost(peer, "worker shut down")
+        self.state.record(WorkerDrained(worker_id=peer, exiting=exiting), source=peer)
+
+    def send_quietly(self, peer: str, message: GatewayMessage) -> None:
+        with contextlib.suppress(PeerUnreachable):
+            self.channel.send(peer, message)

@@ -1,0 +1,102 @@
+"""Channels: the gateway's ROUTER (asyncio, binds) and a worker's DEALER (blocking, connects).
+
+The gateway side knows each worker by its ZeroMQ identity (the worker id). Receive loops never
+stop on a bad frame: it is logged with its peer and dropped. Frames are sent without copying;
+received frames alias ZeroMQ's buffers until the caller drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from mell.common.errors import ProtocolError
+from mell.transport.codec import Buffer, Codec
+
+T = TypeVar("T")
+log = structlog.get_logger("mell.transport")
+
+
+class PeerUnreachable(Exception):
+    """The ROUTER has no connection to that identity (worker gone)."""
+
+
+class RouterChannel(Generic[T]):
+    """Gateway end: binds one address; all workers connect to it."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, codec: Codec[T]) -> None:
+        self._codec = codec
+        self.socket = ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer: error, not silent drop
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its id over
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.bind(endpoint)
+        # A blocking shadow of the same socket, for sends from the event loop's thread: errors
+        # raise at once instead of landing in a future nobody awaits.
+        self._sender = zmq.Socket.shadow(self.socket.underlying)
+        self.endpoint: str = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+    async def recv(self) -> tuple[str, T, list[memoryview]]:
+        """The next well-formed message: (peer identity, message, raw frames)."""
+        while True:
+            frames = await self.socket.recv_multipart(copy=False)
+            peer = bytes(frames[0].buffer).decode(errors="replace")
+            try:
+                message, raw = self._codec.decode([f.buffer for f in frames[1:]])
+            except ProtocolError as err:
+                log.warning("frame_dropped", peer=peer, error=err.message, num_frames=len(frames))
+                continue
+            return peer, message, raw
+
+    def send(self, peer: str, message: Any, buffers: Sequence[Buffer] = ()) -> None:
+        """Queue one message to `peer` without blocking; PeerUnreachable if it is not connected."""
+        frames = [peer.encode(), *self._codec.encode(message, buffers)]
+        try:
+            self._sender.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as err:
+            if err.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise PeerUnreachable(peer) from None
+            raise
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+class DealerChannel(Generic[T]):
+    """Worker end: connects to the gateway with its identity. Use from one thread only."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, identity: str, codec: Codec[T]) -> None:
+        self._codec = codec
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, identity.encode())
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.socket.connect(endpoint)
+
+    def recv_nowait(self) -> tuple[T, list[memoryview]] | None:
+        """The next well-formed message if one is waiting; malformed ones are dropped."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                return self._codec.decode([f.buffer for f in frames])
+            except ProtocolError as err:
+                log.warning("frame_dropped", peer="gateway", error=err.message)
+
+    def send_frames(self, frames: Sequence[Any]) -> None:
+        """Send already-encoded frames (from `Codec.encode`) without copying."""
+        self.socket.send_multipart(frames, copy=False)
+
+    def close(self, linger_ms: int = 1000) -> None:
+        self.socket.close(linger=linger_ms)

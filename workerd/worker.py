@@ -1,0 +1,271 @@
+"""The worker daemon's engine loop: commands in, engine steps, tokens and load out.
+
+Runs on the main thread and reads as a story: receive commands → step the engine → emit one
+`TokenBatch` for every request that produced tokens → report load once per epoch. The loop is
+the liveness signal: heartbeats and systemd watchdog pings come from it, never from a timer
+thread. Per-request errors go back as `RequestFailed`; an engine error is fatal (`WorkerFailed`,
+exit 1), because the device state is then in doubt and systemd restarts the worker.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any, Protocol, assert_never
+
+import structlog
+
+from mell.common.config import WorkerConfig
+from mell.common.errors import ErrorCode, MellError
+from mell.common.ids import new_boot_id
+from mell.common.messages import (
+    AbortRequest,
+    AddRequest,
+    Drain,
+    DrainCompleted,
+    GatewayMessage,
+    Heartbeat,
+    Hello,
+    LoadReport,
+    Ping,
+    Rejoin,
+    Reply,
+    RequestFailed,
+    RequestLoad,
+    TokenBatch,
+    TokenOutput,
+    Undrain,
+    Welcome,
+    WorkerFailed,
+)
+from mell.common.notify import Notifier
+
+log = structlog.get_logger("mell.workerd")
+
+
+class Link(Protocol):
+    inbox: queue.Queue[GatewayMessage]
+    data_address: str
+
+    def send(self, message: Any) -> None: ...
+
+
+class Worker:
+    """One engine behind one gateway link."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        engine: Any,
+        link: Link,
+        model_name: str,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.link = link
+        self.model_name = model_name
+        self.notifier = notifier or Notifier()
+        self.boot_id = new_boot_id()
+        self.welcomed = False
+        self.draining = False
+        self.stop_deadline: float | None = None  # set by SIGTERM: drain, then exit by this time
+        self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens
+        self._step = 0
+        self._drain_reported = False
+        self._next_load = 0.0
+        self._next_heartbeat = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Join the gateway, serve until stopped; the process exit code."""
+        if not self._join():
+            log.error("gateway_unreachable", gateway=self.config.gateway)
+            return 1
+        self.notifier.ready(f"serving {self.model_name}")
+        try:
+            while not self._finished():
+                self._receive(block=not self.engine.has_unfinished())
+                self._run_step()
+                self._report()
+        except Exception as err:  # the engine's state is in doubt: report and exit
+            log.exception("worker_failed")
+            self.link.send(WorkerFailed(code=ErrorCode.INTERNAL.value, message=repr(err)))
+            return 1
+        self.notifier.stopping()
+        return 0
+
+    def request_stop(self) -> None:
+        """SIGTERM: stop admitting, finish running requests within the grace period, exit 0."""
+        if self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + self.config.drain_grace_s
+            self.draining = True
+            log.info(
+                "worker_stopping", grace_s=self.config.drain_grace_s, num_requests=len(self._tokens)
+            )
+
+    def _join(self) -> bool:
+        deadline = time.monotonic() + self.config.hello_timeout_s
+        while not self.welcomed:
+            if time.monotonic() > deadline or self.stop_deadline is not None:
+                return False
+            self.link.send(self._hello())
+            self._receive(block=True, timeout_s=1.0)
+        return True
+
+    def _hello(self) -> Hello:
+        stats = self.engine.stats()
+        return Hello(
+            worker_id=self.config.worker_id,
+            boot_id=self.boot_id,
+            model=self.model_name,
+            capacity_blocks=stats.num_total_blocks,
+            block_size=stats.block_size,
+            max_model_len=self.engine.model_config.max_model_len,
+            data_address=self.link.data_address,
+            request_ids=list(self._tokens),
+        )
+
+    def _finished(self) -> bool:
+        if self.stop_deadline is None:
+            return False
+        if not self._tokens:
+            self._report_drained(exiting=True)
+            return True
+        if time.monotonic() >= self.stop_deadline:
+            self._abort_all("drain grace period over")
+            self._report_drained(exiting=True)
+            return True
+        return False
+
+    # ------------------------------------------------------------ commands
+
+    def _receive(self, block: bool, timeout_s: float | None = None) -> None:
+        if block:
+            wait = timeout_s if timeout_s is not None else self._idle_wait()
+            try:
+                self._handle(self.link.inbox.get(timeout=wait))
+            except queue.Empty:
+                return
+        while True:
+            try:
+                self._handle(self.link.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _idle_wait(self) -> float:
+        now = time.monotonic()
+        return max(0.0, min(self._next_load, self._next_heartbeat) - now) + 0.001
+
+    def _handle(self, message: GatewayMessage) -> None:
+        match message:
+            case AddRequest():
+                self._add(message)
+            case AbortRequest(request_ids=ids):
+                for request_id in ids:
+                    if self.engine.abort(request_id):
+                        self._tokens.pop(request_id, None)
+            case Drain(call_id=call_id):
+                self.draining = True
+                self._drain_reported = False
+                self._reply(call_id)
+            case Undrain(call_id=call_id):
+                if self.stop_deadline is None:
+                    self.draining = False
+                self._reply(call_id)
+            case Ping(call_id=call_id):
+                self._reply(call_id)
+            case Welcome():
+                self.welcomed = True
+                self._next_load = 0.0  # report at once: the report activates this worker
+            case Rejoin():
+                self.link.send(self._hello())
+            case _:
+                assert_never(message)
+
+    def _add(self, message: AddRequest) -> None:
+        if self.draining:
+            self._fail(message.request_id, ErrorCode.NO_CAPACITY, "worker is draining")
+            return
+        try:
+            self.engine.add_request(
+                message.request_id, message.prompt_token_ids, message.sampling.validate()
+            )
+        except MellError as err:
+            self._fail(message.request_id, err.code, err.message)
+            return
+        self._tokens[message.request_id] = len(message.prompt_token_ids)
+
+    def _reply(self, call_id: int) -> None:
+        if call_id:
+            self.link.send(Reply(call_id=call_id))
+
+    def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        log.info("request_rejected", request_id=request_id, code=code.value, reason=message)
+        self.link.send(RequestFailed(request_id=request_id, code=code.value, message=message))
+
+    def _abort_all(self, reason: str) -> None:
+        for request_id in list(self._tokens):
+            self.engine.abort(request_id)
+            self._fail(request_id, ErrorCode.ABORTED, reason)
+        self._tokens.clear()
+
+    # ------------------------------------------------------------ step and emit
+
+    def _run_step(self) -> None:
+        outputs = self.engine.step()
+        if not outputs:
+            return
+        self._step += 1
+        batch = []
+        for out in outputs:
+            batch.append(
+                TokenOutput(
+                    out.request_id,
+                    out.first_index,
+                    out.new_token_ids,
+                    out.logprobs,
+                    out.finish_reason.value if out.finish_reason is not None else None,
+                    out.num_prompt_tokens,
+                )
+            )
+            if out.finish_reason is not None:
+                self._tokens.pop(out.request_id, None)
+            elif out.request_id in self._tokens:
+                self._tokens[out.request_id] += len(out.new_token_ids)
+        self.link.send(TokenBatch(self._step, batch))
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        self.notifier.watchdog(now)
+        if now >= self._next_load:
+            self._next_load = now + self.config.load_report_interval_s
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            self.link.send(self._load_report())
+        elif now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            self.link.send(Heartbeat(self._step))
+        if self.draining and not self._tokens and self.stop_deadline is None:
+            self._report_drained(exiting=False)
+
+    def _load_report(self) -> LoadReport:
+        stats = self.engine.stats()
+        return LoadReport(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            num_total_blocks=stats.num_total_blocks,
+            num_free_blocks=stats.num_free_blocks,
+            num_preemptions_total=stats.num_preemptions_total,
+            draining=self.draining,
+            requests=[
+                RequestLoad(rid, stats.request_blocks.get(rid, 0), num_tokens)
+                for rid, num_tokens in self._tokens.items()
+            ],
+        )
+
+    def _report_drained(self, exiting: bool) -> None:
+        if not self._drain_reported:
+            self._drain_reported = True
+            self.link.send(self._load_report())
+            self.link.send(DrainCompleted(exiting))
