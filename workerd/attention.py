@@ -51,7 +51,7 @@ class AttentionBackend(ABC):
     def __init__(self, shape: AttentionShape) -> None:
         self.shape = shape
 
-    def begin_step(self) -> None:
+    def begin_step(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Called once before the step's plans (backends that pool per-plan state reset it)."""
 
     @abstractmethod

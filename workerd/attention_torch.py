@@ -97,10 +97,8 @@ class TorchAttention(AttentionBackend):
         kv = kv.transpose(1, 2).reshape(b, 2, width * page_size, kv_heads, head_dim)
         k = kv[:, 0].transpose(1, 2)  # [B, Hkv, T, D]
         v = kv[:, 1].transpose(1, 2)
-        if g.q_index is None:
-            qg = q[g.start : g.end].unsqueeze(2)  # [B, H, 1, D]
-        else:
-            qg = q[g.q_index].transpose(1, 2)  # [B, H, Q, D]
+        # queries [B, H, Q, D]; decode has Q == 1
+        qg = q[g.start : g.end].unsqueeze(2) if g.q_index is None else q[g.q_index].transpose(1, 2)
         out = F.scaled_dot_product_attention(
             qg, k, v, attn_mask=g.mask, scale=self.shape.scale, enable_gqa=True
         )

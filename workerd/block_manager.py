@@ -118,6 +118,8 @@ class BlockManager:
         """Create the request's tables, holding `num_tokens` tokens."""
         if request_id in self._tables:
             raise ValueError(f"request {request_id!r} already has blocks")
+        if not self.can_append(request_id, num_tokens, layers):
+            raise OutOfBlocks(f"request {request_id!r}: not enough free blocks")
         self._tables[request_id] = [[] for _ in range(self.num_layers)]
         self._uniform[request_id] = True
         self.append(request_id, num_tokens, layers)
@@ -134,10 +136,17 @@ class BlockManager:
             raise OutOfBlocks(f"request {request_id!r}: not enough free blocks")
         want = self.blocks_for(num_tokens)
         tables = self._tables[request_id]
+        taken = []
         for i in self._layers(layers):
             if want > len(tables[i]):
-                tables[i].extend(self._pools[i].take(want - len(tables[i])))
-        if layers is not None and self._uniform[request_id]:
+                new = self._pools[i].take(want - len(tables[i]))
+                tables[i].extend(new)
+                taken.append(new)
+        if not self._uniform[request_id] or not taken:
+            return
+        if layers is None:  # lockstep: still uniform if every layer got the same pages
+            self._uniform[request_id] = all(t == taken[0] for t in taken)
+        else:
             self._uniform[request_id] = all(t == tables[0] for t in tables)
 
     def free(self, request_id: str) -> int:

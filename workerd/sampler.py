@@ -49,7 +49,7 @@ class Sampler:
         generators: list[torch.Generator | None],
         greedy: list[bool],
     ) -> torch.Tensor:
-        rows, vocab = logits.shape
+        _rows, vocab = logits.shape
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
         scaled = logits.cpu() / temps[:, None]
         if any(p.top_k > 0 and p.top_k < vocab for p in params) or any(

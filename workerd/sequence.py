@@ -78,7 +78,10 @@ class Sequence:
         self.new_tokens.append(token_id)
         if token_id in self.stop_ids:
             self.finish_reason = FinishReason.STOP
-        elif len(self.output_token_ids) >= self.sampling.max_tokens or len(self.token_ids) >= max_model_len:
+        elif (
+            len(self.output_token_ids) >= self.sampling.max_tokens
+            or len(self.token_ids) >= max_model_len
+        ):
             self.finish_reason = FinishReason.LENGTH
         if self.finish_reason is not None:
             self.status = SequenceStatus.FINISHED

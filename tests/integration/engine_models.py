@@ -14,18 +14,18 @@ def make_checkpoint(directory: Path, kind: str, seed: int = 0) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,  # spread logits so float rounding never flips an argmax
-        eos_token_id=1,
-        bos_token_id=0,
-        pad_token_id=0,
-    )
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.2,  # spread logits so float rounding never flips an argmax
+        "eos_token_id": 1,
+        "bos_token_id": 0,
+        "pad_token_id": 0,
+    }
     if kind == "llama":
         cfg = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
         model = transformers.LlamaForCausalLM(cfg)
@@ -82,7 +82,6 @@ def reference_greedy(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=n,
-                min_new_tokens=n,
                 do_sample=False,
                 pad_token_id=0,
             )
