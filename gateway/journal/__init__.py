@@ -1,0 +1,26 @@
+"""Durable journal: append-only segment files of length-prefixed, CRC-checked MessagePack records.
+
+Generic over opaque byte payloads (the gateway stores encoded event envelopes). See `format` for
+the bytes on disk, `writer` for appending and group commit, `reader` for replay, `repair` for
+`check` and `repair`.
+"""
+
+from mell.gateway.journal.format import Record
+from mell.gateway.journal.reader import CorruptRecord, TornTail, read_records, replay
+from mell.gateway.journal.repair import CheckReport, Problem, RepairReport, check, repair
+from mell.gateway.journal.writer import Journal, JournalConfig
+
+__all__ = [
+    "CheckReport",
+    "CorruptRecord",
+    "Journal",
+    "JournalConfig",
+    "Problem",
+    "Record",
+    "RepairReport",
+    "TornTail",
+    "check",
+    "read_records",
+    "repair",
+    "replay",
+]
