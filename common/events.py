@@ -45,7 +45,7 @@ class LoadReported(_Event):
     requests: list[RequestLoad] = []
 
 
-class WorkerDraining(_Event):
+class WorkerDrainStarted(_Event):
     worker_id: str
 
 
@@ -124,7 +124,7 @@ Event = (
     WorkerJoined
     | WorkerActivated
     | LoadReported
-    | WorkerDraining
+    | WorkerDrainStarted
     | WorkerUndrained
     | WorkerDrained
     | WorkerLost

@@ -26,7 +26,7 @@ from mell.common.events import (
     RequestPlaced,
     WorkerActivated,
     WorkerDrained,
-    WorkerDraining,
+    WorkerDrainStarted,
     WorkerJoined,
     WorkerLost,
     WorkerUndrained,
@@ -143,7 +143,7 @@ class ClusterView:
                 self._set_status(wid, WorkerStatus.ACTIVE)
             case LoadReported():
                 self._load(event)
-            case WorkerDraining(worker_id=wid):
+            case WorkerDrainStarted(worker_id=wid):
                 self._set_status(wid, WorkerStatus.DRAINING)
             case WorkerUndrained(worker_id=wid):
                 self._set_status(wid, WorkerStatus.ACTIVE)

@@ -22,7 +22,7 @@ from mell.common.events import (
     LoadReported,
     WorkerActivated,
     WorkerDrained,
-    WorkerDraining,
+    WorkerDrainStarted,
     WorkerJoined,
     WorkerLost,
 )
@@ -193,7 +193,7 @@ class WorkerLink:
         if status == WorkerStatus.JOINING and not report.draining:
             self.state.record(WorkerActivated(worker_id=peer), source=peer)
         elif report.draining and status == WorkerStatus.ACTIVE:
-            self.state.record(WorkerDraining(worker_id=peer), source=peer)
+            self.state.record(WorkerDrainStarted(worker_id=peer), source=peer)
         self.state.record(
             LoadReported(
                 worker_id=peer,

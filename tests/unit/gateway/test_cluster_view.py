@@ -1,0 +1,180 @@
+"""The cluster view is a fold of events; placement sees requests placed a moment ago."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from mell.common import events as ev
+from mell.common.errors import NoCapacity, Overloaded, WorkerLost
+from mell.common.messages import AbortRequest, AddRequest, RequestLoad, TokenBatch, TokenOutput
+from mell.common.sampling import SamplingParams
+from mell.gateway.cluster_state import ClusterState
+from mell.gateway.cluster_view import ClusterView, RequestState
+from mell.gateway.dispatcher import Dispatcher, Job
+from mell.gateway.metrics import Metrics
+from mell.gateway.policy.base import WorkerStatus, make_policy
+
+
+def joined(wid: str, model: str = "m", blocks: int = 10) -> ev.WorkerJoined:
+    return ev.WorkerJoined(
+        worker_id=wid,
+        boot_id="b-" + wid,
+        model=model,
+        capacity_blocks=blocks,
+        block_size=16,
+        max_model_len=256,
+        data_address="",
+    )
+
+
+def fold(events: list[Any]) -> ClusterView:
+    view = ClusterView(["m"])
+    for seq, event in enumerate(events, 1):
+        view.apply(ev.EventEnvelope("test", seq, float(seq), event))
+    return view
+
+
+HISTORY = [
+    joined("w0"),
+    ev.WorkerActivated(worker_id="w0"),
+    joined("w1"),
+    ev.WorkerActivated(worker_id="w1"),
+    ev.RequestPlaced(
+        request_id="r1", model="m", worker_id="w0", num_prompt_tokens=20, max_tokens=8, num_blocks=2
+    ),
+    ev.RequestAdmitted(request_id="r1", worker_id="w0"),
+    ev.LoadReported(
+        worker_id="w0",
+        num_running=1,
+        num_waiting=0,
+        num_total_blocks=10,
+        num_free_blocks=7,
+        num_preemptions_total=0,
+        requests=[RequestLoad("r1", 3, 40)],
+    ),
+    ev.RequestPlaced(
+        request_id="r2", model="m", worker_id="w1", num_prompt_tokens=5, max_tokens=8, num_blocks=1
+    ),
+]
+
+
+def test_fold_builds_workers_and_requests() -> None:
+    view = fold(HISTORY)
+    assert [w.worker_id for w in view.workers("m")] == ["w0", "w1"]
+    w0 = view.worker_rows["w0"]
+    assert w0.status == WorkerStatus.ACTIVE and w0.num_used_blocks == 3
+    assert dict(view.workers("m")[0].request_blocks) == {"r1": 3}
+    assert view.requests["r1"].state == RequestState.RUNNING
+    assert view.requests["r1"].num_tokens == 40
+    assert view.requests["r2"].state == RequestState.PLACED
+
+
+def test_same_events_same_view() -> None:
+    a, b = fold(HISTORY), fold(HISTORY)
+    assert a.worker_rows == b.worker_rows and a.requests == b.requests
+
+
+def test_finish_and_loss_forget_requests() -> None:
+    view = fold(
+        [
+            *HISTORY,
+            ev.RequestFinished(
+                request_id="r1",
+                worker_id="w0",
+                finish_reason="stop",
+                num_prompt_tokens=20,
+                num_generated_tokens=8,
+            ),
+            ev.WorkerLost(worker_id="w1", reason="silent"),
+        ]
+    )
+    assert view.requests == {}
+    assert [w.worker_id for w in view.workers("m")] == ["w0"]
+    assert view.worker_rows["w1"].status == WorkerStatus.LOST
+    assert view.totals.num_finished == 1
+
+
+def test_drain_and_exit() -> None:
+    view = fold([*HISTORY, ev.WorkerDrainStarted(worker_id="w1")])
+    assert view.worker_rows["w1"].status == WorkerStatus.DRAINING
+    assert [w.worker_id for w in view.live_workers("m")] == ["w0"]
+    view = fold([*HISTORY, ev.WorkerDrained(worker_id="w1", exiting=True)])
+    assert "w1" not in view.worker_rows and "r2" not in view.requests
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        self.reachable = True
+
+    def send(self, worker_id: str, message: Any) -> bool:
+        self.sent.append((worker_id, message))
+        return self.reachable
+
+
+def make_dispatcher(max_in_flight: int = 100) -> tuple[Dispatcher, FakeLink, ClusterState]:
+    state = ClusterState(ClusterView(["m"]))
+    for event in HISTORY[:4]:
+        state.record(event)
+    link = FakeLink()
+    d = Dispatcher(
+        state, make_policy("least-loaded"), link.send, Metrics(state.view), max_in_flight
+    )
+    return d, link, state
+
+
+def job(rid: str, prompt: int = 100) -> Job:
+    return Job(rid, "m", list(range(prompt)), SamplingParams(max_tokens=4), 0.0)
+
+
+def test_back_to_back_placements_see_each_other() -> None:
+    d, link, state = make_dispatcher()
+    recorded: list[ev.EventEnvelope] = []
+    state.add_append_hook(recorded.append)
+    d.submit(job("a"))
+    d.submit(job("b"))
+    workers = [m.request_id and w for w, m in link.sent if isinstance(m, AddRequest)]
+    assert sorted(workers) == ["w0", "w1"]  # least-loaded spread them: b saw a
+    assert [type(e.event).__name__ for e in recorded] == ["RequestPlaced", "RequestPlaced"]
+
+
+def test_overload_and_no_capacity() -> None:
+    d, _, _ = make_dispatcher(max_in_flight=1)
+    d.submit(job("a", prompt=10))
+    with pytest.raises(Overloaded):
+        d.submit(job("b", prompt=10))
+    d, _, _ = make_dispatcher()
+    with pytest.raises(NoCapacity):
+        d.submit(job("huge", prompt=16 * 20))  # more blocks than any worker has
+
+
+async def test_fan_out_release_and_abort() -> None:
+    d, link, state = make_dispatcher()
+    s = d.submit(job("a", prompt=10))
+    d.on_token_batch(
+        s.worker_id,
+        TokenBatch(
+            1,
+            [
+                TokenOutput("a", 0, [1, 2], None, None, 10),
+                TokenOutput("ghost", 0, [3], None, None, 1),
+            ],
+        ),
+    )
+    assert [o.token_ids for o in await s.next(1.0)] == [[1, 2]]
+    assert (s.worker_id, AbortRequest(["ghost"])) in link.sent
+    assert state.view.requests["a"].state == RequestState.RUNNING
+    d.release(s, None, "client disconnected", 2)
+    assert (s.worker_id, AbortRequest(["a"])) in link.sent
+    assert "a" not in state.view.requests and d.streams == {}
+
+
+async def test_worker_loss_fails_its_streams() -> None:
+    d, _, _ = make_dispatcher()
+    s = d.submit(job("a", prompt=10))
+    d.on_worker_lost(s.worker_id, "silent")
+    with pytest.raises(WorkerLost):
+        await asyncio.wait_for(s.next(1.0), 1.0)

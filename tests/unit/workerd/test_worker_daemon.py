@@ -1,0 +1,126 @@
+"""The worker daemon's loop around an engine (the fake one): commands, batches, drain."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mell.common.config import EngineConfig, WorkerConfig
+from mell.common.messages import (
+    AbortRequest,
+    AddRequest,
+    Drain,
+    DrainCompleted,
+    Hello,
+    LoadReport,
+    Ping,
+    Reply,
+    RequestFailed,
+    TokenBatch,
+    Welcome,
+)
+from mell.common.sampling import SamplingParams
+from mell.workerd.fake_engine import FakeEngine
+from mell.workerd.worker import Worker
+
+
+class FakeLink:
+    data_address = "tcp://127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.sent: list[Any] = []
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def of(self, kind: type) -> list[Any]:
+        return [m for m in self.sent if isinstance(m, kind)]
+
+
+def make_worker(tmp_path: Path, rate: float = 1000.0) -> tuple[Worker, FakeLink]:
+    (tmp_path / "config.json").write_text('{"vocab_size": 100, "max_position_embeddings": 64}')
+    config = WorkerConfig(
+        worker_id="w0",
+        load_report_interval_s=0.01,
+        drain_grace_s=2.0,
+        engine=EngineConfig(model=str(tmp_path), num_kv_blocks=32),
+    )
+    link = FakeLink()
+    link.inbox.put(Welcome(gateway_boot_id="g", epoch_s=0.1))
+    return Worker(config, FakeEngine(config.engine, rate), link, "m"), link
+
+
+def run_in_thread(worker: Worker) -> threading.Thread:
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_generates_one_batch_per_step_and_drains_on_stop(tmp_path: Path) -> None:
+    worker, link = make_worker(tmp_path)
+    thread = run_in_thread(worker)
+    for rid in ("a", "b"):
+        link.inbox.put(AddRequest(rid, [1, 2, 3], SamplingParams(max_tokens=5)))
+    wait_for(lambda: sum(len(b.outputs) for b in link.of(TokenBatch)) >= 10)
+    worker.request_stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert isinstance(link.sent[0], Hello)
+    batches = link.of(TokenBatch)
+    indices = {
+        rid: [o.first_index for b in batches for o in b.outputs if o.request_id == rid]
+        for rid in ("a", "b")
+    }
+    assert indices == {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]}
+    assert any(len(b.outputs) == 2 for b in batches)  # both requests in one step's batch
+    assert link.of(DrainCompleted) == [DrainCompleted(True)]
+    assert link.of(LoadReport)
+
+
+def test_per_request_error_abort_and_ping(tmp_path: Path) -> None:
+    worker, link = make_worker(tmp_path, rate=50.0)
+    thread = run_in_thread(worker)
+    link.inbox.put(AddRequest("long", [1] * 60, SamplingParams(max_tokens=10)))
+    link.inbox.put(AddRequest("ok", [1, 2], SamplingParams(max_tokens=50)))
+    link.inbox.put(Ping(call_id=3))
+    wait_for(lambda: link.of(TokenBatch) and link.of(Reply))
+    link.inbox.put(AbortRequest(["ok"]))
+    wait_for(lambda: not worker.engine.has_unfinished())
+    failed = link.of(RequestFailed)
+    assert [f.request_id for f in failed] == ["long"]
+    assert "context length" in failed[0].message
+    assert link.of(Reply) == [Reply(call_id=3)]
+    link.inbox.put(Drain(call_id=4))
+    link.inbox.put(AddRequest("late", [1], SamplingParams(max_tokens=2)))
+    wait_for(lambda: len(link.of(RequestFailed)) == 2)
+    assert link.of(RequestFailed)[1].code == "ServiceUnavailableError"
+    worker.request_stop()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_grace_period_aborts_what_is_left(tmp_path: Path) -> None:
+    worker, link = make_worker(tmp_path, rate=20.0)
+    worker.config = worker.config.__class__(**{**_fields(worker.config), "drain_grace_s": 0.2})
+    thread = run_in_thread(worker)
+    link.inbox.put(AddRequest("slow", [1, 2], SamplingParams(max_tokens=60)))
+    wait_for(lambda: link.of(TokenBatch))
+    worker.request_stop()
+    thread.join(5)
+    assert [f.request_id for f in link.of(RequestFailed)] == ["slow"]
+    assert link.of(DrainCompleted) == [DrainCompleted(True)]
+
+
+def _fields(config: WorkerConfig) -> dict[str, Any]:
+    return {f: getattr(config, f) for f in config.__struct_fields__}
