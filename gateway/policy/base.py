@@ -109,9 +109,12 @@ def active_workers(view: PolicyView, model: str) -> list[WorkerInfo]:
 
 
 def free_blocks(worker: WorkerInfo) -> int:
-    """Free KV blocks of a worker, from its request map (never trusts a stale report above it)."""
-    used = sum(worker.request_blocks.values())
-    return min(worker.num_free_blocks, worker.capacity_blocks - used)
+    """Free KV blocks of a worker as the view reports them.
+
+    Policies trust `num_free_blocks` (summing `request_blocks` on every decision is too slow for
+    the simulator); a view must keep it at most `capacity_blocks - sum(request_blocks)`.
+    """
+    return worker.num_free_blocks
 
 
 _REGISTRY: dict[str, Callable[..., Policy]] = {}

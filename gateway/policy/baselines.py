@@ -11,6 +11,8 @@ workers paired with the most free ones, the shortest request of each source move
 
 from __future__ import annotations
 
+import math
+
 from mell.gateway.policy.base import (
     Arrival,
     Move,
@@ -36,6 +38,15 @@ def _need(view: PolicyView, arrival: Arrival) -> tuple[list[WorkerInfo], int]:
     workers = active_workers(view, arrival.model)
     block_size = workers[0].block_size if workers else 16
     return workers, arrival_blocks(arrival, block_size)
+
+
+def reserve(worker: WorkerInfo, headroom_tokens: int, place_epochs: float = 2.0) -> int:
+    """Blocks kept free on `worker` after one more placement so that every request on it can
+    grow `headroom_tokens` per epoch for `place_epochs` epochs (the same rule MELL uses)."""
+    if headroom_tokens <= 0:
+        return 0
+    n = len(worker.request_blocks) + 1
+    return math.ceil(headroom_tokens / worker.block_size * place_epochs * n)
 
 
 def _first_idle(workers: list[WorkerInfo], need: int) -> WorkerInfo | None:
@@ -70,8 +81,8 @@ class _FitPolicy:
 
     name = "fit"
 
-    def __init__(self, headroom_blocks: int = 0) -> None:
-        self.headroom_blocks = headroom_blocks
+    def __init__(self, headroom_tokens: int = 0) -> None:
+        self.headroom_tokens = headroom_tokens
 
     def _score(self, worker: WorkerInfo, free: int) -> float:
         raise NotImplementedError
@@ -84,7 +95,7 @@ class _FitPolicy:
             if not w.request_blocks:
                 continue
             free = free_blocks(w)
-            if free < need + self.headroom_blocks:
+            if free < need + reserve(w, self.headroom_tokens):
                 continue
             score = self._score(w, free)
             if best is None or score < best_score:
@@ -123,7 +134,8 @@ class RoundRobin:
 
     name = "round-robin"
 
-    def __init__(self) -> None:
+    def __init__(self, headroom_tokens: int = 0) -> None:
+        self.headroom_tokens = headroom_tokens
         self._last: dict[str, str] = {}  # model -> worker id placed last
 
     def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
@@ -131,7 +143,9 @@ class RoundRobin:
         busy = sorted((w for w in workers if w.request_blocks), key=lambda w: w.worker_id)
         last = self._last.get(arrival.model, "")
         after = [w for w in busy if w.worker_id > last] + [w for w in busy if w.worker_id <= last]
-        chosen = next((w for w in after if free_blocks(w) >= need), None)
+        chosen = next(
+            (w for w in after if free_blocks(w) >= need + reserve(w, self.headroom_tokens)), None
+        )
         if chosen is None:
             chosen = _first_idle(workers, need)
         if chosen is None:
@@ -153,24 +167,32 @@ def freeness(worker: WorkerInfo) -> float:
 class LoadBalance:
     """Llumnix-style load balancing (the MELL paper's LB baseline).
 
-    Dispatch: the busy worker with the highest freeness that fits, else an idle worker.
-    Every epoch: sources are busy workers with freeness below `migrate_out_threshold`,
-    destinations busy workers above it; sources sorted least free first, destinations most free
-    first, zipped; each pair moves the source's shortest request if it fits the destination
-    with the threshold still met there (Llumnix's `defrag` pairing, one request per pair).
+    Dispatch: the busy worker with the highest freeness (free blocks / batch size) that fits,
+    else an idle worker (worst-fit by freeness).
+    Every epoch, per model: busy workers sorted by freeness; the least free are paired with the
+    most free (sources below the pool's mean freeness, destinations above it, zipped); each pair
+    moves the source's shortest request (Llumnix's default `SR` selection) when that shrinks the
+    pair's freeness gap (Llumnix's `balanced` pairing rule). With `migrate_out_threshold` set,
+    sources are instead the workers below it and destinations those at or above it (Llumnix's
+    `defrag` mode, threshold in blocks per request, Llumnix default 3.0).
     """
 
     name = "lb"
 
-    def __init__(self, migrate_out_threshold: float = 3.0) -> None:
+    def __init__(
+        self, migrate_out_threshold: float | None = None, headroom_tokens: int = 0
+    ) -> None:
         self.migrate_out_threshold = migrate_out_threshold
+        self.headroom_tokens = headroom_tokens
 
     def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
         workers, need = _need(view, arrival)
         best: WorkerInfo | None = None
         best_free = -1.0
         for w in workers:
-            if not w.request_blocks or free_blocks(w) < need:
+            if not w.request_blocks:
+                continue
+            if free_blocks(w) < need + reserve(w, self.headroom_tokens):
                 continue
             f = freeness(w)
             if f > best_free:
@@ -183,20 +205,23 @@ class LoadBalance:
         moves: list[Move] = []
         for model in view.models():
             busy = [w for w in active_workers(view, model) if w.request_blocks]
-            sources = sorted(
-                (w for w in busy if freeness(w) < self.migrate_out_threshold), key=freeness
-            )
-            dests = sorted(
-                (w for w in busy if freeness(w) >= self.migrate_out_threshold),
-                key=freeness,
-                reverse=True,
-            )
+            if len(busy) < 2:
+                continue
+            if self.migrate_out_threshold is None:
+                cut = sum(freeness(w) for w in busy) / len(busy)
+            else:
+                cut = self.migrate_out_threshold
+            sources = sorted((w for w in busy if freeness(w) < cut), key=freeness)
+            dests = sorted((w for w in busy if freeness(w) >= cut), key=freeness, reverse=True)
             for src, dst in zip(sources, dests, strict=False):
                 if len(src.request_blocks) < 2:
                     continue
                 rid, size = min(src.request_blocks.items(), key=lambda kv: (kv[1], kv[0]))
-                free_after = free_blocks(dst) - size
-                if free_after / (len(dst.request_blocks) + 1) < self.migrate_out_threshold:
+                if free_blocks(dst) < size + reserve(dst, self.headroom_tokens):
+                    continue
+                src_after = (free_blocks(src) + size) / (len(src.request_blocks) - 1)
+                dst_after = (free_blocks(dst) - size) / (len(dst.request_blocks) + 1)
+                if abs(dst_after - src_after) >= freeness(dst) - freeness(src):
                     continue
                 moves.append(Move(rid, src.worker_id, dst.worker_id, "kv"))
         return moves

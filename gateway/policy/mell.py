@@ -1,0 +1,534 @@
+"""MELL: pack requests by KV size onto as few workers as possible, with bounded migrations.
+
+The online algorithm of Liu et al., INFOCOM 2025, §VI (digest: reference/mell_llumnix.md §1.3).
+
+Sizes are current KV blocks; C is a worker's capacity. Classes: L (C/2, C], M (C/3, C/2],
+S (C/4, C/3], T (C/8, C/4] and tiny (≤ C/8). A worker is labelled by the largest class it holds
+(tiny counts as T). "Most recently activated worker of a label" is the paper's open bin: refills
+pull from it, so that only the newest bin of each label is under-full.
+
+One `_Pool` per model holds the *planned* packing: the truth read from the view at the start of
+an epoch, plus the placements and moves decided since. `plan_epoch` rebuilds it from the view (the
+view is the truth: departed requests, lost workers and unknown requests are all handled by that
+rebuild), then runs the epoch's operations in the paper's batching order into one move buffer:
+
+1. Depart for every request that vanished since the last epoch (refills);
+2. Update for growth: class changes and overload (a worker whose usage plus one epoch of growth
+   headroom exceeds its capacity), and evacuation of DRAINING workers;
+3. the follow-ups of this epoch's Allocates (arrivals were placed at once by `place`; an L arrival
+   pulls an S/M companion and T fill into its new worker here).
+
+The buffer is pruned by construction: a move is (where the truth has it) → (where the plan has
+it), so A→B then B→C is A→C, A→B→A is nothing, and a departed request has no move.
+
+Choices where the paper is silent (each also noted where it is made):
+- Growth headroom: a worker "fits" an item only if, after it, every request on the worker can
+  still grow `headroom_tokens` (one epoch of decoding) without exceeding capacity.
+- Overflow fallback (growth of small items on a full worker, which Fig. 10 does not cover):
+  evict the smallest items of the overloaded worker and re-Allocate them. Smallest first because
+  they are the cheapest to move and the likeliest to fit elsewhere, and the large item that
+  defines the worker's label stays.
+- Priorities: "higher priority" = the fullest worker that still fits (best fit), ties by fewer
+  requests; the objective is packing, and best fit leaves the largest holes elsewhere.
+- T items may also go on S-GPUs and M-GPUs that fit (not only L-GPUs), and on any T-GPU that
+  fits before a new one is opened: placements, not migrations, so they cost nothing and only
+  make bins fuller.
+- Tiny requests are not tracked as explicit bundles: a refill moves tiny/T requests largest first
+  up to C/4 in total, which is exactly one T-sized multi-item per refill.
+- At most `max_moves_per_op` (10, Theorem 3) request migrations per operation; an operation that
+  would need more stops there (the rest is repaired by later epochs).
+- When no idle worker is left to activate (a fixed live pool), an item that needs a new worker
+  goes to the best-fitting busy worker instead, or stays where it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from mell.gateway.policy.base import (
+    Arrival,
+    Move,
+    Placement,
+    PolicyView,
+    Rejection,
+    WorkerInfo,
+    WorkerStatus,
+    arrival_blocks,
+    register_policy,
+)
+
+TINY, T, S, M, L = 0, 1, 2, 3, 4
+CLASS_NAMES = {TINY: "tiny", T: "T", S: "S", M: "M", L: "L"}
+FULL = 0.75  # Theorem 1: T-GPUs, and L/M-GPUs while T-GPUs exist, are at least 3/4 full
+PER_LABEL = {M: 2, S: 3}  # an M-GPU holds two M items, an S-GPU three S items
+
+
+def size_class(blocks: int, capacity: int) -> int:
+    """The class of a request of `blocks` KV blocks on workers of `capacity` blocks."""
+    if 2 * blocks > capacity:
+        return L
+    if 3 * blocks > capacity:
+        return M
+    if 4 * blocks > capacity:
+        return S
+    if 8 * blocks > capacity:
+        return T
+    return TINY
+
+
+class _Pool:
+    """The planned packing of one model's workers."""
+
+    def __init__(self) -> None:
+        self.capacity = 0  # class thresholds: the largest worker capacity of the pool
+        self.growth = 0.0  # blocks one request grows per epoch (headroom_tokens / block size)
+        self.place_epochs = 2.0  # placements leave room for this many epochs of growth
+        self.caps: dict[str, int] = {}  # ACTIVE worker -> capacity blocks
+        self.view_free: dict[str, int] = {}  # worker -> free blocks as the view reports them
+        self.items: dict[str, dict[str, int]] = {}  # ACTIVE busy worker -> {request: blocks}
+        self.used: dict[str, int] = {}
+        self.where: dict[str, str] = {}  # request -> planned worker
+        self.origin: dict[str, str] = {}  # request -> worker the truth has it on
+        self.labels: dict[str, int] = {}  # busy worker -> label
+        self.stamp: dict[str, int] = {}  # busy worker -> activation order
+        self.idle: list[str] = []  # ACTIVE workers free to activate
+        self.released: set[str] = set()  # emptied this epoch: not reused before the moves run
+        self.pinned: dict[str, tuple[str, int]] = {}  # request on a non-ACTIVE worker
+        self.clock = 0
+        self.moves_left = 0  # migrations still allowed in the current operation
+        self.op_moves: list[int] = []  # migrations per operation in the last epoch (for tests)
+
+    # -- reading the view -------------------------------------------------------------------
+
+    def rebuild(self, workers: Iterable[WorkerInfo], headroom_tokens: int) -> None:
+        """Make the plan equal to the truth of the view; keep the activation order."""
+        old_stamp = self.stamp
+        self.caps, self.view_free, self.items, self.used = {}, {}, {}, {}
+        self.where, self.origin, self.labels, self.stamp = {}, {}, {}, {}
+        self.idle, self.released, self.pinned = [], set(), {}
+        fresh: list[str] = []
+        for w in workers:
+            if w.status != WorkerStatus.ACTIVE:
+                for rid, blocks in w.request_blocks.items():
+                    self.pinned[rid] = (w.worker_id, blocks)
+                continue
+            wid = w.worker_id
+            self.caps[wid] = w.capacity_blocks
+            self.capacity = max(self.capacity, w.capacity_blocks)
+            self.growth = headroom_tokens / max(1, w.block_size)
+            if not w.request_blocks:
+                self.idle.append(wid)
+                continue
+            self.items[wid] = dict(w.request_blocks)
+            self.used[wid] = sum(w.request_blocks.values())
+            for rid in w.request_blocks:
+                self.where[rid] = self.origin[rid] = wid
+            self._relabel(wid)
+            if wid in old_stamp:
+                self.stamp[wid] = old_stamp[wid]
+            else:
+                fresh.append(wid)
+        for wid in sorted(fresh):  # adopted busy workers: newest after the known ones
+            self.clock += 1
+            self.stamp[wid] = self.clock
+
+    def refresh_free(self, workers: Iterable[WorkerInfo]) -> None:
+        """Between epochs: take the view's free blocks and idle workers; adopt unknown ones."""
+        self.idle = []
+        for w in workers:
+            wid = w.worker_id
+            if w.status != WorkerStatus.ACTIVE:
+                self.caps.pop(wid, None)
+                continue
+            self.caps[wid] = w.capacity_blocks
+            self.capacity = max(self.capacity, w.capacity_blocks)
+            self.view_free[wid] = w.num_free_blocks
+            if wid in self.items:
+                continue
+            if w.request_blocks:  # busy in the view, unknown to the plan: adopt it
+                self.items[wid] = dict(w.request_blocks)
+                self.used[wid] = sum(w.request_blocks.values())
+                for rid in w.request_blocks:
+                    self.where[rid] = self.origin[rid] = wid
+                self._relabel(wid)
+                self.clock += 1
+                self.stamp[wid] = self.clock
+            elif wid not in self.released:
+                self.idle.append(wid)
+        for wid in [w for w in self.items if w not in self.caps]:  # no longer ACTIVE
+            for rid in self.items[wid]:
+                self.where.pop(rid, None)
+            self._forget(wid)
+
+    # -- the packing ------------------------------------------------------------------------
+
+    def klass(self, blocks: int) -> int:
+        return size_class(blocks, self.capacity)
+
+    def _relabel(self, wid: str) -> None:
+        items = self.items.get(wid)
+        if not items:
+            self._forget(wid)
+            return
+        top = max(items.values())
+        self.labels[wid] = max(T, self.klass(top))
+
+    def _forget(self, wid: str) -> None:
+        self.items.pop(wid, None)
+        self.used.pop(wid, None)
+        self.labels.pop(wid, None)
+        if self.stamp.pop(wid, None) is not None:
+            self.released.add(wid)
+
+    def label(self, wid: str) -> int:
+        return self.labels.get(wid, -1)
+
+    def count(self, wid: str, cls: int) -> int:
+        return sum(1 for b in self.items.get(wid, {}).values() if self.klass(b) == cls)
+
+    def room(self, wid: str, extra_requests: int = 1) -> int:
+        """Blocks an item may take on `wid` so that everyone on it can still grow for
+        `place_epochs` epochs."""
+        n = len(self.items.get(wid, ())) + extra_requests
+        free = self.caps[wid] - self.used.get(wid, 0)
+        free = min(free, self.view_free.get(wid, free))
+        return free - math.ceil(self.growth * self.place_epochs * n)
+
+    def overloaded(self, wid: str) -> bool:
+        """The worker cannot absorb one more epoch of growth (+1 block per request for block
+        boundaries): it would preempt before the next epoch."""
+        n = len(self.items.get(wid, ()))
+        need = self.used.get(wid, 0) + math.ceil(self.growth * n) + n
+        return need > self.caps[wid]
+
+    def fits(self, wid: str, blocks: int) -> bool:
+        return wid in self.caps and self.room(wid) >= blocks
+
+    def fill(self, wid: str) -> float:
+        return self.used.get(wid, 0) / self.caps[wid]
+
+    def fill_with(self, wid: str, blocks: int) -> float:
+        return (self.used.get(wid, 0) + blocks) / self.caps[wid]
+
+    def newest(self, label: int, exclude: str | None = None) -> str | None:
+        best, best_stamp = None, -1
+        for wid, lab in self.labels.items():
+            if lab == label and wid != exclude and self.stamp.get(wid, 0) > best_stamp:
+                best, best_stamp = wid, self.stamp.get(wid, 0)
+        return best
+
+    def best_fit(self, candidates: Iterable[str], blocks: int) -> str | None:
+        """The fullest candidate that fits `blocks` (priority: best fit, then fewer requests)."""
+        best, key = None, None
+        for wid in candidates:
+            r = self.room(wid)
+            if r < blocks:
+                continue
+            k = (r, len(self.items.get(wid, ())))
+            if key is None or k < key:
+                best, key = wid, k
+        return best
+
+    def activate(self) -> str | None:
+        while self.idle:
+            wid = self.idle.pop(0)
+            if wid in self.caps and wid not in self.items:
+                self.clock += 1
+                self.stamp[wid] = self.clock
+                return wid
+        return None
+
+    def put(self, rid: str, blocks: int, wid: str) -> None:
+        items = self.items.setdefault(wid, {})
+        items[rid] = blocks
+        self.used[wid] = self.used.get(wid, 0) + blocks
+        self.where[rid] = wid
+        if wid not in self.stamp:
+            self.clock += 1
+            self.stamp[wid] = self.clock
+        self.released.discard(wid)
+        self._relabel(wid)
+
+    def take(self, rid: str) -> tuple[str, int]:
+        wid = self.where.pop(rid)
+        blocks = self.items[wid].pop(rid)
+        self.used[wid] -= blocks
+        self._relabel(wid)
+        return wid, blocks
+
+    def move(self, rid: str, dst: str) -> bool:
+        """Plan one migration; False when the operation's migration budget is spent."""
+        if self.moves_left <= 0:
+            return False
+        self.moves_left -= 1
+        _, blocks = self.take(rid)
+        self.put(rid, blocks, dst)
+        return True
+
+
+@register_policy("mell")
+class Mell:
+    """The MELL packing policy (see the module docstring)."""
+
+    name = "mell"
+
+    def __init__(
+        self, headroom_tokens: int = 16, max_moves_per_op: int = 10, placement: str = "fit"
+    ) -> None:
+        if placement not in ("fit", "paper"):
+            raise TypeError(f"placement must be 'fit' or 'paper', not {placement!r}")
+        self.placement = placement
+        self.headroom_tokens = headroom_tokens
+        self.max_moves_per_op = max_moves_per_op
+        self._pools: dict[str, _Pool] = {}
+        self._seen: dict[str, dict[str, tuple[str, int]]] = {}  # model -> rid -> (worker, blocks)
+        self._arrived: dict[str, list[str]] = {}  # model -> requests placed since last epoch
+        self.moves_by_op: dict[str, int] = {}  # planned migrations per operation kind (stats)
+
+    # -- contract C -------------------------------------------------------------------------
+
+    def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
+        model = arrival.model
+        workers = view.workers(model)
+        if not workers:
+            return Rejection(f"no worker serves model {model!r}")
+        pool = self._pools.setdefault(model, _Pool())
+        pool.growth = self.headroom_tokens / max(1, workers[0].block_size)
+        pool.refresh_free(workers)
+        if not pool.caps:
+            return Rejection(f"no ACTIVE worker of model {model!r}")
+        blocks = arrival_blocks(arrival, workers[0].block_size)
+        pool.moves_left = 0  # placing never migrates; follow-ups run in plan_epoch
+        wid = self._allocate_target(pool, blocks, None)
+        if wid is None:
+            return Rejection(f"no ACTIVE worker of model {model!r} has room for {blocks} KV blocks")
+        rid = arrival.request_id
+        pool.put(rid, blocks, wid)
+        pool.origin[rid] = wid
+        self._seen.setdefault(model, {})[rid] = (wid, blocks)
+        self._arrived.setdefault(model, []).append(rid)
+        return Placement(wid)
+
+    def plan_epoch(self, view: PolicyView, now: float) -> list[Move]:
+        moves: list[Move] = []
+        for model in view.models():
+            moves.extend(self._plan_pool(model, view.workers(model)))
+        for model in list(self._pools):
+            if model not in view.models():
+                del self._pools[model]
+                self._seen.pop(model, None)
+                self._arrived.pop(model, None)
+        return moves
+
+    # -- one epoch of one pool --------------------------------------------------------------
+
+    def _plan_pool(self, model: str, workers: Iterable[WorkerInfo]) -> list[Move]:
+        pool = self._pools.setdefault(model, _Pool())
+        pool.rebuild(workers, self.headroom_tokens)
+        pool.op_moves = []
+        seen = self._seen.get(model, {})
+        arrived = self._arrived.pop(model, [])
+
+        # 1. Departures: requests seen before and now gone.
+        for rid, (wid, blocks) in seen.items():
+            if rid not in pool.where and rid not in pool.pinned:
+                self._op(pool, self._depart, wid, pool.klass(blocks))
+        # 2. Updates: evacuation of non-ACTIVE workers, overload, class changes.
+        for rid, (_, blocks) in pool.pinned.items():
+            self._op(pool, self._reallocate, rid, blocks)
+        for wid in sorted(pool.items, key=lambda w: -pool.used.get(w, 0)):
+            self._op(pool, self._relieve, wid)
+        for rid, (_, blocks) in seen.items():
+            if rid in pool.where:
+                old, new = pool.klass(blocks), pool.klass(self._size(pool, rid))
+                if new > old and max(old, T) != max(new, T):
+                    self._op(pool, self._update, rid, new)
+        # 3. Follow-ups of this epoch's arrivals.
+        for rid in arrived:
+            wid = pool.where.get(rid)
+            if wid is not None and pool.klass(self._size(pool, rid)) == L:
+                self._op(pool, self._follow_large, wid)
+
+        self._seen[model] = {rid: (wid, pool.items[wid][rid]) for rid, wid in pool.where.items()}
+        return [
+            Move(rid, pool.origin[rid], wid)
+            for rid, wid in pool.where.items()
+            if rid in pool.origin and pool.origin[rid] != wid
+        ]
+
+    def _op(self, pool: _Pool, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        pool.moves_left = self.max_moves_per_op
+        fn(pool, *args)
+        used = self.max_moves_per_op - pool.moves_left
+        pool.op_moves.append(used)
+        self.moves_by_op[fn.__name__] = self.moves_by_op.get(fn.__name__, 0) + used
+
+    @staticmethod
+    def _size(pool: _Pool, rid: str) -> int:
+        return pool.items[pool.where[rid]][rid]
+
+    # -- Allocate ---------------------------------------------------------------------------
+
+    def _allocate_target(self, pool: _Pool, blocks: int, exclude: str | None) -> str | None:
+        """Where Allocate puts a new item of `blocks` (without the follow-up migrations)."""
+        cls = pool.klass(blocks)
+        busy = [w for w in pool.items if w != exclude]
+        wid: str | None = None
+        if cls in (M, S):
+            # The L+M / L+S pairing of the paper: a lone L takes an S/M companion first.
+            lone_large = [
+                w for w in busy if pool.label(w) == L and pool.count(w, M) + pool.count(w, S) == 0
+            ]
+            wid = pool.best_fit(lone_large, blocks)
+        if wid is None and self.placement == "fit":
+            wid = pool.best_fit(busy, blocks)
+        elif wid is None and cls == L:
+            # An L may join T items (an L-GPU with T companions is a valid packing).
+            wid = pool.best_fit((w for w in busy if pool.label(w) == T), blocks)
+        elif wid is None and cls in (M, S):
+            newest = pool.newest(cls, exclude)
+            if (
+                newest is not None
+                and pool.count(newest, cls) < PER_LABEL[cls]
+                and pool.fits(newest, blocks)
+            ):
+                wid = newest
+        elif wid is None:  # T and tiny: next to larger items first, then T-GPUs
+            wid = pool.best_fit((w for w in busy if pool.label(w) > T), blocks)
+            if wid is None:
+                newest = pool.newest(T, exclude)
+                if newest is not None and pool.fits(newest, blocks):
+                    wid = newest
+            if wid is None:
+                wid = pool.best_fit((w for w in busy if pool.label(w) == T), blocks)
+        if wid is None:
+            # Our fallback before opening a worker: any busy worker the item makes at least 3/4
+            # full (Theorem 2's "all bins 3/4 full" argument covers it; costs no migration).
+            wid = pool.best_fit((w for w in busy if pool.fill_with(w, blocks) >= FULL), blocks)
+        if wid is None:
+            wid = pool.activate()
+        if wid is None:  # no idle worker left (fixed live pool): any busy worker that fits
+            wid = pool.best_fit(busy, blocks)
+        return wid
+
+    def _reallocate(self, pool: _Pool, rid: str, blocks: int) -> bool:
+        """Allocate an item that already runs somewhere (eviction, class change, drain)."""
+        if pool.moves_left <= 0:
+            return False
+        src = pool.where.get(rid)
+        wid = self._allocate_target(pool, blocks, src)
+        if wid is None or wid == src:
+            return False
+        if src is None:  # on a DRAINING worker: it enters the plan now
+            pool.moves_left -= 1
+            pool.put(rid, blocks, wid)
+            pool.origin[rid] = pool.pinned[rid][0]
+        elif not pool.move(rid, wid):
+            return False
+        if pool.klass(blocks) == L:
+            self._follow_large(pool, wid)
+        return True
+
+    def _follow_large(self, pool: _Pool, wid: str) -> None:
+        """After an L lands on `wid`: pull one S/M companion, then T items up to 3/4 full."""
+        if pool.label(wid) != L:
+            return
+        if pool.count(wid, M) + pool.count(wid, S) == 0:
+            self._pull_companion(pool, wid)
+        if pool.fill(wid) < FULL and pool.newest(T, wid) is not None:
+            self._refill_small(pool, wid)
+
+    def _pull_companion(self, pool: _Pool, wid: str) -> None:
+        """Move the largest fitting S/M item from an S/M-GPU next to the L on `wid`, then
+        refill the GPU it left from the most recently activated GPU of that label."""
+        room = pool.room(wid, 1)
+        best: tuple[int, str, str] | None = None
+        for src, lab in pool.labels.items():
+            if lab not in (M, S) or src == wid:
+                continue
+            for rid, b in pool.items[src].items():
+                if pool.klass(b) in (M, S) and b <= room and (best is None or b > best[0]):
+                    best = (b, rid, src)
+        if best is None:
+            return
+        _, rid, src = best
+        lab = pool.label(src)
+        if pool.move(rid, wid) and src in pool.items:
+            self._refill_class(pool, src, lab)
+
+    def _refill_class(self, pool: _Pool, wid: str, cls: int) -> None:
+        """fill(j): pull one `cls` item from the most recently activated `cls`-GPU into `wid`."""
+        src = pool.newest(cls, wid)
+        if src is None or pool.stamp.get(src, 0) < pool.stamp.get(wid, 0):
+            return  # `wid` is itself the newest: it is the one allowed to be under-full
+        room = pool.room(wid)
+        cands = [(b, r) for r, b in pool.items[src].items() if pool.klass(b) == cls and b <= room]
+        if cands:
+            pool.move(max(cands)[1], wid)
+
+    def _refill_small(self, pool: _Pool, wid: str) -> None:
+        """Pull T/tiny requests (largest first, one T-sized multi-item: at most C/4 in total)
+        from the most recently activated T-GPU into `wid` until it is 3/4 full."""
+        src = pool.newest(T, wid)
+        if src is None or (pool.label(wid) == T and pool.stamp[src] < pool.stamp[wid]):
+            return
+        budget = pool.capacity // 4
+        for b, rid in sorted(((b, r) for r, b in pool.items[src].items()), reverse=True):
+            if pool.fill(wid) >= FULL or src not in pool.items:
+                break
+            if b > budget or pool.klass(b) > T or not pool.fits(wid, b):
+                continue
+            if not pool.move(rid, wid):
+                break
+            budget -= b
+
+    # -- Depart -----------------------------------------------------------------------------
+
+    def _depart(self, pool: _Pool, wid: str, cls: int) -> None:
+        """A `cls` item left `wid` (already gone from the plan): repair the packing."""
+        if wid not in pool.items:
+            return  # emptied: released
+        lab = pool.label(wid)
+        if cls == L:
+            # Paper: evict and re-Allocate everything else, so the worker is released.
+            for rid, b in sorted(pool.items[wid].items(), key=lambda kv: -kv[1]):
+                if not self._reallocate(pool, rid, b):
+                    break
+            return
+        if cls in (M, S):
+            if lab == L:
+                self._pull_companion(pool, wid)
+            elif lab in (M, S):
+                self._refill_class(pool, wid, cls)
+        if wid in pool.items and pool.fill(wid) < FULL:
+            if pool.label(wid) == T:
+                newest = pool.newest(T, wid)
+                if newest is not None and pool.stamp[newest] > pool.stamp[wid]:
+                    self._refill_small(pool, wid)
+            else:
+                self._refill_small(pool, wid)
+
+    # -- Update -----------------------------------------------------------------------------
+
+    def _update(self, pool: _Pool, rid: str, new: int) -> None:
+        """`rid` grew into class `new` (T→S, S→M, →L)."""
+        wid = pool.where[rid]
+        if new == L:
+            self._relieve(pool, wid)
+            return
+        lab = pool.label(wid)
+        companions = pool.count(wid, M) + pool.count(wid, S)
+        if lab == L and companions <= 1:
+            return  # the L-GPU's one S/M companion: still a valid packing
+        # Paper: Depart then Allocate.
+        if self._reallocate(pool, rid, pool.items[wid][rid]):
+            self._depart(pool, wid, new)
+
+    def _relieve(self, pool: _Pool, wid: str) -> None:
+        """Overflow fallback: while the worker cannot absorb one more epoch of growth, evict its
+        smallest item and re-Allocate it elsewhere (never the worker's last item)."""
+        while wid in pool.items and len(pool.items[wid]) > 1 and pool.overloaded(wid):
+            rid, b = min(pool.items[wid].items(), key=lambda kv: (kv[1], kv[0]))
+            if not self._reallocate(pool, rid, b):
+                return

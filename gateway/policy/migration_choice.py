@@ -1,0 +1,116 @@
+"""Adaptive migration choice (MELL §V): KV transfer or token transfer, per move.
+
+A pure function. Each move is either a KV transfer (copy the blocks over the src→dst link:
+communication heavy) or a token transfer (send the token ids, the destination re-prefills:
+compute heavy). Each epoch has a budget of bytes per link and of re-prefill tokens per
+destination (the "communication" and "computation boundaries", measured or from a profile).
+Greedy two-bin packing: moves largest first; each tries the cheaper kind, then the other, against
+the remaining budgets; a move that fits neither waits for the next epoch (the paper is silent on
+this case; waiting keeps the source's copy, so nothing is lost and the next epoch has fresh
+budgets). Moves whose policy already fixed the kind ("kv"/"tokens") only try that kind.
+A single move larger than a whole epoch's budget may still start on a link (or destination)
+that nothing else uses this epoch: otherwise it could never run; it simply takes longer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mell.gateway.policy.base import Move
+
+
+@dataclass(frozen=True, slots=True)
+class TransferModel:
+    """What the choice needs to know about the cluster for one epoch.
+
+    link_of(src, dst) names the link a transfer uses (e.g. "intra:m0" or "inter");
+    link_bytes_per_s[link] its bandwidth; prefill_tokens_per_s[dst] (or `default_prefill_tps`)
+    the re-prefill speed of a destination; the budgets are these rates times `epoch_s` times
+    the fractions migrations may use.
+    """
+
+    kv_bytes_per_token: int
+    link_of: Callable[[str, str], str]
+    link_bytes_per_s: Mapping[str, float]
+    prefill_tokens_per_s: Mapping[str, float] = field(default_factory=dict)
+    default_prefill_tps: float = 5000.0
+    epoch_s: float = 0.25
+    comm_fraction: float = 0.5
+    prefill_fraction: float = 0.25
+    latency_s: float = 0.001
+
+    def prefill_tps(self, dst: str) -> float:
+        return self.prefill_tokens_per_s.get(dst, self.default_prefill_tps)
+
+    def kv_seconds(self, src: str, dst: str, tokens: int) -> float:
+        bw = self.link_bytes_per_s[self.link_of(src, dst)]
+        return self.latency_s + tokens * self.kv_bytes_per_token / bw
+
+    def token_seconds(self, dst: str, tokens: int) -> float:
+        return self.latency_s + tokens / self.prefill_tps(dst)
+
+
+@dataclass(slots=True)
+class TransferPlan:
+    """The split of one epoch's moves (kinds resolved) and the ones that wait."""
+
+    kv: list[Move] = field(default_factory=list)
+    tokens: list[Move] = field(default_factory=list)
+    deferred: list[Move] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> list[Move]:
+        return self.kv + self.tokens
+
+
+def choose_transfers(
+    moves: Sequence[Move], context_tokens: Mapping[str, int], model: TransferModel
+) -> TransferPlan:
+    """Split `moves` into KV and token transfers within the epoch's budgets.
+
+    `context_tokens[request_id]` is the request's current context (prompt + generated): the
+    KV to copy or the tokens to re-prefill.
+    """
+    link_left: dict[str, float] = {}
+    prefill_left: dict[str, float] = {}
+    link_full: dict[str, float] = {}
+    dst_full: dict[str, float] = {}
+    plan = TransferPlan()
+    order = sorted(moves, key=lambda m: (-context_tokens.get(m.request_id, 0), m.request_id))
+    for move in order:
+        tokens = context_tokens.get(move.request_id, 0)
+        link = model.link_of(move.src, move.dst)
+        if link not in link_left:
+            link_left[link] = model.link_bytes_per_s[link] * model.epoch_s * model.comm_fraction
+            link_full[link] = link_left[link]
+        if move.dst not in prefill_left:
+            prefill_left[move.dst] = (
+                model.prefill_tps(move.dst) * model.epoch_s * model.prefill_fraction
+            )
+            dst_full[move.dst] = prefill_left[move.dst]
+        nbytes = tokens * model.kv_bytes_per_token
+        kv_first = model.kv_seconds(move.src, move.dst, tokens) <= model.token_seconds(
+            move.dst, tokens
+        )
+        kinds = {"kv": ["kv"], "tokens": ["tokens"]}.get(
+            move.kind, ["kv", "tokens"] if kv_first else ["tokens", "kv"]
+        )
+        for kind in kinds:
+            if kind == "kv" and _take(link_left, link, nbytes, link_full[link]):
+                plan.kv.append(Move(move.request_id, move.src, move.dst, "kv"))
+                break
+            if kind == "tokens" and _take(prefill_left, move.dst, tokens, dst_full[move.dst]):
+                plan.tokens.append(Move(move.request_id, move.src, move.dst, "tokens"))
+                break
+        else:
+            plan.deferred.append(move)
+    return plan
+
+
+def _take(left: dict[str, float], key: str, amount: float, full: float) -> bool:
+    """Spend `amount` of `key`'s budget; an untouched budget accepts one oversize move."""
+    if left[key] >= amount or (left[key] == full and full > 0):
+        left[key] = max(0.0, left[key] - amount) if left[key] >= amount else -1.0
+        return True
+    return False

@@ -1,0 +1,524 @@
+"""The trace-driven cluster simulator: the real policy objects on a virtual clock.
+
+Time advances one epoch at a time. In each epoch:
+
+1. requests preempted last epoch, then the epoch's arrivals, are placed through `policy.place`
+   (the view reflects each placement before the next one);
+2. every worker decodes for the rest of the epoch: its step time comes from the profile's model
+   (batch size and total context), after the prefill of what it admitted (new prompts and
+   token-transfer migrations) — vectorized over all running requests with numpy;
+3. finished requests depart; the others' KV grows (one token per decode step); a worker over
+   capacity preempts its latest arrivals (vLLM's recompute: the request is placed again with its
+   context as the prompt);
+4. metrics are sampled (active workers = workers holding at least one request);
+5. `policy.plan_epoch` returns moves; the migration choice splits them into KV and token
+   transfers within the profile's budgets (the rest wait); they run at once, and the migrated
+   request loses the transfer's downtime (KV: latency + one block) or its re-prefill (tokens).
+
+The worker pool is unbounded: the view always offers `spare_workers` idle ACTIVE workers per
+model, and a worker that empties is released.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mell.gateway.policy.base import (
+    Arrival,
+    Move,
+    Placement,
+    Policy,
+    WorkerInfo,
+    WorkerStatus,
+)
+from mell.gateway.policy.migration_choice import TransferModel, choose_transfers
+from mell.gateway.sim.profile import Profile
+from mell.gateway.sim.traces import Trace
+
+WAITING, RUNNING, DONE, REJECTED = 0, 1, 2, 3
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    requests: int
+    rejected: int
+    preemptions: int
+    peak_active: int
+    avg_active: float
+    lower_bound: int
+    mem_util: float  # used KV / (active workers · C), time-averaged over busy epochs
+    migrations: int
+    kv_migrations: int
+    token_migrations: int
+    deferred_moves: int
+    skipped_moves: int
+    sim_seconds: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_mean_ms: float
+    tpot_p99_ms: float
+    wall_s: float
+    events: int  # arrivals + departures + preemptions + migrations
+    peak_by_model: dict[str, int] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+
+    @property
+    def migrations_per_s(self) -> float:
+        return self.migrations / self.sim_seconds if self.sim_seconds else 0.0
+
+    @property
+    def peak_over_lb(self) -> float:
+        return self.peak_active / self.lower_bound if self.lower_bound else float("nan")
+
+    def summary(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__slots__ if k not in ("times", "active")}
+        out["migrations_per_s"] = self.migrations_per_s
+        out["peak_over_lb"] = self.peak_over_lb
+        return out
+
+
+class SimView:
+    """PolicyView over the simulator's state: busy workers plus spare idle ones per model."""
+
+    def __init__(self, models: list[str], profile: Profile, spare: int) -> None:
+        self._models = list(models)
+        self.profile = profile
+        self.spare = spare
+        self.loads: dict[str, dict[str, int]] = {}  # worker -> {request: blocks}
+        self.model_of: dict[str, str] = {}
+        self.index: dict[str, int] = {}  # worker -> global index (machine topology)
+        self.infos: dict[str, dict[str, WorkerInfo]] = {m: {} for m in models}
+        self._lists: dict[str, list[WorkerInfo] | None] = dict.fromkeys(models)
+        self.idle: dict[str, list[str]] = {m: [] for m in models}
+        self._next = 0
+        self.held: dict[str, list[int]] = {}  # worker -> preempted requests waiting there
+        for m in models:
+            self.top_up(m)
+
+    # PolicyView
+    def models(self) -> list[str]:
+        return self._models
+
+    def workers(self, model: str) -> list[WorkerInfo]:
+        cached = self._lists.get(model)
+        if cached is None:
+            cached = list(self.infos.get(model, {}).values())
+            self._lists[model] = cached
+        return cached
+
+    # mechanics
+    def new_worker(self, model: str) -> str:
+        wid = f"{model}/w{self._next}"
+        self.index[wid] = self._next
+        self._next += 1
+        self.loads[wid] = {}
+        self.model_of[wid] = model
+        self.idle[model].append(wid)
+        self.refresh(wid)
+        return wid
+
+    def top_up(self, model: str) -> None:
+        while len(self.idle[model]) < self.spare:
+            self.new_worker(model)
+
+    def refresh(self, wid: str, used: int | None = None) -> None:
+        load = self.loads[wid]
+        if used is None:
+            used = sum(load.values())
+        p = self.profile
+        model = self.model_of[wid]
+        self.infos[model][wid] = WorkerInfo(
+            wid,
+            model,
+            WorkerStatus.ACTIVE,
+            p.capacity_blocks,
+            p.block_size,
+            load,
+            p.capacity_blocks - used,
+        )
+        self._lists[model] = None
+
+    def add(self, wid: str, rid: str, blocks: int) -> None:
+        load = self.loads[wid]
+        if not load:
+            model = self.model_of[wid]
+            idle = self.idle[model]
+            if wid in idle:
+                idle.remove(wid)
+                self.top_up(model)
+        load[rid] = blocks
+        self.refresh(wid)
+
+    def remove(self, wid: str, rid: str) -> None:
+        del self.loads[wid][rid]
+
+    def release_if_empty(self, wid: str) -> None:
+        if self.loads[wid] or self.held.get(wid):
+            return
+        model = self.model_of[wid]
+        if wid in self.idle[model]:
+            return
+        if len(self.idle[model]) < self.spare:
+            self.idle[model].append(wid)
+            self.refresh(wid, 0)
+        else:
+            del self.infos[model][wid]
+            del self.loads[wid]
+            self._lists[model] = None
+
+    def busy(self) -> list[str]:
+        return [w for w, load in self.loads.items() if load]
+
+
+def transfer_model(profile: Profile, view: SimView, epoch_s: float) -> TransferModel:
+    links = profile.links
+    per_machine = links.gpus_per_machine
+
+    def link_of(src: str, dst: str) -> str:
+        a, b = view.index.get(src, 0) // per_machine, view.index.get(dst, 0) // per_machine
+        return f"intra:{a}" if a == b else "inter"
+
+    class _Bandwidth(dict):
+        def __missing__(self, key: str) -> float:
+            gbps = links.inter_gbps if key == "inter" else links.intra_gbps
+            return gbps * 1e9
+
+    return TransferModel(
+        kv_bytes_per_token=profile.model.kv_bytes_per_token,
+        link_of=link_of,
+        link_bytes_per_s=_Bandwidth(),
+        default_prefill_tps=1000.0 / profile.step.prefill_per_token_ms,
+        epoch_s=epoch_s,
+        comm_fraction=links.comm_fraction,
+        prefill_fraction=links.prefill_fraction,
+        latency_s=links.latency_ms / 1000.0,
+    )
+
+
+class Simulator:
+    def __init__(
+        self,
+        trace: Trace,
+        profile: Profile,
+        policy: Policy,
+        *,
+        epoch_s: float = 0.5,
+        spare_workers: int = 8,
+        sample_series: bool = True,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        self.trace, self.profile, self.policy = trace, profile, policy
+        self.epoch_s = epoch_s
+        self.progress = progress
+        self.sample_series = sample_series
+        self.view = SimView(trace.models, profile, spare_workers)
+        self.transfers = transfer_model(profile, self.view, epoch_s)
+        n = len(trace)
+        self.prompt = trace.prompt.astype(np.int64).copy()  # grows on preemption (recompute)
+        self.state = np.zeros(n, dtype=np.int8)
+        self.gen = np.zeros(n, dtype=np.float64)
+        self.blocks = np.zeros(n, dtype=np.int64)
+        self.worker = np.full(n, -1, dtype=np.int64)  # global worker index
+        self.stall = np.zeros(n, dtype=np.float64)
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.wid_of: dict[int, str] = {}
+        self.waiting: dict[str, list[int]] = {}  # worker -> preempted requests (FCFS)
+        self.n_waiting = 0
+        self.view.held = self.waiting
+        self.live: dict[int, str] = {}  # request index -> worker id
+        self.placed_at = np.zeros(n, dtype=np.float64)
+        self.prefill_tokens: dict[str, int] = {}  # worker -> tokens to prefill this epoch
+        self.stats = dict(preempt=0, mig=0, kv=0, tok=0, deferred=0, skipped=0, rejected=0)
+
+    # -- one run ----------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        wall = time.perf_counter()
+        trace, dt = self.trace, self.epoch_s
+        n = len(trace)
+        nxt = 0
+        t = float(trace.arrival_s[0]) if n else 0.0
+        t = math.floor(t / dt) * dt
+        times: list[float] = []
+        active: list[int] = []
+        peak_model = dict.fromkeys(trace.models, 0)
+        peak = lb_peak = 0
+        busy_time = util_sum = 0.0
+        util_epochs = 0
+        t_first = t
+        bs = self.profile.block_size
+        cap = self.profile.capacity_blocks
+        last_progress = -1.0
+        while nxt < n or self.live or self.n_waiting:
+            if not self.live and not self.n_waiting and trace.arrival_s[nxt] >= t + dt:
+                t = math.floor(trace.arrival_s[nxt] / dt) * dt  # idle: jump ahead
+            t_end = t + dt
+            stop = int(np.searchsorted(trace.arrival_s, t_end, side="left"))
+            for i in range(nxt, stop):
+                self._place(i, float(trace.arrival_s[i]))
+            nxt = stop
+            self._decode(t, t_end)
+            # metrics
+            busy = self.view.busy()
+            count = len(busy)
+            peak = max(peak, count)
+            per_model: dict[str, int] = dict.fromkeys(trace.models, 0)
+            used_model: dict[str, int] = dict.fromkeys(trace.models, 0)
+            for wid in busy:
+                m = self.view.model_of[wid]
+                per_model[m] += 1
+                used_model[m] += cap - self.view.infos[m][wid].num_free_blocks
+            for m, c in per_model.items():
+                peak_model[m] = max(peak_model[m], c)
+            lb_peak = max(lb_peak, sum(-(-u // cap) for u in used_model.values()))
+            if count:
+                busy_time += count * dt
+                util_sum += sum(used_model.values()) / (count * cap)
+                util_epochs += 1
+            if self.sample_series:
+                times.append(t_end)
+                active.append(count)
+            self._migrate(self.policy.plan_epoch(self.view, t_end), t_end)
+            t = t_end
+            if self.progress is not None and n:
+                frac = nxt / n
+                if frac - last_progress >= 0.01:
+                    self.progress(frac)
+                    last_progress = frac
+        if self.progress is not None:
+            self.progress(1.0)
+        span = max(dt, t - t_first)
+        done = self.state == DONE
+        ttft = (self.first_token - trace.arrival_s)[done]
+        out_tok = np.maximum(1, trace.output[done] - 1)
+        tpot = (self.finish[done] - self.first_token[done]) / out_tok
+        st = self.stats
+        events = n + int(done.sum()) + st["preempt"] + st["mig"]
+        del bs
+        return SimResult(
+            policy=self.policy.name,
+            requests=n,
+            rejected=st["rejected"],
+            preemptions=st["preempt"],
+            peak_active=peak,
+            avg_active=busy_time / span,
+            lower_bound=lb_peak,
+            mem_util=util_sum / util_epochs if util_epochs else 0.0,
+            migrations=st["mig"],
+            kv_migrations=st["kv"],
+            token_migrations=st["tok"],
+            deferred_moves=st["deferred"],
+            skipped_moves=st["skipped"],
+            sim_seconds=span,
+            ttft_p50_s=float(np.percentile(ttft, 50)) if len(ttft) else 0.0,
+            ttft_p99_s=float(np.percentile(ttft, 99)) if len(ttft) else 0.0,
+            tpot_mean_ms=float(tpot.mean() * 1000) if len(tpot) else 0.0,
+            tpot_p99_ms=float(np.percentile(tpot, 99) * 1000) if len(tpot) else 0.0,
+            wall_s=time.perf_counter() - wall,
+            events=events,
+            peak_by_model=peak_model,
+            times=times,
+            active=active,
+        )
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _place(self, i: int, now: float) -> None:
+        trace, bs = self.trace, self.profile.block_size
+        model = trace.models[int(trace.model[i])]
+        prompt = int(self.prompt[i])
+        arrival = Arrival(str(i), model, prompt, int(trace.output[i]))
+        decision = self.policy.place(self.view, arrival)
+        if not isinstance(decision, Placement) or decision.worker_id not in self.view.loads:
+            self.state[i] = REJECTED
+            self.stats["rejected"] += 1
+            return
+        wid = decision.worker_id
+        blocks = -(-(prompt + 1) // bs)
+        self.view.add(wid, str(i), blocks)
+        self.live[i] = wid
+        self.worker[i] = self.view.index[wid]
+        self.blocks[i] = blocks
+        self.state[i] = RUNNING
+        self.placed_at[i] = now
+        self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + prompt
+
+    def _decode(self, t: float, t_end: float) -> None:
+        if not self.live:
+            self._preempt_and_resume(t_end)
+            return
+        p = self.profile
+        idx = np.fromiter(self.live.keys(), dtype=np.int64, count=len(self.live))
+        w = self.worker[idx]
+        nw = int(w.max()) + 1
+        ctx = self.prompt[idx] + self.gen[idx]
+        batch = np.bincount(w, minlength=nw)
+        ctx_sum = np.bincount(w, weights=ctx, minlength=nw)
+        step_s = (
+            p.step.decode_base_ms
+            + p.step.decode_per_seq_ms * batch
+            + p.step.decode_per_kv_token_ms * ctx_sum
+        ) / 1000.0
+        prefill_s = np.zeros(nw)
+        for wid, tokens in self.prefill_tokens.items():
+            prefill_s[self.view.index[wid]] = p.step.prefill_ms(tokens) / 1000.0
+        self.prefill_tokens = {}
+        start = np.maximum(self.placed_at[idx], t)
+        ws = step_s[w]
+        avail = t_end - start - prefill_s[w] - self.stall[idx]
+        self.stall[idx] = np.maximum(0.0, -avail)
+        avail = np.maximum(avail, 0.0)
+        new = np.isnan(self.first_token[idx])
+        if new.any():
+            self.first_token[idx[new]] = start[new] + prefill_s[w[new]] + ws[new]
+        gen = self.gen[idx] + avail / ws
+        self.gen[idx] = gen
+        output = self.trace.output[idx]
+        finished = gen >= output
+        bs = p.block_size
+        view = self.view
+        if finished.any():
+            fin = idx[finished]
+            self.finish[fin] = t_end - (gen[finished] - output[finished]) * ws[finished]
+            self.state[fin] = DONE
+            for i in fin.tolist():
+                view.remove(self.live.pop(i), str(i))
+        keep = ~finished
+        idx, gen = idx[keep], gen[keep]
+        tokens = np.minimum(
+            self.prompt[idx] + np.floor(gen).astype(np.int64) + 1,
+            self.prompt[idx] + self.trace.output[idx],
+        )
+        blocks = -(-tokens // bs)
+        changed = blocks != self.blocks[idx]
+        self.blocks[idx] = blocks
+        for i, b in zip(idx[changed].tolist(), blocks[changed].tolist(), strict=True):
+            view.loads[self.live[i]][str(i)] = b
+        self._preempt_and_resume(t_end)
+
+    def _preempt_and_resume(self, t_end: float) -> None:
+        """vLLM's behaviour on each worker: over capacity, the latest admitted request is
+        preempted (its KV freed) and waits on that worker; waiting requests resume first-come
+        first-served when their context fits again, re-prefilling it (recompute)."""
+        view, cap, bs = self.view, self.profile.capacity_blocks, self.profile.block_size
+        for wid in set(view.busy()) | {w for w, q in self.waiting.items() if q}:
+            load = view.loads[wid]
+            used = sum(load.values())
+            while used > cap and len(load) > 1:
+                rid = max(load, key=lambda r: (self.placed_at[int(r)], int(r)))
+                used -= load.pop(rid)
+                i = int(rid)
+                del self.live[i]
+                self.state[i] = WAITING
+                self.waiting.setdefault(wid, []).append(i)
+                self.n_waiting += 1
+                self.stats["preempt"] += 1
+            queue = self.waiting.get(wid)
+            while queue:
+                i = queue[0]
+                context = int(self.prompt[i] + int(self.gen[i]))
+                need = -(-(context + 1) // bs)
+                if used + need > cap and load:
+                    break
+                queue.pop(0)
+                self.n_waiting -= 1
+                load[str(i)] = need
+                used += need
+                self.blocks[i] = need
+                self.live[i] = wid
+                self.state[i] = RUNNING
+                self.placed_at[i] = t_end
+                self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + context
+            view.refresh(wid, used)
+            view.release_if_empty(wid)
+
+    def _migrate(self, moves: list[Move], now: float) -> None:
+        if not moves:
+            return
+        view, bs = self.view, self.profile.block_size
+        valid = [
+            m
+            for m in moves
+            if m.src != m.dst and m.request_id in view.loads.get(m.src, ()) and m.dst in view.loads
+        ]
+        self.stats["skipped"] += len(moves) - len(valid)
+        context = {m.request_id: int(view.loads[m.src][m.request_id]) * bs for m in valid}
+        plan = choose_transfers(valid, context, self.transfers)
+        self.stats["deferred"] += len(plan.deferred)
+        pending = plan.chosen
+        cap = self.profile.capacity_blocks
+        used = {w: sum(view.loads[w].values()) for w in {m.dst for m in pending}}
+        for _ in range(3):  # moves may free the room later ones need: retry a few passes
+            later = []
+            for m in pending:
+                i = int(m.request_id)
+                blocks = view.loads[m.src].get(m.request_id)
+                if blocks is None:
+                    continue
+                if used.get(m.dst, 0) + blocks > cap:
+                    later.append(m)
+                    continue
+                self._execute(m, i, blocks, context[m.request_id])
+                used[m.dst] = used.get(m.dst, 0) + blocks
+                if m.src in used:
+                    used[m.src] -= blocks
+            if len(later) == len(pending):
+                break
+            pending = later
+        self.stats["skipped"] += len(pending)
+        for wid in {m.src for m in moves if m.src in view.loads}:
+            view.refresh(wid)
+            view.release_if_empty(wid)
+
+    def _execute(self, m: Move, i: int, blocks: int, context: int) -> None:
+        view, t = self.view, self.transfers
+        view.remove(m.src, m.request_id)
+        view.add(m.dst, m.request_id, blocks)
+        self.live[i] = m.dst
+        self.worker[i] = view.index[m.dst]
+        self.stats["mig"] += 1
+        if m.kind == "kv":
+            self.stats["kv"] += 1
+            # Live KV migration: decoding continues; the downtime is the last stage
+            self.stall[i] += (
+                t.latency_s
+                + self.profile.block_size
+                * t.kv_bytes_per_token
+                / (t.link_bytes_per_s[t.link_of(m.src, m.dst)])
+            )
+        else:
+            self.stats["tok"] += 1
+            # Token transfer: the destination re-prefills the context next epoch (every request
+            # there waits for that prefill, this one included).
+            self.prefill_tokens[m.dst] = self.prefill_tokens.get(m.dst, 0) + context
+
+
+def headroom_tokens(profile: Profile, epoch_s: float) -> int:
+    """Tokens one request decodes per epoch at the profile's fastest step."""
+    return math.ceil(epoch_s * 1000.0 / profile.step.decode_base_ms)
+
+
+def sim_policy(name: str, profile: Profile, epoch_s: float, *, headroom: bool = True) -> Policy:
+    """A registry policy configured for the simulated epoch. With `headroom` every policy that
+    places keeps the same growth reserve as MELL (one epoch of decoding, see
+    `baselines.reserve`), so that no policy wins by over-committing memory and preempting."""
+    from mell.gateway.policy.base import make_policy
+
+    tokens = headroom_tokens(profile, epoch_s)
+    if name == "mell":
+        return make_policy(name, headroom_tokens=tokens)
+    if headroom and name in ("best-fit", "worst-fit", "round-robin", "lb"):
+        return make_policy(name, headroom_tokens=tokens)
+    return make_policy(name)
+
+
+def simulate(trace: Trace, profile: Profile, policy: Policy, **kwargs) -> SimResult:
+    return Simulator(trace, profile, policy, **kwargs).run()
