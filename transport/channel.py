@@ -37,9 +37,6 @@ class RouterChannel(Generic[T]):
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.bind(endpoint)
-        # A blocking shadow of the same socket, for sends from the event loop's thread: errors
-        # raise at once instead of landing in a future nobody awaits.
-        self._sender = zmq.Socket.shadow(self.socket.underlying)
         self.endpoint: str = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     async def recv(self) -> tuple[str, T, list[memoryview]]:
@@ -57,12 +54,15 @@ class RouterChannel(Generic[T]):
     def send(self, peer: str, message: Any, buffers: Sequence[Buffer] = ()) -> None:
         """Queue one message to `peer` without blocking; PeerUnreachable if it is not connected."""
         frames = [peer.encode(), *self._codec.encode(message, buffers)]
-        try:
-            self._sender.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as err:
-            if err.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise PeerUnreachable(peer) from None
-            raise
+        # With NOBLOCK the asyncio socket sends at once and returns a finished future; it also
+        # re-arms its readers (ZeroMQ's FD is edge-triggered: a send can consume the edge that
+        # a waiting recv needs, so sends must go through this socket, not a shadow of it).
+        sent = self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        err = sent.exception() if sent.done() else None
+        if isinstance(err, zmq.ZMQError) and err.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            raise PeerUnreachable(peer)
+        if err is not None:
+            raise err
 
     def close(self) -> None:
         self.socket.close(linger=0)
