@@ -1,0 +1,143 @@
+"""`mellctl events --journal DIR`: the audit trail of a journal directory, read offline.
+
+One line per event: time, source#seq, event type, then its fields; `--request` / `--worker`
+keep the events about one request or one worker; `--json` prints one JSON object per line.
+Reading a running gateway's journal is safe (readers take no lock; a record being written shows
+up as a torn tail and is skipped with a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import deque
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from mell.common.errors import JournalError
+from mell.common.events import EventEnvelope
+from mell.gateway.journal.codec import decode
+from mell.gateway.journal.format import Record
+from mell.gateway.journal.reader import read_records
+
+_WORKER_FIELDS = ("worker_id", "src", "dst")
+_WIDTH = 100
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "events",
+        help="show cluster events from a journal directory",
+        description="Show the cluster events recorded in a journal directory, oldest first.",
+    )
+    p.add_argument(
+        "--journal",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="journal directory to read offline (e.g. /var/lib/mell/journal)",
+    )
+    p.add_argument("--request", metavar="ID", help="only events about this request")
+    p.add_argument("--worker", metavar="ID", help="only events about this worker")
+    p.add_argument("--tail", type=int, metavar="N", help="only the last N matching events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.journal.is_dir():
+        raise JournalError(f"journal directory {args.journal} does not exist")
+    rows: Iterator[tuple[Record, EventEnvelope | None]] = _rows(args.journal)
+    rows = (r for r in rows if _matches(r[1], args.request, args.worker))
+    if args.tail is not None:
+        rows = iter(deque(rows, maxlen=max(args.tail, 0)))
+    out = sys.stdout
+    for record, envelope in rows:
+        out.write(json.dumps(_as_json(record, envelope)) if args.json else _line(record, envelope))
+        out.write("\n")
+    return 0
+
+
+def _rows(directory: Path) -> Iterator[tuple[Record, EventEnvelope | None]]:
+    for record in read_records(directory, include_lost=True):
+        yield record, decode(record) if record.kind == "event" else None
+
+
+def _matches(envelope: EventEnvelope | None, request: str | None, worker: str | None) -> bool:
+    if request is None and worker is None:
+        return True
+    if envelope is None:  # snapshots and lost markers are about no one in particular
+        return False
+    event = envelope.event
+    if request is not None and not _about_request(event, request):
+        return False
+    return worker is None or any(getattr(event, f, None) == worker for f in _WORKER_FIELDS)
+
+
+def _about_request(event: Any, request: str) -> bool:
+    if getattr(event, "request_id", None) == request:
+        return True
+    return any(load.request_id == request for load in getattr(event, "requests", ()))  # loads
+
+
+def _fields(envelope: EventEnvelope) -> dict[str, Any]:
+    return msgspec.to_builtins(envelope.event)
+
+
+def _as_json(record: Record, envelope: EventEnvelope | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"journal_seq": record.seq, "kind": record.kind}
+    if envelope is not None:
+        fields = _fields(envelope)
+        out |= {
+            "type": fields.pop("type"),
+            "source": envelope.source,
+            "source_seq": envelope.seq,
+            "ts": envelope.ts,
+            **fields,
+        }
+    elif record.kind == "lost":
+        out["lost"] = list(record.lost_range())
+    else:
+        out |= {"ts": record.timestamp, "bytes": len(record.payload)}
+    return out
+
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _line(record: Record, envelope: EventEnvelope | None) -> str:
+    if envelope is None:
+        if record.kind == "lost":
+            first, last = record.lost_range()
+            return f"{_time(record.timestamp)}  -- records {first}..{last} lost (repaired) --"
+        return f"{_time(record.timestamp)}  -- snapshot #{record.seq} ({len(record.payload)} B) --"
+    fields = _fields(envelope)
+    kind = fields.pop("type")
+    head = f"{_time(envelope.ts)}  {envelope.source}#{envelope.seq}  {kind}"
+    parts = [f"{k}={_short(v)}" for k, v in fields.items()]
+    return _wrap(head, parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return f"[{len(value)}]"
+    return str(value)
+
+
+def _wrap(head: str, parts: list[str]) -> str:
+    """head then fields, continuing on indented lines so that no line passes 100 columns."""
+    lines, line = [], head
+    for part in parts:
+        if len(line) + 1 + len(part) > _WIDTH and line.strip():
+            lines.append(line)
+            line = "    " + part
+        else:
+            line += " " + part
+    lines.append(line)
+    return "\n".join(lines)
