@@ -1,7 +1,8 @@
 """The attention backend interface, and the choice of backend.
 
 A step's batch is laid out decode-first: the first `num_decode` requests have one query token
-each, the rest are prefill chunks. The backend is planned once per step (per distinct set of
+each, the rest are prefill chunks (each part sorted by context length, which lets the torch
+backend group similar lengths). The backend is planned once per step (per distinct set of
 block tables, normally one for all layers) and then run once per layer. K/V of the step's new
 tokens are already written into the paged cache when `forward` runs.
 
@@ -59,8 +60,19 @@ class AttentionBackend(ABC):
         """Build whatever the per-layer calls need (index tensors, kernel plans)."""
 
     @abstractmethod
-    def forward(self, plan: object, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        """q [tokens, num_heads, head_dim] → output of the same shape."""
+    def forward(
+        self,
+        plan: object,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """q [tokens, num_heads, head_dim] → output of the same shape.
+
+        k, v [tokens, num_kv_heads, head_dim] are this step's new keys and values, already
+        written into `kv_cache`; a backend may use them directly (e.g. for fresh prompts).
+        """
 
 
 def make_attention_backend(name: str, shape: AttentionShape) -> AttentionBackend:

@@ -89,7 +89,14 @@ class FlashInferAttention(AttentionBackend):
             keep += [qo_indptr, indptr, indices, last]
         return FlashInferPlan(nd, decode, prefill, tuple(keep))
 
-    def forward(self, plan: object, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        plan: object,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
         assert isinstance(plan, FlashInferPlan)
         nd = plan.num_decode
         if plan.prefill is None:

@@ -1,8 +1,11 @@
 """Paged attention in plain torch: the CPU backend and the reference for the others.
 
-Pages are gathered with one index op per group (decode, prefill) per layer; the batch is padded
-to its longest context and masked, and `scaled_dot_product_attention` does the rest (GQA by
-`enable_gqa`). A query at absolute position p sees cache positions 0..p.
+The runner lays a step out decode-first, each part sorted by context length. The plan cuts
+each part into a few groups of similar lengths (padding less), and for each group builds the
+padded page table and mask once; per layer, K and V pages are gathered with one `index_select`
+each and `scaled_dot_product_attention` does the rest (GQA by `enable_gqa`). A query at absolute
+position p sees cache positions 0..p. A group of fresh prompts (nothing cached before this
+step) attends to its own new K/V directly, without gathering pages.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ import torch.nn.functional as F
 
 from mell.workerd.attention import AttentionBackend, AttentionBatch
 
+# Fixed cost of one more group, in (query, key) pairs: below this saving, do not split.
+GROUP_OVERHEAD_PAIRS = 4096
+MAX_SPLIT_DEPTH = 2  # at most 4 groups per part
+
 
 @dataclass(slots=True)
 class _Group:
     start: int  # first flat query row of the group
     end: int
-    pages: torch.Tensor  # [B, max_pages] page ids (padded with page 0)
+    pages: torch.Tensor | None  # [B * max_pages] page ids (padded with page 0); None: fresh
+    width: int  # max pages (0 when fresh)
     mask: torch.Tensor  # [B, 1, Q, T] bool: True where attention is allowed
-    q_index: torch.Tensor | None  # [B, Q] flat rows of the queries (prefill only)
-    q_valid: torch.Tensor | None  # [B, Q] bool (prefill only)
+    q_index: torch.Tensor | None  # [B, Q] flat rows of the queries (None: decode, Q == 1)
+    q_valid: torch.Tensor | None  # [B, Q] bool
 
 
 @dataclass(slots=True)
@@ -34,55 +42,65 @@ class TorchAttention(AttentionBackend):
     name = "torch"
 
     def plan(self, batch: AttentionBatch) -> TorchPlan:
-        nd = batch.num_decode
-        groups = []
-        if nd:
-            groups.append(self._decode_group(batch, nd))
-        if nd < len(batch.q_lens):
-            groups.append(self._prefill_group(batch, nd))
+        nd, n = batch.num_decode, len(batch.q_lens)
+        starts = [0]
+        for q_len in batch.q_lens:
+            starts.append(starts[-1] + q_len)
+        groups = [self._decode_group(batch, lo, hi) for lo, hi in _split(batch, 0, nd)]
+        groups += [self._prefill_group(batch, lo, hi, starts) for lo, hi in _split(batch, nd, n)]
         return TorchPlan(groups)
 
-    def forward(self, plan: object, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        plan: object,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
         assert isinstance(plan, TorchPlan)
-        parts = [self._run_group(g, q, kv_cache) for g in plan.groups]
+        parts = [self._run_group(g, q, k, v, kv_cache) for g in plan.groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     # -- planning ---------------------------------------------------------------------------
 
-    def _pages(self, tables: list[list[int]]) -> torch.Tensor:
+    def _pages(self, tables: list[list[int]]) -> tuple[torch.Tensor, int]:
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long, device=self.shape.device)
+        flat = [p for t in tables for p in (t + [0] * (width - len(t)))]
+        return torch.tensor(flat, dtype=torch.long, device=self.shape.device), width
 
-    def _decode_group(self, batch: AttentionBatch, nd: int) -> _Group:
+    def _decode_group(self, batch: AttentionBatch, lo: int, hi: int) -> _Group:
         dev = self.shape.device
-        pages = self._pages(batch.block_tables[:nd])
-        kv_lens = torch.tensor(batch.kv_lens[:nd], dtype=torch.long, device=dev)
-        span = torch.arange(pages.shape[1] * batch.block_size, device=dev)
+        pages, width = self._pages(batch.block_tables[lo:hi])
+        kv_lens = torch.tensor(batch.kv_lens[lo:hi], dtype=torch.long, device=dev)
+        span = torch.arange(width * batch.block_size, device=dev)
         mask = (span[None, :] < kv_lens[:, None])[:, None, None, :]
-        return _Group(0, nd, pages, mask, None, None)
+        return _Group(lo, hi, pages, width, mask, None, None)
 
-    def _prefill_group(self, batch: AttentionBatch, nd: int) -> _Group:
+    def _prefill_group(self, batch: AttentionBatch, lo: int, hi: int, starts: list[int]) -> _Group:
         dev = self.shape.device
-        q_lens, kv_lens = batch.q_lens[nd:], batch.kv_lens[nd:]
-        pages = self._pages(batch.block_tables[nd:])
+        q_lens, kv_lens = batch.q_lens[lo:hi], batch.kv_lens[lo:hi]
+        fresh = q_lens == kv_lens
         width = max(q_lens)
         rows, positions, valid = [], [], []
-        start = nd
-        for q_len, kv_len in zip(q_lens, kv_lens, strict=True):
-            pad = width - q_len
+        for i, (q_len, kv_len) in enumerate(zip(q_lens, kv_lens, strict=True)):
+            start, pad = starts[lo + i], width - q_len
             rows.append(list(range(start, start + q_len)) + [start + q_len - 1] * pad)
-            first = kv_len - q_len
-            positions.append(list(range(first, kv_len)) + [kv_len - 1] * pad)
+            positions.append(list(range(kv_len - q_len, kv_len)) + [kv_len - 1] * pad)
             valid.append([True] * q_len + [False] * pad)
-            start += q_len
         q_pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        span = torch.arange(pages.shape[1] * batch.block_size, device=dev)
+        if fresh:
+            pages, page_width, span_len = None, 0, width
+        else:
+            pages, page_width = self._pages(batch.block_tables[lo:hi])
+            span_len = page_width * batch.block_size
+        span = torch.arange(span_len, device=dev)
         mask = (span[None, None, :] <= q_pos[:, :, None])[:, None, :, :]
         return _Group(
-            nd,
-            start,
+            starts[lo],
+            starts[hi],
             pages,
+            page_width,
             mask,
             torch.tensor(rows, dtype=torch.long, device=dev),
             torch.tensor(valid, dtype=torch.bool, device=dev),
@@ -90,18 +108,67 @@ class TorchAttention(AttentionBackend):
 
     # -- running ----------------------------------------------------------------------------
 
-    def _run_group(self, g: _Group, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        b, width = g.pages.shape
-        _, _, page_size, kv_heads, head_dim = kv_cache.shape
-        kv = kv_cache[g.pages]  # [B, P, 2, S, Hkv, D]
-        kv = kv.transpose(1, 2).reshape(b, 2, width * page_size, kv_heads, head_dim)
-        k = kv[:, 0].transpose(1, 2)  # [B, Hkv, T, D]
-        v = kv[:, 1].transpose(1, 2)
-        # queries [B, H, Q, D]; decode has Q == 1
-        qg = q[g.start : g.end].unsqueeze(2) if g.q_index is None else q[g.q_index].transpose(1, 2)
+    def _run_group(
+        self,
+        g: _Group,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        if g.pages is None:  # fresh prompts: their own K/V are all there is
+            assert g.q_index is not None
+            k = _rows(k_new, g.q_index).transpose(1, 2)
+            v = _rows(v_new, g.q_index).transpose(1, 2)
+        else:
+            _, _, page_size, kv_heads, head_dim = kv_cache.shape
+            b = g.pages.shape[0] // g.width
+            shape = (b, g.width * page_size, kv_heads, head_dim)
+            # One gather each for K and V (index_select copies whole pages); the rest are views.
+            k = torch.index_select(kv_cache[:, 0], 0, g.pages).view(shape).transpose(1, 2)
+            v = torch.index_select(kv_cache[:, 1], 0, g.pages).view(shape).transpose(1, 2)
+        if g.q_index is None:
+            qg = q[g.start : g.end].unsqueeze(2)  # [B, H, 1, D]
+        else:
+            qg = _rows(q, g.q_index).transpose(1, 2)  # [B, H, Q, D]
         out = F.scaled_dot_product_attention(
             qg, k, v, attn_mask=g.mask, scale=self.shape.scale, enable_gqa=True
         )
         if g.q_valid is None:
             return out.squeeze(2)
         return out.transpose(1, 2)[g.q_valid]
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for a 2-D index of rows, via index_select (much faster than advanced indexing)."""
+    return torch.index_select(x, 0, index.view(-1)).view(*index.shape, *x.shape[1:])
+
+
+def _split(batch: AttentionBatch, lo: int, hi: int, depth: int = 0) -> list[tuple[int, int]]:
+    """Cut requests lo..hi into groups whose padded area (n × max q × max kv) is small."""
+    if hi - lo < 2 or depth >= MAX_SPLIT_DEPTH:
+        return [(lo, hi)] if hi > lo else []
+    q, kv = batch.q_lens, batch.kv_lens
+    # prefix/suffix maxima of q and kv lengths
+    pq, pk, sq, sk = (
+        [0] * (hi - lo + 1),
+        [0] * (hi - lo + 1),
+        [0] * (hi - lo + 1),
+        [0] * (hi - lo + 1),
+    )
+    for i in range(lo, hi):
+        j = i - lo
+        pq[j + 1], pk[j + 1] = max(pq[j], q[i]), max(pk[j], kv[i])
+    for i in range(hi - 1, lo - 1, -1):
+        j = i - lo
+        sq[j], sk[j] = max(sq[j + 1], q[i]), max(sk[j + 1], kv[i])
+    whole = (hi - lo) * pq[-1] * pk[-1]
+    best, best_cost = 0, whole
+    for j in range(1, hi - lo):
+        cost = j * pq[j] * pk[j] + (hi - lo - j) * sq[j] * sk[j] + GROUP_OVERHEAD_PAIRS
+        if cost < best_cost:
+            best, best_cost = j, cost
+    if not best:
+        return [(lo, hi)]
+    mid = lo + best
+    return _split(batch, lo, mid, depth + 1) + _split(batch, mid, hi, depth + 1)

@@ -102,8 +102,11 @@ class BlockManager:
     def can_append(
         self, request_id: str, num_tokens: int, layers: Sequence[int] | None = None
     ) -> bool:
-        want = self.blocks_for(num_tokens)
+        want = -(-num_tokens // self.block_size)
         tables = self._tables.get(request_id)
+        if tables is not None and layers is None and self._uniform[request_id]:
+            need = want - len(tables[0])  # fast path: all layers alike
+            return need <= 0 or all(need <= len(p.free) for p in self._pools)
         for i in self._layers(layers):
             have = len(tables[i]) if tables else 0
             if want - have > len(self._pools[i].free):
@@ -132,10 +135,12 @@ class BlockManager:
         if request_id not in self._tables:
             self.allocate(request_id, num_tokens, layers)
             return
+        want = -(-num_tokens // self.block_size)
+        tables = self._tables[request_id]
+        if layers is None and self._uniform[request_id] and want <= len(tables[0]):
+            return  # fast path: decoding inside the last block
         if not self.can_append(request_id, num_tokens, layers):
             raise OutOfBlocks(f"request {request_id!r}: not enough free blocks")
-        want = self.blocks_for(num_tokens)
-        tables = self._tables[request_id]
         taken = []
         for i in self._layers(layers):
             if want > len(tables[i]):

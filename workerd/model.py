@@ -66,28 +66,30 @@ class LlamaModel:
         """Logits (float32) for `batch.logit_rows`, [R, vocab]."""
         cfg = self.cfg
         x = F.embedding(batch.token_ids, self.embed)
-        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
+        cos = torch.index_select(self.cos, 0, batch.positions)
+        sin = torch.index_select(self.sin, 0, batch.positions)
         n = x.shape[0]
+        heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
         for i, w in enumerate(self.layers):
             h = _rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-            q = apply_rope(q.view(n, cfg.num_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(k.view(n, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-            v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+            qkv = F.linear(h, w.qkv, w.qkv_bias).view(n, heads + 2 * kv_heads, cfg.head_dim)
+            qk = apply_rope(qkv[:, : heads + kv_heads], cos, sin)  # q and k in one go
+            q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
             cache = kv_caches[i]
             cache[batch.slot_pages[i], :, batch.slot_offsets] = torch.stack((k, v), dim=1)
-            o = self.attention.forward(batch.attn_plans[i], q, cache)
+            o = self.attention.forward(batch.attn_plans[i], q, k, v, cache)
             x = x + F.linear(o.reshape(n, cfg.q_size), w.o, w.o_bias)
             h = _rms_norm(x, w.post_norm, cfg.rms_norm_eps)
             gate, up = F.linear(h, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
-        x = _rms_norm(x[batch.logit_rows], self.norm, cfg.rms_norm_eps)
+        x = _rms_norm(torch.index_select(x, 0, batch.logit_rows), self.norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
+    if dtype == torch.float32:  # the fused op computes bit-identically to the code below
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)

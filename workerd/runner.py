@@ -94,7 +94,14 @@ class ModelRunner:
         ]
 
     def execute(self, batch: ScheduledBatch, blocks: BlockManager) -> list[Sample]:
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] != 1)
+        # decode first, then prefill; each part by context length (see attention.py)
+        order = sorted(
+            range(len(batch.seqs)),
+            key=lambda i: (
+                batch.num_tokens[i] != 1,
+                batch.seqs[i].num_computed + batch.num_tokens[i],
+            ),
+        )
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
         fwd, samplers = self._prepare(seqs, counts, blocks)

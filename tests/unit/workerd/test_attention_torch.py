@@ -7,10 +7,11 @@ import random
 import torch
 import torch.nn.functional as F
 
+from mell.workerd import attention_torch
 from mell.workerd.attention import AttentionBatch, AttentionShape
 from mell.workerd.attention_torch import TorchAttention
 
-HQ, HKV, D, PAGE, PAGES = 8, 2, 16, 4, 64
+HQ, HKV, D, PAGE, PAGES = 8, 2, 16, 4, 256
 
 
 def dense_reference(q_all, k_all, v_all, q_lens, kv_lens):
@@ -49,25 +50,34 @@ def make_case(q_lens, kv_lens, seed=0):
     num_decode = sum(1 for q in q_lens if q == 1)
     batch = AttentionBatch(num_decode, list(q_lens), list(kv_lens), tables, PAGE)
     q = torch.randn(sum(q_lens), HQ, D)
-    return cache, batch, q, ks, vs
+    # this step's new K/V: the last q_len positions of each request (also in the cache)
+    k_new = torch.cat([k[len(k) - n :] for k, n in zip(ks, q_lens, strict=True)])
+    v_new = torch.cat([v[len(v) - n :] for v, n in zip(vs, q_lens, strict=True)])
+    return cache, batch, q, ks, vs, k_new, v_new
+
+
+def run(q_lens, kv_lens, seed=0):
+    cache, batch, q, ks, vs, k_new, v_new = make_case(q_lens, kv_lens, seed)
+    backend = TorchAttention(AttentionShape(HQ, HKV, D, torch.float32, torch.device("cpu")))
+    out = backend.forward(backend.plan(batch), q, k_new, v_new, cache)
+    torch.testing.assert_close(out, dense_reference(q, ks, vs, q_lens, kv_lens))
+    return backend.plan(batch)
 
 
 def test_mixed_decode_and_prefill_batch_matches_dense() -> None:
-    q_lens = [1, 1, 1, 5, 9, 1 + 0, 13]
-    kv_lens = [1, 7, 30, 5, 20, 1, 13]
-    # decode-first layout: sort so that q_len == 1 come first
-    order = sorted(range(len(q_lens)), key=lambda i: q_lens[i] != 1)
-    q_lens = [q_lens[i] for i in order]
-    kv_lens = [kv_lens[i] for i in order]
-    cache, batch, q, ks, vs = make_case(q_lens, kv_lens)
-    backend = TorchAttention(AttentionShape(HQ, HKV, D, torch.float32, torch.device("cpu")))
-    out = backend.forward(backend.plan(batch), q, cache)
-    torch.testing.assert_close(out, dense_reference(q, ks, vs, q_lens, kv_lens))
+    # decode-first layout, each part sorted by context length (as the runner lays it out)
+    run([1, 1, 1, 1, 5, 13, 9], [1, 1, 7, 30, 5, 13, 20])
 
 
-def test_only_prefill_and_only_decode() -> None:
-    backend = TorchAttention(AttentionShape(HQ, HKV, D, torch.float32, torch.device("cpu")))
-    for q_lens, kv_lens in (([3, 8], [10, 8]), ([1, 1, 1], [4, 5, 17])):
-        cache, batch, q, ks, vs = make_case(q_lens, kv_lens, seed=len(q_lens))
-        out = backend.forward(backend.plan(batch), q, cache)
-        torch.testing.assert_close(out, dense_reference(q, ks, vs, q_lens, kv_lens))
+def test_only_prefill_only_decode_and_fresh_prompts() -> None:
+    run([3, 8], [8, 10])
+    run([1, 1, 1], [4, 5, 17])
+    run([2, 7, 8], [2, 7, 8])  # nothing cached before: attends to its own new K/V
+
+
+def test_very_different_lengths_are_split_into_groups(monkeypatch) -> None:
+    monkeypatch.setattr(attention_torch, "GROUP_OVERHEAD_PAIRS", 16)
+    q_lens = [1] * 12 + [2, 40]
+    kv_lens = [1, 2, 2, 3, 3, 4, 4, 5, 200, 210, 220, 230, 2, 40]
+    plan = run(q_lens, kv_lens, seed=3)
+    assert len(plan.groups) >= 3
