@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mell.workerd.attention import AttentionBackend, AttentionBatch
+from mell.workerd.attention import AttentionBackend, AttentionBatch, AttentionShape
 
 # Fixed cost of one more group, in (query, key) pairs: below this saving, do not split.
 GROUP_OVERHEAD_PAIRS = 4096
@@ -40,6 +40,12 @@ class TorchPlan:
 
 class TorchAttention(AttentionBackend):
     name = "torch"
+
+    def __init__(self, shape: AttentionShape) -> None:
+        super().__init__(shape)
+        # Reused gather buffers: fresh multi-MB tensors every layer cost page faults.
+        self._k_buf = torch.empty(0)
+        self._v_buf = torch.empty(0)
 
     def plan(self, batch: AttentionBatch) -> TorchPlan:
         nd, n = batch.num_decode, len(batch.q_lens)
@@ -122,11 +128,13 @@ class TorchAttention(AttentionBackend):
             v = _rows(v_new, g.q_index).transpose(1, 2)
         else:
             _, _, page_size, kv_heads, head_dim = kv_cache.shape
-            b = g.pages.shape[0] // g.width
-            shape = (b, g.width * page_size, kv_heads, head_dim)
+            n = g.pages.shape[0]
+            shape = (n // g.width, g.width * page_size, kv_heads, head_dim)
+            k_buf, v_buf = self._buffers(n, kv_cache)
             # One gather each for K and V (index_select copies whole pages); the rest are views.
-            k = torch.index_select(kv_cache[:, 0], 0, g.pages).view(shape).transpose(1, 2)
-            v = torch.index_select(kv_cache[:, 1], 0, g.pages).view(shape).transpose(1, 2)
+            k = torch.index_select(kv_cache[:, 0], 0, g.pages, out=k_buf)
+            v = torch.index_select(kv_cache[:, 1], 0, g.pages, out=v_buf)
+            k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
         if g.q_index is None:
             qg = q[g.start : g.end].unsqueeze(2)  # [B, H, 1, D]
         else:
@@ -137,6 +145,15 @@ class TorchAttention(AttentionBackend):
         if g.q_valid is None:
             return out.squeeze(2)
         return out.transpose(1, 2)[g.q_valid]
+
+    def _buffers(self, n: int, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._k_buf.shape[0] < n or self._k_buf.dtype != kv_cache.dtype:
+            size = max(n, 2 * self._k_buf.shape[0])
+            page = kv_cache.shape[2:]
+            kw = {"dtype": kv_cache.dtype, "device": kv_cache.device}
+            self._k_buf = torch.empty(size, *page, **kw)
+            self._v_buf = torch.empty(size, *page, **kw)
+        return self._k_buf[:n], self._v_buf[:n]
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
