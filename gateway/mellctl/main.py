@@ -13,7 +13,7 @@ import sys
 from mell.common.errors import MellError
 
 # Command groups, in help order. Each name is a module of this package.
-COMMAND_MODULES: tuple[str, ...] = ("up", "model", "journal", "events")
+COMMAND_MODULES: tuple[str, ...] = ("up", "model", "journal", "events", "simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,9 +103,13 @@ def arrival_blocks(arrival: Arrival, block_size: int) -> int:
     return blocks_for_tokens(arrival.num_prompt_tokens + 1, block_size)
 
 
+_ACTIVE = WorkerStatus.ACTIVE  # a module constant: enum attribute lookups are slow in hot loops
+
+
 def active_workers(view: PolicyView, model: str) -> list[WorkerInfo]:
     """The workers of `model` that accept placements, in the view's order."""
-    return [w for w in view.workers(model) if w.status == WorkerStatus.ACTIVE]
+    active = _ACTIVE
+    return [w for w in view.workers(model) if w.status is active or w.status == active]
 
 
 def free_blocks(worker: WorkerInfo) -> int:

@@ -81,8 +81,9 @@ class _FitPolicy:
 
     name = "fit"
 
-    def __init__(self, headroom_tokens: int = 0) -> None:
+    def __init__(self, headroom_tokens: int = 0, place_epochs: float = 2.0) -> None:
         self.headroom_tokens = headroom_tokens
+        self.place_epochs = place_epochs
 
     def _score(self, worker: WorkerInfo, free: int) -> float:
         raise NotImplementedError
@@ -91,15 +92,20 @@ class _FitPolicy:
         workers, need = _need(view, arrival)
         best: WorkerInfo | None = None
         best_score = 0.0
+        per_request = 0.0
+        if self.headroom_tokens > 0 and workers:
+            per_request = self.headroom_tokens / workers[0].block_size * self.place_epochs
+        score = self._score
         for w in workers:
-            if not w.request_blocks:
+            blocks = w.request_blocks
+            if not blocks:
                 continue
-            free = free_blocks(w)
-            if free < need + reserve(w, self.headroom_tokens):
+            free = w.num_free_blocks
+            if free < need or free < need + math.ceil(per_request * (len(blocks) + 1)):
                 continue
-            score = self._score(w, free)
-            if best is None or score < best_score:
-                best, best_score = w, score
+            s = score(w, free)
+            if best is None or s < best_score:
+                best, best_score = w, s
         if best is None:
             best = _first_idle(workers, need)
         return Placement(best.worker_id) if best else _no_room(arrival, need)
@@ -134,8 +140,9 @@ class RoundRobin:
 
     name = "round-robin"
 
-    def __init__(self, headroom_tokens: int = 0) -> None:
+    def __init__(self, headroom_tokens: int = 0, place_epochs: float = 2.0) -> None:
         self.headroom_tokens = headroom_tokens
+        self.place_epochs = place_epochs
         self._last: dict[str, str] = {}  # model -> worker id placed last
 
     def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
@@ -144,7 +151,12 @@ class RoundRobin:
         last = self._last.get(arrival.model, "")
         after = [w for w in busy if w.worker_id > last] + [w for w in busy if w.worker_id <= last]
         chosen = next(
-            (w for w in after if free_blocks(w) >= need + reserve(w, self.headroom_tokens)), None
+            (
+                w
+                for w in after
+                if free_blocks(w) >= need + reserve(w, self.headroom_tokens, self.place_epochs)
+            ),
+            None,
         )
         if chosen is None:
             chosen = _first_idle(workers, need)
@@ -180,10 +192,14 @@ class LoadBalance:
     name = "lb"
 
     def __init__(
-        self, migrate_out_threshold: float | None = None, headroom_tokens: int = 0
+        self,
+        migrate_out_threshold: float | None = None,
+        headroom_tokens: int = 0,
+        place_epochs: float = 2.0,
     ) -> None:
         self.migrate_out_threshold = migrate_out_threshold
         self.headroom_tokens = headroom_tokens
+        self.place_epochs = place_epochs
 
     def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
         workers, need = _need(view, arrival)
@@ -192,7 +208,7 @@ class LoadBalance:
         for w in workers:
             if not w.request_blocks:
                 continue
-            if free_blocks(w) < need + reserve(w, self.headroom_tokens):
+            if free_blocks(w) < need + reserve(w, self.headroom_tokens, self.place_epochs):
                 continue
             f = freeness(w)
             if f > best_free:
@@ -217,7 +233,7 @@ class LoadBalance:
                 if len(src.request_blocks) < 2:
                     continue
                 rid, size = min(src.request_blocks.items(), key=lambda kv: (kv[1], kv[0]))
-                if free_blocks(dst) < size + reserve(dst, self.headroom_tokens):
+                if free_blocks(dst) < size + reserve(dst, self.headroom_tokens, self.place_epochs):
                     continue
                 src_after = (free_blocks(src) + size) / (len(src.request_blocks) - 1)
                 dst_after = (free_blocks(dst) - size) / (len(dst.request_blocks) + 1)

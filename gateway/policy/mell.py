@@ -59,6 +59,7 @@ from mell.gateway.policy.base import (
 )
 
 TINY, T, S, M, L = 0, 1, 2, 3, 4
+_ACTIVE = WorkerStatus.ACTIVE
 CLASS_NAMES = {TINY: "tiny", T: "T", S: "S", M: "M", L: "L"}
 FULL = 0.75  # Theorem 1: T-GPUs, and L/M-GPUs while T-GPUs exist, are at least 3/4 full
 PER_LABEL = {M: 2, S: 3}  # an M-GPU holds two M items, an S-GPU three S items
@@ -109,7 +110,7 @@ class _Pool:
         self.idle, self.released, self.pinned = [], set(), {}
         fresh: list[str] = []
         for w in workers:
-            if w.status != WorkerStatus.ACTIVE:
+            if w.status is not _ACTIVE and w.status != _ACTIVE:
                 for rid, blocks in w.request_blocks.items():
                     self.pinned[rid] = (w.worker_id, blocks)
                 continue
@@ -138,7 +139,7 @@ class _Pool:
         self.idle = []
         for w in workers:
             wid = w.worker_id
-            if w.status != WorkerStatus.ACTIVE:
+            if w.status is not _ACTIVE and w.status != _ACTIVE:
                 self.caps.pop(wid, None)
                 continue
             self.caps[wid] = w.capacity_blocks
@@ -274,11 +275,20 @@ class Mell:
     name = "mell"
 
     def __init__(
-        self, headroom_tokens: int = 16, max_moves_per_op: int = 10, placement: str = "fit"
+        self,
+        headroom_tokens: int = 16,
+        max_moves_per_op: int = 10,
+        placement: str = "fit",
+        drain_only: bool = False,
+        place_epochs: float = 2.0,
+        drain_below: float = 0.0,
     ) -> None:
         if placement not in ("fit", "paper"):
             raise TypeError(f"placement must be 'fit' or 'paper', not {placement!r}")
         self.placement = placement
+        self.drain_only = drain_only
+        self.place_epochs = place_epochs
+        self.drain_below = drain_below
         self.headroom_tokens = headroom_tokens
         self.max_moves_per_op = max_moves_per_op
         self._pools: dict[str, _Pool] = {}
@@ -294,6 +304,7 @@ class Mell:
         if not workers:
             return Rejection(f"no worker serves model {model!r}")
         pool = self._pools.setdefault(model, _Pool())
+        pool.place_epochs = self.place_epochs
         pool.growth = self.headroom_tokens / max(1, workers[0].block_size)
         pool.refresh_free(workers)
         if not pool.caps:
@@ -325,6 +336,7 @@ class Mell:
 
     def _plan_pool(self, model: str, workers: Iterable[WorkerInfo]) -> list[Move]:
         pool = self._pools.setdefault(model, _Pool())
+        pool.place_epochs = self.place_epochs
         pool.rebuild(workers, self.headroom_tokens)
         pool.op_moves = []
         seen = self._seen.get(model, {})
@@ -349,6 +361,9 @@ class Mell:
             wid = pool.where.get(rid)
             if wid is not None and pool.klass(self._size(pool, rid)) == L:
                 self._op(pool, self._follow_large, wid)
+        # 4. Our addition: release the emptiest worker when its requests fit elsewhere.
+        if self.drain_below > 0:
+            self._op(pool, self._drain_emptiest)
 
         self._seen[model] = {rid: (wid, pool.items[wid][rid]) for rid, wid in pool.where.items()}
         return [
@@ -469,9 +484,23 @@ class Mell:
 
     def _refill_small(self, pool: _Pool, wid: str) -> None:
         """Pull T/tiny requests (largest first, one T-sized multi-item: at most C/4 in total)
-        from the most recently activated T-GPU into `wid` until it is 3/4 full."""
+        from the most recently activated T-GPU into `wid` until it is 3/4 full.
+
+        With `drain_only`, only when all of the newest T-GPU's requests fit (it is released)."""
         src = pool.newest(T, wid)
         if src is None or (pool.label(wid) == T and pool.stamp[src] < pool.stamp[wid]):
+            return
+        if self.drain_only:
+            items = pool.items[src]
+            total = sum(items.values())
+            if (
+                len(items) > pool.moves_left
+                or total > pool.room(wid, len(items))
+                or any(pool.klass(b) > T for b in items.values())
+            ):
+                return
+            for rid in list(items):
+                pool.move(rid, wid)
             return
         budget = pool.capacity // 4
         for b, rid in sorted(((b, r) for r, b in pool.items[src].items()), reverse=True):
@@ -482,6 +511,36 @@ class Mell:
             if not pool.move(rid, wid):
                 break
             budget -= b
+
+    def _drain_emptiest(self, pool: _Pool) -> None:
+        """Move every request of the least full worker (below `drain_below` full, at most
+        `max_moves_per_op` requests) to other workers by best fit, if all of them fit: one
+        worker fewer. Refills pull into under-full workers; this pushes out of the emptiest,
+        which is what the paper's "only the newest bin is under-full" leaves behind."""
+        if len(pool.items) < 2:
+            return
+        wid = min(pool.items, key=lambda w: (pool.fill(w), -pool.stamp.get(w, 0)))
+        items = pool.items[wid]
+        if pool.fill(wid) >= self.drain_below or len(items) > pool.moves_left:
+            return
+        plan: list[tuple[str, str]] = []
+        extra: dict[str, int] = {}
+        extra_n: dict[str, int] = {}
+        for rid, b in sorted(items.items(), key=lambda kv: -kv[1]):
+            best, key = None, None
+            for w in pool.items:
+                if w == wid:
+                    continue
+                r = pool.room(w, 1 + extra_n.get(w, 0)) - extra.get(w, 0)
+                if r >= b and (key is None or r < key):
+                    best, key = w, r
+            if best is None:
+                return
+            plan.append((rid, best))
+            extra[best] = extra.get(best, 0) + b
+            extra_n[best] = extra_n.get(best, 0) + 1
+        for rid, dst in plan:
+            pool.move(rid, dst)
 
     # -- Depart -----------------------------------------------------------------------------
 
@@ -521,14 +580,27 @@ class Mell:
         companions = pool.count(wid, M) + pool.count(wid, S)
         if lab == L and companions <= 1:
             return  # the L-GPU's one S/M companion: still a valid packing
+        if pool.fill(wid) >= FULL:
+            # Our choice: a worker at least 3/4 full already meets Theorem 2's density argument,
+            # so its structure does not need repair; moving the item would only cost a migration.
+            return
         # Paper: Depart then Allocate.
         if self._reallocate(pool, rid, pool.items[wid][rid]):
             self._depart(pool, wid, new)
 
     def _relieve(self, pool: _Pool, wid: str) -> None:
-        """Overflow fallback: while the worker cannot absorb one more epoch of growth, evict its
-        smallest item and re-Allocate it elsewhere (never the worker's last item)."""
+        """Overflow fallback (the paper covers only L growth): when the worker cannot absorb one
+        more epoch of growth, evict one item and re-Allocate it elsewhere.
+
+        Our choice: the smallest item that alone restores the full placement headroom (so the
+        worker does not overflow again next epoch: one move instead of a move per epoch),
+        else the largest item that is not the worker's largest (which keeps the worker's
+        label), and repeat. Never the worker's last item."""
         while wid in pool.items and len(pool.items[wid]) > 1 and pool.overloaded(wid):
-            rid, b = min(pool.items[wid].items(), key=lambda kv: (kv[1], kv[0]))
-            if not self._reallocate(pool, rid, b):
+            items = pool.items[wid]
+            keep = max(items, key=lambda r: (items[r], r))
+            deficit = -pool.room(wid, -1)  # headroom missing once one request has left
+            others = sorted((b, r) for r, b in items.items() if r != keep)
+            choice = next(((b, r) for b, r in others if b >= deficit), others[-1])
+            if not self._reallocate(pool, choice[1], choice[0]):
                 return

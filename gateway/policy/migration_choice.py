@@ -8,8 +8,9 @@ Greedy two-bin packing: moves largest first; each tries the cheaper kind, then t
 the remaining budgets; a move that fits neither waits for the next epoch (the paper is silent on
 this case; waiting keeps the source's copy, so nothing is lost and the next epoch has fresh
 budgets). Moves whose policy already fixed the kind ("kv"/"tokens") only try that kind.
-A single move larger than a whole epoch's budget may still start on a link (or destination)
-that nothing else uses this epoch: otherwise it could never run; it simply takes longer.
+A KV transfer larger than a whole epoch's budget may still start on a link that nothing else
+uses this epoch (otherwise it could never run; it takes longer, and decoding continues while it
+copies). A re-prefill is never oversize: it stalls every request on the destination.
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ def choose_transfers(
     link_left: dict[str, float] = {}
     prefill_left: dict[str, float] = {}
     link_full: dict[str, float] = {}
-    dst_full: dict[str, float] = {}
     plan = TransferPlan()
     order = sorted(moves, key=lambda m: (-context_tokens.get(m.request_id, 0), m.request_id))
     for move in order:
@@ -88,7 +88,6 @@ def choose_transfers(
             prefill_left[move.dst] = (
                 model.prefill_tps(move.dst) * model.epoch_s * model.prefill_fraction
             )
-            dst_full[move.dst] = prefill_left[move.dst]
         nbytes = tokens * model.kv_bytes_per_token
         kv_first = model.kv_seconds(move.src, move.dst, tokens) <= model.token_seconds(
             move.dst, tokens
@@ -100,7 +99,7 @@ def choose_transfers(
             if kind == "kv" and _take(link_left, link, nbytes, link_full[link]):
                 plan.kv.append(Move(move.request_id, move.src, move.dst, "kv"))
                 break
-            if kind == "tokens" and _take(prefill_left, move.dst, tokens, dst_full[move.dst]):
+            if kind == "tokens" and _take(prefill_left, move.dst, tokens, -1.0):
                 plan.tokens.append(Move(move.request_id, move.src, move.dst, "tokens"))
                 break
         else:

@@ -41,6 +41,7 @@ from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.traces import Trace
 
 WAITING, RUNNING, DONE, REJECTED = 0, 1, 2, 3
+PLACE_EPOCHS = 4.0  # placements leave room for this many epochs of growth (every policy)
 
 
 @dataclass(slots=True)
@@ -183,11 +184,11 @@ def transfer_model(profile: Profile, view: SimView, epoch_s: float) -> TransferM
 
     def link_of(src: str, dst: str) -> str:
         a, b = view.index.get(src, 0) // per_machine, view.index.get(dst, 0) // per_machine
-        return f"intra:{a}" if a == b else "inter"
+        return f"intra:{a}" if a == b else f"inter:{a}>{b}"
 
     class _Bandwidth(dict):
         def __missing__(self, key: str) -> float:
-            gbps = links.inter_gbps if key == "inter" else links.intra_gbps
+            gbps = links.inter_gbps if key.startswith("inter") else links.intra_gbps
             return gbps * 1e9
 
     return TransferModel(
@@ -502,21 +503,25 @@ class Simulator:
 
 
 def headroom_tokens(profile: Profile, epoch_s: float) -> int:
-    """Tokens one request decodes per epoch at the profile's fastest step."""
-    return math.ceil(epoch_s * 1000.0 / profile.step.decode_base_ms)
+    """Tokens one request decodes per epoch on a typical worker (16 requests, half full)."""
+    step_ms = profile.step.decode_ms(16, profile.capacity_tokens // 2)
+    return math.ceil(epoch_s * 1000.0 / step_ms)
 
 
-def sim_policy(name: str, profile: Profile, epoch_s: float, *, headroom: bool = True) -> Policy:
+def sim_policy(
+    name: str, profile: Profile, epoch_s: float, *, headroom: bool = True, **mell_options
+) -> Policy:
     """A registry policy configured for the simulated epoch. With `headroom` every policy that
     places keeps the same growth reserve as MELL (one epoch of decoding, see
     `baselines.reserve`), so that no policy wins by over-committing memory and preempting."""
     from mell.gateway.policy.base import make_policy
 
     tokens = headroom_tokens(profile, epoch_s)
+    place_epochs = mell_options.pop("place_epochs", PLACE_EPOCHS)
     if name == "mell":
-        return make_policy(name, headroom_tokens=tokens)
+        return make_policy(name, headroom_tokens=tokens, place_epochs=place_epochs, **mell_options)
     if headroom and name in ("best-fit", "worst-fit", "round-robin", "lb"):
-        return make_policy(name, headroom_tokens=tokens)
+        return make_policy(name, headroom_tokens=tokens, place_epochs=place_epochs)
     return make_policy(name)
 
 

@@ -1,0 +1,141 @@
+"""`mellctl simulate`: what a policy would cost on a trace, before running it.
+
+    mellctl simulate --trace AzureLLMInferenceTrace_conv.csv --profile llama2-13b-a100-40g \
+        --policy mell,best-fit,worst-fit,lb --scale-time 2 --scale-len 2 --plot active.png
+
+Repeat --trace to merge files as separate models (one pool each), e.g. Azure code + conv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mell.common.errors import InvalidRequest
+from mell.gateway.policy.base import policy_names
+from mell.gateway.sim.profile import load_profile, profile_names
+from mell.gateway.sim.report import (
+    lower_bound,
+    peak_over_bound_lines,
+    plot,
+    progress_bar,
+    table,
+)
+from mell.gateway.sim.simulator import Simulator, sim_policy
+from mell.gateway.sim.traces import load_traces
+
+DEFAULT_POLICIES = "mell,best-fit,worst-fit,lb"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="replay a request trace against placement policies (offline)",
+        description="Trace-driven simulation of the cluster policies on a (model, device) "
+        f"profile. Profiles: {', '.join(profile_names())}.",
+    )
+    p.add_argument(
+        "--trace",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="Azure CSV, Mooncake JSONL or ShareGPT CSV; repeat to merge files as separate models",
+    )
+    p.add_argument(
+        "--profile",
+        default="llama2-13b-a100-40g",
+        help="profile name in configs/profiles or a .toml path",
+    )
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_POLICIES,
+        help=f"comma-separated policies (default {DEFAULT_POLICIES})",
+    )
+    p.add_argument(
+        "--scale-time",
+        type=float,
+        default=1.0,
+        help="divide inter-arrival gaps by X (X > 1: more load)",
+    )
+    p.add_argument(
+        "--scale-len", type=float, default=1.0, help="multiply prompt and output lengths by Y"
+    )
+    p.add_argument("--epoch", type=float, default=0.5, help="epoch length in seconds")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=1.0,
+        help="Poisson arrival rate (req/s) for traces without timestamps (ShareGPT)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="only the first N requests")
+    p.add_argument(
+        "--no-headroom",
+        action="store_true",
+        help="baselines place without MELL's growth reserve (they over-commit and preempt instead)",
+    )
+    p.add_argument("--plot", metavar="PNG", help="write active workers over time to this PNG")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    unknown = [n for n in names if n not in policy_names()]
+    if unknown or not names:
+        raise InvalidRequest(
+            f"unknown policy {', '.join(unknown) or '(none)'}; known: {', '.join(policy_names())}"
+        )
+    if args.scale_time <= 0 or args.scale_len <= 0 or args.epoch <= 0 or args.rate <= 0:
+        raise InvalidRequest("--scale-time, --scale-len, --epoch and --rate must be positive")
+    profile = load_profile(args.profile)
+    trace = load_traces(
+        args.trace,
+        scale_time=args.scale_time,
+        scale_len=args.scale_len,
+        max_len=profile.max_len,
+        rate=args.rate,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    show_progress = (
+        not args.no_progress and not args.json and len(trace) >= 2000 and sys.stderr.isatty()
+    )
+    results = []
+    for name in names:
+        policy = sim_policy(name, profile, args.epoch, headroom=not args.no_headroom)
+        bar = progress_bar(name) if show_progress else None
+        sim = Simulator(
+            trace, profile, policy, epoch_s=args.epoch, progress=bar, sample_series=bool(args.plot)
+        )
+        results.append(sim.run())
+    header = (
+        f"trace {' + '.join(trace.models)}: {len(trace)} requests over {trace.duration_s:.0f} s "
+        f"(scale-time {args.scale_time:g}, scale-len {args.scale_len:g}, {trace.clamped} clamped "
+        f"to {profile.max_len} tokens); profile {profile.name} (C = {profile.capacity_blocks} "
+        f"blocks x {profile.block_size}); epoch {args.epoch:g} s"
+    )
+    if args.json:
+        out = {
+            "trace": args.trace,
+            "models": trace.models,
+            "requests": len(trace),
+            "scale_time": args.scale_time,
+            "scale_len": args.scale_len,
+            "profile": profile.name,
+            "epoch_s": args.epoch,
+            "lower_bound": lower_bound(results),
+            "results": [r.summary() for r in results],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(header)
+        print(table(results))
+        for line in peak_over_bound_lines(results):
+            print(line)
+    if args.plot:
+        plot(results, args.plot, header.split(";")[0])
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
