@@ -237,7 +237,9 @@ class Simulator:
         self.live: dict[int, str] = {}  # request index -> worker id
         self.placed_at = np.zeros(n, dtype=np.float64)
         self.prefill_tokens: dict[str, int] = {}  # worker -> tokens to prefill this epoch
-        self.stats = dict(preempt=0, mig=0, kv=0, tok=0, deferred=0, skipped=0, rejected=0)
+        self.stats = dict.fromkeys(
+            ("preempt", "mig", "kv", "tok", "deferred", "skipped", "rejected"), 0
+        )
 
     # -- one run ----------------------------------------------------------------------------
 
