@@ -9,8 +9,12 @@ wakes the waiters of `wait_durable` / `durable`. `flush`, `wait_durable`, `durab
 
 The producer and the flusher share only a bytearray per segment: the producer appends whole
 byte strings at its end, the flusher copies a prefix and deletes it. Each of those is one C call
-made while holding the GIL, so a record is never lost or doubled between them; a record may be
-written in two parts, which on disk looks like a torn tail until the rest follows.
+made while holding the GIL, so a record is never lost or doubled between them (this relies on
+the GIL: a free-threaded CPython build would need a lock here); a record may be written in two
+parts, which on disk looks like a torn tail until the rest follows.
+
+Start-up cost: `open` reads and checks the newest segment (up to `segment_bytes`); replay reads
+from the last snapshot on.
 
 Policies (`JournalConfig.fsync`):
 - "interval": records are durable within about `fsync_interval_s` (plus the fsync itself);
@@ -188,6 +192,7 @@ class Journal:
                 path = directory / segment_name(seg)
                 size = path.stat().st_size
                 self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                os.fsync(self._fd)  # what a killed writer left in the page cache: durable now
                 self._fd_seq = seg
                 self._buf = bytearray()
                 self._cur = (seg, self._buf)
@@ -210,11 +215,10 @@ class Journal:
         room = self._seg_room - _FRAME_OVERHEAD - n
         if room < 0:
             room = self._make_room(seq, n)
-        prefix = _pack_prefix(0x94, 1, 0xCF, seq, 0xCB, _now(), 0xC6, n)
+        body = _pack_prefix(0x94, 1, 0xCF, seq, 0xCB, _now(), 0xC6, n) + payload
         buf = self._buf
-        buf += _pack_header(RECORD_MAGIC, 25 + n, _crc32(payload, _crc32(prefix)))
-        buf += prefix
-        buf += payload
+        buf += _pack_header(RECORD_MAGIC, 25 + n, _crc32(body))
+        buf += body
         self._seg_room = room
         self._next_seq = seq + 1
         if len(buf) > self._limit:
