@@ -30,7 +30,7 @@ from pathlib import Path
 import msgspec
 
 from mell.gateway.journal import Journal, JournalConfig
-from mell.gateway.journal.format import SEGMENT_HEADER, list_segments
+from mell.gateway.journal.format import SEGMENT_HEADER, Frame, iter_frames, list_segments
 
 TARGET = 0.5
 
@@ -71,8 +71,6 @@ def run_journal(directory: Path, payloads: list[bytes], interval: float) -> tupl
 
 def journal_frames(directory: Path) -> list[bytes]:
     """The framed records exactly as the journal wrote them."""
-    from mell.gateway.journal.format import Frame, iter_frames
-
     frames = []
     for path in list_segments(directory):
         data = path.read_bytes()

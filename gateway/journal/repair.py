@@ -158,67 +158,40 @@ def _damage_problems(seg: _Segment, *, last: bool) -> list[Problem]:
     return out
 
 
-def _walk(segments: list[_Segment], report: CheckReport | None) -> list[list[Frame | tuple]]:
-    """Check sequence order across all segments; returns the repaired record plan per segment.
-
-    A plan item is a Frame to keep or ("lost", first, last) for a marker to insert.
-    """
+def _walk(segments: list[_Segment], report: CheckReport) -> list[list[Frame | tuple]]:
+    """Check sequence order across all segments into `report`; returns the repair plan per
+    segment: Frames to keep and ("lost", first, last) markers to insert before them."""
     plans: list[list[Frame | tuple]] = []
     expected: int | None = None
     for seg in segments:
         plan: list[Frame | tuple] = []
-        named = segment_first_seq(seg.path.name) or 0
         if expected is None:
-            expected = named
+            expected = segment_first_seq(seg.path.name) or 0
         for frame in seg.frames:
+            name, offset = seg.path.name, frame.offset
             if frame.seq < expected:
-                if report is not None:
-                    report.problems.append(
-                        Problem(
-                            seg.path.name,
-                            frame.offset,
-                            frame.end - frame.offset,
-                            "error",
-                            "out-of-order",
-                            f"sequence {frame.seq} after {expected - 1}",
-                            (frame.seq, frame.seq),
-                        )
-                    )
+                reason = f"sequence {frame.seq} after {expected - 1}"
+                report.problems.append(
+                    Problem(name, offset, frame.end - offset, "error", "out-of-order", reason,
+                            (frame.seq, frame.seq))
+                )  # fmt: skip
                 continue
             if frame.seq > expected:
-                if report is not None:
-                    report.problems.append(
-                        Problem(
-                            seg.path.name,
-                            frame.offset,
-                            0,
-                            "error",
-                            "missing",
-                            f"records {expected}..{frame.seq - 1} are missing before this one",
-                            (expected, frame.seq - 1),
-                        )
-                    )
+                reason = f"records {expected}..{frame.seq - 1} are missing before this one"
+                report.problems.append(
+                    Problem(name, offset, 0, "error", "missing", reason, (expected, frame.seq - 1))
+                )
                 plan.append(("lost", expected, frame.seq - 1))
             plan.append(frame)
+            expected = frame.seq + 1
             if frame.kind == Kind.LOST:
                 first, last = decode_lost(frame.payload)
-                if report is not None:
-                    report.problems.append(
-                        Problem(
-                            seg.path.name,
-                            frame.offset,
-                            0,
-                            "info",
-                            "lost",
-                            "records lost and accepted by an earlier repair",
-                            (first, last),
-                        )
-                    )
+                reason = "records lost and accepted by an earlier repair"
+                report.problems.append(
+                    Problem(name, offset, 0, "info", "lost", reason, (first, last))
+                )
                 expected = last + 1
-            else:
-                expected = frame.seq + 1
-            if report is not None:
-                _count(report, frame)
+            _count(report, frame)
         plans.append(plan)
     return plans
 
