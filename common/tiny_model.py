@@ -60,8 +60,11 @@ def ensure_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def write_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """(Re)write every file of mell-tiny; the same seed gives byte-identical files."""
+def write_tiny_model(directory: Path, seed: int = 0, *, init_std: float = INIT_STD) -> Path:
+    """(Re)write every file of mell-tiny; the same seed gives byte-identical files.
+
+    `init_std` (tests only) scales the random weights; larger values spread the logits.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_json = _train_tokenizer()
@@ -69,7 +72,7 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     _write_json(directory / "tokenizer_config.json", _tokenizer_config())
     _write_json(directory / "config.json", _model_config())
     _write_json(directory / "generation_config.json", _generation_config())
-    _write_weights(directory / "model.safetensors", seed)
+    _write_weights(directory / "model.safetensors", seed, init_std)
     return directory
 
 
@@ -187,7 +190,7 @@ def _weight_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _write_weights(path: Path, seed: int) -> None:
+def _write_weights(path: Path, seed: int, init_std: float) -> None:
     from safetensors.numpy import save_file
 
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -196,7 +199,7 @@ def _write_weights(path: Path, seed: int) -> None:
         if name.endswith("norm.weight"):
             tensors[name] = np.ones(shape, dtype=np.float32)
         else:
-            tensors[name] = (rng.standard_normal(shape) * INIT_STD).astype(np.float32)
+            tensors[name] = (rng.standard_normal(shape) * init_std).astype(np.float32)
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 

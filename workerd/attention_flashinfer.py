@@ -99,6 +99,7 @@ class FlashInferAttention(AttentionBackend):
     ) -> torch.Tensor:
         assert isinstance(plan, FlashInferPlan)
         nd = plan.num_decode
+        q = q.contiguous()  # the model hands a view into its fused q/k/v projection
         if plan.prefill is None:
             return plan.decode.run(q, kv_cache)
         if plan.decode is None:

@@ -147,7 +147,8 @@ class TorchAttention(AttentionBackend):
         return out.transpose(1, 2)[g.q_valid]
 
     def _buffers(self, n: int, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._k_buf.shape[0] < n or self._k_buf.dtype != kv_cache.dtype:
+        buf = self._k_buf
+        if buf.shape[0] < n or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
             size = max(n, 2 * self._k_buf.shape[0])
             page = kv_cache.shape[2:]
             kw = {"dtype": kv_cache.dtype, "device": kv_cache.device}

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from mell.common.config import EngineConfig
-from mell.common.errors import ConfigError, InvalidRequest
+from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.sampling import SamplingParams
+from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.block_manager import BlockManager
 from mell.workerd.model_config import ModelConfig, load_model_config
 from mell.workerd.outputs import EngineStats, RequestOutput
@@ -31,6 +32,13 @@ class Engine:
         _check_config(config)
         self.config = config
         model_dir = Path(config.model)
+        if not model_dir.is_dir():
+            hint = (
+                " (the launcher resolves it with ensure_tiny_model)"
+                if config.model == TINY_MODEL_NAME
+                else ""
+            )
+            raise ModelError(f"model {config.model!r} is not a checkpoint directory{hint}")
         checkpoint = load_model_config(model_dir)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, checkpoint.dtype, device)

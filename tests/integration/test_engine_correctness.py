@@ -99,3 +99,16 @@ def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     tokens, _, _ = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512)
     assert tokens == _expected(reference[:6])
+
+
+def test_mell_tiny_matches_transformers(tmp_path) -> None:
+    """The built-in model loads in transformers too, and both decode it alike."""
+    from mell.common.tiny_model import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny", seed=0)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 200))] for _ in range(8)]
+    max_new = [12] * len(prompts)
+    reference = reference_greedy(model, prompts, max_new)
+    tokens, _, _ = run_engine(model, prompts, max_new, max_num_batched_tokens=128)
+    assert tokens == _expected(reference)
