@@ -8,6 +8,8 @@ cancels the handler then: `handler_cancellation=True`).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ from mell.gateway.stop_strings import StopMatcher
 from mell.gateway.stream import RequestStream, StreamTimeout
 
 Format = ChatFormat | CompletionFormat
+HIGH_WATER = 256 * 1024  # bytes buffered for a client before its handler takes over
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -101,10 +104,60 @@ async def respond(
 
 
 async def _next(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
-    try:
-        return await stream.next(timeout_s)
-    except StreamTimeout:
-        raise RequestAborted(f"no output from the worker for {timeout_s} s") from None
+    """The next outputs; times out only after `timeout_s` without any token."""
+    while True:
+        try:
+            return await stream.next(timeout_s)
+        except StreamTimeout:
+            idle = time.monotonic() - max(stream.last_token_at, stream.arrival)
+            if idle >= timeout_s:
+                raise RequestAborted(f"no output from the worker for {timeout_s} s") from None
+
+
+class SseWriter:
+    """Renders outputs as SSE chunks; after the first write it can write to the socket
+    directly from the fan-out loop (`sink`), one write per step per request."""
+
+    def __init__(
+        self, fmt: Format, text: TextOutput, include_usage: bool, num_prompt_tokens: int
+    ) -> None:
+        self.fmt, self.text = fmt, text
+        self.include_usage = include_usage
+        self.num_prompt_tokens = num_prompt_tokens
+        self.finished = False
+
+    def render(self, outputs: list[TokenOutput]) -> bytes:
+        """The chunks of these outputs; with the last one, usage (if asked) and [DONE]."""
+        piece, logprobs = self.text.feed(outputs)
+        finish = self.text.finish_reason
+        if not piece and finish is None and logprobs is None:
+            return b""
+        lp = b"null" if logprobs is None else encode(logprobs)
+        data = self.fmt.delta_chunk(piece, lp, finish)
+        if finish is not None:
+            self.finished = True
+            if self.include_usage:
+                data += self.fmt.usage_chunk(self.num_prompt_tokens, self.text.num_generated)
+            data += DONE
+        return data
+
+    def sink(self, transport: Any, stream: RequestStream) -> Callable[[TokenOutput], bool]:
+        def write(out: TokenOutput) -> bool:
+            if (
+                transport is None
+                or transport.is_closing()
+                or transport.get_write_buffer_size() > HIGH_WATER
+            ):
+                return False  # let the handler deal with it (drain, or notice the close)
+            data = self.render([out])
+            if data:  # one HTTP chunk, framed here: the response's headers are already out
+                transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if self.finished:
+                stream.sink = None
+                stream.wake()
+            return True
+
+        return write
 
 
 async def _sse(
@@ -119,36 +172,32 @@ async def _sse(
     outputs = await _next(stream, timeout_s)  # errors before the first token: HTTP status
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    role = fmt.role_chunk()
-    pending = [role] if role else []
+    writer = SseWriter(fmt, text, include_usage, stream.num_prompt_tokens)
     try:
-        while True:
-            piece, logprobs = text.feed(outputs)
-            finish = text.finish_reason
-            if piece or finish is not None or logprobs is not None:
-                lp = b"null" if logprobs is None else _encode(logprobs)
-                pending.append(fmt.delta_chunk(piece, lp, finish))
-            if finish is not None:
-                break
-            if pending:
-                await response.write(b"".join(pending))
-                pending.clear()
+        await response.write((fmt.role_chunk() or b"") + writer.render(outputs))
+        while not writer.finished:
+            stream.sink = writer.sink(request.transport, stream)
             outputs = await _next(stream, timeout_s)
+            stream.sink = None
+            if outputs:
+                await response.write(writer.render(outputs))
         outcome.finish_reason = text.finish_reason
-        if include_usage:
-            pending.append(fmt.usage_chunk(stream.num_prompt_tokens, text.num_generated))
-    except MellError as err:
-        outcome.reason = err.message
-        pending.append(error_event(err))
-    except ConnectionError:
-        return response
-    pending.append(DONE)
-    try:
-        await response.write(b"".join(pending))
         await response.write_eof()
+    except MellError as err:
+        stream.sink = None
+        outcome.reason = err.message
+        await _end_with_error(response, err)
     except ConnectionError:
         pass
     return response
+
+
+async def _end_with_error(response: web.StreamResponse, err: MellError) -> None:
+    try:
+        await response.write(error_event(err) + DONE)
+        await response.write_eof()
+    except ConnectionError:
+        pass
 
 
 async def _collect(
@@ -174,7 +223,3 @@ async def _collect(
         text.num_generated,
     )
     return web.Response(body=body, content_type="application/json")
-
-
-def _encode(obj: Any) -> bytes:
-    return encode(obj)

@@ -2,14 +2,24 @@
 
 Tokens are numbered per request: an output whose tokens were already delivered (a duplicate
 after a migration) is dropped, an overlap is trimmed, so the client sees every token once.
+
+Fast path: a streaming handler installs a `sink` that writes an output straight to its client
+from the dispatcher's fan-out loop (no task switch per token). When the sink declines (slow
+client, connection closing) outputs queue up and the handler is woken to deal with them.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+import structlog
 
 from mell.common.errors import MellError
 from mell.common.messages import TokenOutput
+
+log = structlog.get_logger("mell.gateway")
+Sink = Callable[[TokenOutput], bool]
 
 
 class StreamTimeout(Exception):
@@ -32,6 +42,7 @@ class RequestStream:
         "next_index",
         "num_prompt_tokens",
         "request_id",
+        "sink",
         "worker_id",
     )
 
@@ -55,8 +66,9 @@ class RequestStream:
         self.error: MellError | None = None
         self.first_token_at = 0.0
         self.last_token_at = 0.0
+        self.sink: Sink | None = None
         self._pending: list[TokenOutput] = []
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
 
     @property
     def done(self) -> bool:
@@ -75,35 +87,57 @@ class RequestStream:
         self.next_index += len(out.token_ids)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
+        if self.sink is not None and not self._pending and self._to_sink(out):
+            return True
         self._pending.append(out)
-        self._wake()
+        self.wake()
         return True
+
+    def _to_sink(self, out: TokenOutput) -> bool:
+        try:
+            return self.sink(out)  # type: ignore[misc]
+        except Exception:
+            log.exception("sink_failed", request_id=self.request_id)
+            self.sink = None
+            return False
 
     def fail(self, error: MellError) -> None:
         if not self.done:
             self.error = error
-            self._wake()
+            self.wake()
 
     async def next(self, timeout_s: float) -> list[TokenOutput]:
-        """Everything queued since the last call; raises the stream's error once drained."""
+        """What queued since the last call ([] when woken with nothing queued, e.g. the sink
+        finished); raises the stream's error once drained, StreamTimeout after `timeout_s`."""
+        woken = True
         if not self._pending and self.error is None:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            # A bare timer, not asyncio.wait_for: this may run once per token of every stream.
+            timer = loop.call_later(timeout_s, _expire, waiter)
             try:
-                await asyncio.wait_for(self._waiter, timeout_s)
-            except TimeoutError:
-                raise StreamTimeout(self.request_id) from None
+                woken = await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         if self._pending:
             pending, self._pending = self._pending, []
             return pending
-        assert self.error is not None
-        raise self.error
+        if self.error is not None:
+            raise self.error
+        if not woken:
+            raise StreamTimeout(self.request_id)
+        return []
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def _trimmed(out: TokenOutput, skip: int) -> TokenOutput:
