@@ -1,0 +1,73 @@
+"""`mellctl up` itself: one ready line, children stopped on SIGTERM, a failed child named."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mell_cluster import get_json, start_cluster
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.split(") ")[1][0] != "Z"
+
+
+def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
+    cluster = start_cluster(tmp_path, "--workers", "2", "--fake-token-rate", "200")
+    try:
+        status, health = get_json(cluster.url + "/health")
+        assert status == 200 and health["models"]["mell-tiny"]["active"] == 2
+        assert (tmp_path / "models/mell-tiny/config.json").is_file()  # created on first use
+        cluster.proc.send_signal(signal.SIGTERM)
+        assert cluster.proc.wait(30) == 0
+        assert not any(_alive(pid) for pid in cluster.pids.values())
+        assert cluster.proc.stdout is not None and cluster.proc.stdout.read() == b""  # one line
+    finally:
+        cluster.stop()
+
+
+def test_up_names_the_child_that_failed(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mell.gateway.mellctl.main",
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        "--device",
+        "no-such-device",
+    ]
+    done = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert done.returncode == 1
+    assert b"worker w0" in done.stderr and b"exited with code" in done.stderr
+    assert b"worker-w0.log" in done.stderr
+
+
+def test_up_rejects_more_models_than_workers(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "mell.gateway.mellctl.main",
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        "--model",
+        "mell-tiny",
+        "--model",
+        str(tmp_path),
+        "--workers",
+        "1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, timeout=60)
+    assert done.returncode == 1 and b"cannot serve 2 models" in done.stderr
