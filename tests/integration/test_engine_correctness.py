@@ -2,14 +2,16 @@
 
 Three tiny random checkpoints written by transformers itself (float32): Llama with full MHA,
 Llama with GQA and llama3 RoPE scaling, Qwen2 with q/k/v biases and tied embeddings. 20
-concurrent requests with prompts of 1..300 tokens, chunked prefill forced on by a 64-token
-step budget, once with a roomy KV pool and once with a pool so small that requests are
-preempted and recomputed. Requests stop at EOS as transformers does.
+requests submitted at once with prompts of 1..300 tokens, chunked prefill forced on by a step
+budget below the longest prompt: once with a roomy KV pool (at least 16 requests running at
+the same time) and once with a pool so small that requests are preempted and recomputed.
+Requests stop at EOS as transformers does.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def _workload(seed: int) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
     lengths = [1, 300, 2, 17, 64, 65, 128, 255] + [rng.randint(1, 300) for _ in range(12)]
     prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in lengths]
-    max_new = [rng.randint(1, 24) for _ in prompts]
+    max_new = [rng.randint(8, 40) for _ in prompts]
     return prompts, max_new
 
 
@@ -40,18 +42,27 @@ def case(request, tmp_path_factory):
     return directory, prompts, max_new, reference_greedy(directory, prompts, max_new)
 
 
-def run_engine(
-    directory: Path, prompts: list[list[int]], max_new: list[int], **engine
-) -> tuple[dict[str, list[int]], dict[str, FinishReason], Engine]:
+@dataclass
+class Run:
+    tokens: dict[str, list[int]]
+    reasons: dict[str, FinishReason]
+    engine: Engine
+    peak_running: int
+
+
+def run_engine(directory: Path, prompts: list[list[int]], max_new: list[int], **engine) -> Run:
     eng = Engine(EngineConfig(model=str(directory), block_size=16, **engine))
     for i, (prompt, n) in enumerate(zip(prompts, max_new, strict=True)):
         eng.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0))
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     reasons: dict[str, FinishReason] = {}
+    peak = 0
     for _ in range(10_000):
         if not eng.has_unfinished():
             break
-        for out in eng.step():
+        outputs = eng.step()
+        peak = max(peak, eng.stats().num_running)
+        for out in outputs:
             assert out.request_id not in reasons, "output after the final one"
             assert out.first_index == len(tokens[out.request_id]), "gap or duplicate"
             tokens[out.request_id] += out.new_token_ids
@@ -61,7 +72,7 @@ def run_engine(
     assert set(reasons) == set(tokens), "a request never finished"
     stats = eng.stats()
     assert stats.num_free_blocks == stats.num_total_blocks, "blocks leaked"
-    return tokens, reasons, eng
+    return Run(tokens, reasons, eng, peak)
 
 
 def _expected(reference: list[list[int]]) -> dict[str, list[int]]:
@@ -70,22 +81,21 @@ def _expected(reference: list[list[int]]) -> dict[str, list[int]]:
 
 def test_greedy_matches_transformers_with_chunked_prefill(case) -> None:
     directory, prompts, max_new, reference = case
-    tokens, reasons, _ = run_engine(
-        directory, prompts, max_new, max_num_batched_tokens=64, max_num_seqs=32
-    )
-    assert tokens == _expected(reference)
+    run = run_engine(directory, prompts, max_new, max_num_batched_tokens=256, max_num_seqs=32)
+    assert run.peak_running >= 16
+    assert run.tokens == _expected(reference)
     for i, ids in enumerate(reference):  # token 1 is EOS in these checkpoints
-        assert reasons[f"r{i}"] is (FinishReason.STOP if ids[-1] == 1 else FinishReason.LENGTH)
+        assert run.reasons[f"r{i}"] is (FinishReason.STOP if ids[-1] == 1 else FinishReason.LENGTH)
 
 
 def test_greedy_matches_transformers_under_preemption(case) -> None:
     directory, prompts, max_new, reference = case
-    # 24 blocks of 16 tokens: the 300-token prompt alone needs 19 of them.
-    tokens, _, eng = run_engine(
-        directory, prompts, max_new, max_num_batched_tokens=48, max_num_seqs=32, num_kv_blocks=24
+    # 48 blocks of 16 tokens: the longest request alone needs 22 of them.
+    run = run_engine(
+        directory, prompts, max_new, max_num_batched_tokens=128, max_num_seqs=32, num_kv_blocks=48
     )
-    assert eng.stats().num_preemptions_total > 0
-    assert tokens == _expected(reference)
+    assert run.engine.stats().num_preemptions_total > 0
+    assert run.tokens == _expected(reference)
 
 
 def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:
@@ -97,8 +107,8 @@ def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    tokens, _, _ = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512)
-    assert tokens == _expected(reference[:6])
+    run = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512)
+    assert run.tokens == _expected(reference[:6])
 
 
 def test_mell_tiny_matches_transformers(tmp_path) -> None:
@@ -110,5 +120,5 @@ def test_mell_tiny_matches_transformers(tmp_path) -> None:
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 200))] for _ in range(8)]
     max_new = [12] * len(prompts)
     reference = reference_greedy(model, prompts, max_new)
-    tokens, _, _ = run_engine(model, prompts, max_new, max_num_batched_tokens=128)
-    assert tokens == _expected(reference)
+    run = run_engine(model, prompts, max_new, max_num_batched_tokens=128)
+    assert run.tokens == _expected(reference)
