@@ -282,6 +282,7 @@ class Mell:
         drain_only: bool = False,
         place_epochs: float = 2.0,
         drain_below: float = 0.0,
+        repairs_per_epoch: int = 4,
     ) -> None:
         if placement not in ("fit", "paper"):
             raise TypeError(f"placement must be 'fit' or 'paper', not {placement!r}")
@@ -289,6 +290,7 @@ class Mell:
         self.drain_only = drain_only
         self.place_epochs = place_epochs
         self.drain_below = drain_below
+        self.repairs_per_epoch = repairs_per_epoch
         self.headroom_tokens = headroom_tokens
         self.max_moves_per_op = max_moves_per_op
         self._pools: dict[str, _Pool] = {}
@@ -361,7 +363,11 @@ class Mell:
             wid = pool.where.get(rid)
             if wid is not None and pool.klass(self._size(pool, rid)) == L:
                 self._op(pool, self._follow_large, wid)
-        # 4. Our addition: release the emptiest worker when its requests fit elsewhere.
+        # 4. Our addition: repair workers that growth, relief or a budget-cut operation left
+        #    under-full (Depart repairs only the workers a departure touched).
+        for wid in self._repair_candidates(pool)[: self.repairs_per_epoch]:
+            self._op(pool, self._repair, wid)
+        # 5. Our addition: release the emptiest worker when its requests fit elsewhere.
         if self.drain_below > 0:
             self._op(pool, self._drain_emptiest)
 
@@ -511,6 +517,34 @@ class Mell:
             if not pool.move(rid, wid):
                 break
             budget -= b
+
+    def _repair_candidates(self, pool: _Pool) -> list[str]:
+        """Workers under 3/4 full that Theorem 1 says should not be: an L without an S/M
+        companion, an M/S-GPU short of its count, a T-GPU that is not the newest. Emptiest
+        first."""
+        newest = {lab: pool.newest(lab) for lab in (T, S, M)}
+        out = []
+        for wid, lab in pool.labels.items():
+            if pool.fill(wid) >= FULL or newest.get(lab) == wid:
+                continue
+            if lab == L and pool.count(wid, M) + pool.count(wid, S) > 0:
+                continue
+            if lab in (M, S) and pool.count(wid, lab) >= PER_LABEL[lab]:
+                continue
+            out.append(wid)
+        out.sort(key=lambda w: pool.fill(w))
+        return out
+
+    def _repair(self, pool: _Pool, wid: str) -> None:
+        if wid not in pool.items:
+            return
+        lab = pool.label(wid)
+        if lab == L:
+            self._pull_companion(pool, wid)
+        elif lab in (M, S):
+            self._refill_class(pool, wid, lab)
+        if wid in pool.items and pool.fill(wid) < FULL:
+            self._refill_small(pool, wid)
 
     def _drain_emptiest(self, pool: _Pool) -> None:
         """Move every request of the least full worker (below `drain_below` full, at most

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from packing_world import World
+
+from mell.gateway.policy.base import Arrival, Placement, Rejection, WorkerStatus, make_policy
+from mell.gateway.policy.mell import TINY, L, M, S, T, size_class
+
+
+def arrival(blocks: int, rid: str) -> Arrival:
+    return Arrival(rid, "m", blocks * 16 - 1, 8)
+
+
+def test_size_classes_follow_the_paper() -> None:
+    c = 120
+    assert [size_class(b, c) for b in (61, 60, 41, 40, 31, 30, 16, 15)] == [
+        L,
+        M,
+        M,
+        S,
+        S,
+        T,
+        T,
+        TINY,
+    ]
+
+
+def test_large_arrival_pulls_a_companion_at_the_next_epoch() -> None:
+    world = World(capacity=120, num_workers=4)
+    policy = make_policy("mell", headroom_tokens=0)
+    world.load["w000"] = {"m1": 45, "m2": 45}  # two M-GPUs, full enough that no L fits
+    world.load["w001"] = {"m3": 45, "m4": 44}
+    policy.plan_epoch(world, 0.0)
+    got = policy.place(world, arrival(70, "big"))
+    assert isinstance(got, Placement)
+    world.place(got, "big", 70)
+    moves = policy.plan_epoch(world, 1.0)
+    world.apply(moves)
+    assert any(m.dst == got.worker_id for m in moves)  # an M joined the L
+    assert all(world.used(w) <= 120 for w in world.load)
+    assert len(world.busy()) == 3  # L+M on a new worker; the other three M stay on two
+
+
+def test_departure_refills_from_the_most_recently_activated_worker() -> None:
+    world = World(capacity=100, num_workers=3)
+    policy = make_policy("mell", headroom_tokens=0)
+    world.load["w000"] = {f"a{i}": 10 for i in range(9)}
+    policy.plan_epoch(world, 0.0)
+    world.load["w001"] = {"b0": 10, "b1": 10}  # activated later: the newest T-GPU
+    policy.plan_epoch(world, 1.0)
+    for i in range(3):
+        del world.load["w000"][f"a{i}"]  # w000 falls to 60%
+    moves = policy.plan_epoch(world, 2.0)
+    assert {(m.src, m.dst) for m in moves} == {("w001", "w000")}
+    world.apply(moves)
+    assert world.busy() == ["w000"]
+
+
+def test_view_is_the_truth_lost_workers_and_vanished_requests() -> None:
+    world = World(capacity=100, num_workers=3)
+    policy = make_policy("mell", headroom_tokens=0)
+    for i in range(3):
+        got = policy.place(world, arrival(30, f"r{i}"))
+        world.place(got, f"r{i}", 30)
+    policy.plan_epoch(world, 0.0)
+    lost = world.where("r0")
+    world.status[lost] = WorkerStatus.LOST
+    world.load[lost] = {}
+    moves = policy.plan_epoch(world, 1.0)
+    assert all(lost not in (m.src, m.dst) for m in moves)
+    got = policy.place(world, arrival(10, "x"))
+    assert isinstance(got, Placement) and got.worker_id != lost
+
+
+def test_draining_worker_is_evacuated_and_gets_no_placements() -> None:
+    world = World(capacity=100, num_workers=3)
+    policy = make_policy("mell", headroom_tokens=0)
+    world.load["w000"] = {"a": 30, "b": 20}
+    world.status["w000"] = WorkerStatus.DRAINING
+    moves = policy.plan_epoch(world, 0.0)
+    assert sorted(m.request_id for m in moves) == ["a", "b"]
+    assert all(m.src == "w000" and m.dst != "w000" for m in moves)
+    got = policy.place(world, arrival(10, "c"))
+    assert isinstance(got, Placement) and got.worker_id != "w000"
+
+
+def test_overload_from_growth_evicts_the_smallest_fitting_item() -> None:
+    world = World(capacity=100, num_workers=3)
+    policy = make_policy("mell", headroom_tokens=16)  # 1 block per request per epoch
+    world.load["w000"] = {"big": 80, "mid": 12, "small": 5}
+    moves = policy.plan_epoch(world, 0.0)
+    assert [m.request_id for m in moves] == ["small"]
+
+
+def test_no_active_worker_is_a_rejection_and_view_is_not_mutated() -> None:
+    world = World(capacity=100, num_workers=1)
+    world.status["w000"] = WorkerStatus.DRAINING
+    before = repr(world.load)
+    assert isinstance(make_policy("mell").place(world, arrival(10, "r")), Rejection)
+    make_policy("mell").plan_epoch(world, 0.0)
+    assert repr(world.load) == before
+
+
+def test_redundant_moves_are_pruned_within_an_epoch() -> None:
+    # whatever the operations did, a request appears in at most one move, never src == dst
+    world = World(capacity=100, num_workers=8)
+    policy = make_policy("mell", headroom_tokens=16)
+    sizes = [55, 40, 35, 30, 20, 12, 8, 5, 5, 3]
+    for i, b in enumerate(sizes):
+        got = policy.place(world, arrival(b, f"r{i}"))
+        world.place(got, f"r{i}", b)
+    for rid in ("r1", "r4", "r6"):
+        del world.load[world.where(rid)][rid]
+    moves = policy.plan_epoch(world, 0.0)
+    ids = [m.request_id for m in moves]
+    assert len(ids) == len(set(ids))
+    assert all(m.src != m.dst and world.where(m.request_id) == m.src for m in moves)
