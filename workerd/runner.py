@@ -181,6 +181,8 @@ class ModelRunner:
             start = seq.num_computed
             if n == 1:
                 pages.append(table[start // size])
-            else:
-                pages.extend(table[p // size] for p in range(start, start + n))
+                continue
+            end = start + n
+            for j in range(start // size, (end - 1) // size + 1):  # per page, not per token
+                pages.extend([table[j]] * (min(end, (j + 1) * size) - max(start, j * size)))
         return torch.tensor(pages, dtype=torch.long, device=self.device)

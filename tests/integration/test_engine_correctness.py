@@ -122,3 +122,23 @@ def test_mell_tiny_matches_transformers(tmp_path) -> None:
     reference = reference_greedy(model, prompts, max_new)
     run = run_engine(model, prompts, max_new, max_num_batched_tokens=128)
     assert run.tokens == _expected(reference)
+
+
+def test_transformers_v4_config_spelling_gives_the_same_tokens(case, tmp_path) -> None:
+    """The checkpoint's config rewritten the v4 way (rope_theta/rope_scaling with "type",
+    torch_dtype): the engine reads the same model."""
+    import json
+    import shutil
+
+    directory, prompts, max_new, reference = case
+    for f in directory.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    config["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    run = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512)
+    assert run.tokens == _expected(reference[:6])
