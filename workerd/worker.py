@@ -195,6 +195,10 @@ class Worker:
         except MellError as err:
             self._fail(message.request_id, err.code, err.message)
             return
+        except Exception as err:  # one request's problem, not the worker's
+            log.exception("add_request_failed", request_id=message.request_id)
+            self._fail(message.request_id, ErrorCode.INTERNAL, f"cannot start request: {err!r}")
+            return
         self._tokens[message.request_id] = len(message.prompt_token_ids)
 
     def _reply(self, call_id: int) -> None:

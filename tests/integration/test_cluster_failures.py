@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,7 +106,8 @@ async def _rest(response: aiohttp.ClientResponse) -> list[bytes]:
 
 async def test_kill_worker_mid_stream(cluster: LocalCluster, client: openai.OpenAI) -> None:
     async with aiohttp.ClientSession() as s:
-        streams = [await _open_stream(s, cluster.url, i) for i in range(4)]
+        streams = await asyncio.gather(*(_open_stream(s, cluster.url, i) for i in range(4)))
+        cluster.kill_child("worker w0", signal.SIGSTOP)  # frozen mid-stream, then killed
         placed = {
             e["request_id"]: e["worker_id"]
             for e in cluster.gateway_log()

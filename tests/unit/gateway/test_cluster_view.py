@@ -8,8 +8,15 @@ from typing import Any
 import pytest
 
 from mell.common import events as ev
-from mell.common.errors import NoCapacity, Overloaded, WorkerLost
-from mell.common.messages import AbortRequest, AddRequest, RequestLoad, TokenBatch, TokenOutput
+from mell.common.errors import InvalidRequest, NoCapacity, Overloaded, WorkerLost
+from mell.common.messages import (
+    AbortRequest,
+    AddRequest,
+    RequestFailed,
+    RequestLoad,
+    TokenBatch,
+    TokenOutput,
+)
 from mell.common.sampling import SamplingParams
 from mell.gateway.cluster_state import ClusterState
 from mell.gateway.cluster_view import ClusterView, RequestState
@@ -170,6 +177,17 @@ async def test_fan_out_release_and_abort() -> None:
     d.release(s, None, "client disconnected", 2)
     assert (s.worker_id, AbortRequest(["a"])) in link.sent
     assert "a" not in state.view.requests and d.streams == {}
+
+
+async def test_worker_rejection_becomes_the_clients_error() -> None:
+    d, _, _ = make_dispatcher()
+    s = d.submit(job("a", prompt=10))
+    d.on_request_failed(
+        s.worker_id,
+        RequestFailed(request_id="a", code="BadRequestError", message="prompt too long"),
+    )
+    with pytest.raises(InvalidRequest, match="prompt too long"):
+        await s.next(1.0)
 
 
 async def test_worker_loss_fails_its_streams() -> None:
