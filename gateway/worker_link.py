@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, assert_never
 
 import structlog
 import zmq.asyncio
 
 from mell.common.config import GatewayConfig
+from mell.common.errors import MellError, NotFound
 from mell.common.events import (
     LoadReported,
     WorkerActivated,
@@ -25,19 +27,23 @@ from mell.common.events import (
     WorkerDrainStarted,
     WorkerJoined,
     WorkerLost,
+    WorkerUndrained,
 )
 from mell.common.ids import new_boot_id
 from mell.common.messages import (
     AbortRequest,
+    Drain,
     DrainCompleted,
     GatewayMessage,
     Heartbeat,
     Hello,
     LoadReport,
+    Ping,
     Rejoin,
     Reply,
     RequestFailed,
     TokenBatch,
+    Undrain,
     Welcome,
     WorkerFailed,
     WorkerMessage,
@@ -80,6 +86,39 @@ class WorkerLink:
         except PeerUnreachable:
             self.lose(worker_id, "unreachable")
             return False
+
+    async def call(
+        self, worker_id: str, make: Callable[[int], GatewayMessage], timeout_s: float = 5.0
+    ) -> None:
+        """Send `make(call_id)` and wait for the worker's reply; CallTimeout, or MellError when
+        the worker answers with an error."""
+        error = await self.calls.call(
+            lambda call_id: self.channel.send(worker_id, make(call_id)), timeout_s
+        )
+        if error is not None:
+            raise MellError(f"worker {worker_id}: {error}")
+
+    async def drain(self, worker_id: str, timeout_s: float = 5.0) -> None:
+        """Stop placing on the worker and tell it to stop admitting (it finishes what runs)."""
+        self._require(worker_id)
+        self.state.record(WorkerDrainStarted(worker_id=worker_id))
+        await self.call(worker_id, lambda call_id: Drain(call_id=call_id), timeout_s)
+
+    async def undrain(self, worker_id: str, timeout_s: float = 5.0) -> None:
+        self._require(worker_id)
+        await self.call(worker_id, lambda call_id: Undrain(call_id=call_id), timeout_s)
+        self.state.record(WorkerUndrained(worker_id=worker_id))
+
+    async def ping(self, worker_id: str, timeout_s: float = 2.0) -> float:
+        """Round-trip time through the worker's engine loop, in seconds."""
+        start = time.monotonic()
+        await self.call(worker_id, lambda call_id: Ping(call_id=call_id), timeout_s)
+        return time.monotonic() - start
+
+    def _require(self, worker_id: str) -> None:
+        row = self.view.worker_rows.get(worker_id)
+        if row is None or row.status == WorkerStatus.LOST:
+            raise NotFound(f"no live worker {worker_id!r}", param="worker_id")
 
     def lose(self, worker_id: str, reason: str) -> None:
         row = self.view.worker_rows.get(worker_id)

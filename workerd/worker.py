@@ -75,6 +75,7 @@ class Worker:
         self._drain_reported = False
         self._next_load = 0.0
         self._next_heartbeat = 0.0
+        self._load_interval_s = config.load_report_interval_s  # the gateway's epoch, once known
 
     # ------------------------------------------------------------ lifecycle
 
@@ -176,8 +177,10 @@ class Worker:
                 self._reply(call_id)
             case Ping(call_id=call_id):
                 self._reply(call_id)
-            case Welcome():
+            case Welcome(epoch_s=epoch_s):
                 self.welcomed = True
+                if epoch_s > 0:  # one load report per gateway epoch
+                    self._load_interval_s = epoch_s
                 self._next_load = 0.0  # report at once: the report activates this worker
             case Rejoin():
                 self.link.send(self._hello())
@@ -244,7 +247,7 @@ class Worker:
         now = time.monotonic()
         self.notifier.watchdog(now)
         if now >= self._next_load:
-            self._next_load = now + self.config.load_report_interval_s
+            self._next_load = now + self._load_interval_s
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             self.link.send(self._load_report())
         elif now >= self._next_heartbeat:
