@@ -26,11 +26,14 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     block_size: int = 16  # tokens per KV block (page)
-    num_kv_blocks: int = 0  # 0: derive from kv_cache_memory_bytes / the device's free memory
-    kv_cache_memory_bytes: int = 0  # 0: a default share of device memory
+    # KV pool size in blocks (per layer). 0: from kv_cache_memory_bytes; if that is 0 too, 85%
+    # of the free CUDA memory after loading the weights, or on CPU enough for max_num_seqs
+    # requests of max_model_len tokens, at most 1 GiB. max_model_len is capped to the pool.
+    num_kv_blocks: int = 0
+    kv_cache_memory_bytes: int = 0  # all layers, K and V
     max_num_seqs: int = 64  # running requests per step
     max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
-    max_model_len: int = 0  # 0: the model's max_position_embeddings
+    max_model_len: int = 0  # 0: the model's max_position_embeddings (or its sliding window)
     seed: int = 0
 
 
