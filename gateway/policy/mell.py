@@ -96,7 +96,9 @@ class _Pool:
         self.idle: list[str] = []  # ACTIVE workers free to activate
         self.released: set[str] = set()  # emptied this epoch: not reused before the moves run
         self.pinned: dict[str, tuple[str, int]] = {}  # request on a non-ACTIVE worker
+        self.moved: dict[str, None] = {}  # requests the plan moved this epoch (ordered set)
         self.clock = 0
+        self._classes: list[int] = []  # class of every size up to capacity (a lookup table)
         self.moves_left = 0  # migrations still allowed in the current operation
         self.op_moves: list[int] = []  # migrations per operation in the last epoch (for tests)
 
@@ -123,8 +125,7 @@ class _Pool:
                 continue
             self.items[wid] = dict(w.request_blocks)
             self.used[wid] = sum(w.request_blocks.values())
-            for rid in w.request_blocks:
-                self.where[rid] = self.origin[rid] = wid
+            self.where.update(dict.fromkeys(w.request_blocks, wid))
             self._relabel(wid)
             if wid in old_stamp:
                 self.stamp[wid] = old_stamp[wid]
@@ -133,30 +134,31 @@ class _Pool:
         for wid in sorted(fresh):  # adopted busy workers: newest after the known ones
             self.clock += 1
             self.stamp[wid] = self.clock
+        self.origin = dict(self.where)
+        self.moved = {}
 
     def refresh_free(self, workers: Iterable[WorkerInfo]) -> None:
         """Between epochs: take the view's free blocks and idle workers; adopt unknown ones."""
-        self.idle = []
-        for w in workers:
+        active = [w for w in workers if w.status is _ACTIVE or w.status == _ACTIVE]
+        self.caps = {w.worker_id: w.capacity_blocks for w in active}
+        self.view_free = {w.worker_id: w.num_free_blocks for w in active}
+        self.capacity = max(self.capacity, *self.caps.values()) if self.caps else self.capacity
+        items, released = self.items, self.released
+        self.idle = [
+            w.worker_id
+            for w in active
+            if not w.request_blocks and w.worker_id not in items and w.worker_id not in released
+        ]
+        for w in [w for w in active if w.request_blocks and w.worker_id not in items]:
             wid = w.worker_id
-            if w.status is not _ACTIVE and w.status != _ACTIVE:
-                self.caps.pop(wid, None)
-                continue
-            self.caps[wid] = w.capacity_blocks
-            self.capacity = max(self.capacity, w.capacity_blocks)
-            self.view_free[wid] = w.num_free_blocks
-            if wid in self.items:
-                continue
-            if w.request_blocks:  # busy in the view, unknown to the plan: adopt it
-                self.items[wid] = dict(w.request_blocks)
-                self.used[wid] = sum(w.request_blocks.values())
-                for rid in w.request_blocks:
-                    self.where[rid] = self.origin[rid] = wid
-                self._relabel(wid)
-                self.clock += 1
-                self.stamp[wid] = self.clock
-            elif wid not in self.released:
-                self.idle.append(wid)
+            # busy in the view, unknown to the plan: adopt it
+            self.items[wid] = dict(w.request_blocks)
+            self.used[wid] = sum(w.request_blocks.values())
+            for rid in w.request_blocks:
+                self.where[rid] = self.origin[rid] = wid
+            self._relabel(wid)
+            self.clock += 1
+            self.stamp[wid] = self.clock
         for wid in [w for w in self.items if w not in self.caps]:  # no longer ACTIVE
             for rid in self.items[wid]:
                 self.where.pop(rid, None)
@@ -165,7 +167,10 @@ class _Pool:
     # -- the packing ------------------------------------------------------------------------
 
     def klass(self, blocks: int) -> int:
-        return size_class(blocks, self.capacity)
+        table = self._classes
+        if len(table) != self.capacity + 1:
+            table = self._classes = [size_class(b, self.capacity) for b in range(self.capacity + 1)]
+        return table[blocks] if 0 <= blocks <= self.capacity else L
 
     def _relabel(self, wid: str) -> None:
         items = self.items.get(wid)
@@ -222,13 +227,20 @@ class _Pool:
     def best_fit(self, candidates: Iterable[str], blocks: int) -> str | None:
         """The fullest candidate that fits `blocks` (priority: best fit, then fewer requests)."""
         best, key = None, None
+        caps, used, items, view_free = self.caps, self.used, self.items, self.view_free
+        per_request = self.growth * self.place_epochs
         for wid in candidates:
-            r = self.room(wid)
+            cap = caps.get(wid)
+            if cap is None:
+                continue
+            n = len(items.get(wid, ()))
+            free = cap - used.get(wid, 0)
+            vf = view_free.get(wid, free)
+            r = (vf if vf < free else free) - math.ceil(per_request * (n + 1))
             if r < blocks:
                 continue
-            k = (r, len(self.items.get(wid, ())))
-            if key is None or k < key:
-                best, key = wid, k
+            if key is None or r < key[0] or (r == key[0] and n < key[1]):
+                best, key = wid, (r, n)
         return best
 
     def activate(self) -> str | None:
@@ -265,6 +277,7 @@ class _Pool:
         self.moves_left -= 1
         _, blocks = self.take(rid)
         self.put(rid, blocks, dst)
+        self.moved[rid] = None
         return True
 
 
@@ -279,22 +292,19 @@ class Mell:
         headroom_tokens: int = 16,
         max_moves_per_op: int = 10,
         placement: str = "fit",
-        drain_only: bool = False,
         place_epochs: float = 2.0,
-        drain_below: float = 0.0,
         repairs_per_epoch: int = 4,
     ) -> None:
         if placement not in ("fit", "paper"):
             raise TypeError(f"placement must be 'fit' or 'paper', not {placement!r}")
         self.placement = placement
-        self.drain_only = drain_only
         self.place_epochs = place_epochs
-        self.drain_below = drain_below
         self.repairs_per_epoch = repairs_per_epoch
         self.headroom_tokens = headroom_tokens
         self.max_moves_per_op = max_moves_per_op
         self._pools: dict[str, _Pool] = {}
-        self._seen: dict[str, dict[str, tuple[str, int]]] = {}  # model -> rid -> (worker, blocks)
+        # model -> ({request: worker}, {request: blocks}) as of the last epoch or placement
+        self._seen: dict[str, tuple[dict[str, str], dict[str, int]]] = {}
         self._arrived: dict[str, list[str]] = {}  # model -> requests placed since last epoch
         self.moves_by_op: dict[str, int] = {}  # planned migrations per operation kind (stats)
 
@@ -319,7 +329,9 @@ class Mell:
         rid = arrival.request_id
         pool.put(rid, blocks, wid)
         pool.origin[rid] = wid
-        self._seen.setdefault(model, {})[rid] = (wid, blocks)
+        seen_where, seen_size = self._seen.setdefault(model, ({}, {}))
+        seen_where[rid] = wid
+        seen_size[rid] = blocks
         self._arrived.setdefault(model, []).append(rid)
         return Placement(wid)
 
@@ -341,41 +353,50 @@ class Mell:
         pool.place_epochs = self.place_epochs
         pool.rebuild(workers, self.headroom_tokens)
         pool.op_moves = []
-        seen = self._seen.get(model, {})
+        seen_where, seen_size = self._seen.get(model, ({}, {}))
         arrived = self._arrived.pop(model, [])
+        where = pool.where
 
-        # 1. Departures: requests seen before and now gone.
-        for rid, (wid, blocks) in seen.items():
-            if rid not in pool.where and rid not in pool.pinned:
-                self._op(pool, self._depart, wid, pool.klass(blocks))
+        # 1. Departures: requests seen before and now gone (sorted: reproducible order).
+        for rid in sorted(seen_where.keys() - where.keys() - pool.pinned.keys()):
+            self._op(pool, self._depart, seen_where[rid], pool.klass(seen_size[rid]))
         # 2. Updates: evacuation of non-ACTIVE workers, overload, class changes.
         for rid, (_, blocks) in pool.pinned.items():
             self._op(pool, self._reallocate, rid, blocks)
-        for wid in sorted(pool.items, key=lambda w: -pool.used.get(w, 0)):
+        overloaded = [w for w in pool.items if pool.overloaded(w)]
+        for wid in sorted(overloaded, key=lambda w: -pool.used.get(w, 0)):
             self._op(pool, self._relieve, wid)
-        for rid, (_, blocks) in seen.items():
-            if rid in pool.where:
-                old, new = pool.klass(blocks), pool.klass(self._size(pool, rid))
-                if new > old and max(old, T) != max(new, T):
-                    self._op(pool, self._update, rid, new)
+        klass = pool.klass
+        grown = [
+            (rid, new)
+            for wid, items in list(pool.items.items())
+            for rid, b in items.items()
+            if b != seen_size.get(rid, b)
+            and (new := klass(b)) > T
+            and new != max(T, klass(seen_size[rid]))
+        ]
+        for rid, new in grown:
+            if rid in where:
+                self._op(pool, self._update, rid, new)
         # 3. Follow-ups of this epoch's arrivals.
         for rid in arrived:
-            wid = pool.where.get(rid)
-            if wid is not None and pool.klass(self._size(pool, rid)) == L:
+            wid = where.get(rid)
+            if wid is not None and klass(self._size(pool, rid)) == L:
                 self._op(pool, self._follow_large, wid)
         # 4. Our addition: repair workers that growth, relief or a budget-cut operation left
         #    under-full (Depart repairs only the workers a departure touched).
         for wid in self._repair_candidates(pool)[: self.repairs_per_epoch]:
             self._op(pool, self._repair, wid)
-        # 5. Our addition: release the emptiest worker when its requests fit elsewhere.
-        if self.drain_below > 0:
-            self._op(pool, self._drain_emptiest)
 
-        self._seen[model] = {rid: (wid, pool.items[wid][rid]) for rid, wid in pool.where.items()}
+        sizes: dict[str, int] = {}
+        for items in pool.items.values():
+            sizes.update(items)
+        self._seen[model] = (dict(where), sizes)
+        origin = pool.origin
         return [
-            Move(rid, pool.origin[rid], wid)
-            for rid, wid in pool.where.items()
-            if rid in pool.origin and pool.origin[rid] != wid
+            Move(rid, origin[rid], where[rid])
+            for rid in pool.moved
+            if rid in where and rid in origin and origin[rid] != where[rid]
         ]
 
     def _op(self, pool: _Pool, fn, *args) -> None:  # type: ignore[no-untyped-def]
@@ -445,6 +466,7 @@ class Mell:
             pool.moves_left -= 1
             pool.put(rid, blocks, wid)
             pool.origin[rid] = pool.pinned[rid][0]
+            pool.moved[rid] = None
         elif not pool.move(rid, wid):
             return False
         if pool.klass(blocks) == L:
@@ -490,23 +512,9 @@ class Mell:
 
     def _refill_small(self, pool: _Pool, wid: str) -> None:
         """Pull T/tiny requests (largest first, one T-sized multi-item: at most C/4 in total)
-        from the most recently activated T-GPU into `wid` until it is 3/4 full.
-
-        With `drain_only`, only when all of the newest T-GPU's requests fit (it is released)."""
+        from the most recently activated T-GPU into `wid` until it is 3/4 full."""
         src = pool.newest(T, wid)
         if src is None or (pool.label(wid) == T and pool.stamp[src] < pool.stamp[wid]):
-            return
-        if self.drain_only:
-            items = pool.items[src]
-            total = sum(items.values())
-            if (
-                len(items) > pool.moves_left
-                or total > pool.room(wid, len(items))
-                or any(pool.klass(b) > T for b in items.values())
-            ):
-                return
-            for rid in list(items):
-                pool.move(rid, wid)
             return
         budget = pool.capacity // 4
         for b, rid in sorted(((b, r) for r, b in pool.items[src].items()), reverse=True):
@@ -545,36 +553,6 @@ class Mell:
             self._refill_class(pool, wid, lab)
         if wid in pool.items and pool.fill(wid) < FULL:
             self._refill_small(pool, wid)
-
-    def _drain_emptiest(self, pool: _Pool) -> None:
-        """Move every request of the least full worker (below `drain_below` full, at most
-        `max_moves_per_op` requests) to other workers by best fit, if all of them fit: one
-        worker fewer. Refills pull into under-full workers; this pushes out of the emptiest,
-        which is what the paper's "only the newest bin is under-full" leaves behind."""
-        if len(pool.items) < 2:
-            return
-        wid = min(pool.items, key=lambda w: (pool.fill(w), -pool.stamp.get(w, 0)))
-        items = pool.items[wid]
-        if pool.fill(wid) >= self.drain_below or len(items) > pool.moves_left:
-            return
-        plan: list[tuple[str, str]] = []
-        extra: dict[str, int] = {}
-        extra_n: dict[str, int] = {}
-        for rid, b in sorted(items.items(), key=lambda kv: -kv[1]):
-            best, key = None, None
-            for w in pool.items:
-                if w == wid:
-                    continue
-                r = pool.room(w, 1 + extra_n.get(w, 0)) - extra.get(w, 0)
-                if r >= b and (key is None or r < key):
-                    best, key = w, r
-            if best is None:
-                return
-            plan.append((rid, best))
-            extra[best] = extra.get(best, 0) + b
-            extra_n[best] = extra_n.get(best, 0) + 1
-        for rid, dst in plan:
-            pool.move(rid, dst)
 
     # -- Depart -----------------------------------------------------------------------------
 

@@ -234,6 +234,7 @@ class Simulator:
         self.waiting: dict[str, list[int]] = {}  # worker -> preempted requests (FCFS)
         self.n_waiting = 0
         self.view.held = self.waiting
+        self.emptied: set[str] = set()  # workers that lost requests this epoch
         self.live: dict[int, str] = {}  # request index -> worker id
         self.placed_at = np.zeros(n, dtype=np.float64)
         self.prefill_tokens: dict[str, int] = {}  # worker -> tokens to prefill this epoch
@@ -393,7 +394,9 @@ class Simulator:
             self.finish[fin] = t_end - (gen[finished] - output[finished]) * ws[finished]
             self.state[fin] = DONE
             for i in fin.tolist():
-                view.remove(self.live.pop(i), str(i))
+                wid = self.live.pop(i)
+                view.remove(wid, str(i))
+                self.emptied.add(wid)
         keep = ~finished
         idx, gen = idx[keep], gen[keep]
         tokens = np.minimum(
@@ -412,7 +415,11 @@ class Simulator:
         preempted (its KV freed) and waits on that worker; waiting requests resume first-come
         first-served when their context fits again, re-prefilling it (recompute)."""
         view, cap, bs = self.view, self.profile.capacity_blocks, self.profile.block_size
-        for wid in set(view.busy()) | {w for w, q in self.waiting.items() if q}:
+        touched = set(view.busy()) | {w for w, q in self.waiting.items() if q} | self.emptied
+        self.emptied = set()
+        for wid in sorted(touched):  # sorted: runs are reproducible across processes
+            if wid not in view.loads:
+                continue
             load = view.loads[wid]
             used = sum(load.values())
             while used > cap and len(load) > 1:
@@ -477,7 +484,7 @@ class Simulator:
                 break
             pending = later
         self.stats["skipped"] += len(pending)
-        for wid in {m.src for m in moves if m.src in view.loads}:
+        for wid in sorted({m.src for m in moves if m.src in view.loads}):
             view.refresh(wid)
             view.release_if_empty(wid)
 
