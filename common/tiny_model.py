@@ -53,7 +53,10 @@ _FILES = (
 
 
 def ensure_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Create mell-tiny in `directory` unless all its files are there; return the directory."""
+    """Create mell-tiny in `directory` unless all its files are there; return the directory.
+
+    Safe to call from several processes at once (each file is renamed into place whole).
+    """
     directory = Path(directory)
     if not all((directory / name).is_file() for name in _FILES):
         write_tiny_model(directory, seed)
@@ -200,7 +203,10 @@ def _write_weights(path: Path, seed: int, init_std: float) -> None:
             tensors[name] = np.ones(shape, dtype=np.float32)
         else:
             tensors[name] = (rng.standard_normal(shape) * init_std).astype(np.float32)
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    tmp = _tmp_path(path)
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
+    tmp.replace(path)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -208,6 +214,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = _tmp_path(path)
     tmp.write_bytes((text + "\n").encode("utf-8"))
     tmp.replace(path)
+
+
+def _tmp_path(path: Path) -> Path:
+    # Per process: a gateway and its workers may create the same model at the same time;
+    # each writes its own temporary file and renames it (atomically) over identical bytes.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")

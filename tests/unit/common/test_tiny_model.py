@@ -117,3 +117,14 @@ def test_tiny_model_module_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_concurrent_creation_by_several_processes(tiny, tmp_path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from mell.common.tiny_model import write_tiny_model;"
+        "write_tiny_model(Path(sys.argv[1]), seed=0)"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "m")]) for _ in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert _bytes(tmp_path / "m") == _bytes(tiny)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(FILES)
