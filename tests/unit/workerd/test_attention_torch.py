@@ -81,3 +81,15 @@ def test_very_different_lengths_are_split_into_groups(monkeypatch) -> None:
     kv_lens = [1, 2, 2, 3, 3, 4, 4, 5, 200, 210, 220, 230, 2, 40]
     plan = run(q_lens, kv_lens, seed=3)
     assert len(plan.groups) >= 3
+
+
+def test_backend_choice_on_cpu() -> None:
+    import pytest
+
+    from mell.common.errors import ConfigError
+    from mell.workerd.attention import make_attention_backend
+
+    shape = AttentionShape(HQ, HKV, D, torch.float32, torch.device("cpu"))
+    assert make_attention_backend("auto", shape).name == "torch"
+    with pytest.raises(ConfigError, match="CUDA"):
+        make_attention_backend("flashinfer", shape)  # never imports flashinfer here
