@@ -41,9 +41,8 @@ def run_engine(model: Path, reqs: list[tuple[list[int], int]], concurrency: int)
     from mell.common.sampling import SamplingParams
     from mell.workerd.engine import Engine
 
-    engine = Engine(
-        EngineConfig(model=str(model), max_num_seqs=concurrency, max_num_batched_tokens=1024)
-    )
+    # EngineConfig defaults (block 16, max_num_batched_tokens 512) except the concurrency
+    engine = Engine(EngineConfig(model=str(model), max_num_seqs=concurrency))
 
     def go(batch: list[tuple[list[int], int]], tag: str) -> tuple[int, int]:
         for i, (prompt, n) in enumerate(batch):
@@ -106,7 +105,7 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads, both sides (default 1)"
     )
-    parser.add_argument("--repeat", type=int, default=3, help="runs per side; the best counts")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per side; the best counts")
     parser.add_argument("--part", choices=["engine", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -28,7 +28,7 @@ class _Group:
     end: int
     pages: torch.Tensor | None  # [B * max_pages] page ids (padded with page 0); None: fresh
     width: int  # max pages (0 when fresh)
-    mask: torch.Tensor  # [B, 1, Q, T] bool: True where attention is allowed
+    mask: torch.Tensor | None  # [B, 1, Q, T] bool, True where allowed; None: plain causal
     q_index: torch.Tensor | None  # [B, Q] flat rows of the queries (None: decode, Q == 1)
     q_valid: torch.Tensor | None  # [B, Q] bool
 
@@ -94,14 +94,15 @@ class TorchAttention(AttentionBackend):
             rows.append(list(range(start, start + q_len)) + [start + q_len - 1] * pad)
             positions.append(list(range(kv_len - q_len, kv_len)) + [kv_len - 1] * pad)
             valid.append([True] * q_len + [False] * pad)
-        q_pos = torch.tensor(positions, dtype=torch.long, device=dev)
         if fresh:
-            pages, page_width, span_len = None, 0, width
+            # Query i sees keys 0..i: plain causal attention. Padding sits at the end, where
+            # only padded queries (whose outputs are dropped) could see it.
+            pages, page_width, mask = None, 0, None
         else:
             pages, page_width = self._pages(batch.block_tables[lo:hi])
-            span_len = page_width * batch.block_size
-        span = torch.arange(span_len, device=dev)
-        mask = (span[None, None, :] <= q_pos[:, :, None])[:, None, :, :]
+            span = torch.arange(page_width * batch.block_size, device=dev)
+            q_pos = torch.tensor(positions, dtype=torch.long, device=dev)
+            mask = (span[None, None, :] <= q_pos[:, :, None])[:, None, :, :]
         return _Group(
             starts[lo],
             starts[hi],
@@ -140,7 +141,13 @@ class TorchAttention(AttentionBackend):
         else:
             qg = _rows(q, g.q_index).transpose(1, 2)  # [B, H, Q, D]
         out = F.scaled_dot_product_attention(
-            qg, k, v, attn_mask=g.mask, scale=self.shape.scale, enable_gqa=True
+            qg,
+            k,
+            v,
+            attn_mask=g.mask,
+            is_causal=g.mask is None,
+            scale=self.shape.scale,
+            enable_gqa=True,
         )
         if g.q_valid is None:
             return out.squeeze(2)
