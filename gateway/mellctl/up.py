@@ -48,6 +48,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--policy", default="least-loaded", help="placement policy")
     p.add_argument("--device", default="auto", help="worker device (auto, cpu, cuda)")
     p.add_argument("--api-key", action="append", help="require this API key; repeat")
+    p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: memory)")
     p.add_argument("--fake-token-rate", type=float, help="benchmarks only: workers without model")
     p.add_argument("--worker-timeout", type=float, help="seconds of silence: worker lost")
     p.add_argument("--startup-timeout", type=float, default=180.0)
@@ -177,6 +178,8 @@ class Cluster:
         ]
         if a.fake_token_rate:
             cmd += ["--fake-token-rate", str(a.fake_token_rate)]
+        if a.num_kv_blocks:
+            cmd += ["--num-kv-blocks", str(a.num_kv_blocks)]
         return cmd
 
     def _spawn(self, name: str, cmd: list[str], capture_stdout: bool = False) -> Child:

@@ -107,20 +107,21 @@ async def _rest(response: aiohttp.ClientResponse) -> list[bytes]:
 async def test_kill_worker_mid_stream(cluster: LocalCluster, client: openai.OpenAI) -> None:
     async with aiohttp.ClientSession() as s:
         streams = await asyncio.gather(*(_open_stream(s, cluster.url, i) for i in range(4)))
-        cluster.kill_child("worker w0", signal.SIGSTOP)  # frozen mid-stream, then killed
         placed = {
             e["request_id"]: e["worker_id"]
             for e in cluster.gateway_log()
             if e["event"] == "request_placed"
         }
-        on_w0 = {rid for rid, _ in streams if placed[rid] == "w0"}
-        assert on_w0 and len(on_w0) < 4  # least-loaded spread them over w0 and w2
-        cluster.kill_child("worker w0")
+        victim = placed[streams[0][0]]  # w0 or w2, whichever holds the first stream
+        cluster.kill_child(f"worker {victim}", signal.SIGSTOP)  # frozen mid-stream, then killed
+        doomed = {rid for rid, _ in streams if placed[rid] == victim}
+        assert len(doomed) < 4  # equal capacities: least-loaded spread them over w0 and w2
+        cluster.kill_child(f"worker {victim}")
         ends = await asyncio.gather(*(_rest(r) for _, r in streams))
     for (rid, _), events in zip(streams, ends, strict=True):
         assert events[-1] == b"[DONE]"
         last = json.loads(events[-2])
-        if rid in on_w0:
+        if rid in doomed:
             assert last["error"]["type"] == "WorkerLostError", last
         else:
             assert last["choices"][0]["finish_reason"] == "length"
@@ -128,7 +129,7 @@ async def test_kill_worker_mid_stream(cluster: LocalCluster, client: openai.Open
     assert again.choices[0].finish_reason in ("length", "stop")
     status, health = get_json(cluster.url + "/health")
     assert status == 200  # w2 still serves mell-tiny
-    assert [w["worker_id"] for w in health["lost_workers"]] == ["w0"]
+    assert [w["worker_id"] for w in health["lost_workers"]] == [victim]
     assert health["models"]["mell-tiny"] == {"joining": 0, "active": 1, "draining": 0, "lost": 1}
 
 
