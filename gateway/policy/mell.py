@@ -294,12 +294,16 @@ class Mell:
         placement: str = "fit",
         place_epochs: float = 2.0,
         repairs_per_epoch: int = 4,
+        refill: str = "fill",
     ) -> None:
         if placement not in ("fit", "paper"):
             raise TypeError(f"placement must be 'fit' or 'paper', not {placement!r}")
         self.placement = placement
         self.place_epochs = place_epochs
         self.repairs_per_epoch = repairs_per_epoch
+        if refill not in ("fill", "drain"):
+            raise TypeError(f"refill must be 'fill' or 'drain', not {refill!r}")
+        self.refill = refill
         self.headroom_tokens = headroom_tokens
         self.max_moves_per_op = max_moves_per_op
         self._pools: dict[str, _Pool] = {}
@@ -358,8 +362,12 @@ class Mell:
         where = pool.where
 
         # 1. Departures: requests seen before and now gone (sorted: reproducible order).
-        for rid in sorted(seen_where.keys() - where.keys() - pool.pinned.keys()):
-            self._op(pool, self._depart, seen_where[rid], pool.klass(seen_size[rid]))
+        departed = [
+            (seen_where[rid], pool.klass(seen_size[rid]))
+            for rid in sorted(seen_where.keys() - where.keys() - pool.pinned.keys())
+        ]
+        for wid, cls in departed:
+            self._op(pool, self._depart, wid, cls)
         # 2. Updates: evacuation of non-ACTIVE workers, overload, class changes.
         for rid, (_, blocks) in pool.pinned.items():
             self._op(pool, self._reallocate, rid, blocks)
@@ -367,12 +375,14 @@ class Mell:
         for wid in sorted(overloaded, key=lambda w: -pool.used.get(w, 0)):
             self._op(pool, self._relieve, wid)
         klass = pool.klass
+        klass(0)  # builds the lookup table
+        table, top = pool._classes, len(pool._classes)
         grown = [
             (rid, new)
-            for wid, items in list(pool.items.items())
+            for items in list(pool.items.values())
             for rid, b in items.items()
             if b != seen_size.get(rid, b)
-            and (new := klass(b)) > T
+            and (new := table[b] if b < top else L) > T
             and new != max(T, klass(seen_size[rid]))
         ]
         for rid, new in grown:
@@ -505,6 +515,8 @@ class Mell:
         src = pool.newest(cls, wid)
         if src is None or pool.stamp.get(src, 0) < pool.stamp.get(wid, 0):
             return  # `wid` is itself the newest: it is the one allowed to be under-full
+        if pool.fill(wid) >= FULL:
+            return  # our choice: a worker 3/4 full needs no refill (Theorem 2's density case)
         room = pool.room(wid)
         cands = [(b, r) for r, b in pool.items[src].items() if pool.klass(b) == cls and b <= room]
         if cands:
@@ -515,6 +527,18 @@ class Mell:
         from the most recently activated T-GPU into `wid` until it is 3/4 full."""
         src = pool.newest(T, wid)
         if src is None or (pool.label(wid) == T and pool.stamp[src] < pool.stamp[wid]):
+            return
+        if self.refill == "drain":
+            # Our variant: refill only when it empties the newest T-GPU (a worker released);
+            # otherwise the move only shifts the hole to the newest worker.
+            items = pool.items[src]
+            if (
+                len(items) <= pool.moves_left
+                and all(pool.klass(b) <= T for b in items.values())
+                and sum(items.values()) <= pool.room(wid, len(items))
+            ):
+                for rid in list(items):
+                    pool.move(rid, wid)
             return
         budget = pool.capacity // 4
         for b, rid in sorted(((b, r) for r, b in pool.items[src].items()), reverse=True):

@@ -135,6 +135,9 @@ class SimView:
             used = sum(load.values())
         p = self.profile
         model = self.model_of[wid]
+        info = self.infos[model].get(wid)
+        if info is not None and info.num_free_blocks == p.capacity_blocks - used:
+            return  # same dict object, same free count: the cached WorkerInfo is still true
         self.infos[model][wid] = WorkerInfo(
             wid,
             model,
@@ -230,7 +233,7 @@ class Simulator:
         self.stall = np.zeros(n, dtype=np.float64)
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
-        self.wid_of: dict[int, str] = {}
+        self.rids = [str(i) for i in range(n)]  # request ids as the policies see them
         self.waiting: dict[str, list[int]] = {}  # worker -> preempted requests (FCFS)
         self.n_waiting = 0
         self.view.held = self.waiting
@@ -406,8 +409,9 @@ class Simulator:
         blocks = -(-tokens // bs)
         changed = blocks != self.blocks[idx]
         self.blocks[idx] = blocks
+        live, rids, loads = self.live, self.rids, view.loads
         for i, b in zip(idx[changed].tolist(), blocks[changed].tolist(), strict=True):
-            view.loads[self.live[i]][str(i)] = b
+            loads[live[i]][rids[i]] = b
         self._preempt_and_resume(t_end)
 
     def _preempt_and_resume(self, t_end: float) -> None:
