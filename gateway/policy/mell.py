@@ -13,32 +13,52 @@ view is the truth: departed requests, lost workers and unknown requests are all 
 rebuild), then runs the epoch's operations in the paper's batching order into one move buffer:
 
 1. Depart for every request that vanished since the last epoch (refills);
-2. Update for growth: class changes and overload (a worker whose usage plus one epoch of growth
-   headroom exceeds its capacity), and evacuation of DRAINING workers;
-3. the follow-ups of this epoch's Allocates (arrivals were placed at once by `place`; an L arrival
-   pulls an S/M companion and T fill into its new worker here).
+2. Update for growth: evacuation of non-ACTIVE (DRAINING) workers, overload (a worker that
+   cannot absorb one more epoch of growth), class changes (T→S, S→M, →L);
+3. the follow-ups of this epoch's Allocates (arrivals were placed at once by `place`; an L
+   arrival pulls an S/M companion and T fill into its worker here);
+4. (ours) repair of up to `repairs_per_epoch` under-full workers that Theorem 1 says should not
+   be (a lone L, an M/S-GPU short of its count, a T-GPU that is not the newest), emptiest
+   first: growth, relief and the per-operation move cap leave such workers that no departure
+   touches.
 
 The buffer is pruned by construction: a move is (where the truth has it) → (where the plan has
 it), so A→B then B→C is A→C, A→B→A is nothing, and a departed request has no move.
 
 Choices where the paper is silent (each also noted where it is made):
-- Growth headroom: a worker "fits" an item only if, after it, every request on the worker can
-  still grow `headroom_tokens` (one epoch of decoding) without exceeding capacity.
+- Growth headroom: a worker "fits" an item only if, afterwards, every request on it can still
+  grow `headroom_tokens` per epoch for `place_epochs` epochs (default 2). Relief starts only when
+  one more epoch would overflow, so a placement is not undone at the next epoch (hysteresis).
 - Overflow fallback (growth of small items on a full worker, which Fig. 10 does not cover):
-  evict the smallest items of the overloaded worker and re-Allocate them. Smallest first because
-  they are the cheapest to move and the likeliest to fit elsewhere, and the large item that
-  defines the worker's label stays.
+  evict the smallest item that alone restores the placement headroom (else the largest that is
+  not the worker's own largest) and re-Allocate it; never the worker's last item. One move
+  instead of one per epoch; the item defining the worker's label stays.
+- Placement (`placement="fit"`, default): S/M items first join a lone L (the paper's L+M / L+S
+  pairing), otherwise every class goes to the fullest worker that fits (best fit), and a new
+  worker is opened only when none fits. `placement="paper"` follows Fig. 10 literally (L on a
+  new worker or beside T items, S/M on the newest S/M-GPU of their class, T on L/M/S-GPUs then
+  the newest T-GPU). On the Azure traces (bench/fig11.py settings) the literal rule reaches
+  about the same peak but a 2-3% higher time-average and 20-25% more migrations: placing is
+  free, while the class segregation has to be bought back with refills.
 - Priorities: "higher priority" = the fullest worker that still fits (best fit), ties by fewer
   requests; the objective is packing, and best fit leaves the largest holes elsewhere.
-- T items may also go on S-GPUs and M-GPUs that fit (not only L-GPUs), and on any T-GPU that
-  fits before a new one is opened: placements, not migrations, so they cost nothing and only
-  make bins fuller.
+- Before opening a worker, an item may also go to any busy worker it makes at least 3/4 full.
+- Class changes and refills leave a worker alone when it is at least 3/4 full: Theorem 2's
+  "every bin 3/4 full" argument already covers it, and a move would only cost a migration.
 - Tiny requests are not tracked as explicit bundles: a refill moves tiny/T requests largest first
-  up to C/4 in total, which is exactly one T-sized multi-item per refill.
+  up to C/4 in total, which is exactly one T-sized multi-item per refill (`refill="drain"`
+  instead refills only when that empties the newest T-GPU: half the migrations, looser packing).
 - At most `max_moves_per_op` (10, Theorem 3) request migrations per operation; an operation that
   would need more stops there (the rest is repaired by later epochs).
 - When no idle worker is left to activate (a fixed live pool), an item that needs a new worker
   goes to the best-fitting busy worker instead, or stays where it is.
+- Capacity C for the class thresholds is the largest capacity in the pool; fits use each
+  worker's own capacity (and the smaller of the planned and the reported free blocks).
+
+Live use: `place` answers at once; `plan_epoch` returns moves with kind "auto" (see
+`migration_choice.choose_transfers`). Moves are advice for one epoch: the next epoch re-reads the
+view, so a move that was not run (deferred, failed, request finished) is simply planned again or
+dropped; there is nothing to acknowledge.
 """
 
 from __future__ import annotations
