@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from mell.workerd.attention import AttentionBackend, AttentionBatch, AttentionShape
 
-# Fixed cost of one more group, in (query, key) pairs: below this saving, do not split.
-GROUP_OVERHEAD_PAIRS = 4096
-MAX_SPLIT_DEPTH = 2  # at most 4 groups per part
+# Fixed cost of one more group (a few op launches), in (query, key) pairs of a model with
+# num_kv_heads * head_dim == 64: a split must save more than this; wider models split sooner.
+GROUP_OVERHEAD_PAIRS = 2048
+MAX_SPLIT_DEPTH = 3  # at most 8 groups per part
 
 
 @dataclass(slots=True)
@@ -52,8 +53,11 @@ class TorchAttention(AttentionBackend):
         starts = [0]
         for q_len in batch.q_lens:
             starts.append(starts[-1] + q_len)
-        groups = [self._decode_group(batch, lo, hi) for lo, hi in _split(batch, 0, nd)]
-        groups += [self._prefill_group(batch, lo, hi, starts) for lo, hi in _split(batch, nd, n)]
+        overhead = GROUP_OVERHEAD_PAIRS * 64 // (self.shape.num_kv_heads * self.shape.head_dim)
+        groups = [self._decode_group(batch, lo, hi) for lo, hi in _split(batch, 0, nd, overhead)]
+        groups += [
+            self._prefill_group(batch, lo, hi, starts) for lo, hi in _split(batch, nd, n, overhead)
+        ]
         return TorchPlan(groups)
 
     def forward(
@@ -169,7 +173,9 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(x, 0, index.view(-1)).view(*index.shape, *x.shape[1:])
 
 
-def _split(batch: AttentionBatch, lo: int, hi: int, depth: int = 0) -> list[tuple[int, int]]:
+def _split(
+    batch: AttentionBatch, lo: int, hi: int, overhead: int, depth: int = 0
+) -> list[tuple[int, int]]:
     """Cut requests lo..hi into groups whose padded area (n × max q × max kv) is small."""
     if hi - lo < 2 or depth >= MAX_SPLIT_DEPTH:
         return [(lo, hi)] if hi > lo else []
@@ -190,10 +196,10 @@ def _split(batch: AttentionBatch, lo: int, hi: int, depth: int = 0) -> list[tupl
     whole = (hi - lo) * pq[-1] * pk[-1]
     best, best_cost = 0, whole
     for j in range(1, hi - lo):
-        cost = j * pq[j] * pk[j] + (hi - lo - j) * sq[j] * sk[j] + GROUP_OVERHEAD_PAIRS
+        cost = j * pq[j] * pk[j] + (hi - lo - j) * sq[j] * sk[j] + overhead
         if cost < best_cost:
             best, best_cost = j, cost
     if not best:
         return [(lo, hi)]
     mid = lo + best
-    return _split(batch, lo, mid, depth + 1) + _split(batch, mid, hi, depth + 1)
+    return _split(batch, lo, mid, overhead, depth + 1) + _split(batch, mid, hi, overhead, depth + 1)
