@@ -10,7 +10,7 @@ VOCAB = 384
 
 
 def make_checkpoint(directory: Path, kind: str, seed: int = 0) -> Path:
-    """Write a random float32 checkpoint of `kind` ("llama", "llama-gqa-llama3", "qwen2")."""
+    """A random float32 checkpoint: "llama", "llama-gqa-llama3", "mistral" or "qwen2"."""
     import transformers
 
     torch.manual_seed(seed)
@@ -46,6 +46,11 @@ def make_checkpoint(directory: Path, kind: str, seed: int = 0) -> Path:
             **common,
         )
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(
+            num_attention_heads=8, num_key_value_heads=2, sliding_window=4096, **common
+        )
+        model = transformers.MistralForCausalLM(cfg)
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(
             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **common

@@ -1,7 +1,7 @@
 """Greedy outputs of the engine equal transformers `generate`, token for token.
 
-Three tiny random checkpoints written by transformers itself (float32): Llama with full MHA,
-Llama with GQA and llama3 RoPE scaling, Qwen2 with q/k/v biases and tied embeddings. 20
+Tiny random checkpoints written by transformers itself (float32): Llama with full MHA, Llama
+with GQA and llama3 RoPE scaling, Qwen2 with q/k/v biases and tied embeddings, Mistral (GQA). 20
 requests submitted at once with prompts of 1..300 tokens, chunked prefill forced on by a step
 budget below the longest prompt: once with a roomy KV pool (at least 16 requests running at
 the same time) and once with a pool so small that requests are preempted and recomputed.
@@ -23,7 +23,7 @@ from mell.workerd.engine import Engine
 
 pytestmark = pytest.mark.slow
 
-KINDS = ["llama", "llama-gqa-llama3", "qwen2"]
+KINDS = ["llama", "llama-gqa-llama3", "qwen2", "mistral"]
 NUM_REQUESTS = 20
 
 
