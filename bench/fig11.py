@@ -48,7 +48,14 @@ def _run(job: tuple[str, str, list[str], float, float, str]) -> dict:
 
     profile = load_profile(PROFILES[prof_key])
     trace = load_traces(files, scale_time=scale_time, scale_len=scale_len, max_len=profile.max_len)
-    policy = sim_policy(policy_name, profile, EPOCH_S)
+    import os
+
+    # Exploration knobs (not used for the published table): MELL options, and the growth
+    # reserve (in epochs) that every policy keeps.
+    opts = json.loads(os.environ.get("MELL_OPTS", "{}")) if policy_name == "mell" else {}
+    if "PLACE_EPOCHS" in os.environ:
+        opts["place_epochs"] = float(os.environ["PLACE_EPOCHS"])
+    policy = sim_policy(policy_name, profile, EPOCH_S, **opts)
     r = Simulator(trace, profile, policy, epoch_s=EPOCH_S, sample_series=False).run()
     out = r.summary()
     out.update(profile=prof_key, trace=trace_name, scale_time=scale_time, scale_len=scale_len)

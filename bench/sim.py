@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ def main() -> int:
     ap.add_argument("--scale-time", type=float, default=1.0)
     ap.add_argument("--scale-len", type=float, default=2.0)
     ap.add_argument("--epoch", type=float, default=0.5)
-    ap.add_argument("--jobs", type=int, default=1, help="policies run in parallel processes")
+    ap.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="policies run in N processes at once"
+    )
     args = ap.parse_args()
     files = [args.traces / f"AzureLLMInferenceTrace_{n}.csv" for n in ("code", "conv")]
     profile = load_profile(args.profile)
