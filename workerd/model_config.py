@@ -9,7 +9,7 @@ default/linear/llama3) is a ModelError that names it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +65,6 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def with_max_model_len(self, max_model_len: int) -> ModelConfig:
-        from dataclasses import replace
-
         return replace(self, max_model_len=max_model_len)
 
 
