@@ -137,5 +137,5 @@ def run(args: argparse.Namespace) -> int:
             print(line)
     if args.plot:
         plot(results, args.plot, header.split(";")[0])
-        print(f"plot: {args.plot}")
+        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
