@@ -41,6 +41,26 @@ class TransferModel:
     prefill_fraction: float = 0.25
     latency_s: float = 0.001
 
+    @classmethod
+    def uniform(
+        cls,
+        kv_bytes_per_token: int,
+        bytes_per_s: float,
+        prefill_tokens_per_s: float,
+        epoch_s: float,
+        **kwargs: float,
+    ) -> TransferModel:
+        """One bandwidth for every pair of workers and one re-prefill speed for every
+        destination (a single machine, or before the workers' boundaries are measured)."""
+        return cls(
+            kv_bytes_per_token=kv_bytes_per_token,
+            link_of=_same_link,
+            link_bytes_per_s={"link": bytes_per_s},
+            default_prefill_tps=prefill_tokens_per_s,
+            epoch_s=epoch_s,
+            **kwargs,
+        )
+
     def prefill_tps(self, dst: str) -> float:
         return self.prefill_tokens_per_s.get(dst, self.default_prefill_tps)
 
@@ -113,3 +133,7 @@ def _take(left: dict[str, float], key: str, amount: float, full: float) -> bool:
         left[key] = max(0.0, left[key] - amount) if left[key] >= amount else -1.0
         return True
     return False
+
+
+def _same_link(src: str, dst: str) -> str:
+    return "link"

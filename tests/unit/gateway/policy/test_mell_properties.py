@@ -32,7 +32,7 @@ def run_world(
     epochs: int,
 ) -> tuple[int, int]:
     rng = random.Random(seed)
-    world = World(capacity=capacity, block_size=16, num_workers=80)
+    world = World(capacity=capacity, block_size=16, num_workers=256)  # never exhausted
     policy = make_policy("mell", headroom_tokens=growth_blocks * 16)
     live: list[str] = []
     final: dict[str, int] = {}  # a request never outgrows what one worker holds

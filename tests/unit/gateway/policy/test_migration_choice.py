@@ -59,3 +59,9 @@ def test_kv_bytes_per_token_from_model_shape() -> None:
 
     assert load_profile("llama2-7b-rtx4090").model.kv_bytes_per_token == MIB // 2
     assert load_profile("llama3-8b-h100-80g").model.kv_bytes_per_token == 128 * 1024
+
+
+def test_uniform_model_for_a_single_machine() -> None:
+    m = TransferModel.uniform(MIB // 2, 20e9, 6000.0, 0.25)
+    plan = choose_transfers([Move("a", "w0", "w1"), Move("b", "w2", "w3")], {"a": 500, "b": 10}, m)
+    assert [mv.request_id for mv in plan.kv] == ["a", "b"]
