@@ -8,7 +8,8 @@ minimal aiohttp SSE server (uvloop, like the gateway) that streams the same comp
 from memory on the same grid. Each in its own process; the client is this process (uvloop, raw
 asyncio protocol: it only counts chunks and timestamps them).
 
-Two phases, both with `--streams` concurrent streams, the limit first, then the gateway:
+Two phases, both with `--streams` concurrent streams, the limit and the gateway alternating for
+`--repeat` rounds (each path's best round is kept: lowest p99, highest tokens/s):
 - latency: R = --rate tokens/s per stream. Every token is emitted at a grid point, so its
   latency is its arrival time minus the last grid point before it. Added latency = gateway
   percentile minus limit percentile (p50, p99).
@@ -275,15 +276,24 @@ async def measure(args: argparse.Namespace, limit_url: str, gw_url: str) -> dict
         ("latency", args.rate, args.tokens, "mell-tiny"),
         ("throughput", args.fast_rate, args.fast_tokens, "tiny-fast"),
     ):
-        for path, url in (("limit", limit_url), ("gateway", gw_url)):
-            elapsed, results = await run_streams(url, args.streams, rate, tokens, model)
-            out[f"{phase}_{path}"] = summarize(elapsed, results, skip_first=True)
-            print(
-                f"{phase:10s} {path:8s} streams={args.streams} rate={rate:g}/s "
-                f"{out[f'{phase}_{path}']}",
-                flush=True,
-            )
+        for _ in range(args.repeat):  # alternate the two paths; keep each one's best round
+            for path, url in (("limit", limit_url), ("gateway", gw_url)):
+                elapsed, results = await run_streams(url, args.streams, rate, tokens, model)
+                got = summarize(elapsed, results, skip_first=True)
+                print(
+                    f"{phase:10s} {path:8s} streams={args.streams} rate={rate:g}/s {got}",
+                    flush=True,
+                )
+                key = f"{phase}_{path}"
+                if key not in out or _better(phase, got, out[key]):
+                    out[key] = got
     return out
+
+
+def _better(phase: str, new: dict, old: dict) -> bool:
+    if phase == "latency":
+        return new["p99_ms"] < old["p99_ms"]
+    return new["tokens_per_s"] > old["tokens_per_s"]
 
 
 def main() -> int:
@@ -293,6 +303,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=100, help="tokens per stream (latency)")
     p.add_argument("--fast-rate", type=float, default=1000.0, help="tokens/s per stream (tput)")
     p.add_argument("--fast-tokens", type=int, default=400, help="tokens per stream (tput)")
+    p.add_argument("--repeat", type=int, default=2, help="rounds per phase (best is kept)")
     p.add_argument("--limit-server", metavar="DATA_DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.limit_server:
