@@ -246,21 +246,26 @@ class _Pool:
 
     def best_fit(self, candidates: Iterable[str], blocks: int) -> str | None:
         """The fullest candidate that fits `blocks` (priority: best fit, then fewer requests)."""
-        best, key = None, None
+        best, best_r, best_n = None, 0, 0
         caps, used, items, view_free = self.caps, self.used, self.items, self.view_free
         per_request = self.growth * self.place_epochs
+        ceil = math.ceil
         for wid in candidates:
             cap = caps.get(wid)
             if cap is None:
                 continue
-            n = len(items.get(wid, ()))
-            free = cap - used.get(wid, 0)
-            vf = view_free.get(wid, free)
-            r = (vf if vf < free else free) - math.ceil(per_request * (n + 1))
+            its = items.get(wid)
+            n = len(its) if its else 0
+            free = cap - used[wid] if its else cap
+            if view_free:
+                v = view_free.get(wid, free)
+                if v < free:
+                    free = v
+            r = free - ceil(per_request * (n + 1))
             if r < blocks:
                 continue
-            if key is None or r < key[0] or (r == key[0] and n < key[1]):
-                best, key = wid, (r, n)
+            if best is None or r < best_r or (r == best_r and n < best_n):
+                best, best_r, best_n = wid, r, n
         return best
 
     def activate(self) -> str | None:
@@ -281,13 +286,16 @@ class _Pool:
             self.clock += 1
             self.stamp[wid] = self.clock
         self.released.discard(wid)
-        self._relabel(wid)
+        cls = max(T, self.klass(blocks))
+        if cls > self.labels.get(wid, -1):
+            self.labels[wid] = cls
 
     def take(self, rid: str) -> tuple[str, int]:
         wid = self.where.pop(rid)
         blocks = self.items[wid].pop(rid)
         self.used[wid] -= blocks
-        self._relabel(wid)
+        if not self.items[wid] or max(T, self.klass(blocks)) >= self.labels.get(wid, -1):
+            self._relabel(wid)
         return wid, blocks
 
     def move(self, rid: str, dst: str) -> bool:
