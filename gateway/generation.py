@@ -3,7 +3,9 @@
 `TextOutput` turns token outputs into text (incremental detokenization, stop strings held back,
 logprobs). `respond` runs one placed request to its end; its `finally` is the one place a
 request ends (`Dispatcher.release`), whether it finished, failed, or its client went away (aiohttp
-cancels the handler then: `handler_cancellation=True`).
+cancels the handler then: `handler_cancellation=True`). Errors before the first token are HTTP
+errors (the response starts only with the first token); a worker lost before the first token is
+retried on another worker, since the client has seen nothing yet.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiohttp import web
 
-from mell.common.errors import MellError, RequestAborted
+from mell.common.errors import MellError, RequestAborted, WorkerLost
 from mell.common.messages import TokenOutput
 from mell.gateway.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
 from mell.gateway.detokenizer import Detokenizer
@@ -24,7 +27,9 @@ from mell.gateway.errors import error_event
 from mell.gateway.stop_strings import StopMatcher
 from mell.gateway.stream import RequestStream, StreamTimeout
 
+log = structlog.get_logger("mell.gateway")
 Format = ChatFormat | CompletionFormat
+MAX_PLACEMENTS = 2  # placements of a request whose worker is lost before its first token
 HIGH_WATER = 256 * 1024  # bytes buffered for a client before its handler takes over
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -92,15 +97,40 @@ async def respond(
     timeout_s: float,
 ) -> web.StreamResponse:
     """Place the request and answer it; the request always ends in `release`."""
-    stream = dispatcher.submit(job)
+    stream, outputs = await _start(dispatcher, job, timeout_s)
     text = TextOutput(fmt, stops, want_logprobs)
     outcome = Outcome()
     try:
         if stream_mode:
-            return await _sse(request, stream, fmt, text, include_usage, timeout_s, outcome)
-        return await _collect(stream, fmt, text, timeout_s, outcome)
+            return await _sse(
+                request, stream, outputs, fmt, text, include_usage, timeout_s, outcome
+            )
+        return await _collect(stream, outputs, fmt, text, timeout_s, outcome)
     finally:
         dispatcher.release(stream, outcome.finish_reason, outcome.reason, text.num_generated)
+
+
+async def _start(
+    dispatcher: Dispatcher, job: Job, timeout_s: float
+) -> tuple[RequestStream, list[TokenOutput]]:
+    """Place the request and wait for its first outputs. A worker lost before producing any
+    token costs the client nothing: the request is placed again (up to MAX_PLACEMENTS)."""
+    for attempt in range(1, MAX_PLACEMENTS + 1):
+        stream = dispatcher.submit(job)
+        try:
+            return stream, await _next(stream, timeout_s)
+        except WorkerLost as err:
+            dispatcher.release(stream, None, err.message, 0)
+            if attempt == MAX_PLACEMENTS:
+                raise
+            log.info("request_replaced", request_id=job.request_id, lost=stream.worker_id)
+        except MellError as err:
+            dispatcher.release(stream, None, err.message, 0)
+            raise
+        except BaseException:
+            dispatcher.release(stream, None, "client disconnected", 0)
+            raise
+    raise AssertionError("unreachable")
 
 
 async def _next(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
@@ -163,13 +193,13 @@ class SseWriter:
 async def _sse(
     request: web.Request,
     stream: RequestStream,
+    outputs: list[TokenOutput],
     fmt: Format,
     text: TextOutput,
     include_usage: bool,
     timeout_s: float,
     outcome: Outcome,
 ) -> web.StreamResponse:
-    outputs = await _next(stream, timeout_s)  # errors before the first token: HTTP status
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     writer = SseWriter(fmt, text, include_usage, stream.num_prompt_tokens)
@@ -201,16 +231,24 @@ async def _end_with_error(response: web.StreamResponse, err: MellError) -> None:
 
 
 async def _collect(
-    stream: RequestStream, fmt: Format, text: TextOutput, timeout_s: float, outcome: Outcome
+    stream: RequestStream,
+    outputs: list[TokenOutput],
+    fmt: Format,
+    text: TextOutput,
+    timeout_s: float,
+    outcome: Outcome,
 ) -> web.Response:
     parts: list[str] = []
     logprobs: list[Any] = []
     try:
-        while text.finish_reason is None:
-            piece, lp = text.feed(await _next(stream, timeout_s))
+        while True:
+            piece, lp = text.feed(outputs)
             parts.append(piece)
             if lp is not None:
                 logprobs.append(lp)
+            if text.finish_reason is not None:
+                break
+            outputs = await _next(stream, timeout_s)
     except MellError as err:
         outcome.reason = err.message
         raise

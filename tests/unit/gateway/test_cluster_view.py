@@ -196,3 +196,24 @@ async def test_worker_loss_fails_its_streams() -> None:
     d.on_worker_lost(s.worker_id, "silent")
     with pytest.raises(WorkerLost):
         await asyncio.wait_for(s.next(1.0), 1.0)
+
+
+async def test_request_is_placed_again_when_its_worker_dies_before_the_first_token() -> None:
+    from mell.gateway.generation import _start
+
+    d, link, state = make_dispatcher()
+    starting = asyncio.create_task(_start(d, job("a", prompt=10), 5.0))
+    await asyncio.sleep(0)
+    first = d.streams["a"].worker_id
+    d.on_worker_lost(first, "silent")
+    state.record(ev.WorkerLost(worker_id=first, reason="silent"))
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if "a" in d.streams and d.streams["a"].worker_id != first:
+            break
+    second = d.streams["a"].worker_id
+    assert second != first
+    d.on_token_batch(second, TokenBatch(1, [TokenOutput("a", 0, [4], None, None, 10)]))
+    stream, outputs = await starting
+    assert stream.worker_id == second and outputs[0].token_ids == [4]
+    assert [w for w, m in link.sent if isinstance(m, AddRequest)] == [first, second]
