@@ -178,7 +178,9 @@ class Dispatcher:
         streams = self.streams
         for out in batch.outputs:
             stream = streams.get(out.request_id)
-            if stream is None:
+            if stream is None or stream.worker_id != worker_id:
+                # Nobody waits for it, or it lives elsewhere now (placed again after this
+                # worker was declared lost): stop it here.
                 if out.finish_reason is None:
                     unknown.append(out.request_id)
                 continue

@@ -224,7 +224,10 @@ class WorkerLink:
             )
         self._last_seen[peer] = time.monotonic()
         self.send(peer, Welcome(gateway_boot_id=self.boot_id, epoch_s=self.config.epoch_s))
-        orphans = [r for r in hello.request_ids if r not in self.view.requests]
+        requests = self.view.requests
+        orphans = [
+            r for r in hello.request_ids if r not in requests or requests[r].worker_id != peer
+        ]
         if orphans:  # held for clients of an earlier gateway: nobody reads them
             self.send(peer, AbortRequest(orphans))
 

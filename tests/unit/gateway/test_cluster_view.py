@@ -217,3 +217,12 @@ async def test_request_is_placed_again_when_its_worker_dies_before_the_first_tok
     stream, outputs = await starting
     assert stream.worker_id == second and outputs[0].token_ids == [4]
     assert [w for w, m in link.sent if isinstance(m, AddRequest)] == [first, second]
+
+
+async def test_outputs_from_a_worker_that_no_longer_holds_the_request_are_dropped() -> None:
+    d, link, _ = make_dispatcher()
+    s = d.submit(job("a", prompt=10))
+    other = "w1" if s.worker_id == "w0" else "w0"
+    d.on_token_batch(other, TokenBatch(1, [TokenOutput("a", 0, [9], None, None, 10)]))
+    assert s.next_index == 0
+    assert (other, AbortRequest(["a"])) in link.sent
