@@ -3,8 +3,9 @@
     mellctl up [--workers N] [--model DIR|mell-tiny]... [--port P] [--data-dir D] [--policy NAME]
 
 Creates mell-tiny on first use, starts the gateway, then the workers (split across the models),
-prints one line with the URL once /health says every model is served, and stops every child on
-Ctrl-C or SIGTERM. If a child does not start, it exits 1 naming that child and its log file.
+prints one line with the URL once /health says every model is served and every worker is active,
+and stops every child on Ctrl-C or SIGTERM. If a child does not start, it exits 1 naming that
+child and its log file.
 Children log to DATA_DIR/logs/; the pids are in DATA_DIR/up.json.
 """
 
@@ -217,7 +218,7 @@ class Cluster:
             for child in self.children:
                 if child.proc.poll() is not None:
                     raise self._failed(child)
-            if _healthy(url):
+            if _healthy(url, self.args.workers):
                 return
             time.sleep(0.1)
         if stop:
@@ -242,9 +243,11 @@ class Cluster:
         (self.data_dir / "up.json").write_text(json.dumps(state, indent=1))
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, num_workers: int) -> bool:
+    """Every model served and every worker active."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1.0) as response:
-            return response.status == 200
-    except OSError:
+            body = json.loads(response.read())
+    except (OSError, ValueError):
         return False
+    return sum(m.get("active", 0) for m in body.get("models", {}).values()) >= num_workers
