@@ -33,13 +33,20 @@ Choices where the paper is silent (each also noted where it is made):
   evict the smallest item that alone restores the placement headroom (else the largest that is
   not the worker's own largest) and re-Allocate it; never the worker's last item. One move
   instead of one per epoch; the item defining the worker's label stays.
-- Placement (`placement="fit"`, default): S/M items first join a lone L (the paper's L+M / L+S
-  pairing), otherwise every class goes to the fullest worker that fits (best fit), and a new
-  worker is opened only when none fits. `placement="paper"` follows Fig. 10 literally (L on a
-  new worker or beside T items, S/M on the newest S/M-GPU of their class, T on L/M/S-GPUs then
-  the newest T-GPU). On the Azure traces (bench/fig11.py settings) the literal rule reaches
-  about the same peak but a 2-3% higher time-average and 20-25% more migrations: placing is
-  free, while the class segregation has to be bought back with refills.
+- Placement (`placement="pair"`, default): S/M items first join a lone L (the paper's L+M /
+  L+S pairing), otherwise every class goes to the fullest worker that fits (best fit), and a
+  new worker is opened only when none fits; `placement="bestfit"` skips the pairing step.
+  `placement="paper"` follows Fig. 10 literally (L on a new worker or beside T items, S/M on
+  the newest S/M-GPU of their class, T on L/M/S-GPUs then the newest T-GPU). On the Azure
+  traces (bench/fig11.py settings) the literal rule reaches about the same peak but a 2-3%
+  higher time-average and 20-25% more migrations: placing is free, while the class
+  segregation has to be bought back with refills.
+- Requests placed within the last `settle_epochs` epochs (default 1) are not moved by refills
+  or companion pulls, and relief takes them last: they are still being prefilled, and many
+  short requests leave before a refill would pay off.
+- L departure: the paper evicts and re-Allocates everything else so the worker is released; we
+  do that only when everything fits on other busy workers (moving onto a newly opened worker
+  would cost migrations and release nothing); otherwise the worker is repaired like any other.
 - Priorities: "higher priority" = the fullest worker that still fits (best fit), ties by fewer
   requests; the objective is packing, and best fit leaves the largest holes elsewhere.
 - Before opening a worker, an item may also go to any busy worker it makes at least 3/4 full.
@@ -117,6 +124,7 @@ class _Pool:
         self.released: set[str] = set()  # emptied this epoch: not reused before the moves run
         self.pinned: dict[str, tuple[str, int]] = {}  # request on a non-ACTIVE worker
         self.moved: dict[str, None] = {}  # requests the plan moved this epoch (ordered set)
+        self.young: set[str] = set()  # placed within `settle_epochs`: refills leave them alone
         self.clock = 0
         self._classes: list[int] = []  # class of every size up to capacity (a lookup table)
         self.moves_left = 0  # migrations still allowed in the current operation
@@ -319,19 +327,22 @@ class Mell:
         self,
         headroom_tokens: int = 16,
         max_moves_per_op: int = 10,
-        placement: str = "fit",
+        placement: str = "pair",
         place_epochs: float = 2.0,
         repairs_per_epoch: int = 4,
         refill: str = "fill",
+        settle_epochs: int = 1,
     ) -> None:
-        if placement not in ("fit", "paper"):
-            raise TypeError(f"placement must be 'fit' or 'paper', not {placement!r}")
+        if placement not in ("pair", "bestfit", "paper"):
+            raise TypeError(f"placement must be 'pair', 'bestfit' or 'paper', not {placement!r}")
         self.placement = placement
         self.place_epochs = place_epochs
         self.repairs_per_epoch = repairs_per_epoch
         if refill not in ("fill", "drain"):
             raise TypeError(f"refill must be 'fill' or 'drain', not {refill!r}")
         self.refill = refill
+        self.settle_epochs = settle_epochs
+        self._recent: dict[str, list[list[str]]] = {}  # model -> arrivals of the last epochs
         self.headroom_tokens = headroom_tokens
         self.max_moves_per_op = max_moves_per_op
         self._pools: dict[str, _Pool] = {}
@@ -388,6 +399,10 @@ class Mell:
         seen_where, seen_size = self._seen.get(model, ({}, {}))
         arrived = self._arrived.pop(model, [])
         where = pool.where
+        recent = self._recent.setdefault(model, [])
+        recent.append(arrived)
+        del recent[: max(0, len(recent) - self.settle_epochs)]
+        pool.young = {rid for batch in recent for rid in batch} if self.settle_epochs else set()
 
         # 1. Departures: requests seen before and now gone (sorted: reproducible order).
         departed = [
@@ -455,13 +470,13 @@ class Mell:
         cls = pool.klass(blocks)
         busy = [w for w in pool.items if w != exclude]
         wid: str | None = None
-        if cls in (M, S):
+        if cls in (M, S) and self.placement != "bestfit":
             # The L+M / L+S pairing of the paper: a lone L takes an S/M companion first.
             lone_large = [
                 w for w in busy if pool.label(w) == L and pool.count(w, M) + pool.count(w, S) == 0
             ]
             wid = pool.best_fit(lone_large, blocks)
-        if wid is None and self.placement == "fit":
+        if wid is None and self.placement in ("pair", "bestfit"):
             wid = pool.best_fit(busy, blocks)
         elif wid is None and cls == L:
             # An L may join T items (an L-GPU with T companions is a valid packing).
@@ -529,7 +544,12 @@ class Mell:
             if lab not in (M, S) or src == wid:
                 continue
             for rid, b in pool.items[src].items():
-                if pool.klass(b) in (M, S) and b <= room and (best is None or b > best[0]):
+                if (
+                    pool.klass(b) in (M, S)
+                    and b <= room
+                    and rid not in pool.young
+                    and (best is None or b > best[0])
+                ):
                     best = (b, rid, src)
         if best is None:
             return
@@ -546,7 +566,11 @@ class Mell:
         if pool.fill(wid) >= FULL:
             return  # our choice: a worker 3/4 full needs no refill (Theorem 2's density case)
         room = pool.room(wid)
-        cands = [(b, r) for r, b in pool.items[src].items() if pool.klass(b) == cls and b <= room]
+        cands = [
+            (b, r)
+            for r, b in pool.items[src].items()
+            if pool.klass(b) == cls and b <= room and r not in pool.young
+        ]
         if cands:
             pool.move(max(cands)[1], wid)
 
@@ -572,7 +596,7 @@ class Mell:
         for b, rid in sorted(((b, r) for r, b in pool.items[src].items()), reverse=True):
             if pool.fill(wid) >= FULL or src not in pool.items:
                 break
-            if b > budget or pool.klass(b) > T or not pool.fits(wid, b):
+            if b > budget or pool.klass(b) > T or rid in pool.young or not pool.fits(wid, b):
                 continue
             if not pool.move(rid, wid):
                 break
@@ -612,13 +636,13 @@ class Mell:
         """A `cls` item left `wid` (already gone from the plan): repair the packing."""
         if wid not in pool.items:
             return  # emptied: released
-        lab = pool.label(wid)
-        if cls == L:
-            # Paper: evict and re-Allocate everything else, so the worker is released.
-            for rid, b in sorted(pool.items[wid].items(), key=lambda kv: -kv[1]):
-                if not self._reallocate(pool, rid, b):
-                    break
+        if cls == L and self._release(pool, wid):
+            # Paper: evict and re-Allocate everything else, so the worker is released. Ours:
+            # only when everything fits on other busy workers (moving an item onto a newly
+            # opened worker would cost a migration and release nothing); otherwise the worker
+            # stays, relabelled, and is repaired like any other departure below.
             return
+        lab = pool.label(wid)
         if cls in (M, S):
             if lab == L:
                 self._pull_companion(pool, wid)
@@ -631,6 +655,36 @@ class Mell:
                     self._refill_small(pool, wid)
             else:
                 self._refill_small(pool, wid)
+
+    def _release(self, pool: _Pool, wid: str) -> bool:
+        """Move every request of `wid` to other busy workers (best fit, largest first) if all
+        of them fit within the operation's migration budget; True when `wid` was emptied."""
+        items = sorted(pool.items[wid].items(), key=lambda kv: (-kv[1], kv[0]))
+        if len(items) > pool.moves_left:
+            return False
+        plan: list[tuple[str, str]] = []
+        extra: dict[str, int] = {}
+        extra_n: dict[str, int] = {}
+        ceil = math.ceil
+        per_request = pool.growth * pool.place_epochs
+        for rid, b in items:
+            best, best_r = None, 0
+            for other in pool.items:
+                if other == wid or other not in pool.caps:
+                    continue
+                n = len(pool.items[other]) + extra_n.get(other, 0)
+                free = pool.caps[other] - pool.used[other] - extra.get(other, 0)
+                r = free - ceil(per_request * (n + 1))
+                if r >= b and (best is None or r < best_r):
+                    best, best_r = other, r
+            if best is None:
+                return False
+            plan.append((rid, best))
+            extra[best] = extra.get(best, 0) + b
+            extra_n[best] = extra_n.get(best, 0) + 1
+        for rid, dst in plan:
+            pool.move(rid, dst)
+        return True
 
     # -- Update -----------------------------------------------------------------------------
 
@@ -659,12 +713,15 @@ class Mell:
         Our choice: the smallest item that alone restores the full placement headroom (so the
         worker does not overflow again next epoch: one move instead of a move per epoch),
         else the largest item that is not the worker's largest (which keeps the worker's
-        label), and repeat. Never the worker's last item."""
+        label), and repeat; settled requests before ones placed within `settle_epochs`. Never
+        the worker's last item."""
         while wid in pool.items and len(pool.items[wid]) > 1 and pool.overloaded(wid):
             items = pool.items[wid]
             keep = max(items, key=lambda r: (items[r], r))
             deficit = -pool.room(wid, -1)  # headroom missing once one request has left
-            others = sorted((b, r) for r, b in items.items() if r != keep)
-            choice = next(((b, r) for b, r in others if b >= deficit), others[-1])
+            # Settled requests first: a request still in its first epochs is being prefilled.
+            settled = sorted((b, r) for r, b in items.items() if r != keep and r not in pool.young)
+            fresh = sorted((b, r) for r, b in items.items() if r != keep and r in pool.young)
+            choice = next((x for x in settled + fresh if x[0] >= deficit), (settled or fresh)[-1])
             if not self._reallocate(pool, choice[1], choice[0]):
                 return

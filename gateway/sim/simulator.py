@@ -365,7 +365,8 @@ class Simulator:
         p = self.profile
         idx = np.fromiter(self.live.keys(), dtype=np.int64, count=len(self.live))
         w = self.worker[idx]
-        nw = int(w.max()) + 1
+        index = self.view.index
+        nw = max(int(w.max()), *(index[wid] for wid in self.prefill_tokens), 0) + 1
         ctx = self.prompt[idx] + self.gen[idx]
         batch = np.bincount(w, minlength=nw)
         ctx_sum = np.bincount(w, weights=ctx, minlength=nw)

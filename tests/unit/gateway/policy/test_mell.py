@@ -114,3 +114,31 @@ def test_redundant_moves_are_pruned_within_an_epoch() -> None:
     ids = [m.request_id for m in moves]
     assert len(ids) == len(set(ids))
     assert all(m.src != m.dst and world.where(m.request_id) == m.src for m in moves)
+
+
+def test_large_departure_releases_its_worker_only_when_the_rest_fits_elsewhere() -> None:
+    world = World(capacity=100, num_workers=4)
+    policy = make_policy("mell", headroom_tokens=0)
+    world.load["w000"] = {"big": 60, "t1": 10, "t2": 8}
+    world.load["w001"] = {"x": 70}
+    policy.plan_epoch(world, 0.0)
+    policy.plan_epoch(world, 1.0)  # everyone settled
+    del world.load["w000"]["big"]
+    moves = policy.plan_epoch(world, 2.0)
+    assert sorted((m.request_id, m.dst) for m in moves) == [("t1", "w001"), ("t2", "w001")]
+    world.apply(moves)
+    assert world.busy() == ["w001"]
+
+
+def test_fresh_requests_are_not_refill_material() -> None:
+    world = World(capacity=100, num_workers=3)
+    policy = make_policy("mell", headroom_tokens=0)
+    world.load["w000"] = {f"a{i}": 10 for i in range(9)}
+    policy.plan_epoch(world, 0.0)
+    got = policy.place(world, arrival(10, "fresh"))  # w000 has room: best fit
+    world.place(got, "fresh", 10)
+    world.load["w001"] = {"b0": 10}
+    for i in range(4):
+        del world.load["w000"][f"a{i}"]
+    moves = policy.plan_epoch(world, 1.0)
+    assert all(m.request_id != "fresh" for m in moves)
