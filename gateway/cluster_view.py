@@ -1,9 +1,27 @@
-"""The cluster view: workers, model pools and requests, as a fold of cluster events.
+"""The cluster view: workers, model pools, requests and migrations, as a fold of cluster events.
 
-`ClusterView.apply(envelope)` is the only code that changes it; folding the same envelopes
-gives the same view. It implements the policies' `PolicyView` (contract C), and `/metrics`
-and the admin API read it. Liveness timing is not here: the worker link decides when a worker
-is lost and records `WorkerLost`.
+`ClusterView.apply(envelope)` is the only code that changes it. The fold is a function of the
+*set* of envelopes, not of the order in which different sources' envelopes arrive:
+
+- an envelope whose seq is not above the last one folded from its source is skipped, so
+  replaying a duplicated suffix of the history changes nothing;
+- every value written by more than one source is a last-writer-wins register stamped with
+  (ts, source, seq) of the envelope that wrote it (the gateway's `ClusterState` keeps ts
+  strictly increasing), so any interleaving that keeps each source's own order folds to the
+  same view. A worker's status is one such register (its own joins, activations and drains;
+  the gateway's undrains and losses); a request's size is another (the placement's estimate,
+  then the newest load report that lists it, from any worker);
+- facts that arrive before what they are about are kept until it arrives: a placement before
+  its worker's join, a load report before the placement of a request it lists, a loss before
+  the join it ends. A worker's loss or exit drops the requests that came to it before that
+  stamp, whenever either side is folded.
+
+Derived state (a worker row's counters and `request_blocks`) is recomputed from the registers.
+The view implements the policies' `PolicyView` (contract C); placement, the dispatcher,
+`/metrics` and the admin API read it. Liveness timing is not here: the worker link decides when
+a worker is lost and records `WorkerLost`. `snapshot()` / `from_snapshot()` give the journal a
+compact image of the fold (registers included) so that snapshot + tail folds like the whole
+history.
 """
 
 from __future__ import annotations
@@ -13,6 +31,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import assert_never
+
+import msgspec
 
 from mell.common.events import (
     EventEnvelope,
@@ -32,6 +52,10 @@ from mell.common.events import (
     WorkerUndrained,
 )
 from mell.gateway.policy.base import WorkerInfo, WorkerStatus
+
+Stamp = tuple[float, str, int]  # (ts, source, seq) of an envelope: a total order of the history
+NEVER: Stamp = (float("-inf"), "", 0)
+_REPORT_HORIZON_S = 60.0  # loads of requests the view does not hold are kept this long
 
 
 class RequestState(StrEnum):
@@ -55,12 +79,23 @@ class WorkerRow:
     num_running: int = 0
     num_waiting: int = 0
     num_preemptions_total: int = 0
+    drained: bool = False  # reported empty after a drain: idle and releasable
     lost_reason: str = ""
     request_blocks: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_used_blocks(self) -> int:
         return self.capacity_blocks - self.num_free_blocks
+
+    @property
+    def releasable(self) -> bool:
+        """Holds nothing and is not lost: its device could be given back."""
+        return (
+            self.status in (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
+            and not self.request_blocks
+            and self.num_running == 0
+            and self.num_waiting == 0
+        )
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -85,6 +120,8 @@ class RequestRow:
     num_blocks: int
     num_tokens: int  # prompt + generated so far, as last reported
     placed_at: float
+    moved_stamp: Stamp = NEVER  # when it came to worker_id (placement or migration commit)
+    size_stamp: Stamp = NEVER  # who wrote num_blocks / num_tokens last
 
 
 @dataclass(slots=True)
@@ -95,15 +132,45 @@ class Totals:
     num_migrations_aborted: int = 0
 
 
+class WorkerRegisters(msgspec.Struct, kw_only=True):
+    """Everything folded about one worker id; its `WorkerRow` is derived from these."""
+
+    joined: WorkerJoined | None = None
+    joined_stamp: Stamp = NEVER
+    status: int = WorkerStatus.JOINING
+    drained: bool = False
+    lost_reason: str = ""
+    status_stamp: Stamp = NEVER
+    load: LoadReported | None = None  # the newest since the join
+    gone: Stamp = NEVER  # last loss or exit: requests that came to it before are dropped
+    exited: Stamp = NEVER  # last exiting drain: the row is gone unless it joined again since
+
+
+class ViewSnapshot(msgspec.Struct, kw_only=True):
+    """The fold as of `last_seq`: what a journal snapshot record holds."""
+
+    models: list[str]
+    last_seq: dict[str, int]
+    totals: Totals
+    workers: dict[str, WorkerRegisters]
+    requests: dict[str, RequestRow]
+    reported: dict[str, tuple[Stamp, int, int]]
+
+
 class ClusterView:
-    """Workers by id, requests by id, the configured models; a PolicyView."""
+    """Workers by id, requests by id, the models; a PolicyView."""
 
     def __init__(self, models: Sequence[str] = ()) -> None:
+        self._configured: list[str] = list(models)
         self.model_names: list[str] = list(models)
         self.worker_rows: dict[str, WorkerRow] = {}
         self.requests: dict[str, RequestRow] = {}
         self.totals = Totals()
         self.last_seq: dict[str, int] = {}
+        self.last_stamp: Stamp = NEVER
+        self._regs: dict[str, WorkerRegisters] = {}
+        self._reported: dict[str, tuple[Stamp, int, int]] = {}  # request -> newest load of it
+        self._loads_since_prune = 0
 
     # ------------------------------------------------------------ PolicyView
 
@@ -130,32 +197,42 @@ class ClusterView:
         row = self.worker_rows.get(worker_id)
         return list(row.request_blocks) if row else []
 
+    def releasable_workers(self) -> list[WorkerRow]:
+        return [w for w in self.worker_rows.values() if w.releasable]
+
     # ------------------------------------------------------------ the fold
 
     def apply(self, envelope: EventEnvelope) -> None:
-        """Fold one event into the view. The only mutator."""
-        self.last_seq[envelope.source] = envelope.seq
+        """Fold one event into the view. The only mutator; an envelope already folded (its seq
+        is not above its source's last) is skipped."""
+        source, seq = envelope.source, envelope.seq
+        if seq <= self.last_seq.get(source, 0):
+            return
+        self.last_seq[source] = seq
+        stamp = (envelope.ts, source, seq)
+        self.last_stamp = max(self.last_stamp, stamp)
         event = envelope.event
         match event:
             case WorkerJoined():
-                self._joined(event, envelope.ts)
+                self._joined(event, stamp)
             case WorkerActivated(worker_id=wid):
-                self._set_status(wid, WorkerStatus.ACTIVE)
+                self._status(wid, stamp, WorkerStatus.ACTIVE)
             case LoadReported():
-                self._load(event)
+                self._load(event, stamp)
             case WorkerDrainStarted(worker_id=wid):
-                self._set_status(wid, WorkerStatus.DRAINING)
+                self._status(wid, stamp, WorkerStatus.DRAINING)
             case WorkerUndrained(worker_id=wid):
-                self._set_status(wid, WorkerStatus.ACTIVE)
+                self._status(wid, stamp, WorkerStatus.ACTIVE)
             case WorkerDrained(worker_id=wid, exiting=exiting):
-                self._drained(wid, exiting)
+                self._drained(wid, exiting, stamp)
             case WorkerLost(worker_id=wid, reason=reason):
-                self._lost(wid, reason)
+                self._status(wid, stamp, WorkerStatus.LOST, reason=reason)
+                self._gone(wid, stamp)
             case RequestPlaced():
-                self._placed(event, envelope.ts)
+                self._placed(event, envelope.ts, stamp)
             case RequestAdmitted(request_id=rid):
-                if (row := self.requests.get(rid)) is not None:
-                    row.state = RequestState.RUNNING
+                if (req := self.requests.get(rid)) is not None:
+                    req.state = RequestState.RUNNING
             case RequestFinished(request_id=rid):
                 self.totals.num_finished += 1
                 self._forget(rid)
@@ -163,19 +240,106 @@ class ClusterView:
                 self.totals.num_aborted += 1
                 self._forget(rid)
             case MigrationStarted(request_id=rid):
-                if (row := self.requests.get(rid)) is not None:
-                    row.state = RequestState.MIGRATING
+                if (req := self.requests.get(rid)) is not None:
+                    req.state = RequestState.MIGRATING
             case MigrationCommitted():
-                self._migrated(event)
+                self._migrated(event, stamp)
             case MigrationAborted(request_id=rid):
                 self.totals.num_migrations_aborted += 1
-                if (row := self.requests.get(rid)) is not None:
-                    row.state = RequestState.RUNNING
+                if (req := self.requests.get(rid)) is not None:
+                    req.state = RequestState.RUNNING
             case _:
                 assert_never(event)
 
-    def _joined(self, e: WorkerJoined, ts: float) -> None:
-        self.worker_rows[e.worker_id] = WorkerRow(
+    # ------------------------------------------------------------ workers
+
+    def _registers(self, worker_id: str) -> WorkerRegisters:
+        regs = self._regs.get(worker_id)
+        if regs is None:
+            regs = self._regs[worker_id] = WorkerRegisters()
+        return regs
+
+    def _joined(self, e: WorkerJoined, stamp: Stamp) -> None:
+        regs = self._registers(e.worker_id)
+        regs.joined, regs.joined_stamp, regs.load = e, stamp, None
+        self._status(e.worker_id, stamp, WorkerStatus.JOINING)
+        if e.model not in self.model_names:
+            extra = {m for m in self.model_names if m not in self._configured} | {e.model}
+            self.model_names = self._configured + sorted(extra)
+
+    def _status(
+        self,
+        worker_id: str,
+        stamp: Stamp,
+        status: WorkerStatus,
+        *,
+        drained: bool = False,
+        reason: str = "",
+    ) -> None:
+        regs = self._registers(worker_id)
+        if stamp > regs.status_stamp:
+            regs.status_stamp, regs.status = stamp, int(status)
+            regs.drained, regs.lost_reason = drained, reason
+        self._refresh(worker_id)
+
+    def _drained(self, worker_id: str, exiting: bool, stamp: Stamp) -> None:
+        if not exiting:
+            self._status(worker_id, stamp, WorkerStatus.DRAINING, drained=True)
+            return
+        regs = self._registers(worker_id)
+        regs.exited = max(regs.exited, stamp)
+        self._gone(worker_id, stamp)
+
+    def _gone(self, worker_id: str, stamp: Stamp) -> None:
+        """A loss or exit: drop the requests that came to the worker before `stamp`."""
+        regs = self._registers(worker_id)
+        regs.gone = max(regs.gone, stamp)
+        for req in list(self.requests.values()):
+            if req.worker_id == worker_id and req.moved_stamp < stamp:
+                self._drop(req.request_id)
+        self._refresh(worker_id)
+
+    def _load(self, e: LoadReported, stamp: Stamp) -> None:
+        regs = self._registers(e.worker_id)
+        if stamp > regs.joined_stamp:
+            regs.load = e
+        reported = self._reported
+        for load in e.requests:
+            rid = load.request_id
+            known = reported.get(rid)
+            if known is None or stamp > known[0]:
+                reported[rid] = (stamp, load.num_blocks, load.num_tokens)
+            if (req := self.requests.get(rid)) is not None:
+                self._resize(req)
+        self._refresh(e.worker_id)
+        self._loads_since_prune += 1
+        if self._loads_since_prune >= 256:
+            self._prune_reports()
+
+    def _refresh(self, worker_id: str) -> None:
+        """Recompute the worker's row from its registers (and the requests that name it)."""
+        regs = self._regs.get(worker_id)
+        joined = regs.joined if regs is not None else None
+        if regs is None or joined is None or regs.exited > regs.joined_stamp:
+            self.worker_rows.pop(worker_id, None)
+            return
+        row = self.worker_rows.get(worker_id)
+        if row is None or row.boot_id != joined.boot_id or row.joined_at != regs.joined_stamp[0]:
+            row = self.worker_rows[worker_id] = self._new_row(joined, regs.joined_stamp[0])
+        row.status = WorkerStatus(regs.status)
+        row.drained, row.lost_reason = regs.drained, regs.lost_reason
+        load = regs.load
+        row.capacity_blocks = load.num_total_blocks if load else joined.capacity_blocks
+        row.num_preemptions_total = load.num_preemptions_total if load else 0
+        if load is None or row.status == WorkerStatus.LOST:
+            row.num_running = row.num_waiting = 0
+            row.num_free_blocks = row.capacity_blocks
+        else:
+            row.num_running, row.num_waiting = load.num_running, load.num_waiting
+            row.num_free_blocks = load.num_free_blocks
+
+    def _new_row(self, e: WorkerJoined, joined_at: float) -> WorkerRow:
+        return WorkerRow(
             worker_id=e.worker_id,
             boot_id=e.boot_id,
             model=e.model,
@@ -184,49 +348,22 @@ class ClusterView:
             block_size=e.block_size,
             max_model_len=e.max_model_len,
             data_address=e.data_address,
-            joined_at=ts,
+            joined_at=joined_at,
             num_free_blocks=e.capacity_blocks,
+            request_blocks={
+                r.request_id: r.num_blocks
+                for r in self.requests.values()
+                if r.worker_id == e.worker_id
+            },
         )
-        if e.model not in self.model_names:
-            self.model_names.append(e.model)
 
-    def _set_status(self, worker_id: str, status: WorkerStatus) -> None:
-        row = self.worker_rows.get(worker_id)
-        if row is not None and row.status != WorkerStatus.LOST:
-            row.status = status
+    # ------------------------------------------------------------ requests
 
-    def _load(self, e: LoadReported) -> None:
-        row = self.worker_rows.get(e.worker_id)
-        if row is None:
-            return
-        row.num_running, row.num_waiting = e.num_running, e.num_waiting
-        row.capacity_blocks, row.num_free_blocks = e.num_total_blocks, e.num_free_blocks
-        row.num_preemptions_total = e.num_preemptions_total
-        for load in e.requests:
-            req = self.requests.get(load.request_id)
-            if req is not None and req.worker_id == e.worker_id:
-                req.num_blocks, req.num_tokens = load.num_blocks, load.num_tokens
-                row.request_blocks[load.request_id] = load.num_blocks
-
-    def _drained(self, worker_id: str, exiting: bool) -> None:
-        if exiting:
-            row = self.worker_rows.pop(worker_id, None)
-            for rid in list(row.request_blocks) if row else []:
-                self.requests.pop(rid, None)
-
-    def _lost(self, worker_id: str, reason: str) -> None:
-        row = self.worker_rows.get(worker_id)
-        if row is None:
-            return
-        row.status, row.lost_reason = WorkerStatus.LOST, reason
-        row.num_running = row.num_waiting = 0
-        row.num_free_blocks = row.capacity_blocks
-        for rid in row.request_blocks:
-            self.requests.pop(rid, None)
-        row.request_blocks.clear()
-
-    def _placed(self, e: RequestPlaced, ts: float) -> None:
-        self.requests[e.request_id] = RequestRow(
+    def _placed(self, e: RequestPlaced, ts: float, stamp: Stamp) -> None:
+        regs = self._regs.get(e.worker_id)
+        if regs is not None and regs.gone > stamp:
+            return  # its worker was lost or left after it was placed: dropped with it
+        req = self.requests[e.request_id] = RequestRow(
             request_id=e.request_id,
             model=e.model,
             worker_id=e.worker_id,
@@ -236,23 +373,90 @@ class ClusterView:
             num_blocks=e.num_blocks,
             num_tokens=e.num_prompt_tokens,
             placed_at=ts,
+            moved_stamp=stamp,
+            size_stamp=stamp,
         )
-        row = self.worker_rows.get(e.worker_id)
-        if row is not None:
-            row.request_blocks[e.request_id] = e.num_blocks
+        self._resize(req)
+        self._attach(req)
+
+    def _resize(self, req: RequestRow) -> None:
+        """Take the newest reported size of the request if it is newer than what it has."""
+        known = self._reported.get(req.request_id)
+        if known is not None and known[0] > req.size_stamp:
+            req.size_stamp, req.num_blocks, req.num_tokens = known
+            self._attach(req)
+
+    def _attach(self, req: RequestRow) -> None:
+        if (row := self.worker_rows.get(req.worker_id)) is not None:
+            row.request_blocks[req.request_id] = req.num_blocks
+
+    def _detach(self, req: RequestRow) -> None:
+        if (row := self.worker_rows.get(req.worker_id)) is not None:
+            row.request_blocks.pop(req.request_id, None)
+
+    def _drop(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self._detach(req)
 
     def _forget(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
-        if req is not None and (row := self.worker_rows.get(req.worker_id)) is not None:
-            row.request_blocks.pop(request_id, None)
+        self._drop(request_id)
+        self._reported.pop(request_id, None)
 
-    def _migrated(self, e: MigrationCommitted) -> None:
+    def _migrated(self, e: MigrationCommitted, stamp: Stamp) -> None:
         self.totals.num_migrations[e.kind] = self.totals.num_migrations.get(e.kind, 0) + 1
         req = self.requests.get(e.request_id)
         if req is None:
             return
-        if (src := self.worker_rows.get(e.src)) is not None:
-            src.request_blocks.pop(e.request_id, None)
-        if (dst := self.worker_rows.get(e.dst)) is not None:
-            dst.request_blocks[e.request_id] = req.num_blocks
-        req.worker_id, req.state = e.dst, RequestState.RUNNING
+        self._detach(req)
+        req.worker_id, req.state, req.moved_stamp = e.dst, RequestState.RUNNING, stamp
+        regs = self._regs.get(e.dst)
+        if regs is not None and regs.gone > stamp:
+            self._drop(e.request_id)
+        else:
+            self._attach(req)
+
+    def _prune_reports(self) -> None:
+        """Forget loads of requests the view does not hold, older than the horizon."""
+        self._loads_since_prune = 0
+        horizon = self.last_stamp[0] - _REPORT_HORIZON_S
+        stale = [
+            rid
+            for rid, (stamp, _, _) in self._reported.items()
+            if rid not in self.requests and stamp[0] < horizon
+        ]
+        for rid in stale:
+            del self._reported[rid]
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self) -> ViewSnapshot:
+        """The fold so far, for a journal snapshot record (shares no mutable state)."""
+        image = ViewSnapshot(
+            models=list(self._configured),
+            last_seq=dict(self.last_seq),
+            totals=self.totals,
+            workers=self._regs,
+            requests=self.requests,
+            reported={r: v for r, v in self._reported.items() if r in self.requests},
+        )
+        return msgspec.msgpack.decode(msgspec.msgpack.encode(image), type=ViewSnapshot)
+
+    @classmethod
+    def from_snapshot(cls, snap: ViewSnapshot, models: Sequence[str] = ()) -> ClusterView:
+        """A view holding the fold of `snap`; `models` adds configured models it lacks."""
+        configured = list(snap.models) + [m for m in models if m not in snap.models]
+        view = cls(configured)
+        view.last_seq = dict(snap.last_seq)
+        view.totals = snap.totals
+        view.requests = dict(snap.requests)
+        view._reported = dict(snap.reported)
+        view._regs = dict(snap.workers)
+        stamps = [r.status_stamp for r in view._regs.values()]
+        stamps += [r.size_stamp for r in view.requests.values()]
+        view.last_stamp = max([NEVER, *stamps])
+        extra = {r.joined.model for r in view._regs.values() if r.joined is not None}
+        view.model_names = configured + sorted(extra - set(configured))
+        for worker_id in view._regs:
+            view._refresh(worker_id)
+        return view

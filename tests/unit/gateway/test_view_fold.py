@@ -18,15 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mell.common import events as ev
 from mell.common.messages import RequestLoad
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.cluster_view import ClusterView, ViewSnapshot
 from mell.gateway.journal import Journal, JournalConfig
 from mell.gateway.journal.codec import encode, read_envelopes
+from mell.gateway.policy.base import WorkerStatus
 
 GATEWAY = "gateway"
 MODELS = ("m1", "m2")
@@ -255,16 +257,6 @@ def test_the_same_history_folds_to_the_same_view(history: list[ev.EventEnvelope]
     assert state(fold(history)) == state(fold(list(history)))
 
 
-INTERLEAVING_REASON = (
-    "ClusterView.apply is order-sensitive across sources: a worker's LoadReported folded before "
-    "the gateway's RequestPlaced of a request it reports is dropped (_load skips unknown "
-    "requests), so num_blocks/num_tokens/request_blocks differ; a LoadReported after the "
-    "gateway's WorkerLost re-fills the lost worker's counters; a RequestPlaced before its "
-    "worker's WorkerJoined leaves request_blocks empty"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=INTERLEAVING_REASON)
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(histories, st.integers(0, 2**32 - 1))
 def test_any_interleaving_keeping_source_order_folds_to_the_same_view(
@@ -274,14 +266,6 @@ def test_any_interleaving_keeping_source_order_folds_to_the_same_view(
     assert state(fold(merged)) == state(fold(history))
 
 
-DUPLICATE_REASON = (
-    "ClusterView.apply does not skip envelopes it has already folded: it records "
-    "last_seq[source] but applies an envelope whose seq is <= it again (RequestFinished counts "
-    "twice in totals, a replayed RequestPlaced resurrects a finished request)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=DUPLICATE_REASON)
 @settings(max_examples=300)
 @given(histories, st.integers(0, 10**6))
 def test_replaying_a_duplicated_suffix_changes_nothing(
@@ -291,7 +275,7 @@ def test_replaying_a_duplicated_suffix_changes_nothing(
     assert state(fold(history + history[start:])) == state(fold(history))
 
 
-# Minimal counterexamples, each showing one reason above on its own.
+# Minimal cases, each one way the fold used to depend on order or on duplicates.
 
 
 def _placed(rid: str = "r1", wid: str = "w0", blocks: int = 2) -> ev.RequestPlaced:
@@ -316,7 +300,6 @@ def _load(wid: str = "w0", blocks: int = 3) -> ev.LoadReported:
     )  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason=INTERLEAVING_REASON)
 def test_counterexample_load_report_before_placement() -> None:
     joined = ev.EventEnvelope("w0", 1, 1.0, _joined())
     placed = ev.EventEnvelope(GATEWAY, 1, 2.0, _placed())
@@ -324,14 +307,12 @@ def test_counterexample_load_report_before_placement() -> None:
     assert state(fold([joined, load, placed])) == state(fold([joined, placed, load]))
 
 
-@pytest.mark.xfail(strict=True, reason=INTERLEAVING_REASON)
 def test_counterexample_placement_before_join() -> None:
     joined = ev.EventEnvelope("w0", 1, 1.0, _joined())
     placed = ev.EventEnvelope(GATEWAY, 1, 2.0, _placed())
     assert state(fold([placed, joined])) == state(fold([joined, placed]))
 
 
-@pytest.mark.xfail(strict=True, reason=DUPLICATE_REASON)
 def test_counterexample_duplicated_finish() -> None:
     history = [
         ev.EventEnvelope("w0", 1, 1.0, _joined()),
@@ -366,3 +347,37 @@ def test_journal_round_trip_folds_to_the_same_view(
     replayed = [envelope for _, envelope in read_envelopes(directory)]
     assert replayed == history
     assert state(fold(replayed)) == state(fold(history))
+
+
+def test_load_report_folded_after_the_loss_does_not_refill_the_worker() -> None:
+    joined = ev.EventEnvelope("w0", 1, 1.0, _joined())
+    placed = ev.EventEnvelope(GATEWAY, 1, 2.0, _placed())
+    load = ev.EventEnvelope("w0", 2, 3.0, _load())
+    lost = ev.EventEnvelope(GATEWAY, 2, 4.0, ev.WorkerLost(worker_id="w0", reason="silent"))
+    late = fold([joined, placed, lost, load])
+    assert state(late) == state(fold([joined, placed, load, lost]))
+    row = late.worker_rows["w0"]
+    assert row.num_running == 0 and row.num_free_blocks == 64 and row.request_blocks == {}
+    assert late.requests == {}
+
+
+def test_a_rejoin_after_a_loss_is_live_whatever_the_order() -> None:
+    lost = ev.EventEnvelope(GATEWAY, 1, 2.0, ev.WorkerLost(worker_id="w0", reason="silent"))
+    first = ev.EventEnvelope("w0", 1, 1.0, _joined())
+    again = ev.EventEnvelope("w0", 2, 3.0, _joined())
+    for order in ([first, lost, again], [first, again, lost], [lost, first, again]):
+        assert fold(order).worker_rows["w0"].status == WorkerStatus.JOINING
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories, st.integers(0, 10**6))
+def test_snapshot_plus_tail_folds_like_the_whole_history(
+    history: list[ev.EventEnvelope], cut: int
+) -> None:
+    at = cut % (len(history) + 1)
+    head = fold(history[:at])
+    image = msgspec.msgpack.decode(msgspec.msgpack.encode(head.snapshot()), type=ViewSnapshot)
+    view = ClusterView.from_snapshot(image, MODELS)
+    for envelope in history[at:]:
+        view.apply(envelope)
+    assert state(view) == state(fold(history))
