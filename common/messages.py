@@ -111,18 +111,6 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="rep
     error: str | None = None
 
 
-WorkerMessage = (
-    Hello
-    | Heartbeat
-    | TokenBatch
-    | LoadReport
-    | RequestFailed
-    | WorkerFailed
-    | DrainCompleted
-    | Reply
-)
-
-
 # ---------------------------------------------------------------- gateway → worker
 
 
@@ -169,4 +157,177 @@ class Ping(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="ping
     call_id: int
 
 
-GatewayMessage = Welcome | Rejoin | AddRequest | AbortRequest | Drain | Undrain | Ping
+class StartMigration(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="migrate"):
+    """Move a request from this worker (the source) to `dst`; the worker answers `Reply` at
+    once (accepted or why not) and `MigrationEnded` when the protocol is over."""
+
+    call_id: int
+    migration_id: str
+    request_id: str
+    dst_worker_id: str
+    dst_address: str  # the destination's data plane
+    kind: str  # "kv" or "tokens"
+
+
+class CancelMigration(msgspec.Struct, frozen=True, array_like=True, tag="unmigrate"):
+    """Abort a migration still copying (e.g. its destination was lost); no-op once over."""
+
+    migration_id: str
+
+
+class PeerAddress(msgspec.Struct, frozen=True, array_like=True):
+    worker_id: str
+    data_address: str
+
+
+class MeasurePeers(msgspec.Struct, frozen=True, array_like=True, tag="measure"):
+    """Measure the bandwidth to these peers and answer with `BoundariesReport`."""
+
+    peers: list[PeerAddress]
+
+
+GatewayMessage = (
+    Welcome
+    | Rejoin
+    | AddRequest
+    | AbortRequest
+    | Drain
+    | Undrain
+    | Ping
+    | StartMigration
+    | CancelMigration
+    | MeasurePeers
+)
+
+
+# ---------------------------------------------------------------- migration, worker → gateway
+
+
+class MigratedIn(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="migin"):
+    """The destination committed a migrated request; sent before any of its tokens. Carries
+    the request's output so far, so the gateway's stream has every index before the next."""
+
+    migration_id: str
+    request_id: str
+    src_worker_id: str
+    output_token_ids: list[int]
+    num_prompt_tokens: int
+
+
+class MigrationEnded(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="migend"):
+    """The source's last word on a migration: committed (freed here) or aborted (runs here)."""
+
+    migration_id: str
+    request_id: str
+    committed: bool
+    reason: str = ""
+    num_blocks: int = 0  # KV blocks copied (kv) or 0 (tokens)
+    num_tokens: int = 0  # the request's tokens at the pause
+    stall_s: float = 0.0  # how long the request was paused at the source
+
+
+class BoundariesReport(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="bounds"):
+    """Migration boundaries measured by a worker: re-prefill speed, bandwidth to each peer."""
+
+    prefill_tokens_per_s: float
+    peer_bytes_per_s: dict[str, float] = {}
+
+
+# ---------------------------------------------------------------- migration, worker ↔ worker
+
+
+class MigratedRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Everything a destination needs to continue a request exactly where it stopped."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling: SamplingParams
+    num_computed: int  # tokens whose K/V travelled (0 for a token transfer: re-prefill)
+    generator_state: bytes | None  # the seeded sampler's torch.Generator state
+
+
+class MigrateReserve(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mres"):
+    """Source → destination: hold `num_blocks` blocks in total for this migration."""
+
+    migration_id: str
+    stage: int
+    num_blocks: int
+    reply_to: str  # the source's data address
+
+
+class MigrateBlocks(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mblk"):
+    """One layer of one stage: blocks [first, first + n) of the request, in frame `data`."""
+
+    migration_id: str
+    stage: int
+    layer: int
+    first: int
+    data: FrameRef
+
+
+class MigrateStageEnd(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mend"):
+    migration_id: str
+    stage: int
+    num_frames: int  # MigrateBlocks sent in this stage
+
+
+class MigrateCommit(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mcommit"):
+    migration_id: str
+    src_worker_id: str
+    request: MigratedRequest
+    reply_to: str
+
+
+class MigrateAbort(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mabort"):
+    migration_id: str
+    reason: str
+
+
+class MigrateAck(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mack"):
+    """Destination → source: step `step` ("reserve", "copy", "commit") of `stage` done or not."""
+
+    migration_id: str
+    stage: int
+    step: str
+    ok: bool
+    reason: str = ""
+
+
+class Probe(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="probe"):
+    """Bandwidth probe: a payload frame; answered by `ProbeAck` to `reply_to`."""
+
+    probe_id: int
+    reply_to: str
+    data: FrameRef | None = None
+
+
+class ProbeAck(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="probeack"):
+    probe_id: int
+
+
+PeerMessage = (
+    MigrateReserve
+    | MigrateBlocks
+    | MigrateStageEnd
+    | MigrateCommit
+    | MigrateAbort
+    | MigrateAck
+    | Probe
+    | ProbeAck
+)
+
+
+WorkerMessage = (
+    Hello
+    | Heartbeat
+    | TokenBatch
+    | LoadReport
+    | RequestFailed
+    | WorkerFailed
+    | DrainCompleted
+    | Reply
+    | MigratedIn
+    | MigrationEnded
+    | BoundariesReport
+)

@@ -164,6 +164,13 @@ class BlockManager:
             pool.release(table)
         return max(len(t) for t in tables)
 
+    def rename(self, old: str, new: str) -> None:
+        """Hand `old`'s blocks to `new` (a migrated-in reservation becomes its request)."""
+        if new in self._tables:
+            raise ValueError(f"request {new!r} already has blocks")
+        self._tables[new] = self._tables.pop(old)
+        self._uniform[new] = self._uniform.pop(old)
+
     def fork(self, src: str, dst: str) -> None:
         """Give `dst` the same blocks as `src` (shared, reference-counted)."""
         if dst in self._tables:

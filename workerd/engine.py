@@ -12,6 +12,7 @@ import torch
 
 from mell.common.config import EngineConfig
 from mell.common.errors import ConfigError, InvalidRequest, ModelError
+from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.block_manager import BlockManager
@@ -19,7 +20,7 @@ from mell.workerd.model_config import ModelConfig, load_model_config
 from mell.workerd.outputs import EngineStats, RequestOutput
 from mell.workerd.runner import ModelRunner, kv_bytes_per_block, resolve_device, resolve_dtype
 from mell.workerd.scheduler import Scheduler
-from mell.workerd.sequence import Sequence
+from mell.workerd.sequence import Sequence, SequenceStatus
 
 __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
@@ -148,6 +149,77 @@ class Engine:
             num_preemptions_total=self.scheduler.num_preemptions_total,
             request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
         )
+
+    # -- migration (the engine side of workerd/migration.py) -------------------------------
+
+    def sequence(self, request_id: str) -> Sequence | None:
+        """The live request, or None once finished, aborted or migrated away."""
+        return self._seqs.get(request_id)
+
+    def pause(self, request_id: str) -> bool:
+        """Stop scheduling a request, keeping its blocks; False if it is gone."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.pause(seq)
+        return True
+
+    def resume(self, request_id: str) -> None:
+        """Undo `pause` (a migration aborted): the request decodes on as if nothing happened."""
+        seq = self._seqs.get(request_id)
+        if seq is not None and seq.status is SequenceStatus.PAUSED:
+            self.scheduler.resume(seq)
+
+    def export_request(self, request_id: str, with_kv: bool) -> MigratedRequest:
+        """A paused request as it travels: tokens, sampling state, and how much KV goes along."""
+        seq = self._seqs[request_id]
+        state = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
+        return MigratedRequest(
+            request_id=request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            output_token_ids=list(seq.output_token_ids),
+            sampling=seq.sampling,
+            num_computed=seq.num_computed if with_kv else 0,
+            generator_state=state,
+        )
+
+    def reserve(self, key: str, num_blocks: int) -> bool:
+        """Hold `num_blocks` blocks in total under `key` (a migration); False if short."""
+        tokens = num_blocks * self.blocks.block_size
+        if not self.blocks.can_append(key, tokens):
+            return False
+        self.blocks.append(key, tokens)
+        return True
+
+    def release(self, key: str) -> int:
+        """Free a reservation (or a migrated-out request's blocks); blocks it held."""
+        return self.blocks.free(key)
+
+    def import_request(self, key: str, request: MigratedRequest) -> None:
+        """Commit a migrated-in request: its reservation (if any) becomes its blocks, and it
+        joins the batch. Raises InvalidRequest when it cannot run here."""
+        rid = request.request_id
+        if rid in self._seqs:
+            raise InvalidRequest(f"request {rid!r} is already here", param="request_id")
+        tokens = request.prompt_token_ids + request.output_token_ids
+        if len(tokens) > self.model_config.max_model_len:
+            raise InvalidRequest(f"request {rid!r} is longer than max_model_len here")
+        seq = Sequence(rid, request.prompt_token_ids, request.sampling, self._eos_ids())
+        seq.token_ids = tokens
+        seq.output_token_ids = list(request.output_token_ids)
+        if request.generator_state is not None and seq.generator is not None:
+            state = torch.frombuffer(bytearray(request.generator_state), dtype=torch.uint8)
+            seq.generator.set_state(state)
+        if request.num_computed > 0:
+            self.blocks.rename(key, rid)
+            seq.num_computed = request.num_computed
+        else:
+            self.blocks.free(key)
+        self._seqs[rid] = seq
+        self.scheduler.resume(seq)
+
+    def _eos_ids(self) -> list[int]:
+        return self.model_config.eos_token_ids
 
     # -- extras -----------------------------------------------------------------------------
 

@@ -93,6 +93,25 @@ class ModelRunner:
             for _ in range(self.cfg.num_layers)
         ]
 
+    def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
+        """A host copy of some blocks of one layer, [n, 2, block_size, kv_heads, head_dim].
+
+        On CUDA the gather lands in pinned host memory (the copy engine moves it, the host
+        waits only for this layer), so the caller can hand the buffer to ZeroMQ uncopied."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        gathered = self.kv_caches[layer].index_select(0, index)
+        if self.device.type != "cuda":
+            return gathered
+        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        host.copy_(gathered, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
+    def write_kv(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
+        """Store blocks of one layer received from a peer (a host tensor of `read_kv`'s shape)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        self.kv_caches[layer].index_copy_(0, index, data.to(self.device, non_blocking=True))
+
     def execute(self, batch: ScheduledBatch, blocks: BlockManager) -> list[Sample]:
         # decode first, then prefill; each part by context length (see attention.py)
         order = sorted(

@@ -59,6 +59,24 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq.request_id)
 
+    def pause(self, seq: Sequence) -> None:
+        """Take a request out of the batch, keeping its blocks (it is migrating away)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.PAUSED
+
+    def resume(self, seq: Sequence) -> None:
+        """Put a paused (or migrated-in) request back: running when its cache is filled and
+        there is room in the batch, else at the head of the waiting queue."""
+        if seq.num_computed > 0 and len(self.running) < self.max_num_seqs:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens

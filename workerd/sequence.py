@@ -13,6 +13,7 @@ from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    PAUSED = "paused"  # held out of the batch while it migrates away (blocks kept)
     FINISHED = "finished"
 
 
@@ -23,6 +24,7 @@ class Sequence:
         "new_logprobs",
         "new_tokens",
         "num_computed",
+        "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
         "request_id",
@@ -45,6 +47,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.sampling = sampling
         self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_preemptions = 0  # a migration copying its blocks aborts when this changes
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         stop = set(sampling.stop_token_ids)
@@ -89,4 +92,10 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: the cache is gone; prompt and generated tokens are prefilled again."""
         self.num_computed = 0
+        self.num_preemptions += 1
         self.status = SequenceStatus.WAITING
+
+    @property
+    def is_decoding(self) -> bool:
+        """Running with everything but the last sampled token in the cache."""
+        return self.status is SequenceStatus.RUNNING and self.num_uncomputed == 1

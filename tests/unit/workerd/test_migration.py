@@ -1,0 +1,183 @@
+"""Live migration between two real engines: exact tokens after KV and token transfers at random
+points (greedy and seeded sampling), and every failure path aborting with nothing leaked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from migration_world import World
+
+from mell.common.config import EngineConfig
+from mell.common.sampling import SamplingParams
+from mell.common.tiny_model import write_tiny_model
+from mell.workerd.engine import Engine
+from mell.workerd.migration import MigrationSettings
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def engine(tiny, **kw) -> Engine:
+    kw.setdefault("max_model_len", 512)
+    kw.setdefault("num_kv_blocks", 64)
+    kw.setdefault("block_size", 4)
+    return Engine(EngineConfig(model=str(tiny), **kw))
+
+
+def prompt(n: int, start: int = 5) -> list[int]:
+    return [(start + 7 * i) % 500 + 3 for i in range(n)]
+
+
+def reference(tiny, prompts: dict[str, list[int]], sampling: SamplingParams) -> dict[str, list]:
+    w = World({"solo": engine(tiny)})
+    for rid, p in prompts.items():
+        w.add("solo", rid, p, sampling)
+    w.run()
+    return dict(w.tokens)
+
+
+def assert_no_leaks(w: World) -> None:
+    for node in w.nodes.values():
+        eng = node.engine
+        assert not eng.has_unfinished()
+        assert eng.blocks.requests() == [], (node.name, eng.blocks.requests())
+        assert eng.blocks.num_free() == eng.blocks.num_blocks
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("kind", ["kv", "tokens", "mixed"])
+def test_migrated_requests_produce_the_unmigrated_tokens(tiny, sampling, kind) -> None:
+    prompts = {f"r{i}": prompt(9 + 5 * i, start=i) for i in range(3)}
+    want = reference(tiny, prompts, sampling)
+    rng = random.Random(hash((kind, sampling.seed)) & 0xFFFF)
+    # k = 1 block: KV transfers copy in several stages while the request decodes
+    w = World({"a": engine(tiny), "b": engine(tiny)}, MigrationSettings(last_stage_max_blocks=1))
+    for rid, p in prompts.items():
+        w.add("a", rid, p, sampling)
+    committed = 0
+    for _ in range(2000):
+        if not any(n.engine.has_unfinished() or n.hub.busy for n in w.nodes.values()):
+            break
+        w.step()
+        for rid in prompts:
+            holder = w.holder[rid]
+            if rid in w.finished or w.nodes[holder].hub.migrating(rid) or rng.random() > 0.15:
+                continue
+            dst = "b" if holder == "a" else "a"
+            k = rng.choice(["kv", "tokens"]) if kind == "mixed" else kind
+            if w.migrate(rid, holder, dst, k) is None:
+                committed += 1
+    w.run()
+    assert dict(w.tokens) == want
+    assert set(w.finished) == set(prompts)
+    ends = w.ended("a") + w.ended("b")
+    assert sum(e.committed for e in ends) >= 6, ends  # several times each, on average
+    assert_no_leaks(w)
+
+
+def _start_decoding(tiny, n_prompt=30, steps=6, **kw):
+    w = World({"a": engine(tiny), "b": engine(tiny, **kw)}, MigrationSettings(step_timeout_s=0.3))
+    w.add("a", "r", prompt(n_prompt), GREEDY)
+    for _ in range(steps):
+        w.step()
+    return w
+
+
+def test_destination_out_of_blocks_aborts_and_source_continues(tiny) -> None:
+    want = reference(tiny, {"r": prompt(30)}, GREEDY)
+    w = _start_decoding(tiny, num_kv_blocks=4)  # 30 tokens need 8 blocks of 4
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.run()
+    [end] = w.ended("a")
+    assert not end.committed and "no room" in end.reason
+    assert dict(w.tokens) == want
+    assert_no_leaks(w)
+
+
+def test_request_finishing_during_copy_aborts(tiny) -> None:
+    # k = 2: stage 1 copies while the request decodes (30 tokens = 7 full blocks of 4)
+    w = World({"a": engine(tiny), "b": engine(tiny)}, MigrationSettings(last_stage_max_blocks=2))
+    w.add("a", "r", prompt(30), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    w.step()  # prefill: first token
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.nodes["a"].engine.step()  # the request finishes before the destination answers
+    w.nodes["a"].engine.step()
+    w.run()
+    [end] = w.ended("a")
+    assert not end.committed and end.reason == "request finished"
+    assert_no_leaks(w)
+
+
+def test_destination_killed_mid_copy_source_resumes_after_deadline(tiny) -> None:
+    want = reference(tiny, {"r": prompt(30)}, GREEDY)
+    w = _start_decoding(tiny)
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.deliver()  # reserve answered
+    w.nodes["b"].alive = False  # killed mid-copy
+    w.run()
+    [end] = w.ended("a")
+    assert not end.committed and "no answer" in end.reason
+    assert w.tokens["r"] == want["r"]
+    w.nodes["b"].alive = True
+    node_b = w.nodes["b"]
+    node_b.hub.poll(now=1e12)  # its reservation expires (the source is silent)
+    assert_no_leaks(w)
+
+
+def test_commit_rejected_aborts_and_frees_reservation(tiny) -> None:
+    want = reference(tiny, {"r": prompt(30)}, GREEDY)
+    w = _start_decoding(tiny)
+    w.nodes["b"].hub.accepting = lambda: False  # e.g. draining
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.run()
+    [end] = w.ended("a")
+    assert not end.committed and "draining" in end.reason
+    assert w.tokens["r"] == want["r"]
+    assert_no_leaks(w)
+
+
+def test_source_killed_after_commit_request_lives_on_destination(tiny) -> None:
+    want = reference(tiny, {"r": prompt(30)}, GREEDY)
+    w = _start_decoding(tiny)
+    assert w.migrate("r", "a", "b", "tokens") is None
+    w.deliver()  # commit reaches b, which commits and answers
+    w.nodes["a"].alive = False  # the source dies before it hears the answer
+    w.run()
+    [mig] = w.migrated_in("b")
+    assert mig.request_id == "r"
+    assert w.tokens["r"] == want["r"]
+    b = w.nodes["b"].engine
+    assert b.blocks.requests() == [] and b.blocks.num_free() == b.blocks.num_blocks
+
+
+def test_handlers_are_idempotent(tiny) -> None:
+    want = reference(tiny, {"r": prompt(30)}, GREEDY)
+    w = _start_decoding(tiny)
+    w.duplicate = True  # every peer message is delivered twice
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.run()
+    assert [e.committed for e in w.ended("a")] == [True]
+    assert len(w.migrated_in("b")) == 1
+    assert w.tokens["r"] == want["r"]
+    assert_no_leaks(w)
+
+
+def test_stage_limit_aborts(tiny) -> None:
+    w = World(
+        {"a": engine(tiny), "b": engine(tiny)},
+        MigrationSettings(last_stage_max_blocks=0, max_stages=1),
+    )
+    w.add("a", "r", prompt(30), GREEDY)
+    for _ in range(6):
+        w.step()
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.run()
+    [end] = w.ended("a")
+    assert not end.committed and "stage limit" in end.reason
+    assert_no_leaks(w)
