@@ -53,6 +53,19 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
 
+class JournalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The gateway's event journal (DATA_DIR/journal): fsync policy, group-commit interval,
+    segment size, retention, snapshots."""
+
+    fsync: Literal["interval", "always", "never"] = "interval"
+    fsync_interval_s: float = 0.02  # group commit: one fsync for what arrived in this interval
+    segment_bytes: int = 64 << 20  # rotate when a segment would grow past this
+    retain_segments: int = 4  # segments older than the last snapshot that are kept
+    max_pending_bytes: int = 64 << 20  # past this, append writes and fsyncs itself
+    snapshot_interval_s: float = 60.0  # a snapshot record of the view this often (0: never)
+    snapshot_every_events: int = 100_000  # ... or after this many events, whichever is first
+
+
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The gateway: HTTP listeners, worker endpoint, admission limits, policy, journal."""
 
@@ -71,6 +84,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     tokenize_inline_chars: int = 2048  # longer prompts are tokenized in a thread pool
     policy: str = "least-loaded"
     epoch_s: float = 0.25
+    # After a restart: workers of the recovered view that have not said hello by then are lost,
+    # and requests that died with the old gateway are aborted on their workers.
+    reconcile_timeout_s: float = 10.0
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
 
 
 def load_config(path: str | Path, kind: type[T]) -> T:

@@ -39,10 +39,8 @@ import time
 import zlib
 from collections import deque
 from pathlib import Path
-from typing import Literal
 
-import msgspec
-
+from mell.common.config import JournalConfig
 from mell.common.errors import JournalError
 from mell.gateway.journal.format import (
     BODY_PREFIX,
@@ -68,16 +66,6 @@ _pack_prefix = BODY_PREFIX.pack
 _pack_header = RECORD_HEADER.pack
 _crc32 = zlib.crc32
 _now = time.time
-
-
-class JournalConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How the journal writes: fsync policy, group-commit interval, segment size, retention."""
-
-    fsync: Literal["interval", "always", "never"] = "interval"
-    fsync_interval_s: float = 0.02
-    segment_bytes: int = 64 << 20  # rotate when a segment would grow past this
-    retain_segments: int = 4  # segments older than the last snapshot that are kept
-    max_pending_bytes: int = 64 << 20  # past this, append writes and fsyncs itself
 
 
 def lock_directory(directory: Path) -> int:
