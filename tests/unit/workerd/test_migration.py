@@ -56,8 +56,8 @@ def test_migrated_requests_produce_the_unmigrated_tokens(tiny, sampling, kind) -
     prompts = {f"r{i}": prompt(9 + 5 * i, start=i) for i in range(3)}
     want = reference(tiny, prompts, sampling)
     rng = random.Random(hash((kind, sampling.seed)) & 0xFFFF)
-    # k = 1 block: KV transfers copy in several stages while the request decodes
-    w = World({"a": engine(tiny), "b": engine(tiny)}, MigrationSettings(last_stage_max_blocks=1))
+    # k = 2 blocks: KV transfers copy in several stages while the request decodes
+    w = World({"a": engine(tiny), "b": engine(tiny)}, MigrationSettings(last_stage_max_blocks=2))
     for rid, p in prompts.items():
         w.add("a", rid, p, sampling)
     committed = 0
