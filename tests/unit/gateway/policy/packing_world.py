@@ -69,13 +69,16 @@ class World:
         return [w for w, reqs in self.load.items() if reqs]
 
 
-def violations(world: World, growth_blocks: float, place_epochs: float = 2.0) -> dict:
+def violations(
+    world: World, growth_blocks: float, place_epochs: float = 2.0, young: frozenset = frozenset()
+) -> dict:
     """Workers breaking Theorem 1's invariants in a way the policy could repair.
 
     Relaxed as MELL's docstring states: a worker at least 3/4 full passes whatever its
     structure, and an under-full worker only counts when an item of the class it lacks, held by
     another under-full worker, would fit on it with the policy's growth reserve (two M items
-    that cannot share a worker once growth headroom is kept are not a violation)."""
+    that cannot share a worker once growth headroom is kept are not a violation). Requests in
+    `young` (placed within the policy's settle_epochs) are not refill material."""
     cap = world.capacity
 
     def label(wid: str) -> int:
@@ -92,6 +95,13 @@ def violations(world: World, growth_blocks: float, place_epochs: float = 2.0) ->
     def items(wid: str, classes: tuple[int, ...]) -> list[int]:
         return [b for b in world.load[wid].values() if max(T, size_class(b, cap)) in classes]
 
+    def movable(wid: str, classes: tuple[int, ...]) -> list[int]:
+        return [
+            b
+            for r, b in world.load[wid].items()
+            if max(T, size_class(b, cap)) in classes and r not in young
+        ]
+
     out: dict[str, list[str]] = {"M": [], "S": [], "T": [], "L": [], "TwithLM": []}
     has_t = any(lab == T for lab in labels.values())
     for wid in under:
@@ -99,17 +109,19 @@ def violations(world: World, growth_blocks: float, place_epochs: float = 2.0) ->
         donors = [w for w in under if w != wid]
         if lab in (M, S):
             if len(items(wid, (lab,))) < PER_LABEL[lab] and any(
-                labels[d] == lab and any(b <= room(wid) for b in items(d, (lab,))) for d in donors
+                labels[d] == lab and any(b <= room(wid) for b in movable(d, (lab,))) for d in donors
             ):
                 out["M" if lab == M else "S"].append(wid)
         elif lab == T:
-            if any(labels[d] == T and any(b <= room(wid) for b in items(d, (T,))) for d in donors):
+            if any(
+                labels[d] == T and any(b <= room(wid) for b in movable(d, (T,))) for d in donors
+            ):
                 out["T"].append(wid)
         elif (
             lab == L
             and not items(wid, (M, S))
             and any(
-                labels[d] in (M, S) and any(b <= room(wid) for b in items(d, (M, S)))
+                labels[d] in (M, S) and any(b <= room(wid) for b in movable(d, (M, S)))
                 for d in donors
             )
         ):
@@ -117,7 +129,9 @@ def violations(world: World, growth_blocks: float, place_epochs: float = 2.0) ->
         if (
             has_t
             and lab in (L, M)
-            and any(labels[d] == T and any(b <= room(wid) for b in items(d, (T,))) for d in donors)
+            and any(
+                labels[d] == T and any(b <= room(wid) for b in movable(d, (T,))) for d in donors
+            )
         ):
             out["TwithLM"].append(wid)
     return out
