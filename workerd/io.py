@@ -1,9 +1,11 @@
 """Socket I/O of the worker daemon, on its own thread.
 
-The engine loop (main thread) never touches the gateway socket: it calls `send` (encodes and
-hands the frames to an inproc pipe) and reads `inbox` (a queue.Queue of decoded gateway
-messages). The I/O thread owns the DEALER to the gateway and the data-plane ROUTER, moving frames
-between them and the queue. Frames are never copied on the way out.
+The engine loop (main thread) never touches a socket: it calls `send` (to the gateway) or
+`send_peer` (to another worker's data plane), which encode and hand the frames to an inproc pipe,
+and reads `inbox` (a queue.Queue of decoded gateway messages and `PeerInput`s). The I/O thread
+owns the DEALER to the gateway, the data-plane ROUTER (peers connect to it) and one DEALER per
+peer it sends to (connected on first use). Frames are never copied on the way out; received KV
+frames are handed on as views of ZeroMQ's buffers.
 """
 
 from __future__ import annotations
@@ -12,32 +14,47 @@ import queue
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import zmq
 
-from mell.common.messages import GatewayMessage, WorkerMessage
+from mell.common.errors import ProtocolError
+from mell.common.messages import GatewayMessage, PeerMessage, WorkerMessage
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Buffer, Codec
 
 log = structlog.get_logger("mell.workerd.io")
 _STOP = b""  # an empty single frame on the pipe: flush and stop
+_GATEWAY = b"g"  # route frame: to the gateway; b"p" + address: to a peer's data plane
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInput:
+    """A message from another worker's data plane, with its raw frames (KV blocks)."""
+
+    message: PeerMessage
+    frames: list[memoryview]
 
 
 class WorkerIO:
     """Gateway link of one worker: `send` from the engine thread, `inbox` to read."""
 
     def __init__(self, gateway: str, identity: str, data_endpoint: str) -> None:
-        self.inbox: queue.Queue[GatewayMessage] = queue.Queue()
+        self.inbox: queue.Queue[GatewayMessage | PeerInput] = queue.Queue()
         self._ctx = zmq.Context()
         self._codec: Codec[WorkerMessage] = Codec(WorkerMessage)
+        self._peer_codec: Codec[PeerMessage] = Codec(PeerMessage)
+        self._peers: dict[bytes, zmq.Socket] = {}  # I/O thread only
         pipe = f"inproc://mell-io-{uuid.uuid4().hex}"
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(pipe)
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.connect(pipe)
         self._data = self._ctx.socket(zmq.ROUTER)
+        self._data.setsockopt(zmq.RCVHWM, 0)
+        self._data.setsockopt(zmq.LINGER, 0)
         self._data.bind(data_endpoint)
         self.data_address: str = self._data.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._gateway = DealerChannel(self._ctx, gateway, identity, Codec(GatewayMessage))
@@ -46,7 +63,12 @@ class WorkerIO:
 
     def send(self, message: Any, buffers: Sequence[Buffer] = ()) -> None:
         """Queue a message to the gateway. Call from the engine thread only."""
-        self._push.send_multipart(self._codec.encode(message, buffers), copy=False)
+        self._push.send_multipart([_GATEWAY, *self._codec.encode(message, buffers)], copy=False)
+
+    def send_peer(self, address: str, message: Any, buffers: Sequence[Buffer] = ()) -> None:
+        """Queue a message to another worker's data plane (frames uncopied). Engine thread."""
+        route = b"p" + address.encode()
+        self._push.send_multipart([route, *self._peer_codec.encode(message, buffers)], copy=False)
 
     def close(self, timeout_s: float = 3.0) -> None:
         """Flush what was sent so far, then stop the I/O thread."""
@@ -68,11 +90,35 @@ class WorkerIO:
             if self._pull in ready and not self._forward():
                 break
             if self._data in ready:
-                frames = self._data.recv_multipart()
-                log.warning("data_frame_dropped", reason="no migration yet", num=len(frames))
+                self._receive_peer()
         self._gateway.close(linger_ms=2000)
         self._pull.close(linger=0)
         self._data.close(linger=0)
+        for sock in self._peers.values():
+            sock.close(linger=0)
+
+    def _receive_peer(self) -> None:
+        while True:
+            try:
+                frames = self._data.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:  # frames[0] is the sender's ROUTER identity
+                message, raw = self._peer_codec.decode([f.buffer for f in frames[1:]])
+            except ProtocolError as err:
+                log.warning("data_frame_dropped", error=err.message, num_frames=len(frames))
+                continue
+            self.inbox.put(PeerInput(message, raw))
+
+    def _peer(self, address: bytes) -> zmq.Socket:
+        sock = self._peers.get(address)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address.decode())
+            self._peers[address] = sock
+        return sock
 
     def _receive(self) -> None:
         while (item := self._gateway.recv_nowait()) is not None:
@@ -86,4 +132,11 @@ class WorkerIO:
                 return True
             if len(frames) == 1 and len(frames[0]) == 0:
                 return False
-            self._gateway.send_frames(frames)
+            route = frames[0].bytes
+            if route == _GATEWAY:
+                self._gateway.send_frames(frames[1:])
+                continue
+            try:  # queued until connected (no HWM); a dead peer: the migration's deadline
+                self._peer(route[1:]).send_multipart(frames[1:], copy=False)
+            except zmq.ZMQError as err:
+                log.warning("peer_send_failed", peer=route[1:].decode(), error=str(err))

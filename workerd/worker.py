@@ -21,17 +21,22 @@ from mell.common.ids import new_boot_id
 from mell.common.messages import (
     AbortRequest,
     AddRequest,
+    CancelMigration,
     Drain,
     DrainCompleted,
     GatewayMessage,
     Heartbeat,
     Hello,
     LoadReport,
+    MeasurePeers,
     Ping,
+    Probe,
+    ProbeAck,
     Rejoin,
     Reply,
     RequestFailed,
     RequestLoad,
+    StartMigration,
     TokenBatch,
     TokenOutput,
     Undrain,
@@ -39,15 +44,33 @@ from mell.common.messages import (
     WorkerFailed,
 )
 from mell.common.notify import Notifier
+from mell.workerd.boundaries import Boundaries, measure_prefill_tokens_per_s
+from mell.workerd.io import PeerInput
+from mell.workerd.migration_hub import MigrationHub
 
 log = structlog.get_logger("mell.workerd")
 
 
 class Link(Protocol):
-    inbox: queue.Queue[GatewayMessage]
+    inbox: queue.Queue[GatewayMessage | PeerInput]
     data_address: str
 
     def send(self, message: Any) -> None: ...
+
+    # optional (migration): def send_peer(self, address: str, message: Any, buffers=()) -> None
+
+
+class _Port:
+    """The migration machines' way out: peers' data planes and the gateway, via the link."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    def to_peer(self, address: str, message: Any, buffers: Any = None) -> None:
+        self.link.send_peer(address, message, buffers or ())  # type: ignore[attr-defined]
+
+    def to_gateway(self, message: Any) -> None:
+        self.link.send(message)
 
 
 class Worker:
@@ -76,11 +99,28 @@ class Worker:
         self._next_load = 0.0
         self._next_heartbeat = 0.0
         self._load_interval_s = config.load_report_interval_s  # the gateway's epoch, once known
+        # Live migration needs a real engine (KV tensors) and a data plane.
+        self.migrations: MigrationHub | None = None
+        self.boundaries: Boundaries | None = None
+        if hasattr(engine, "export_request") and hasattr(link, "send_peer"):
+            port = _Port(link)
+            self.migrations = MigrationHub(
+                engine,
+                port,
+                config.worker_id,
+                link.data_address,
+                accepting=lambda: not self.draining,
+                moved_out=self._moved_out,
+                moved_in=self._moved_in,
+            )
+            self.boundaries = Boundaries(port, link.data_address, 0.0)
 
     # ------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
         """Join the gateway, serve until stopped; the process exit code."""
+        if self.boundaries is not None:
+            self.boundaries.prefill_tokens_per_s = measure_prefill_tokens_per_s(self.engine)
         if not self._join():
             log.error("gateway_unreachable", gateway=self.config.gateway)
             return 1
@@ -88,6 +128,7 @@ class Worker:
         try:
             while not self._finished():
                 self._receive(block=not self.engine.has_unfinished())
+                self._poll_migrations()
                 self._run_step()
                 self._report()
         except Exception as err:  # the engine's state is in doubt: report and exit
@@ -157,6 +198,8 @@ class Worker:
 
     def _idle_wait(self) -> float:
         now = time.monotonic()
+        if self.migrations is not None and (self.migrations.busy or self.boundaries.measuring):
+            return 0.005  # deadlines to watch
         return max(0.0, min(self._next_load, self._next_heartbeat) - now) + 0.001
 
     def _handle(self, message: GatewayMessage) -> None:
@@ -184,8 +227,46 @@ class Worker:
                 self._next_load = 0.0  # report at once: the report activates this worker
             case Rejoin():
                 self.link.send(self._hello())
+            case StartMigration():
+                self._start_migration(message)
+            case CancelMigration(migration_id=mid):
+                if self.migrations is not None:
+                    self.migrations.cancel(mid, "cancelled by the gateway")
+            case MeasurePeers(peers=peers):
+                if self.boundaries is not None:
+                    self.boundaries.measure(peers, time.monotonic())
+            case PeerInput(message=Probe() as probe):
+                if self.boundaries is not None:
+                    self.boundaries.on_probe(probe)
+            case PeerInput(message=ProbeAck() as ack):
+                if self.boundaries is not None:
+                    self.boundaries.on_ack(ack)
+            case PeerInput(message=peer_message, frames=frames):
+                if self.migrations is not None:
+                    self.migrations.handle(peer_message, frames)
             case _:
                 assert_never(message)
+
+    # ------------------------------------------------------------ migration
+
+    def _start_migration(self, start: StartMigration) -> None:
+        if self.migrations is None:
+            error: str | None = "this worker cannot migrate requests (no KV engine)"
+        else:
+            error = self.migrations.start(start)
+        self.link.send(Reply(call_id=start.call_id, error=error))
+
+    def _poll_migrations(self) -> None:
+        if self.migrations is not None:
+            now = time.monotonic()
+            self.migrations.poll(now)
+            self.boundaries.poll(now)
+
+    def _moved_out(self, request_id: str) -> None:
+        self._tokens.pop(request_id, None)
+
+    def _moved_in(self, request_id: str, num_tokens: int) -> None:
+        self._tokens[request_id] = num_tokens
 
     def _add(self, message: AddRequest) -> None:
         if self.draining:
