@@ -3,10 +3,11 @@
     python bench/sim.py [--traces DIR] [--profile NAME] [--scale-time X] [--scale-len Y]
 
 A request-event is an arrival, a departure, a preemption or a migration; the simulator also
-grows every running request's KV one token per decode step (vectorized per epoch), which is
-not counted. Target: >= 50,000 request-events per second over all policies together. Each
-policy's run is single-threaded; with --jobs N > 1 the policies run in N processes at once and
-the all-policies rate is total events / wall time of the whole batch (both are printed).
+grows every running request's KV one token per decode step (vectorized per epoch), which is not
+counted (RESULT gives those decode tokens per second too). Target: >= 50,000 request-events per
+second over all policies together. Each policy's run is single-threaded; with --jobs N > 1 the
+policies run in N processes at once and the reported rate is total events / wall time of the
+whole batch (the one-process rate is printed too). Default --jobs: the number of CPUs.
 The last line is `RESULT {json}`.
 """
 
@@ -77,6 +78,7 @@ def main() -> int:
             "events_per_s": round(r.events / r.wall_s),
             "peak": r.peak_active,
             "sim_s_per_wall_s": round(r.sim_seconds / r.wall_s),
+            "decode_tokens_per_s": round(int(trace.output.sum()) / r.wall_s),
         }
         print(
             f"{name:12s} {r.events:>8d} events in {r.wall_s:6.2f} s = "

@@ -258,13 +258,16 @@ class _Pool:
         caps, used, items, view_free = self.caps, self.used, self.items, self.view_free
         per_request = self.growth * self.place_epochs
         ceil = math.ceil
-        for wid in candidates:
-            cap = caps.get(wid)
-            if cap is None:
-                continue
+        for wid in candidates:  # busy workers of the plan: in caps, items and used
             its = items.get(wid)
-            n = len(its) if its else 0
-            free = cap - used[wid] if its else cap
+            if its:
+                n = len(its)
+                free = caps[wid] - used[wid]
+            else:
+                cap = caps.get(wid)
+                if cap is None:
+                    continue
+                n, free = 0, cap
             if view_free:
                 v = view_free.get(wid, free)
                 if v < free:
