@@ -24,6 +24,7 @@ from mell.gateway.errors import error_response
 from mell.gateway.metrics import CONTENT_TYPE
 from mell.gateway.openai_api import chat_completions, completions
 from mell.gateway.policy.base import WorkerStatus
+from mell.gateway.recovery import reconcile_after_restart
 
 log = structlog.get_logger("mell.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,6 +60,17 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
             run_epochs(ctx.policy, ctx.state.view, ctx.config.epoch_s), name="epochs"
         ),
     ]
+    if ctx.keeper is not None:
+        tasks.append(asyncio.create_task(ctx.keeper.run_forever(), name="journal-snapshots"))
+    if ctx.recovered_requests:  # after a restart: requests whose clients died with it
+        reconcile = reconcile_after_restart(
+            ctx.state,
+            ctx.dispatcher.streams,
+            ctx.link.send_quietly,
+            ctx.config.reconcile_timeout_s,
+            ctx.recovered_requests,
+        )
+        tasks.append(asyncio.create_task(reconcile, name="reconcile"))
     yield
     ctx.dispatcher.abort_all("gateway shutting down")
     for task in tasks:

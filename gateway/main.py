@@ -1,10 +1,15 @@
 """`mell-gateway`: the HTTP front door and cluster scheduler, on uvloop + aiohttp.
 
     mell-gateway [--config FILE] [--port P] [--worker-endpoint tcp://HOST:PORT] [--model SPEC]...
+                 [--admin-port P] [--data-dir DIR]
 
-Port 0 picks a free port. Once listening it prints one JSON line on stdout with the actual
-addresses, {"http": "http://HOST:PORT", "workers": "tcp://HOST:PORT"}, for launchers such as
-`mellctl up`, and tells systemd READY=1.
+Port 0 picks a free port. At start it opens DATA_DIR/journal and replays it into the cluster
+view (see `recovery`); a corrupt record stops it with exit code 3 and one line naming the segment
+and offset. Once listening it prints one JSON line on stdout with the actual addresses,
+{"http": "http://HOST:PORT", "admin": "http://HOST:PORT", "workers": "tcp://HOST:PORT"}, for
+launchers such as `mellctl up`, leaves the admin URL in DATA_DIR/admin.json (the token is in
+DATA_DIR/admin.token) and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen,
+2 bad configuration, 3 journal damaged.
 """
 
 from __future__ import annotations
@@ -21,17 +26,20 @@ import uvloop
 from aiohttp import web
 
 from mell.common.config import GatewayConfig, load_config
-from mell.common.errors import MellError
+from mell.common.errors import JournalError, MellError
 from mell.common.logging import configure_logging
 from mell.common.notify import Notifier
+from mell.gateway.admin_api import build_admin_app
+from mell.gateway.admin_token import ensure_token, write_url
 from mell.gateway.app import build_app
 from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
 from mell.gateway.context import GatewayContext
 from mell.gateway.dispatcher import Dispatcher
+from mell.gateway.event_feed import EventFeed
 from mell.gateway.metrics import Metrics
 from mell.gateway.models import ModelRegistry, ServedModel
-from mell.gateway.policy.base import make_policy
+from mell.gateway.policy.base import WorkerStatus, make_policy
+from mell.gateway.recovery import JournalKeeper, recover
 from mell.gateway.worker_link import WorkerLink
 
 log = structlog.get_logger("mell.gateway")
@@ -42,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="gateway TOML file (flags override it)")
     p.add_argument("--host")
     p.add_argument("--port", type=int, help="HTTP port (0: a free one)")
+    p.add_argument("--admin-host", help="admin API address (default 127.0.0.1)")
+    p.add_argument("--admin-port", type=int, help="admin API port (0: a free one)")
     p.add_argument("--worker-endpoint", help="ZeroMQ address workers connect to")
     p.add_argument("--model", action="append", help='model spec (dir or "mell-tiny"); repeat')
     p.add_argument("--data-dir")
@@ -60,6 +70,8 @@ def make_config(args: argparse.Namespace) -> GatewayConfig:
     flags = {
         "host": args.host,
         "port": args.port,
+        "admin_host": args.admin_host,
+        "admin_port": args.admin_port,
         "worker_endpoint": args.worker_endpoint,
         "models": args.model,
         "data_dir": args.data_dir,
@@ -76,13 +88,38 @@ def build_context(config: GatewayConfig) -> GatewayContext:
         [ServedModel.load(spec, config.data_dir) for spec in config.models],
         inline_chars=config.tokenize_inline_chars,
     )
-    state = ClusterState(ClusterView(models.names()))
+    recovered = recover(config, models.names())
+    view = recovered.view
+    state = ClusterState(view)
+    keeper = JournalKeeper(state, recovered.journal, config)  # appends before the fold
+    feed = EventFeed(recent=recovered.recent)
+    state.add_append_hook(feed.publish)
     link = WorkerLink(config, state, config.worker_endpoint)
     policy = make_policy(config.policy)
-    metrics = Metrics(state.view)
+    metrics = Metrics(view)
     dispatcher = Dispatcher(state, policy, link.send, metrics, config.max_queued_requests)
     link.dispatcher = dispatcher
-    return GatewayContext(config, models, state, link, dispatcher, metrics, policy)
+    known = [w.worker_id for w in view.worker_rows.values() if w.status != WorkerStatus.LOST]
+    link.expect_rejoin(known, config.reconcile_timeout_s)
+    log.info(
+        "journal_replayed",
+        events=recovered.num_events,
+        from_snapshot=recovered.from_snapshot,
+        workers=len(known),
+        requests=len(view.requests),
+    )
+    return GatewayContext(
+        config,
+        models,
+        state,
+        link,
+        dispatcher,
+        metrics,
+        policy,
+        feed=feed,
+        keeper=keeper,
+        recovered_requests=list(view.requests),
+    )
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -93,10 +130,16 @@ async def serve(config: GatewayConfig) -> None:
     await site.start()
     port = runner.addresses[0][1]
     url = f"http://{config.host}:{port}"
-    print(json.dumps({"http": url, "workers": ctx.link.endpoint}), flush=True)
+    admin = web.AppRunner(build_admin_app(ctx, ensure_token(config.data_dir)), access_log=None)
+    await admin.setup()
+    await web.TCPSite(admin, config.admin_host, config.admin_port, reuse_address=True).start()
+    admin_url = f"http://{config.admin_host}:{admin.addresses[0][1]}"
+    write_url(config.data_dir, admin_url)
+    print(json.dumps({"http": url, "admin": admin_url, "workers": ctx.link.endpoint}), flush=True)
     log.info(
         "gateway_started",
         url=url,
+        admin=admin_url,
         workers=ctx.link.endpoint,
         models=ctx.models.names(),
         policy=config.policy,
@@ -112,9 +155,12 @@ async def serve(config: GatewayConfig) -> None:
     log.info("gateway_stopping")
     notifier.stopping()
     watchdog.cancel()
+    await admin.cleanup()
     await runner.cleanup()
     ctx.link.close()
     ctx.models.close()
+    if ctx.keeper is not None:
+        ctx.keeper.close()
 
 
 async def _watchdog(notifier: Notifier) -> None:
@@ -131,9 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = make_config(args)
         uvloop.run(serve(config))
+    except JournalError as err:
+        print(f"mell-gateway: {err.message}", file=sys.stderr)
+        return 3
     except MellError as err:
         print(f"mell-gateway: {err.message}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. a port in use
+        print(f"mell-gateway: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,8 +3,14 @@
 Workers connect to the gateway's ROUTER and say `Hello`; the link records `WorkerJoined`,
 answers `Welcome`, turns load reports into `LoadReported` events (the first one activates the
 worker), hands token batches to the dispatcher, and declares a worker lost when it falls silent
-for `worker_timeout_s`, fails, or cannot be sent to. A message from a worker it does not know
-gets `Rejoin`.
+for `worker_timeout_s`, fails, or cannot be sent to. A message from a worker that has not said
+hello to this gateway process (one it does not know, or one it knows from the journal after a
+restart) gets `Rejoin`, at most one per `_REJOIN_EVERY_S`.
+
+Reconciling on hello: a worker's `Hello` lists the requests it holds. Any of them that no live
+stream of this gateway reads (their clients were connected to a previous gateway process), and
+any request the view places on the worker that no stream reads, is aborted on the worker and
+recorded `RequestAborted`: no KV stays held for a dead request.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from mell.common.config import GatewayConfig
 from mell.common.errors import MellError, NotFound
 from mell.common.events import (
     LoadReported,
+    RequestAborted,
     WorkerActivated,
     WorkerDrained,
     WorkerDrainStarted,
@@ -51,11 +58,13 @@ from mell.common.messages import (
 from mell.gateway.cluster_state import ClusterState
 from mell.gateway.dispatcher import Dispatcher
 from mell.gateway.policy.base import WorkerStatus
+from mell.gateway.recovery import RESTART_REASON
 from mell.transport.channel import PeerUnreachable, RouterChannel
 from mell.transport.codec import Codec
 from mell.transport.rpc import PendingCalls
 
 log = structlog.get_logger("mell.gateway")
+_REJOIN_EVERY_S = 0.5
 
 
 class WorkerLink:
@@ -73,6 +82,8 @@ class WorkerLink:
         self.calls = PendingCalls()
         self.dispatcher: Dispatcher | None = None
         self._last_seen: dict[str, float] = {}
+        self._greeted: set[str] = set()  # workers that said hello to this process
+        self._rejoin_sent: dict[str, float] = {}
 
     @property
     def view(self) -> Any:
@@ -120,6 +131,13 @@ class WorkerLink:
         if row is None or row.status == WorkerStatus.LOST:
             raise NotFound(f"no live worker {worker_id!r}", param="worker_id")
 
+    def expect_rejoin(self, worker_ids: list[str], timeout_s: float) -> None:
+        """After a restart: these workers (from the journal) are lost unless they say hello
+        within `timeout_s`."""
+        start = time.monotonic() + timeout_s - self.config.worker_timeout_s
+        for worker_id in worker_ids:
+            self._last_seen[worker_id] = start
+
     def lose(self, worker_id: str, reason: str) -> None:
         row = self.view.worker_rows.get(worker_id)
         if row is None or row.status == WorkerStatus.LOST:
@@ -128,6 +146,7 @@ class WorkerLink:
             "worker_lost", worker_id=worker_id, reason=reason, num_requests=len(row.request_blocks)
         )
         self._last_seen.pop(worker_id, None)
+        self._greeted.discard(worker_id)
         if self.dispatcher is not None:
             self.dispatcher.on_worker_lost(worker_id, reason)
         self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
@@ -163,8 +182,8 @@ class WorkerLink:
             self._hello(peer, message)
             return
         row = self.view.worker_rows.get(peer)
-        if row is None or row.status == WorkerStatus.LOST:
-            self.send_quietly(peer, Rejoin())
+        if row is None or row.status == WorkerStatus.LOST or peer not in self._greeted:
+            self._ask_rejoin(peer)
             return
         self._last_seen[peer] = time.monotonic()
         match message:
@@ -223,13 +242,34 @@ class WorkerLink:
                 block_size=hello.block_size,
             )
         self._last_seen[peer] = time.monotonic()
+        self._greeted.add(peer)
         self.send(peer, Welcome(gateway_boot_id=self.boot_id, epoch_s=self.config.epoch_s))
-        requests = self.view.requests
-        orphans = [
-            r for r in hello.request_ids if r not in requests or requests[r].worker_id != peer
-        ]
-        if orphans:  # held for clients of an earlier gateway: nobody reads them
+        self._reconcile(peer, hello.request_ids)
+
+    def _reconcile(self, peer: str, held: list[str]) -> None:
+        """Abort what the worker holds, or the view places on it, that no stream reads."""
+        streams = self.dispatcher.streams if self.dispatcher is not None else None
+        if streams is None:  # no dispatcher (tests of the link alone): only unknown ids
+            requests = self.view.requests
+            orphans = [r for r in held if r not in requests or requests[r].worker_id != peer]
+        else:
+            orphans = [r for r in held if r not in streams or streams[r].worker_id != peer]
+            for rid in self.view.requests_on(peer):
+                if rid not in streams:  # its client died with an earlier gateway
+                    self.state.record(
+                        RequestAborted(request_id=rid, worker_id=peer, reason=RESTART_REASON)
+                    )
+                    if rid not in orphans:
+                        orphans.append(rid)
+        if orphans:
+            log.info("worker_reconciled", worker_id=peer, aborted=len(orphans))
             self.send(peer, AbortRequest(orphans))
+
+    def _ask_rejoin(self, peer: str) -> None:
+        now = time.monotonic()
+        if now - self._rejoin_sent.get(peer, -_REJOIN_EVERY_S) >= _REJOIN_EVERY_S:
+            self._rejoin_sent[peer] = now
+            self.send_quietly(peer, Rejoin())
 
     def _load(self, peer: str, status: WorkerStatus, report: LoadReport) -> None:
         if status == WorkerStatus.JOINING and not report.draining:

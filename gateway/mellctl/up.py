@@ -4,9 +4,10 @@
 
 Creates mell-tiny on first use, starts the gateway, then the workers (split across the models),
 prints one line with the URL once /health says every model is served and every worker is active,
-and stops every child on Ctrl-C or SIGTERM. If a child does not start, it exits 1 naming that
-child and its log file.
-Children log to DATA_DIR/logs/; the pids are in DATA_DIR/up.json.
+then one line with the admin API's URL (its token is DATA_DIR/admin.token; `mellctl status
+--data-dir D` finds both), and stops every child on Ctrl-C or SIGTERM. If a child does not
+start, it exits 1 naming that child and its log file.
+Children log to DATA_DIR/logs/; the pids and URLs are in DATA_DIR/up.json.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="number of workers (default 1)")
     p.add_argument("--model", action="append", help='"mell-tiny" or a checkpoint dir; repeat')
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    p.add_argument("--admin-port", type=int, default=0, help="admin port (default: a free one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--data-dir", default=".mell", help="state, logs and mell-tiny (.mell)")
     p.add_argument("--policy", default="least-loaded", help="placement policy")
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         url = cluster.start(args.startup_timeout, stop)
         names = ", ".join(model_name(s) for s in specs)
         print(f"mell is serving {names} at {url} with {args.workers} worker(s)", flush=True)
+        print(
+            f"admin API at {cluster.admin_url} (mellctl status --data-dir {data_dir})", flush=True
+        )
         return cluster.wait(stop)
     finally:
         cluster.stop()
@@ -90,11 +95,13 @@ class Cluster:
         self.data_dir = data_dir
         self.specs = specs
         self.children: list[Child] = []
+        self.admin_url = ""
 
     def start(self, timeout_s: float, stop: list[int]) -> str:
         deadline = time.monotonic() + timeout_s
         gateway = self._spawn("gateway", self._gateway_cmd(), capture_stdout=True)
         addresses = self._read_addresses(gateway, deadline)
+        self.admin_url = addresses.get("admin", "")
         for i in range(self.args.workers):
             spec = self.specs[i % len(self.specs)]
             self._spawn(f"worker w{i}", self._worker_cmd(f"w{i}", spec, addresses["workers"]))
@@ -145,6 +152,8 @@ class Cluster:
             a.host,
             "--port",
             str(a.port),
+            "--admin-port",
+            str(a.admin_port),
             "--worker-endpoint",
             "tcp://127.0.0.1:0",
             "--data-dir",
@@ -237,6 +246,7 @@ class Cluster:
     def _write_state(self, url: str) -> None:
         state = {
             "url": url,
+            "admin_url": self.admin_url,
             "mellctl_pid": os.getpid(),
             "children": [{"name": c.name, "pid": c.proc.pid} for c in self.children],
         }

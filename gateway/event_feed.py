@@ -1,0 +1,87 @@
+"""The live event feed: the recent cluster events in memory, and subscribers that follow them.
+
+The gateway adds `EventFeed.publish` as an append hook of `ClusterState`, so the feed sees every
+event the journal sees, in the same order. The admin API serves the tail (`recent`) and follows
+new events (`subscribe`); a subscriber that falls more than its queue behind is dropped (its
+stream ends with a line saying so) rather than slowing the gateway. The full history is the
+journal (`mellctl events --journal DIR`). `matches` and `event_json` are shared with `mellctl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import msgspec
+
+from mell.common.events import EventEnvelope
+
+_WORKER_FIELDS = ("worker_id", "src", "dst")
+
+
+def matches(event: Any, request: str | None = None, worker: str | None = None) -> bool:
+    """Whether an event is about `request` (and) `worker`; None means any."""
+    if request is not None and not _about_request(event, request):
+        return False
+    return worker is None or any(getattr(event, f, None) == worker for f in _WORKER_FIELDS)
+
+
+def _about_request(event: Any, request: str) -> bool:
+    if getattr(event, "request_id", None) == request:
+        return True
+    return any(load.request_id == request for load in getattr(event, "requests", ()))  # loads
+
+
+def event_json(envelope: EventEnvelope) -> dict[str, Any]:
+    """{"type", "source", "source_seq", "ts", then the event's fields}."""
+    fields = msgspec.to_builtins(envelope.event)
+    kind = fields.pop("type")
+    return {"type": kind, "source": envelope.source, "source_seq": envelope.seq,
+            "ts": envelope.ts, **fields}  # fmt: skip
+
+
+class Subscription:
+    """A follower's queue of envelopes; `overflowed` once it fell too far behind."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[EventEnvelope] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+
+class EventFeed:
+    def __init__(self, capacity: int = 10_000, recent: Iterable[EventEnvelope] = ()) -> None:
+        self._ring: deque[EventEnvelope] = deque(recent, maxlen=capacity)
+        self._subs: set[Subscription] = set()
+
+    def publish(self, envelope: EventEnvelope) -> None:
+        self._ring.append(envelope)
+        for sub in list(self._subs):
+            try:
+                sub.queue.put_nowait(envelope)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+                self._subs.discard(sub)
+
+    def recent(
+        self, n: int, request: str | None = None, worker: str | None = None
+    ) -> list[EventEnvelope]:
+        """The last `n` events held in memory that match."""
+        if n <= 0:
+            return []
+        picked: deque[EventEnvelope] = deque(maxlen=n)
+        for envelope in self._ring:
+            if matches(envelope.event, request, worker):
+                picked.append(envelope)
+        return list(picked)
+
+    @contextlib.contextmanager
+    def subscribe(self, maxsize: int = 10_000) -> Iterator[Subscription]:
+        sub = Subscription(maxsize)
+        self._subs.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subs.discard(sub)

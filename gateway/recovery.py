@@ -1,0 +1,163 @@
+"""The gateway's memory across restarts: its journal, snapshots, and reconciling with workers.
+
+At start `recover` opens DATA_DIR/journal (truncating a torn last record with a warning), replays
+the last snapshot and the events after it into a `ClusterView`, and returns it with the open
+journal; a corrupt record raises CorruptRecord naming the segment and offset, and start-up stops.
+`JournalKeeper` then writes snapshot records of the view (periodically, after many events, and
+at shutdown) and, after a restart, runs the reconcile deadline: every request the recovered view
+holds had its client connection die with the old gateway, so a request that no live stream
+reads when the deadline passes is recorded aborted and aborted on its worker. (Most are aborted
+sooner, when their worker says hello again: see `WorkerLink`.) Workers of the recovered view
+that never say hello are declared lost by the link's liveness clock at the same deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from mell.common.config import GatewayConfig
+from mell.common.events import EventEnvelope, RequestAborted
+from mell.common.messages import AbortRequest, GatewayMessage
+from mell.gateway.cluster_state import ClusterState
+from mell.gateway.cluster_view import ClusterView, ViewSnapshot
+from mell.gateway.journal import CorruptRecord, Journal, Record, replay
+from mell.gateway.journal.codec import decode, journal_hook
+
+log = structlog.get_logger("mell.gateway")
+
+JOURNAL_DIR = "journal"
+RESTART_REASON = "gateway restarted: the client connection died with the previous gateway"
+_snapshot_decoder = msgspec.msgpack.Decoder(ViewSnapshot)
+
+
+@dataclass(slots=True)
+class Recovered:
+    """What start-up found in the journal."""
+
+    view: ClusterView
+    journal: Journal
+    num_events: int  # events replayed after the snapshot
+    from_snapshot: bool
+    recent: list[EventEnvelope]  # the replayed events, for the admin API's event tail
+
+
+def journal_directory(config: GatewayConfig) -> Path:
+    return Path(config.data_dir) / JOURNAL_DIR
+
+
+def recover(config: GatewayConfig, models: Sequence[str], keep_recent: int = 1000) -> Recovered:
+    """Open the journal and fold snapshot + tail; JournalError / CorruptRecord on damage."""
+    directory = journal_directory(config)
+    journal = Journal.open(directory, config.journal)
+    try:
+        view, recent, num_events, from_snapshot = replay_view(directory, models, keep_recent)
+    except BaseException:
+        journal.close()
+        raise
+    return Recovered(view, journal, num_events, from_snapshot, recent)
+
+
+def replay_view(
+    directory: Path, models: Sequence[str], keep_recent: int = 1000
+) -> tuple[ClusterView, list[EventEnvelope], int, bool]:
+    """(view, the last `keep_recent` events, events folded, whether it began at a snapshot)."""
+    view = ClusterView(models)
+    recent: list[EventEnvelope] = []
+    num_events, from_snapshot = 0, False
+    for record in replay(directory):
+        if record.kind == "snapshot":
+            view = ClusterView.from_snapshot(decode_snapshot(record), models)
+            from_snapshot = True
+        elif record.kind == "event":
+            envelope = decode(record)
+            view.apply(envelope)
+            num_events += 1
+            recent.append(envelope)
+            if len(recent) > 2 * keep_recent:
+                del recent[:-keep_recent]
+    return view, recent[-keep_recent:], num_events, from_snapshot
+
+
+def encode_snapshot(view: ClusterView) -> bytes:
+    return msgspec.msgpack.encode(view.snapshot())
+
+
+def decode_snapshot(record: Record) -> ViewSnapshot:
+    try:
+        return _snapshot_decoder.decode(record.payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise CorruptRecord(
+            record.segment, record.offset, f"record {record.seq} is not a view snapshot: {err}"
+        ) from None
+
+
+class JournalKeeper:
+    """Appends every recorded event to the journal; writes snapshots; closes it at the end."""
+
+    def __init__(self, state: ClusterState, journal: Journal, config: GatewayConfig) -> None:
+        self.state = state
+        self.journal = journal
+        self.config = config.journal
+        self._since_snapshot = 0
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        state.add_append_hook(journal_hook(journal))
+        state.add_append_hook(self._count)
+
+    def _count(self, _envelope: EventEnvelope) -> None:
+        self._since_snapshot += 1
+        every = self.config.snapshot_every_events
+        if every and self._since_snapshot >= every and not self._scheduled and self._loop:
+            # Not from inside the hook: the event being recorded is not folded yet.
+            self._scheduled = True
+            self._loop.call_soon(self.snapshot)
+
+    def snapshot(self) -> int:
+        """Write a snapshot record of the view now; returns its journal seq."""
+        self._scheduled = False
+        self._since_snapshot = 0
+        seq = self.journal.write_snapshot(encode_snapshot(self.state.view))
+        log.info("journal_snapshot", seq=seq, num_requests=len(self.state.view.requests))
+        return seq
+
+    async def run_forever(self) -> None:
+        """Periodic snapshots (snapshot_interval_s; 0: only by event count)."""
+        self._loop = asyncio.get_running_loop()
+        interval = self.config.snapshot_interval_s
+        while True:
+            await asyncio.sleep(interval if interval > 0 else 3600.0)
+            if interval > 0 and self._since_snapshot:
+                self.snapshot()
+
+    def close(self) -> None:
+        """A last snapshot (the next start replays little), then flush and close."""
+        try:
+            self.snapshot()
+        finally:
+            self.journal.close()
+
+
+async def reconcile_after_restart(
+    state: ClusterState,
+    streams: Mapping[str, object],
+    send: Callable[[str, GatewayMessage], object],
+    timeout_s: float,
+    recovered: Iterable[str],
+) -> list[str]:
+    """At the deadline, abort every recovered request that no live stream reads; the ids."""
+    recovered = list(recovered)
+    await asyncio.sleep(timeout_s)
+    view = state.view
+    dead = [rid for rid in recovered if rid in view.requests and rid not in streams]
+    for rid in dead:
+        worker_id = view.requests[rid].worker_id
+        state.record(RequestAborted(request_id=rid, worker_id=worker_id, reason=RESTART_REASON))
+        send(worker_id, AbortRequest([rid]))
+    log.info("reconcile_done", aborted_at_deadline=len(dead), num_recovered=len(recovered))
+    return dead
