@@ -9,6 +9,9 @@
                                                stream stays open and new events follow
     POST /admin/v1/workers/{id}/drain          stop placing on it; it finishes what it runs
     POST /admin/v1/workers/{id}/undrain        place on it again
+    POST /admin/v1/requests/{id}/migrate       {"to": WORKER, "kind": "kv"|"tokens"|"auto"}:
+                                               move a running request; answers when it
+                                               committed or aborted
 
 Reads come from the cluster view (the fold of the journal's events); drain and undrain go through
 the worker link, which records the events. Errors are `{"error": {"message", "type", "code"}}`.
@@ -32,6 +35,7 @@ from mell.gateway.cluster_view import RequestRow, WorkerRow
 from mell.gateway.context import CONTEXT, GatewayContext
 from mell.gateway.errors import error_response
 from mell.gateway.event_feed import Subscription, event_json, matches
+from mell.gateway.policy.base import Move
 from mell.transport.rpc import CallTimeout
 
 PREFIX = "/admin/v1"
@@ -52,6 +56,7 @@ def build_admin_app(ctx: GatewayContext, token: str) -> web.Application:
             web.get(f"{PREFIX}/events", events),
             web.post(f"{PREFIX}/workers/{{worker_id}}/drain", drain),
             web.post(f"{PREFIX}/workers/{{worker_id}}/undrain", undrain),
+            web.post(f"{PREFIX}/requests/{{request_id}}/migrate", migrate),
         ]
     )
     return app
@@ -247,6 +252,35 @@ async def _worker_call(request: web.Request, action: str) -> web.Response:
         return error_response(err, 504)
     row = ctx.state.view.worker_rows[worker_id]
     return _json(worker_json(row, with_requests=True))
+
+
+class MigrateBody(msgspec.Struct, forbid_unknown_fields=True):
+    to: str
+    kind: str = "auto"
+
+
+async def migrate(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    request_id = request.match_info["request_id"]
+    try:
+        body = msgspec.json.decode(await request.read(), type=MigrateBody)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise InvalidRequest(f"bad migrate body: {err}") from None
+    row = ctx.state.view.requests.get(request_id)
+    if row is None or ctx.migrator is None:
+        raise NotFound(f"no request {request_id!r} in flight", param="request_id")
+    outcome = await ctx.migrator.migrate(Move(request_id, row.worker_id, body.to, body.kind))
+    return _json(
+        {
+            "migration_id": outcome.migration_id,
+            "request_id": request_id,
+            "src": row.worker_id,
+            "dst": body.to,
+            "kind": outcome.kind,
+            "committed": outcome.committed,
+            "reason": outcome.reason,
+        }
+    )
 
 
 def _int(value: str | None, default: int, name: str) -> int:

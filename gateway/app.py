@@ -57,7 +57,8 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(ctx.link.receive_forever(), name="worker-receive"),
         asyncio.create_task(ctx.link.watch_forever(), name="worker-watch"),
         asyncio.create_task(
-            run_epochs(ctx.policy, ctx.state.view, ctx.config.epoch_s), name="epochs"
+            run_epochs(ctx.policy, ctx.state.view, ctx.config.epoch_s, ctx.migrator),
+            name="epochs",
         ),
     ]
     if ctx.keeper is not None:

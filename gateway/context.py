@@ -11,6 +11,7 @@ from mell.gateway.cluster_state import ClusterState
 from mell.gateway.dispatcher import Dispatcher
 from mell.gateway.event_feed import EventFeed
 from mell.gateway.metrics import Metrics
+from mell.gateway.migrator import Migrator
 from mell.gateway.models import ModelRegistry
 from mell.gateway.policy.base import Policy
 from mell.gateway.recovery import JournalKeeper
@@ -29,6 +30,7 @@ class GatewayContext:
     feed: EventFeed = field(default_factory=EventFeed)
     keeper: JournalKeeper | None = None  # the journal, when the gateway keeps one
     recovered_requests: list[str] = field(default_factory=list)  # held by the view at start
+    migrator: Migrator | None = None  # runs the policy's (and mellctl's) moves
 
 
 CONTEXT = web.AppKey("context", GatewayContext)

@@ -33,7 +33,13 @@ from mell.common.events import (
     RequestFinished,
     RequestPlaced,
 )
-from mell.common.messages import AbortRequest, AddRequest, RequestFailed, TokenBatch
+from mell.common.messages import (
+    AbortRequest,
+    AddRequest,
+    RequestFailed,
+    TokenBatch,
+    TokenOutput,
+)
 from mell.common.sampling import SamplingParams
 from mell.gateway.cluster_state import ClusterState
 from mell.gateway.metrics import Metrics
@@ -75,6 +81,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.streams: dict[str, RequestStream] = {}
+        self.migrator: Any = None  # mell.gateway.migrator.Migrator, told about lost workers
 
     # ------------------------------------------------------------ requests
 
@@ -178,6 +185,9 @@ class Dispatcher:
         streams = self.streams
         for out in batch.outputs:
             stream = streams.get(out.request_id)
+            if stream is not None and stream.prev_worker_id == worker_id:
+                stream.push(out)  # sent before it migrated away: index dedupe keeps it once
+                continue
             if stream is None or stream.worker_id != worker_id:
                 # Nobody waits for it, or it lives elsewhere now (placed again after this
                 # worker was declared lost): stop it here.
@@ -199,6 +209,20 @@ class Dispatcher:
         if unknown:  # outputs of requests nobody waits for any more: stop them
             self._send(worker_id, AbortRequest(unknown))
 
+    def migrated(self, request_id: str, src: str, dst: str) -> None:
+        """The request now runs on `dst`: its stream follows it."""
+        stream = self.streams.get(request_id)
+        if stream is not None and stream.worker_id == src:
+            stream.prev_worker_id, stream.worker_id = src, dst
+
+    def fill(self, request_id: str, output_token_ids: list[int], num_prompt_tokens: int) -> None:
+        """Every token the request produced before it migrated (the destination's word, in
+        case some of the source's last outputs are still on their way): the stream takes
+        only the indices it has not delivered yet."""
+        stream = self.streams.get(request_id)
+        if stream is not None and output_token_ids:
+            stream.push(TokenOutput(request_id, 0, output_token_ids, None, None, num_prompt_tokens))
+
     def on_request_failed(self, worker_id: str, msg: RequestFailed) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is not None and stream.worker_id == worker_id:
@@ -206,6 +230,8 @@ class Dispatcher:
 
     def on_worker_lost(self, worker_id: str, reason: str) -> None:
         """Every request on a lost worker ends with an error (its client sees an error event)."""
+        if self.migrator is not None:
+            self.migrator.on_worker_lost(worker_id)
         for stream in self.streams.values():
             if stream.worker_id == worker_id:
                 stream.fail(WorkerLost(f"worker {worker_id} was lost: {reason}"))

@@ -37,6 +37,7 @@ from mell.gateway.context import GatewayContext
 from mell.gateway.dispatcher import Dispatcher
 from mell.gateway.event_feed import EventFeed
 from mell.gateway.metrics import Metrics
+from mell.gateway.migrator import Migrator
 from mell.gateway.models import ModelRegistry, ServedModel
 from mell.gateway.policy.base import WorkerStatus, make_policy
 from mell.gateway.recovery import JournalKeeper, recover
@@ -99,6 +100,8 @@ def build_context(config: GatewayConfig) -> GatewayContext:
     metrics = Metrics(view)
     dispatcher = Dispatcher(state, policy, link.send, metrics, config.max_queued_requests)
     link.dispatcher = dispatcher
+    migrator = Migrator(state, link, dispatcher, epoch_s=config.epoch_s)
+    link.migrator = dispatcher.migrator = migrator
     known = [w.worker_id for w in view.worker_rows.values() if w.status != WorkerStatus.LOST]
     link.expect_rejoin(known, config.reconcile_timeout_s)
     log.info(
@@ -119,6 +122,7 @@ def build_context(config: GatewayConfig) -> GatewayContext:
         feed=feed,
         keeper=keeper,
         recovered_requests=list(view.requests),
+        migrator=migrator,
     )
 
 

@@ -41,6 +41,7 @@ class RequestStream:
         "model",
         "next_index",
         "num_prompt_tokens",
+        "prev_worker_id",
         "request_id",
         "sink",
         "worker_id",
@@ -58,6 +59,7 @@ class RequestStream:
         self.request_id = request_id
         self.model = model
         self.worker_id = worker_id
+        self.prev_worker_id = ""  # where it ran before its last migration (late tokens)
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
         self.arrival = arrival

@@ -39,12 +39,15 @@ from mell.common.events import (
 from mell.common.ids import new_boot_id
 from mell.common.messages import (
     AbortRequest,
+    BoundariesReport,
     Drain,
     DrainCompleted,
     GatewayMessage,
     Heartbeat,
     Hello,
     LoadReport,
+    MigratedIn,
+    MigrationEnded,
     Ping,
     Rejoin,
     Reply,
@@ -81,6 +84,7 @@ class WorkerLink:
         self.endpoint = self.channel.endpoint
         self.calls = PendingCalls()
         self.dispatcher: Dispatcher | None = None
+        self.migrator: Any = None  # mell.gateway.migrator.Migrator: migration outcomes
         self._last_seen: dict[str, float] = {}
         self._greeted: set[str] = set()  # workers that said hello to this process
         self._rejoin_sent: dict[str, float] = {}
@@ -203,6 +207,9 @@ class WorkerLink:
                 self._drained(peer, exiting)
             case Reply(call_id=call_id, error=error):
                 self.calls.resolve(call_id, error)
+            case MigratedIn() | MigrationEnded() | BoundariesReport():
+                if self.migrator is not None:
+                    self.migrator.on_message(peer, message)
             case Hello():
                 pass
             case _:
