@@ -1,9 +1,14 @@
-"""`mellctl events --journal DIR`: the audit trail of a journal directory, read offline.
+"""`mellctl events`: the cluster's events, from the gateway or from a journal directory.
+
+    mellctl events [--tail N] [--follow] [--request ID] [--worker ID] [--json]   (admin API)
+    mellctl events --journal DIR [--tail N] [--request ID] [--worker ID] [--json] (offline)
 
 One line per event: time, source#seq, event type, then its fields; `--request` / `--worker`
 keep the events about one request or one worker; `--json` prints one JSON object per line.
-Reading a running gateway's journal is safe (readers take no lock; a record being written shows
-up as a torn tail and is skipped with a warning).
+Without --journal it asks the running gateway's admin API for its recent events (the last 100 by
+default) and with --follow keeps printing new ones until interrupted. With --journal it reads
+the whole audit trail offline; reading a running gateway's journal is safe (readers take no
+lock; a record being written shows up as a torn tail and is skipped with a warning).
 """
 
 from __future__ import annotations
@@ -24,32 +29,41 @@ from mell.common.events import EventEnvelope
 from mell.gateway.journal.codec import decode
 from mell.gateway.journal.format import Record
 from mell.gateway.journal.reader import read_records
+from mell.gateway.mellctl.client import add_target_args, connect
 
 _WORKER_FIELDS = ("worker_id", "src", "dst")
 _WIDTH = 100
+_API_TAIL = 100
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "events",
-        help="show cluster events from a journal directory",
-        description="Show the cluster events recorded in a journal directory, oldest first.",
+        help="show cluster events (from the gateway, or a journal directory)",
+        description="Show cluster events, oldest first: the running gateway's recent ones, or "
+        "those recorded in a journal directory (--journal).",
     )
     p.add_argument(
         "--journal",
         type=Path,
-        required=True,
         metavar="DIR",
         help="journal directory to read offline (e.g. /var/lib/mell/journal)",
     )
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument("--request", metavar="ID", help="only events about this request")
     p.add_argument("--worker", metavar="ID", help="only events about this worker")
     p.add_argument("--tail", type=int, metavar="N", help="only the last N matching events")
+    add_target_args(p, json_output=False)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.journal is None:
+        return _from_gateway(args)
+    if args.follow:
+        print("mellctl: error: --follow reads the gateway, not a journal", file=sys.stderr)
+        return 2
     if not args.journal.is_dir():
         raise JournalError(f"journal directory {args.journal} does not exist")
     rows: Iterator[tuple[Record, EventEnvelope | None]] = _rows(args.journal)
@@ -61,6 +75,30 @@ def _run(args: argparse.Namespace) -> int:
         out.write(json.dumps(_as_json(record, envelope)) if args.json else _line(record, envelope))
         out.write("\n")
     return 0
+
+
+def _from_gateway(args: argparse.Namespace) -> int:
+    client = connect(args)
+    tail = args.tail if args.tail is not None else _API_TAIL
+    query = {"tail": tail, "request": args.request, "worker": args.worker}
+    if args.follow:
+        query["follow"] = 1
+    out = sys.stdout
+    for event in client.lines("/events", timeout_s=60.0 if args.follow else None, **query):
+        if "error" in event:
+            print(f"mellctl: error: {event['error']}", file=sys.stderr)
+            return 1
+        out.write(json.dumps(event) if args.json else format_event(dict(event)))
+        out.write("\n")
+        out.flush()
+    return 0
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One event as the admin API gives it ({type, source, source_seq, ts, fields...})."""
+    kind, source, seq, ts = (event.pop(k) for k in ("type", "source", "source_seq", "ts"))
+    head = f"{_time(ts)}  {source}#{seq}  {kind}"
+    return _wrap(head, [f"{k}={_short(v)}" for k, v in event.items()])
 
 
 def _rows(directory: Path) -> Iterator[tuple[Record, EventEnvelope | None]]:
