@@ -139,26 +139,32 @@ class _Pool:
         self.where, self.origin, self.labels, self.stamp = {}, {}, {}, {}
         self.idle, self.released, self.pinned = [], set(), {}
         fresh: list[str] = []
+        caps, items, used, where, labels = self.caps, self.items, self.used, self.where, self.labels
+        stamp, idle, klass = self.stamp, self.idle, self.klass
         for w in workers:
             if w.status is not _ACTIVE and w.status != _ACTIVE:
                 for rid, blocks in w.request_blocks.items():
                     self.pinned[rid] = (w.worker_id, blocks)
                 continue
             wid = w.worker_id
-            self.caps[wid] = w.capacity_blocks
-            self.capacity = max(self.capacity, w.capacity_blocks)
-            self.growth = headroom_tokens / max(1, w.block_size)
-            if not w.request_blocks:
-                self.idle.append(wid)
+            caps[wid] = cap = w.capacity_blocks
+            if cap > self.capacity:
+                self.capacity = cap
+            reqs = w.request_blocks
+            if not reqs:
+                idle.append(wid)
                 continue
-            self.items[wid] = dict(w.request_blocks)
-            self.used[wid] = sum(w.request_blocks.values())
-            self.where.update(dict.fromkeys(w.request_blocks, wid))
-            self._relabel(wid)
+            items[wid] = mine = dict(reqs)
+            used[wid] = sum(mine.values())
+            where.update(dict.fromkeys(mine, wid))
+            top = klass(max(mine.values()))
+            labels[wid] = top if top > T else T
             if wid in old_stamp:
-                self.stamp[wid] = old_stamp[wid]
+                stamp[wid] = old_stamp[wid]
             else:
                 fresh.append(wid)
+        if caps:
+            self.growth = headroom_tokens / max(1, next(iter(workers)).block_size)
         for wid in sorted(fresh):  # adopted busy workers: newest after the known ones
             self.clock += 1
             self.stamp[wid] = self.clock
