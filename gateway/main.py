@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-timeout", type=float, help="seconds of silence before a worker is lost"
     )
+    p.add_argument(
+        "--reconcile-timeout",
+        type=float,
+        help="after a restart, seconds for workers to say hello again",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -80,6 +85,7 @@ def make_config(args: argparse.Namespace) -> GatewayConfig:
         "api_keys": args.api_key,
         "max_queued_requests": args.max_queued_requests,
         "worker_timeout_s": args.worker_timeout,
+        "reconcile_timeout_s": args.reconcile_timeout,
     }
     return msgspec.structs.replace(config, **{k: v for k, v in flags.items() if v is not None})
 
