@@ -231,6 +231,7 @@ class BoundariesReport(msgspec.Struct, frozen=True, kw_only=True, array_like=Tru
 
     prefill_tokens_per_s: float
     peer_bytes_per_s: dict[str, float] = {}
+    kv_bytes_per_token: int = 0  # K and V of every layer
 
 
 # ---------------------------------------------------------------- migration, worker ↔ worker

@@ -9,7 +9,8 @@
                                                stream stays open and new events follow
     POST /admin/v1/workers/{id}/drain          stop placing on it; it finishes what it runs
     POST /admin/v1/workers/{id}/undrain        place on it again
-    POST /admin/v1/requests/{id}/migrate       {"to": WORKER, "kind": "kv"|"tokens"|"auto"}:
+    POST /admin/v1/requests/{id}/migrate       {"to": WORKER, "kind": "kv"|"tokens"|"auto"}
+                                               (or ?to=WORKER&kind=KIND):
                                                move a running request; answers when it
                                                committed or aborted
 
@@ -262,10 +263,15 @@ class MigrateBody(msgspec.Struct, forbid_unknown_fields=True):
 async def migrate(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
     request_id = request.match_info["request_id"]
-    try:
-        body = msgspec.json.decode(await request.read(), type=MigrateBody)
+    raw = await request.read()
+    try:  # a JSON body, or the same fields as query parameters
+        body = (
+            msgspec.json.decode(raw, type=MigrateBody)
+            if raw
+            else msgspec.convert(dict(request.query), MigrateBody)
+        )
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
-        raise InvalidRequest(f"bad migrate body: {err}") from None
+        raise InvalidRequest(f"bad migrate request: {err}") from None
     row = ctx.state.view.requests.get(request_id)
     if row is None or ctx.migrator is None:
         raise NotFound(f"no request {request_id!r} in flight", param="request_id")

@@ -186,6 +186,7 @@ class ViewCollector(Collector):
             g["mell:active_workers"].add_metric(
                 [model], sum(w.status == WorkerStatus.ACTIVE for w in rows)
             )
+            g["mell:releasable_workers"].add_metric([model], sum(w.releasable for w in rows))
             g["mell:num_requests_in_flight"].add_metric(
                 [model], sum(1 for r in view.requests.values() if r.model == model)
             )
@@ -209,6 +210,7 @@ _GAUGES = (
     ("mell:kv_cache_used_blocks", "KV blocks in use in the model's pool.", _M),
     ("mell:kv_cache_total_blocks", "KV blocks of the model's pool.", _M),
     ("mell:active_workers", "Workers accepting requests.", _M),
+    ("mell:releasable_workers", "Live workers holding no request (their device could go).", _M),
     ("mell:num_requests_in_flight", "Requests placed and not finished.", _M),
     ("mell:worker_kv_cache_usage_perc", "KV cache usage of one worker (0-1).", _W),
     ("mell:worker_kv_cache_used_blocks", "KV blocks in use on one worker.", _W),

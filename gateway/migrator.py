@@ -184,7 +184,8 @@ class Migrator:
         )
 
     def kv_bytes_per_token(self) -> int:
-        return KV_BYTES_PER_TOKEN
+        known = [r.kv_bytes_per_token for r in self.boundaries.values() if r.kv_bytes_per_token]
+        return max(known) if known else KV_BYTES_PER_TOKEN
 
     # ------------------------------------------------------------ from workers
 

@@ -31,6 +31,13 @@ PROBES_PER_PEER = 2
 PROBE_TIMEOUT_S = 3.0
 
 
+def kv_bytes_per_token(engine: Any) -> int:
+    """K and V bytes of one token over every layer, from the engine's KV tensors."""
+    caches = engine.runner.kv_caches
+    per_block = sum(c[0].numel() * c.element_size() for c in caches)
+    return per_block // engine.blocks.block_size
+
+
 def measure_prefill_tokens_per_s(engine: Any, num_tokens: int = 256) -> float:
     """Prefill a throwaway prompt on the engine (idle, at start); tokens per second."""
     limit = engine.model_config.max_model_len - 1
@@ -46,8 +53,11 @@ def measure_prefill_tokens_per_s(engine: Any, num_tokens: int = 256) -> float:
 
 
 class Boundaries:
-    def __init__(self, port: Port, self_address: str, prefill_tokens_per_s: float) -> None:
+    def __init__(
+        self, port: Port, self_address: str, prefill_tokens_per_s: float, kv_bytes_per_token: int
+    ) -> None:
         self.port = port
+        self.kv_bytes_per_token = kv_bytes_per_token
         self.self_address = self_address
         self.prefill_tokens_per_s = prefill_tokens_per_s
         self.peer_bytes_per_s: dict[str, float] = {}
@@ -104,5 +114,6 @@ class Boundaries:
             BoundariesReport(
                 prefill_tokens_per_s=self.prefill_tokens_per_s,
                 peer_bytes_per_s=dict(self.peer_bytes_per_s),
+                kv_bytes_per_token=self.kv_bytes_per_token,
             )
         )

@@ -44,7 +44,11 @@ from mell.common.messages import (
     WorkerFailed,
 )
 from mell.common.notify import Notifier
-from mell.workerd.boundaries import Boundaries, measure_prefill_tokens_per_s
+from mell.workerd.boundaries import (
+    Boundaries,
+    kv_bytes_per_token,
+    measure_prefill_tokens_per_s,
+)
 from mell.workerd.io import PeerInput
 from mell.workerd.migration_hub import MigrationHub
 
@@ -113,7 +117,7 @@ class Worker:
                 moved_out=self._moved_out,
                 moved_in=self._moved_in,
             )
-            self.boundaries = Boundaries(port, link.data_address, 0.0)
+            self.boundaries = Boundaries(port, link.data_address, 0.0, kv_bytes_per_token(engine))
 
     # ------------------------------------------------------------ lifecycle
 

@@ -15,7 +15,15 @@ from mell.common.errors import MellError
 from mell.gateway.mellctl.client import Unreachable
 
 # Command groups, in help order. Each name is a module of this package.
-COMMAND_MODULES: tuple[str, ...] = ("up", "admin", "model", "journal", "events", "simulate")
+COMMAND_MODULES: tuple[str, ...] = (
+    "up",
+    "admin",
+    "migrate",
+    "model",
+    "journal",
+    "events",
+    "simulate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,9 +5,13 @@ destination killed mid-migration. Clients see exactly the unmigrated output, or 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +45,11 @@ def admin(cluster: LocalCluster) -> tuple[str, dict[str, str]]:
     return state["admin_url"], {"Authorization": f"Bearer {token}"}
 
 
-def body(i: int, seed: int | None) -> dict[str, Any]:
+def body(i: int, seed: int | None, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
     b: dict[str, Any] = {
         "model": "mell-tiny",
         "prompt": f"migrate me {i}",
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "ignore_eos": True,
         "temperature": 0.0 if seed is None else 0.8,
     }
@@ -153,10 +157,9 @@ async def test_destination_killed_mid_stream_stream_completes(cluster: LocalClus
     assert metric(metrics, "mell:migrations_total", kind="kv") >= 1
 
 
-def urllib_text(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=10) as r:
+def urllib_text(url: str, headers: dict[str, str] | None = None) -> str:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as r:
         return r.read().decode()
 
 
@@ -170,3 +173,54 @@ def test_no_blocks_leak_after_migrations(cluster: LocalCluster) -> None:
         return bool(live) and all(w["used_blocks"] == 0 for w in live)
 
     wait_until(idle, 10, "every live worker's blocks free")
+
+
+def mellctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "mell.gateway.mellctl.main", *args]
+    return subprocess.run(
+        [*cmd, "--data-dir", str(cluster.data_dir)], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_mellctl_migrate_then_drain_moves_requests_away(cluster: LocalCluster) -> None:
+    url, headers = admin(cluster)
+    drained: list[str] = []
+
+    def holder(rid: str) -> str:
+        _, rows = get_json(f"{url}/admin/v1/requests", headers)
+        rows = rows.get("requests", rows) if isinstance(rows, dict) else rows
+        return next(row["worker_id"] for row in rows if row["request_id"] == rid)
+
+    async with aiohttp.ClientSession() as s:
+        want = await _text(s, cluster.url, body(4, 11, 1800))
+
+        async def act(rid: str, n: int) -> dict[str, Any] | None:
+            if n == 10:
+                src = holder(rid)
+                _, live = get_json(f"{url}/admin/v1/workers", headers)
+                live = live.get("workers", live) if isinstance(live, dict) else live
+                dst = next(w["worker_id"] for w in live if w["state"] == "active"
+                           and w["worker_id"] != src)  # fmt: skip
+                done = await asyncio.to_thread(
+                    mellctl, cluster, "migrate", rid, "--to", dst, "--kind", "tokens"
+                )
+                assert done.returncode == 0, done.stderr
+                assert "committed" in done.stdout
+                assert holder(rid) == dst
+                return {"committed": True}
+            if n == 30:
+                src = holder(rid)
+                done = await asyncio.to_thread(mellctl, cluster, "drain", src)
+                assert done.returncode == 0, done.stderr
+                drained.append(src)
+            return None
+
+        got, _, last = await _stream(s, cluster.url, body(4, 11, 1800), act)
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert got == want
+    [src] = drained
+    events = urllib_text(f"{url}/admin/v1/events?tail=1000&request={last['id']}", headers)
+    kinds = [json.loads(line)["type"] for line in events.splitlines() if line.strip()]
+    assert kinds.count("MigrationCommitted") == 2, kinds  # mellctl migrate, then the drain
+    wait_until(lambda: get_json(f"{url}/admin/v1/workers/{src}", headers)[1]["releasable"], 10)
+    assert mellctl(cluster, "undrain", src).returncode == 0
