@@ -224,6 +224,8 @@ class MigrationEnded(msgspec.Struct, frozen=True, kw_only=True, array_like=True,
     num_blocks: int = 0  # KV blocks copied (kv) or 0 (tokens)
     num_tokens: int = 0  # the request's tokens at the pause
     stall_s: float = 0.0  # how long the request was paused at the source
+    copy_s: float = 0.0  # KV stages: first frame sent to the stage's answer, summed
+    copy_bytes: int = 0  # KV bytes those stages moved
 
 
 class BoundariesReport(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="bounds"):

@@ -285,6 +285,7 @@ async def migrate(request: web.Request) -> web.Response:
             "kind": outcome.kind,
             "committed": outcome.committed,
             "reason": outcome.reason,
+            "source": msgspec.structs.asdict(outcome.ended) if outcome.ended else None,
         }
     )
 

@@ -62,6 +62,7 @@ class Migration:
     done: asyncio.Future[str] = field(default_factory=lambda: _future())
     decided: str = ""  # "" | "committed" | "aborted"
     reason: str = ""
+    ended: MigrationEnded | None = None  # the source's last word
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class Outcome:
     committed: bool
     kind: str
     reason: str = ""
+    ended: MigrationEnded | None = None  # the source's figures (stall, copy time and bytes)
 
 
 class Migrator:
@@ -152,7 +154,7 @@ class Migrator:
         except MellError as err:  # the source refused
             self._decide(m, "aborted", err.message)
             reason = m.reason
-        return Outcome(m.migration_id, m.decided == "committed", kind, reason)
+        return Outcome(m.migration_id, m.decided == "committed", kind, reason, m.ended)
 
     def choose_kind(self, move: Move) -> str:
         req = self.state.view.requests.get(move.request_id)
@@ -229,6 +231,7 @@ class Migrator:
         m = self.active.get(msg.migration_id)
         if m is None:
             return
+        m.ended = msg
         if msg.committed:
             if not m.decided:
                 self._decide(m, "committed")

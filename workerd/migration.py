@@ -114,6 +114,10 @@ class OutgoingMigration:
         self.paused_at = 0.0
         self.stall_s = 0.0
         self.reason = ""
+        self.copy_s = 0.0
+        self.copy_bytes = 0
+        self._copy_started = 0.0
+        self._stage_bytes = 0
         seq = engine.sequence(self.request_id)
         self._preemptions = seq.num_preemptions if seq is not None else -1
 
@@ -164,6 +168,7 @@ class OutgoingMigration:
         blocks = self.engine.blocks
         runner = self.engine.runner
         num_frames = 0
+        self._copy_started, self._stage_bytes = time.monotonic(), 0
         if self.target > self.copied:
             for layer in range(blocks.num_layers):
                 ids = blocks.block_table(self.request_id, layer)[self.copied : self.target]
@@ -172,7 +177,9 @@ class OutgoingMigration:
                 message = MigrateBlocks(
                     migration_id=self.id, stage=self.stage, layer=layer, first=self.copied, data=ref
                 )
-                self.port.to_peer(self.dst_address, message, [_bytes_view(data)])
+                frame = _bytes_view(data)
+                self.port.to_peer(self.dst_address, message, [frame])
+                self._stage_bytes += frame.nbytes
                 num_frames += 1
         self.state = OutState.COPYING
         self.deadline = now + self.settings.step_timeout_s
@@ -210,6 +217,8 @@ class OutgoingMigration:
                 num_blocks=self.copied,
                 num_tokens=num_tokens,
                 stall_s=self.stall_s,
+                copy_s=self.copy_s,
+                copy_bytes=self.copy_bytes,
             )
         )
         log.info(
@@ -265,6 +274,8 @@ class OutgoingMigration:
             self._copy(now)
         else:
             self.copied = self.target
+            self.copy_s += time.monotonic() - self._copy_started
+            self.copy_bytes += self._stage_bytes
             if self.final:
                 self._commit(now)
             else:

@@ -1,0 +1,267 @@
+"""Live migration cost on a KV-heavy tiny model: time and stall per kind, KV throughput vs limit.
+
+    python bench/migration.py [--contexts 128,512,2048,8192] [--repeat 2]
+
+A live `mellctl up --workers 2` (CPU) serves a KV-heavy random Llama checkpoint (many KV heads,
+no GQA, small MLP; the mell-tiny tokenizer). For each context length L and each kind (kv,
+tokens, auto) one streaming request with an L-token prompt is moved mid-decode through the admin
+API (`POST /admin/v1/requests/{id}/migrate`), `--repeat` times (best kept):
+- stall: the longest gap between consecutive tokens around the migration minus the median gap
+  before it (one normal step);
+- migration time: from the admin call to the request's first token at the destination (for a
+  token transfer that includes the re-prefill);
+- KV throughput: the KV bytes the copy stages moved / their time (first frame sent to the
+  destination's answer, as the source measured it), against the limit measured in the same run:
+  raw ZeroMQ DEALER → ROUTER over TCP loopback, the same frames (one per layer, the size of the
+  first stage's), one answer per stage.
+Checks: KV throughput ≥ 60% of the limit at the largest context; the KV stall roughly flat in L
+(largest / smallest ≤ 3); `auto` within 10% of the faster kind at every length (migration time).
+The last line is `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+LAYERS, HEADS, HEAD_DIM = 4, 4, 64  # KV heads = heads: 2·4·4·64·4 B = 8 KiB per token (fp32)
+KV_BYTES_PER_TOKEN = 2 * LAYERS * HEADS * HEAD_DIM * 4
+BLOCK_SIZE = 16
+
+
+def make_checkpoint(directory: Path, max_len: int) -> Path:
+    import torch
+    import transformers
+
+    from mell.common.tiny_model import ensure_tiny_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=HEADS * HEAD_DIM,
+        intermediate_size=256,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=max_len,
+        initializer_range=0.2,
+        eos_token_id=0,
+        bos_token_id=1,
+    )
+    transformers.LlamaForCausalLM(cfg).float().eval().save_pretrained(directory)
+    tiny = ensure_tiny_model(directory.parent / "mell-tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, directory / name)
+    return directory
+
+
+# ---------------------------------------------------------------- the cluster
+
+
+class Cluster:
+    def __init__(self, data_dir: Path, model: Path, workers: int, policy: str = "least-loaded"):
+        cmd = [sys.executable, "-m", "mell.gateway.mellctl.main", "up", "--data-dir",
+               str(data_dir), "--workers", str(workers), "--model", str(model), "--device",
+               "cpu", "--policy", policy]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 300)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if "http://" not in line:
+            self.stop()
+            raise RuntimeError(f"mellctl up did not start: {line!r}")
+        self.url = next(w for w in line.split() if w.startswith("http://"))
+        state = json.loads((data_dir / "up.json").read_text())
+        self.admin = state["admin_url"] + "/admin/v1"
+        token = (data_dir / "admin.token").read_text().strip()
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def holder(s: aiohttp.ClientSession, c: Cluster, rid: str) -> str:
+    async with s.get(f"{c.admin}/requests", headers=c.headers) as r:
+        rows = (await r.json())["requests"]
+    return next(row["worker_id"] for row in rows if row["request_id"] == rid)
+
+
+async def migrate_once(
+    s: aiohttp.ClientSession, c: Cluster, model: str, context: int, kind: str, at: int
+) -> dict[str, Any]:
+    """One streaming request of `context` prompt tokens, migrated once after `at` tokens."""
+    body = {"model": model, "prompt": [3 + (7 * i) % 500 for i in range(context)],
+            "max_tokens": 160, "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    times: list[float] = []
+    call: dict[str, Any] = {}
+    task: asyncio.Task[Any] | None = None
+
+    async def run_migration(rid: str) -> None:
+        src = await holder(s, c, rid)
+        dst = "w1" if src == "w0" else "w0"
+        call["start"] = time.perf_counter()
+        async with s.post(f"{c.admin}/requests/{rid}/migrate", json={"to": dst, "kind": kind},
+                          headers=c.headers) as r:  # fmt: skip
+            call["out"] = await r.json()
+        call["end"] = time.perf_counter()
+
+    async with s.post(c.url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                times.append(time.perf_counter())
+                if len(times) == at:
+                    task = asyncio.create_task(run_migration(chunk["id"]))
+    if task is not None:
+        await task
+    out = call.get("out", {})
+    start, end = call.get("start", 0.0), call.get("end", 0.0)
+    before = [b - a for a, b in itertools.pairwise(times) if b < start]
+    normal = statistics.median(before[-20:]) if before else 0.0
+    gaps = [b - a for a, b in itertools.pairwise(times) if b >= start and a <= end]
+    resumed = next((t for t in times if t > end), None)  # decoding again at the destination
+    source = out.get("source") or {}
+    return {
+        "committed": bool(out.get("committed")) and resumed is not None,
+        "kind": out.get("kind", kind),
+        "reason": out.get("reason", "no migration"),
+        "time_ms": (resumed - start) * 1000 if resumed is not None else None,
+        "stall_ms": max(0.0, (max(gaps) if gaps else 0.0) - normal) * 1000,
+        "step_ms": normal * 1000,
+        "copy_ms": source.get("copy_s", 0.0) * 1000,
+        "copy_bytes": source.get("copy_bytes", 0),
+        "tokens": len(times),
+    }
+
+
+# ---------------------------------------------------------------- the limit
+
+
+def zmq_limit(context: int, repeat: int = 5) -> float:
+    """Bytes/s of raw ZeroMQ loopback moving one context's KV: one frame per layer, one
+    round trip, like a single-stage KV copy."""
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    blocks = -(-context // BLOCK_SIZE)
+    frame = bytearray(blocks * BLOCK_SIZE * KV_BYTES_PER_TOKEN // LAYERS)
+
+    def echo() -> None:
+        for _ in range(repeat + 1):
+            for _ in range(LAYERS):
+                router.recv_multipart(copy=False)
+            ident = router.recv_multipart()[0]
+            router.send_multipart([ident, b"ack"])
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    best = float("inf")
+    for i in range(repeat + 1):
+        start = time.perf_counter()
+        for _ in range(LAYERS):
+            dealer.send_multipart([b"blocks", frame], copy=False)
+        dealer.send(b"end")
+        dealer.recv()
+        if i:  # the first round connects
+            best = min(best, time.perf_counter() - start)
+    thread.join()
+    dealer.close(0)
+    router.close(0)
+    ctx.term()
+    return len(frame) * LAYERS / best
+
+
+# ---------------------------------------------------------------- main
+
+
+async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> list[dict]:
+    rows = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+        for context in contexts:
+            row: dict[str, Any] = {"context": context}
+            for kind in ("kv", "tokens", "auto"):
+                runs = [await migrate_once(s, c, model, context, kind, 16) for _ in range(repeat)]
+                ok = [r for r in runs if r["committed"]]
+                best = min(ok, key=lambda r: r["time_ms"]) if ok else runs[0]
+                row[kind] = best
+            kv = row["kv"]
+            row["kv_bytes"] = kv["copy_bytes"]
+            row["kv_gb_per_s"] = (
+                kv["copy_bytes"] / (kv["copy_ms"] / 1000) / 1e9 if kv["copy_ms"] else 0.0
+            )
+            row["limit_gb_per_s"] = zmq_limit(context) / 1e9
+            row["kv_vs_limit"] = row["kv_gb_per_s"] / row["limit_gb_per_s"]
+            fastest = min(row["kv"]["time_ms"] or 1e9, row["tokens"]["time_ms"] or 1e9)
+            row["auto_vs_fastest"] = (row["auto"]["time_ms"] or 1e9) / fastest
+            rows.append(row)
+            print(
+                f"L={context:5d}  kv {row['kv']['time_ms']:8.1f} ms (stall "
+                f"{row['kv']['stall_ms']:6.1f})  tokens {row['tokens']['time_ms']:8.1f} ms "
+                f"(stall {row['tokens']['stall_ms']:7.1f})  auto→{row['auto']['kind']:6s} "
+                f"{row['auto']['time_ms']:8.1f} ms  KV {row['kv_gb_per_s']:.2f} GB/s = "
+                f"{100 * row['kv_vs_limit']:.0f}% of ZeroMQ {row['limit_gb_per_s']:.2f} GB/s",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="128,512,2048,8192")
+    p.add_argument("--repeat", type=int, default=2)
+    args = p.parse_args()
+    contexts = [int(x) for x in args.contexts.split(",")]
+    root = Path(tempfile.mkdtemp(prefix="mell-bench-migration-"))
+    start = time.perf_counter()
+    try:
+        model = make_checkpoint(root / "kv-heavy", max(contexts) + 512)
+        c = Cluster(root / "data", model, workers=2)
+        try:
+            rows = asyncio.run(measure(c, "kv-heavy", contexts, args.repeat))
+        finally:
+            c.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    kv_stalls = [r["kv"]["stall_ms"] for r in rows]
+    checks = {
+        "kv_throughput_ge_60pct": rows[-1]["kv_vs_limit"] >= 0.6,
+        "kv_stall_flat": max(kv_stalls) <= 3 * max(min(kv_stalls), 1.0),
+        "auto_within_10pct": all(r["auto_vs_fastest"] <= 1.10 for r in rows),
+        "all_committed": all(r[k]["committed"] for r in rows for k in ("kv", "tokens", "auto")),
+    }
+    result = {"rows": rows, "checks": checks, "wall_s": round(time.perf_counter() - start, 1),
+              "cpu_count": os.cpu_count()}  # fmt: skip
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
