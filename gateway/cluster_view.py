@@ -125,6 +125,18 @@ class RequestRow:
 
 
 @dataclass(slots=True)
+class MigrationRow:
+    """A migration in flight (started, neither committed nor aborted yet)."""
+
+    migration_id: str
+    request_id: str
+    src: str
+    dst: str
+    kind: str
+    started_at: float
+
+
+@dataclass(slots=True)
 class Totals:
     num_finished: int = 0
     num_aborted: int = 0
@@ -155,6 +167,7 @@ class ViewSnapshot(msgspec.Struct, kw_only=True):
     workers: dict[str, WorkerRegisters]
     requests: dict[str, RequestRow]
     reported: dict[str, tuple[Stamp, int, int]]
+    migrations: dict[str, MigrationRow] = {}
 
 
 class ClusterView:
@@ -165,6 +178,7 @@ class ClusterView:
         self.model_names: list[str] = list(models)
         self.worker_rows: dict[str, WorkerRow] = {}
         self.requests: dict[str, RequestRow] = {}
+        self.migrations: dict[str, MigrationRow] = {}  # in flight, by migration id
         self.totals = Totals()
         self.last_seq: dict[str, int] = {}
         self.last_stamp: Stamp = NEVER
@@ -239,12 +253,13 @@ class ClusterView:
             case RequestAborted(request_id=rid):
                 self.totals.num_aborted += 1
                 self._forget(rid)
-            case MigrationStarted(request_id=rid):
-                if (req := self.requests.get(rid)) is not None:
-                    req.state = RequestState.MIGRATING
+            case MigrationStarted():
+                self._migration_started(event, envelope.ts)
             case MigrationCommitted():
+                self.migrations.pop(event.migration_id, None)
                 self._migrated(event, stamp)
             case MigrationAborted(request_id=rid):
+                self.migrations.pop(event.migration_id, None)
                 self.totals.num_migrations_aborted += 1
                 if (req := self.requests.get(rid)) is not None:
                     req.state = RequestState.RUNNING
@@ -398,10 +413,21 @@ class ClusterView:
         req = self.requests.pop(request_id, None)
         if req is not None:
             self._detach(req)
+            for mid in [m for m, row in self.migrations.items() if row.request_id == request_id]:
+                del self.migrations[mid]
 
     def _forget(self, request_id: str) -> None:
         self._drop(request_id)
         self._reported.pop(request_id, None)
+
+    def _migration_started(self, e: MigrationStarted, ts: float) -> None:
+        req = self.requests.get(e.request_id)
+        if req is None:
+            return
+        req.state = RequestState.MIGRATING
+        self.migrations[e.migration_id] = MigrationRow(
+            e.migration_id, e.request_id, e.src, e.dst, e.kind, ts
+        )
 
     def _migrated(self, e: MigrationCommitted, stamp: Stamp) -> None:
         self.totals.num_migrations[e.kind] = self.totals.num_migrations.get(e.kind, 0) + 1
@@ -439,6 +465,7 @@ class ClusterView:
             workers=self._regs,
             requests=self.requests,
             reported={r: v for r, v in self._reported.items() if r in self.requests},
+            migrations=self.migrations,
         )
         return msgspec.msgpack.decode(msgspec.msgpack.encode(image), type=ViewSnapshot)
 
@@ -450,6 +477,7 @@ class ClusterView:
         view.last_seq = dict(snap.last_seq)
         view.totals = snap.totals
         view.requests = dict(snap.requests)
+        view.migrations = dict(snap.migrations)
         view._reported = dict(snap.reported)
         view._regs = dict(snap.workers)
         stamps = [r.status_stamp for r in view._regs.values()]

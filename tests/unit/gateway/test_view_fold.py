@@ -219,6 +219,7 @@ def state(view: ClusterView) -> dict[str, Any]:
         "models": list(view.model_names),
         "workers": {k: asdict(v) for k, v in view.worker_rows.items()},
         "requests": {k: asdict(v) for k, v in view.requests.items()},
+        "migrations": {k: asdict(v) for k, v in view.migrations.items()},
         "totals": asdict(view.totals),
         "last_seq": dict(view.last_seq),
     }
