@@ -155,17 +155,7 @@ def status_json(ctx: GatewayContext) -> dict[str, Any]:
         "models": models,
         "workers": [worker_json(w) for w in rows],
         "releasable": [w.worker_id for w in rows if w.releasable],
-        "migrations": [
-            {
-                "migration_id": m.migration_id,
-                "request_id": m.request_id,
-                "src": m.src,
-                "dst": m.dst,
-                "kind": m.kind,
-                "started_at": m.started_at,
-            }
-            for m in view.migrations.values()
-        ],  # fmt: skip
+        "migrations": [msgspec.to_builtins(m) for m in view.migrations.values()],
         "totals": {
             "workers": len(live),
             "active": sum(w.status.name == "ACTIVE" for w in live),
