@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class PeerInput:
 
     message: PeerMessage
     frames: list[memoryview]
+    received_at: float = 0.0  # time.monotonic() when the I/O thread took it off the socket
 
 
 class WorkerIO:
@@ -108,7 +110,7 @@ class WorkerIO:
             except ProtocolError as err:
                 log.warning("data_frame_dropped", error=err.message, num_frames=len(frames))
                 continue
-            self.inbox.put(PeerInput(message, raw))
+            self.inbox.put(PeerInput(message, raw, time.monotonic()))
 
     def _peer(self, address: bytes) -> zmq.Socket:
         sock = self._peers.get(address)

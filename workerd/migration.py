@@ -6,8 +6,9 @@ moves to the next state and sends one message. KV transfer:
 
     source                                   destination
     RESERVING  --MigrateReserve(stage, n)-->  reserve n blocks in total   --MigrateAck-->
-    COPYING    --MigrateBlocks × layers,
-                 MigrateStageEnd(stage)----->  write each layer as it comes --MigrateAck-->
+    COPYING    --MigrateBlocks per layer (a
+                 frame per run of blocks),
+                 MigrateStageEnd(stage)----->  write each frame as it comes --MigrateAck-->
     (repeat for the blocks added meanwhile; when at most k remain, pause the request first:
      the last stage copies the rest, the partly written block included)
     COMMITTING --MigrateCommit(request)----->  the reservation becomes the request; it joins the
@@ -25,13 +26,11 @@ step): a repeated message gets the same answer and changes nothing.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
 import structlog
-import torch
 
 from mell.common.errors import MellError
 from mell.common.messages import (
@@ -172,15 +171,18 @@ class OutgoingMigration:
         if self.target > self.copied:
             for layer in range(blocks.num_layers):
                 ids = blocks.block_table(self.request_id, layer)[self.copied : self.target]
-                data = runner.read_kv(layer, ids)
-                ref = FrameRef(0, str(data.dtype).removeprefix("torch."), list(data.shape))
-                message = MigrateBlocks(
-                    migration_id=self.id, stage=self.stage, layer=layer, first=self.copied, data=ref
-                )
-                frame = _bytes_view(data)
-                self.port.to_peer(self.dst_address, message, [frame])
-                self._stage_bytes += frame.nbytes
-                num_frames += 1
+                for offset, n, frame in runner.kv_frames(layer, ids):
+                    ref = FrameRef(0, "uint8", [n, frame.nbytes // n])
+                    message = MigrateBlocks(
+                        migration_id=self.id,
+                        stage=self.stage,
+                        layer=layer,
+                        first=self.copied + offset,
+                        data=ref,
+                    )
+                    self.port.to_peer(self.dst_address, message, [frame])
+                    self._stage_bytes += frame.nbytes
+                    num_frames += 1
         self.state = OutState.COPYING
         self.deadline = now + self.settings.step_timeout_s
         self.port.to_peer(
@@ -274,7 +276,7 @@ class OutgoingMigration:
             self._copy(now)
         else:
             self.copied = self.target
-            self.copy_s += time.monotonic() - self._copy_started
+            self.copy_s += now - self._copy_started  # `now`: when the answer arrived
             self.copy_bytes += self._stage_bytes
             if self.final:
                 self._commit(now)
@@ -315,7 +317,8 @@ class IncomingMigration:
         self.deadline = time.monotonic() + timeout_s
         self.request_id = ""
         self._answers: dict[tuple[int, str], MigrateAck] = {}
-        self._layers: dict[int, set[int]] = {}  # stage -> layers received
+        self._seen: set[tuple[int, int, int]] = set()  # (stage, layer, first) written
+        self._frames: dict[int, int] = {}  # stage -> distinct frames written
 
     @property
     def done(self) -> bool:
@@ -335,26 +338,31 @@ class IncomingMigration:
             self._answer(msg.stage, "reserve", True)
 
     def write(self, msg: MigrateBlocks, frames: list[memoryview], now: float) -> None:
-        if self.state != InState.RESERVING or (msg.stage, "copy") in self._answers:
-            return  # over, or a repeat of a stage already acknowledged
+        if (
+            self.state != InState.RESERVING
+            or (msg.stage, "copy") in self._answers
+            or (msg.stage, msg.layer, msg.first) in self._seen
+        ):
+            return  # over, or a repeat
         self.deadline = now + self.timeout_s
         ref = msg.data
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only ZeroMQ buffer: we only read it
-            data = torch.frombuffer(frames[ref.index], dtype=getattr(torch, ref.dtype))
-        data = data.view(ref.shape)
+        if not self.engine.blocks.has(self.key):
+            return  # nothing reserved (refused): the stage will not be acknowledged
         table = self.engine.blocks.block_table(self.key, msg.layer)
         ids = table[msg.first : msg.first + ref.shape[0]]
-        self.engine.runner.write_kv(msg.layer, ids, data)
-        self._layers.setdefault(msg.stage, set()).add(msg.layer)
+        if len(ids) != ref.shape[0] or len(frames) <= ref.index:
+            return  # not what was reserved: the stage's frame count will not match
+        self.engine.runner.write_kv(msg.layer, ids, frames[ref.index])
+        self._frames[msg.stage] = self._frames.get(msg.stage, 0) + 1
+        self._seen.add((msg.stage, msg.layer, msg.first))
 
     def stage_end(self, msg: MigrateStageEnd, now: float) -> None:
         if self._repeat(msg.stage, "copy"):
             return
         self.deadline = now + self.timeout_s
-        got = len(self._layers.get(msg.stage, ()))
+        got = self._frames.get(msg.stage, 0)
         if got != msg.num_frames:
-            self._answer(msg.stage, "copy", False, f"{got} of {msg.num_frames} layers arrived")
+            self._answer(msg.stage, "copy", False, f"{got} of {msg.num_frames} frames arrived")
         else:
             self._answer(msg.stage, "copy", True)
 
@@ -412,8 +420,3 @@ class IncomingMigration:
         ack = MigrateAck(migration_id=self.id, stage=stage, step=step, ok=ok, reason=reason)
         self._answers[(stage, step)] = ack
         self.port.to_peer(self.reply_to, ack)
-
-
-def _bytes_view(data: torch.Tensor) -> memoryview:
-    """The tensor's bytes, uncopied (the view keeps the tensor alive while ZeroMQ sends)."""
-    return memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mell.common.errors import ConfigError
@@ -85,6 +86,7 @@ class ModelRunner:
         self.model = LlamaModel(cfg, weights, self.attention, cfg.max_position_embeddings)
         self.sampler = Sampler(seed)
         self.kv_caches: list[torch.Tensor] = []
+        self._host_bytes: list[np.ndarray] = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, 2, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -92,25 +94,46 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.dtype, device=self.device)
             for _ in range(self.cfg.num_layers)
         ]
+        # Byte views of the CPU caches, [num_blocks, block bytes]: migration copies blocks
+        # with plain memcpy (no per-element kernels, no intra-op threads).
+        self._host_bytes = (
+            [c.view(torch.uint8).numpy().reshape(num_blocks, -1) for c in self.kv_caches]
+            if self.device.type == "cpu"
+            else []
+        )
 
-    def read_kv(self, layer: int, block_ids: list[int]) -> torch.Tensor:
-        """A host copy of some blocks of one layer, [n, 2, block_size, kv_heads, head_dim].
+    def kv_frames(self, layer: int, block_ids: list[int]) -> list[tuple[int, int, memoryview]]:
+        """Some blocks of one layer as bytes to send: (index into `block_ids`, number of blocks,
+        bytes) per frame. On CPU each run of consecutive blocks is a view of the cache itself
+        (nothing copied; the blocks must not change until sent: full blocks never do). On CUDA
+        the blocks are gathered into pinned host memory (the copy engine moves them; the host
+        waits for this layer only), one frame."""
+        if self.device.type == "cuda":
+            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+            gathered = self.kv_caches[layer].index_select(0, index)
+            host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            host.copy_(gathered, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            data = memoryview(host.view(torch.uint8).reshape(-1).numpy())
+            return [(0, len(block_ids), data)]
+        cache = self._host_bytes[layer]
+        return [
+            (i, n, memoryview(cache[start : start + n].reshape(-1)))
+            for i, start, n in block_runs(block_ids)
+        ]
 
-        On CUDA the gather lands in pinned host memory (the copy engine moves it, the host
-        waits only for this layer), so the caller can hand the buffer to ZeroMQ uncopied."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        gathered = self.kv_caches[layer].index_select(0, index)
-        if self.device.type != "cuda":
-            return gathered
-        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-        host.copy_(gathered, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return host
-
-    def write_kv(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
-        """Store blocks of one layer received from a peer (a host tensor of `read_kv`'s shape)."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        self.kv_caches[layer].index_copy_(0, index, data.to(self.device, non_blocking=True))
+    def write_kv(self, layer: int, block_ids: list[int], data: memoryview) -> None:
+        """Store blocks of one layer received from a peer (bytes laid out as `kv_frames`)."""
+        src = np.frombuffer(data, dtype=np.uint8).reshape(len(block_ids), -1)
+        if self.device.type == "cuda":
+            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+            cache = self.kv_caches[layer]
+            host = torch.from_numpy(src.copy()).view(cache.dtype).view((-1, *cache.shape[1:]))
+            cache.index_copy_(0, index, host.to(self.device, non_blocking=True))
+            return
+        cache = self._host_bytes[layer]
+        for i, start, n in block_runs(block_ids):
+            cache[start : start + n] = src[i : i + n]
 
     def execute(self, batch: ScheduledBatch, blocks: BlockManager) -> list[Sample]:
         # decode first, then prefill; each part by context length (see attention.py)
@@ -205,3 +228,15 @@ class ModelRunner:
             for j in range(start // size, (end - 1) // size + 1):  # per page, not per token
                 pages.extend([table[j]] * (min(end, (j + 1) * size) - max(start, j * size)))
         return torch.tensor(pages, dtype=torch.long, device=self.device)
+
+
+def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive block ids: (index of the run's first id, first block, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(block_ids):
+        if runs and runs[-1][1] + runs[-1][2] == b:
+            first, start, n = runs[-1]
+            runs[-1] = (first, start, n + 1)
+        else:
+            runs.append((i, b, 1))
+    return runs

@@ -245,9 +245,9 @@ class Worker:
             case PeerInput(message=ProbeAck() as ack):
                 if self.boundaries is not None:
                     self.boundaries.on_ack(ack)
-            case PeerInput(message=peer_message, frames=frames):
-                if self.migrations is not None:
-                    self.migrations.handle(peer_message, frames)
+            case PeerInput(message=peer_message, frames=frames, received_at=at):
+                if self.migrations is not None:  # times from arrival, not from this loop
+                    self.migrations.handle(peer_message, frames, at or None)
             case _:
                 assert_never(message)
 
