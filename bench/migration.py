@@ -212,11 +212,10 @@ async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> l
                 ok = [r for r in runs if r["committed"]]
                 best = min(ok, key=lambda r: r["time_ms"]) if ok else runs[0]
                 row[kind] = best
-            kv = row["kv"]
-            row["kv_bytes"] = kv["copy_bytes"]
-            row["kv_gb_per_s"] = (
-                kv["copy_bytes"] / (kv["copy_ms"] / 1000) / 1e9 if kv["copy_ms"] else 0.0
-            )
+                if kind == "kv":  # the best copy throughput of the runs (the limit's: best too)
+                    rates = [r["copy_bytes"] / r["copy_ms"] / 1e6 for r in ok if r["copy_ms"]]
+                    row["kv_gb_per_s"] = max(rates, default=0.0)
+            row["kv_bytes"] = row["kv"]["copy_bytes"]
             row["limit_gb_per_s"] = zmq_limit(context) / 1e9
             row["kv_vs_limit"] = row["kv_gb_per_s"] / row["limit_gb_per_s"]
             fastest = min(row["kv"]["time_ms"] or 1e9, row["tokens"]["time_ms"] or 1e9)
