@@ -48,6 +48,7 @@ _DEFAULT_TAIL = 100
 def build_admin_app(ctx: GatewayContext, token: str) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, token_middleware(token)])
     app[CONTEXT] = ctx
+    app.on_shutdown.append(_end_followers)
     app.add_routes(
         [
             web.get(f"{PREFIX}/status", status),
@@ -61,6 +62,10 @@ def build_admin_app(ctx: GatewayContext, token: str) -> web.Application:
         ]
     )
     return app
+
+
+async def _end_followers(app: web.Application) -> None:
+    app[CONTEXT].feed.close()
 
 
 def token_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -226,6 +231,8 @@ async def _follow(response: web.StreamResponse, sub: Subscription, who: dict[str
         except TimeoutError:
             await response.write(b"\n")  # keepalive; finds a client that went away
             continue
+        if envelope is None or sub.closed:
+            return  # the gateway is stopping
         if matches(envelope.event, who["request"], who["worker"]):
             await response.write(_line(envelope))
         if sub.overflowed and sub.queue.empty():

@@ -44,11 +44,13 @@ def event_json(envelope: EventEnvelope) -> dict[str, Any]:
 
 
 class Subscription:
-    """A follower's queue of envelopes; `overflowed` once it fell too far behind."""
+    """A follower's queue of envelopes (None: the feed closed); `overflowed` once it fell too
+    far behind."""
 
     def __init__(self, maxsize: int) -> None:
-        self.queue: asyncio.Queue[EventEnvelope] = asyncio.Queue(maxsize)
+        self.queue: asyncio.Queue[EventEnvelope | None] = asyncio.Queue(maxsize)
         self.overflowed = False
+        self.closed = False
 
 
 class EventFeed:
@@ -76,6 +78,14 @@ class EventFeed:
             if matches(envelope.event, request, worker):
                 picked.append(envelope)
         return list(picked)
+
+    def close(self) -> None:
+        """End every follower (the gateway is stopping)."""
+        for sub in list(self._subs):
+            sub.closed = True
+            with contextlib.suppress(asyncio.QueueFull):
+                sub.queue.put_nowait(None)
+        self._subs.clear()
 
     @contextlib.contextmanager
     def subscribe(self, maxsize: int = 10_000) -> Iterator[Subscription]:

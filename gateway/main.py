@@ -140,7 +140,8 @@ async def serve(config: GatewayConfig) -> None:
     await site.start()
     port = runner.addresses[0][1]
     url = f"http://{config.host}:{port}"
-    admin = web.AppRunner(build_admin_app(ctx, ensure_token(config.data_dir)), access_log=None)
+    admin_app = build_admin_app(ctx, ensure_token(config.data_dir))
+    admin = web.AppRunner(admin_app, access_log=None, shutdown_timeout=2.0)
     await admin.setup()
     await web.TCPSite(admin, config.admin_host, config.admin_port, reuse_address=True).start()
     admin_url = f"http://{config.admin_host}:{admin.addresses[0][1]}"

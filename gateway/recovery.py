@@ -22,6 +22,7 @@ import msgspec
 import structlog
 
 from mell.common.config import GatewayConfig
+from mell.common.errors import JournalError
 from mell.common.events import EventEnvelope, RequestAborted
 from mell.common.messages import AbortRequest, GatewayMessage
 from mell.gateway.cluster_state import ClusterState
@@ -139,6 +140,8 @@ class JournalKeeper:
         """A last snapshot (the next start replays little), then flush and close."""
         try:
             self.snapshot()
+        except JournalError as err:  # a failed journal: the next start replays what is on disk
+            log.error("journal_snapshot_failed", error=err.message)
         finally:
             self.journal.close()
 
