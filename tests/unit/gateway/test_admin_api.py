@@ -149,3 +149,13 @@ def test_target_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     config.write_text(f'url = "http://h:2"\ntoken_file = "{data / "admin.token"}"\n')
     monkeypatch.setenv("MELLCTL_CONFIG", str(config))
     assert resolve(_args()) == type(target)("http://h:2", token)
+
+
+async def test_followers_end_when_the_feed_closes(
+    client: tuple[TestClient, GatewayContext],
+) -> None:
+    c, ctx = client
+    response = await c.get("/admin/v1/events?tail=0&follow=1", headers=AUTH)
+    await asyncio.sleep(0.05)
+    ctx.feed.close()  # what the admin app's on_shutdown does
+    assert await asyncio.wait_for(response.content.read(), 5) == b""
