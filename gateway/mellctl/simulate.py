@@ -14,6 +14,7 @@ import sys
 
 from mell.common.errors import InvalidRequest
 from mell.gateway.policy.base import policy_names
+from mell.gateway.sim.bound import fluid_lower_bound
 from mell.gateway.sim.profile import load_profile, profile_names
 from mell.gateway.sim.report import (
     lower_bound,
@@ -103,12 +104,19 @@ def run(args: argparse.Namespace) -> int:
     show_progress = (
         not args.no_progress and not args.json and len(trace) >= 2000 and sys.stderr.isatty()
     )
+    bound = fluid_lower_bound(trace, profile, args.epoch)  # one reference for every policy
     results = []
     for name in names:
         policy = sim_policy(name, profile, args.epoch, headroom=not args.no_headroom)
         bar = progress_bar(name) if show_progress else None
         sim = Simulator(
-            trace, profile, policy, epoch_s=args.epoch, progress=bar, sample_series=bool(args.plot)
+            trace,
+            profile,
+            policy,
+            epoch_s=args.epoch,
+            progress=bar,
+            sample_series=bool(args.plot),
+            bound=bound,
         )
         results.append(sim.run())
     header = (

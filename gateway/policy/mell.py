@@ -125,6 +125,7 @@ class _Pool:
         self.pinned: dict[str, tuple[str, int]] = {}  # request on a non-ACTIVE worker
         self.moved: dict[str, None] = {}  # requests the plan moved this epoch (ordered set)
         self.young: set[str] = set()  # placed within `settle_epochs`: refills leave them alone
+        self.admitted: dict[str, int] = {}  # worker -> prompt blocks placed on it since the epoch
         self.clock = 0
         self._classes: list[int] = []  # class of every size up to capacity (a lookup table)
         self.moves_left = 0  # migrations still allowed in the current operation
@@ -140,7 +141,7 @@ class _Pool:
         self.idle, self.released, self.pinned = [], set(), {}
         fresh: list[str] = []
         caps, items, used, where, labels = self.caps, self.items, self.used, self.where, self.labels
-        stamp, idle, klass = self.stamp, self.idle, self.klass
+        stamp, idle = self.stamp, self.idle
         for w in workers:
             if w.status is not _ACTIVE and w.status != _ACTIVE:
                 for rid, blocks in w.request_blocks.items():
@@ -157,12 +158,17 @@ class _Pool:
             items[wid] = mine = dict(reqs)
             used[wid] = sum(mine.values())
             where.update(dict.fromkeys(mine, wid))
-            top = klass(max(mine.values()))
-            labels[wid] = top if top > T else T
+            labels[wid] = max(mine.values())  # a size for now: a class below
+
             if wid in old_stamp:
                 stamp[wid] = old_stamp[wid]
             else:
                 fresh.append(wid)
+        self.klass(0)  # (re)builds the class table for this capacity
+        table, size_limit = self._classes, len(self._classes)
+        for wid, top in labels.items():
+            cls = table[top] if top < size_limit else L
+            labels[wid] = cls if cls > T else T
         if caps:
             self.growth = headroom_tokens / max(1, next(iter(workers)).block_size)
         for wid in sorted(fresh):  # adopted busy workers: newest after the known ones
@@ -173,17 +179,27 @@ class _Pool:
 
     def refresh_free(self, workers: Iterable[WorkerInfo]) -> None:
         """Between epochs: take the view's free blocks and idle workers; adopt unknown ones."""
-        active = [w for w in workers if w.status is _ACTIVE or w.status == _ACTIVE]
-        self.caps = {w.worker_id: w.capacity_blocks for w in active}
-        self.view_free = {w.worker_id: w.num_free_blocks for w in active}
-        self.capacity = max(self.capacity, *self.caps.values()) if self.caps else self.capacity
+        caps: dict[str, int] = {}
+        view_free: dict[str, int] = {}
+        idle: list[str] = []
+        adopt: list[WorkerInfo] = []
         items, released = self.items, self.released
-        self.idle = [
-            w.worker_id
-            for w in active
-            if not w.request_blocks and w.worker_id not in items and w.worker_id not in released
-        ]
-        for w in [w for w in active if w.request_blocks and w.worker_id not in items]:
+        top = self.capacity
+        for w in workers:  # one pass: this runs before every placement
+            if w.status is not _ACTIVE and w.status != _ACTIVE:
+                continue
+            wid = w.worker_id
+            caps[wid] = cap = w.capacity_blocks
+            if cap > top:
+                top = cap
+            view_free[wid] = w.num_free_blocks
+            if wid not in items:
+                if w.request_blocks:
+                    adopt.append(w)
+                elif wid not in released:
+                    idle.append(wid)
+        self.caps, self.view_free, self.idle, self.capacity = caps, view_free, idle, top
+        for w in adopt:
             wid = w.worker_id
             # busy in the view, unknown to the plan: adopt it
             self.items[wid] = dict(w.request_blocks)
@@ -278,6 +294,8 @@ class _Pool:
                 v = view_free.get(wid, free)
                 if v < free:
                     free = v
+            if free < blocks:
+                continue  # (r <= free: a quick rejection)
             r = free - ceil(per_request * (n + 1))
             if r < blocks:
                 continue
@@ -341,6 +359,7 @@ class Mell:
         repairs_per_epoch: int = 4,
         refill: str = "fill",
         settle_epochs: int = 1,
+        prefill_share: float = 0.0,
     ) -> None:
         if placement not in ("pair", "bestfit", "paper"):
             raise TypeError(f"placement must be 'pair', 'bestfit' or 'paper', not {placement!r}")
@@ -351,6 +370,7 @@ class Mell:
             raise TypeError(f"refill must be 'fill' or 'drain', not {refill!r}")
         self.refill = refill
         self.settle_epochs = settle_epochs
+        self.prefill_share = prefill_share
         self._recent: dict[str, list[list[str]]] = {}  # model -> arrivals of the last epochs
         self.headroom_tokens = headroom_tokens
         self.max_moves_per_op = max_moves_per_op
@@ -367,7 +387,7 @@ class Mell:
         workers = view.workers(model)
         if not workers:
             return Rejection(f"no worker serves model {model!r}")
-        pool = self._pools.setdefault(model, _Pool())
+        pool = self._pools.get(model) or self._pools.setdefault(model, _Pool())
         pool.place_epochs = self.place_epochs
         pool.growth = self.headroom_tokens / max(1, workers[0].block_size)
         pool.refresh_free(workers)
@@ -381,6 +401,7 @@ class Mell:
         rid = arrival.request_id
         pool.put(rid, blocks, wid)
         pool.origin[rid] = wid
+        pool.admitted[wid] = pool.admitted.get(wid, 0) + blocks
         seen_where, seen_size = self._seen.setdefault(model, ({}, {}))
         seen_where[rid] = wid
         seen_size[rid] = blocks
@@ -401,10 +422,11 @@ class Mell:
     # -- one epoch of one pool --------------------------------------------------------------
 
     def _plan_pool(self, model: str, workers: Iterable[WorkerInfo]) -> list[Move]:
-        pool = self._pools.setdefault(model, _Pool())
+        pool = self._pools.get(model) or self._pools.setdefault(model, _Pool())
         pool.place_epochs = self.place_epochs
         pool.rebuild(workers, self.headroom_tokens)
         pool.op_moves = []
+        pool.admitted = {}
         seen_where, seen_size = self._seen.get(model, ({}, {}))
         arrived = self._arrived.pop(model, [])
         where = pool.where
@@ -423,20 +445,30 @@ class Mell:
         # 2. Updates: evacuation of non-ACTIVE workers, overload, class changes.
         for rid, (_, blocks) in pool.pinned.items():
             self._op(pool, self._reallocate, rid, blocks)
-        overloaded = [w for w in pool.items if pool.overloaded(w)]
+        growth, caps, used, ceil = pool.growth, pool.caps, pool.used, math.ceil
+        overloaded = [  # `_Pool.overloaded`, inlined: this runs on every worker every epoch
+            w
+            for w, its in pool.items.items()
+            if used[w] + ceil(growth * len(its)) + len(its) > caps[w]
+        ]
         for wid in sorted(overloaded, key=lambda w: -pool.used.get(w, 0)):
             self._op(pool, self._relieve, wid)
         klass = pool.klass
         klass(0)  # builds the lookup table
         table, top = pool._classes, len(pool._classes)
-        grown = [
-            (rid, new)
-            for items in list(pool.items.values())
-            for rid, b in items.items()
-            if b != seen_size.get(rid, b)
-            and (new := table[b] if b < top else L) > T
-            and new != max(T, klass(seen_size[rid]))
-        ]
+        grown: list[tuple[str, int]] = []
+        old_size = seen_size.get
+        for items in list(pool.items.values()):
+            for rid, b in items.items():
+                old = old_size(rid)
+                if old is None or old == b:
+                    continue
+                new = table[b] if b < top else L
+                if new <= T:
+                    continue
+                was = table[old] if old < top else L
+                if new != (was if was > T else T):
+                    grown.append((rid, new))
         for rid, new in grown:
             if rid in where:
                 self._op(pool, self._update, rid, new)
@@ -476,8 +508,31 @@ class Mell:
 
     def _allocate_target(self, pool: _Pool, blocks: int, exclude: str | None) -> str | None:
         """Where Allocate puts a new item of `blocks` (without the follow-up migrations)."""
-        cls = pool.klass(blocks)
         busy = [w for w in pool.items if w != exclude]
+        if self.prefill_share > 0 and exclude is None:
+            # Our addition: a worker prefills every prompt it admitted in an epoch before it
+            # decodes again, so an arrival first looks among workers that have not admitted
+            # `prefill_share` of C this epoch (bursts of long prompts otherwise stack their
+            # prefills on one worker, and everything there lives that much longer).
+            limit = self.prefill_share * pool.capacity - blocks
+            admitted = pool.admitted
+            calm = [w for w in busy if admitted.get(w, 0) <= limit]
+            if len(calm) < len(busy):
+                wid = self._busy_target(pool, blocks, calm, exclude)
+                if wid is not None:
+                    return wid
+        wid = self._busy_target(pool, blocks, busy, exclude)
+        if wid is None:
+            wid = pool.activate()
+        if wid is None:  # no idle worker left (fixed live pool): any busy worker that fits
+            wid = pool.best_fit(busy, blocks)
+        return wid
+
+    def _busy_target(
+        self, pool: _Pool, blocks: int, busy: list[str], exclude: str | None
+    ) -> str | None:
+        """The busy worker among `busy` that Allocate chooses for `blocks`, if any."""
+        cls = pool.klass(blocks)
         wid: str | None = None
         if cls in (M, S) and self.placement != "bestfit":
             # The L+M / L+S pairing of the paper: a lone L takes an S/M companion first.
@@ -510,10 +565,6 @@ class Mell:
             # Our fallback before opening a worker: any busy worker the item makes at least 3/4
             # full (Theorem 2's "all bins 3/4 full" argument covers it; costs no migration).
             wid = pool.best_fit((w for w in busy if pool.fill_with(w, blocks) >= FULL), blocks)
-        if wid is None:
-            wid = pool.activate()
-        if wid is None:  # no idle worker left (fixed live pool): any busy worker that fits
-            wid = pool.best_fit(busy, blocks)
         return wid
 
     def _reallocate(self, pool: _Pool, rid: str, blocks: int) -> bool:

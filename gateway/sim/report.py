@@ -13,6 +13,7 @@ COLUMNS = (
     ("peak", "{}"),
     ("avg", "{:.1f}"),
     ("peak/LB", "{:.3f}"),
+    ("own KV/C", "{}"),
     ("mem util", "{:.0%}"),
     ("mig/s", "{:.2f}"),
     ("kv/tok", "{}"),
@@ -31,6 +32,7 @@ def _row(r: SimResult) -> list[str]:
         r.peak_active,
         r.avg_active,
         r.peak_over_lb,
+        r.own_bound,
         r.mem_util,
         r.migrations_per_s,
         f"{r.kv_migrations}/{r.token_migrations}",
@@ -45,9 +47,12 @@ def _row(r: SimResult) -> list[str]:
 
 
 def lower_bound(results: Sequence[SimResult]) -> int:
-    """The fluid lower bound max_t Σ_pools ⌈Σ KV_t / C⌉, the smallest over the runs (each run's
-    own KV over time depends a little on its schedule: preemption, migration stalls)."""
-    return min((r.lower_bound for r in results), default=0)
+    """The fluid lower bound max_t Σ_pools ⌈Σ KV_t / C⌉ under ideal progression (`bound.py`):
+    computed from the trace alone, so it is the same for every run of a table."""
+    bounds = {r.lower_bound for r in results}
+    if len(bounds) > 1:
+        raise ValueError(f"runs of one table have different lower bounds: {sorted(bounds)}")
+    return bounds.pop() if bounds else 0
 
 
 def table(results: Sequence[SimResult]) -> str:

@@ -37,6 +37,7 @@ from mell.gateway.policy.base import (
     WorkerStatus,
 )
 from mell.gateway.policy.migration_choice import TransferModel, choose_transfers
+from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
 from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.traces import Trace
 
@@ -52,7 +53,8 @@ class SimResult:
     preemptions: int
     peak_active: int
     avg_active: float
-    lower_bound: int
+    lower_bound: int  # the fluid lower bound of the trace (`bound.py`): same for every policy
+    own_bound: int  # max_t Σ_pools ⌈Σ KV_t / C⌉ of this run's own schedule (for comparison)
     mem_util: float  # used KV / (active workers · C), time-averaged over busy epochs
     migrations: int
     kv_migrations: int
@@ -217,9 +219,13 @@ class Simulator:
         spare_workers: int = 8,
         sample_series: bool = True,
         progress: Callable[[float], None] | None = None,
+        bound: FluidBound | None = None,
     ) -> None:
         self.trace, self.profile, self.policy = trace, profile, policy
         self.epoch_s = epoch_s
+        # The reference every policy is measured against: computed from the trace alone (pass it
+        # in to share one computation between the runs of a table).
+        self.bound = bound if bound is not None else fluid_lower_bound(trace, profile, epoch_s)
         self.progress = progress
         self.sample_series = sample_series
         self.view = SimView(trace.models, profile, spare_workers)
@@ -234,6 +240,7 @@ class Simulator:
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
         self.rids = [str(i) for i in range(n)]  # request ids as the policies see them
+        self.untimed = 0  # running requests without a first token yet
         self.waiting: dict[str, list[int]] = {}  # worker -> preempted requests (FCFS)
         self.n_waiting = 0
         self.view.held = self.waiting
@@ -272,17 +279,10 @@ class Simulator:
             for i in range(nxt, stop):
                 self._place(i, float(trace.arrival_s[i]))
             nxt = stop
-            self._decode(t, t_end)
-            # metrics
-            busy = self.view.busy()
-            count = len(busy)
+            # metrics: busy workers and their KV per model, after decoding and departures
+            per_model, used_model = self._decode(t, t_end)
+            count = sum(per_model.values())
             peak = max(peak, count)
-            per_model: dict[str, int] = dict.fromkeys(trace.models, 0)
-            used_model: dict[str, int] = dict.fromkeys(trace.models, 0)
-            for wid in busy:
-                m = self.view.model_of[wid]
-                per_model[m] += 1
-                used_model[m] += cap - self.view.infos[m][wid].num_free_blocks
             for m, c in per_model.items():
                 peak_model[m] = max(peak_model[m], c)
             lb_peak = max(lb_peak, sum(-(-u // cap) for u in used_model.values()))
@@ -317,7 +317,8 @@ class Simulator:
             preemptions=st["preempt"],
             peak_active=peak,
             avg_active=busy_time / span,
-            lower_bound=lb_peak,
+            lower_bound=self.bound.workers,
+            own_bound=lb_peak,
             mem_util=util_sum / util_epochs if util_epochs else 0.0,
             migrations=st["mig"],
             kv_migrations=st["kv"],
@@ -355,105 +356,151 @@ class Simulator:
         self.worker[i] = self.view.index[wid]
         self.blocks[i] = blocks
         self.state[i] = RUNNING
+        self.untimed += 1
         self.placed_at[i] = now
         self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + prompt
 
-    def _decode(self, t: float, t_end: float) -> None:
+    def _decode(self, t: float, t_end: float) -> tuple[dict[str, int], dict[str, int]]:
+        """Decode every running request for the epoch; departures, preemption, resumption.
+        Returns busy workers and their KV blocks per model."""
         if not self.live:
-            self._preempt_and_resume(t_end)
-            return
-        p = self.profile
-        idx = np.fromiter(self.live.keys(), dtype=np.int64, count=len(self.live))
+            return self._preempt_and_resume(t_end, None)
+        p, step = self.profile, self.profile.step
+        live, rids, view = self.live, self.rids, self.view
+        idx = np.fromiter(live, dtype=np.int64, count=len(live))
         w = self.worker[idx]
-        index = self.view.index
-        nw = max(int(w.max()), *(index[wid] for wid in self.prefill_tokens), 0) + 1
-        ctx = self.prompt[idx] + self.gen[idx]
+        prompt = self.prompt[idx]
+        gen = self.gen[idx]
+        nw = int(w.max()) + 1
+        prefills = self.prefill_tokens
+        if prefills:
+            index = view.index
+            nw = max(nw, *(index[wid] + 1 for wid in prefills))
         batch = np.bincount(w, minlength=nw)
-        ctx_sum = np.bincount(w, weights=ctx, minlength=nw)
+        ctx_sum = np.bincount(w, weights=prompt + gen, minlength=nw)
         step_s = (
-            p.step.decode_base_ms
-            + p.step.decode_per_seq_ms * batch
-            + p.step.decode_per_kv_token_ms * ctx_sum
+            step.decode_base_ms
+            + step.decode_per_seq_ms * batch
+            + step.decode_per_kv_token_ms * ctx_sum
         ) / 1000.0
-        prefill_s = np.zeros(nw)
-        for wid, tokens in self.prefill_tokens.items():
-            prefill_s[self.view.index[wid]] = p.step.prefill_ms(tokens) / 1000.0
-        self.prefill_tokens = {}
         start = np.maximum(self.placed_at[idx], t)
         ws = step_s[w]
-        avail = t_end - start - prefill_s[w] - self.stall[idx]
+        stall = self.stall[idx]
+        if prefills:
+            prefill_s = np.zeros(nw)
+            for wid, tokens in prefills.items():
+                prefill_s[index[wid]] = step.prefill_ms(tokens) / 1000.0
+            self.prefill_tokens = {}
+            pw = prefill_s[w]
+            avail = t_end - start - pw - stall
+        else:
+            pw = None
+            avail = t_end - start - stall  # (subtracting a zero prefill changes nothing)
         self.stall[idx] = np.maximum(0.0, -avail)
         avail = np.maximum(avail, 0.0)
-        new = np.isnan(self.first_token[idx])
-        if new.any():
-            self.first_token[idx[new]] = start[new] + prefill_s[w[new]] + ws[new]
-        gen = self.gen[idx] + avail / ws
+        if self.untimed:  # requests still waiting for their first token
+            new = np.isnan(self.first_token[idx])
+            first = start[new] + pw[new] if pw is not None else start[new] + 0.0
+            self.first_token[idx[new]] = first + ws[new]
+            self.untimed -= int(new.sum())
+        gen = gen + avail / ws
         self.gen[idx] = gen
         output = self.trace.output[idx]
         finished = gen >= output
-        bs = p.block_size
-        view = self.view
         if finished.any():
             fin = idx[finished]
             self.finish[fin] = t_end - (gen[finished] - output[finished]) * ws[finished]
             self.state[fin] = DONE
+            emptied, loads = self.emptied, view.loads
             for i in fin.tolist():
-                wid = self.live.pop(i)
-                view.remove(wid, str(i))
-                self.emptied.add(wid)
-        keep = ~finished
-        idx, gen = idx[keep], gen[keep]
-        tokens = np.minimum(
-            self.prompt[idx] + np.floor(gen).astype(np.int64) + 1,
-            self.prompt[idx] + self.trace.output[idx],
-        )
-        blocks = -(-tokens // bs)
+                wid = live.pop(i)
+                del loads[wid][rids[i]]
+                emptied.add(wid)
+            keep = ~finished
+            idx, gen, prompt, output, w = idx[keep], gen[keep], prompt[keep], output[keep], w[keep]
+        # gen >= 0, so truncation is floor; (x + bs - 1) // bs is the ceiling for x >= 0
+        tokens = prompt + np.minimum(gen.astype(np.int64) + 1, output)
+        blocks = (tokens + (p.block_size - 1)) // p.block_size
         changed = blocks != self.blocks[idx]
         self.blocks[idx] = blocks
-        live, rids, loads = self.live, self.rids, view.loads
+        loads = view.loads
         for i, b in zip(idx[changed].tolist(), blocks[changed].tolist(), strict=True):
             loads[live[i]][rids[i]] = b
-        self._preempt_and_resume(t_end)
+        used = np.bincount(w, weights=blocks, minlength=nw).astype(np.int64).tolist()
+        return self._preempt_and_resume(t_end, used)
 
-    def _preempt_and_resume(self, t_end: float) -> None:
+    def _preempt_and_resume(
+        self, t_end: float, used_at: list[int] | None
+    ) -> tuple[dict[str, int], dict[str, int]]:
         """vLLM's behaviour on each worker: over capacity, the latest admitted request is
         preempted (its KV freed) and waits on that worker; waiting requests resume first-come
         first-served when their context fits again, re-prefilling it (recompute)."""
-        view, cap, bs = self.view, self.profile.capacity_blocks, self.profile.block_size
+        view, cap = self.view, self.profile.capacity_blocks
         touched = set(view.busy()) | {w for w, q in self.waiting.items() if q} | self.emptied
         self.emptied = set()
+        index = view.index
+        known = len(used_at) if used_at is not None else 0
+        loads, waiting, refresh, model_of = view.loads, self.waiting, view.refresh, view.model_of
+        busy = dict.fromkeys(self.trace.models, 0)
+        kv = dict.fromkeys(self.trace.models, 0)
         for wid in sorted(touched):  # sorted: runs are reproducible across processes
-            if wid not in view.loads:
+            load = loads.get(wid)
+            if load is None:
                 continue
-            load = view.loads[wid]
-            used = sum(load.values())
-            while used > cap and len(load) > 1:
-                rid = max(load, key=lambda r: (self.placed_at[int(r)], int(r)))
-                used -= load.pop(rid)
-                i = int(rid)
-                del self.live[i]
-                self.state[i] = WAITING
-                self.waiting.setdefault(wid, []).append(i)
-                self.n_waiting += 1
-                self.stats["preempt"] += 1
-            queue = self.waiting.get(wid)
-            while queue:
-                i = queue[0]
-                context = int(self.prompt[i] + int(self.gen[i]))
-                need = -(-(context + 1) // bs)
-                if used + need > cap and load:
-                    break
-                queue.pop(0)
-                self.n_waiting -= 1
-                load[str(i)] = need
-                used += need
-                self.blocks[i] = need
-                self.live[i] = wid
-                self.state[i] = RUNNING
-                self.placed_at[i] = t_end
-                self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + context
-            view.refresh(wid, used)
-            view.release_if_empty(wid)
+            if not load:
+                used = 0
+            elif used_at is None:
+                used = sum(load.values())
+            else:  # KV of the worker's running requests, summed per worker by `_decode`
+                k = index[wid]
+                used = used_at[k] if k < known else 0
+            if used > cap and len(load) > 1:
+                used = self._preempt(wid, load, used)
+            if waiting.get(wid):
+                used = self._resume(wid, load, used, t_end)
+            refresh(wid, used)
+            if load:
+                m = model_of[wid]
+                busy[m] += 1
+                kv[m] += used
+            else:
+                view.release_if_empty(wid)
+        return busy, kv
+
+    def _preempt(self, wid: str, load: dict[str, int], used: int) -> int:
+        """Preempt the latest admitted requests of `wid` until it fits; the KV left in use."""
+        cap = self.profile.capacity_blocks
+        while used > cap and len(load) > 1:
+            rid = max(load, key=lambda r: (self.placed_at[int(r)], int(r)))
+            used -= load.pop(rid)
+            i = int(rid)
+            del self.live[i]
+            self.state[i] = WAITING
+            self.waiting.setdefault(wid, []).append(i)
+            self.n_waiting += 1
+            self.stats["preempt"] += 1
+        return used
+
+    def _resume(self, wid: str, load: dict[str, int], used: int, t_end: float) -> int:
+        """Resume waiting requests of `wid` first-come first-served while they fit."""
+        cap, bs = self.profile.capacity_blocks, self.profile.block_size
+        queue = self.waiting[wid]
+        while queue:
+            i = queue[0]
+            context = int(self.prompt[i] + int(self.gen[i]))
+            need = -(-(context + 1) // bs)
+            if used + need > cap and load:
+                break
+            queue.pop(0)
+            self.n_waiting -= 1
+            load[str(i)] = need
+            used += need
+            self.blocks[i] = need
+            self.live[i] = wid
+            self.state[i] = RUNNING
+            self.placed_at[i] = t_end
+            self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + context
+        return used
 
     def _migrate(self, moves: list[Move], now: float) -> None:
         if not moves:

@@ -1,0 +1,99 @@
+"""The fluid lower bound on active workers: one reference per (trace, profile, epoch).
+
+max over epochs of Σ_pools ⌈Σ KV_t / C⌉, where KV_t is the KV cache (blocks) the trace's live
+requests hold at the end of epoch t (sampled where the simulator samples active workers: after
+the epoch's arrivals, decoding and departures).
+
+KV_t depends on how fast requests progress, and a run's own progress depends on its schedule
+(preemptions, migration stalls, and above all how prefills pile up: a simulated worker prefills
+everything it admitted in an epoch before any of its requests decodes). A bound read from a run
+would reward a policy for slowing requests down, and differ between the policies of one table.
+So the bound reads no run: it replays the trace once with *ideal progression* under the
+simulator's step-time model, and every policy of a table is measured against that same number.
+
+Ideal progression: a request's prefill starts at its arrival and waits for no other prompt
+(`prefill_ms(own prompt)`; one longer than the epoch carries over, as in the simulator), then it
+decodes one token per step. The step is that of a fluid packing of its pool: W_t = max(1, KV_t /
+C) equally loaded workers (fractional), each decoding a batch of N_t / W_t requests holding
+Σ context / W_t tokens, i.e. exactly full workers. Nothing is preempted or migrated.
+
+What no policy can do better than: wait for nobody else's prefill, and pack KV with no gaps. What a
+policy can do better than: its workers are never fuller than the fluid ones, so its decode steps
+are at most a few per cent faster (the KV term of a step); this does not make requests shorter-
+lived by more than that. Under bursts of long prompts the simulator's per-worker prefill queue
+keeps requests alive much longer than ideal progression does, so every policy's peak is well
+above this bound there (see bench/fig11.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mell.gateway.sim.profile import Profile
+from mell.gateway.sim.traces import Trace
+
+
+@dataclass(frozen=True, slots=True)
+class FluidBound:
+    workers: int  # max_t Σ_pools ⌈KV_t / C⌉
+    at_s: float  # end of the epoch where it is reached (trace seconds)
+    by_model: dict[str, int]  # each pool's own max over time
+
+
+def fluid_lower_bound(trace: Trace, profile: Profile, epoch_s: float) -> FluidBound:
+    """The fluid lower bound of `trace` on `profile` with epochs of `epoch_s` seconds."""
+    n = len(trace)
+    if n == 0:
+        return FluidBound(0, 0.0, dict.fromkeys(trace.models, 0))
+    cap, bs, step = profile.capacity_blocks, profile.block_size, profile.step
+    pools = len(trace.models)
+    arrival, prompt, output = trace.arrival_s, trace.prompt, trace.output
+    model = trace.model.astype(np.int64)
+    dt = epoch_s
+    live = np.zeros(0, dtype=np.int64)
+    gen = np.zeros(0)
+    stall = np.zeros(0)
+    best, best_t = 0, 0.0
+    by_model = np.zeros(pools, dtype=np.int64)
+    nxt = 0
+    t = math.floor(float(arrival[0]) / dt) * dt
+    while nxt < n or len(live):
+        if not len(live) and arrival[nxt] >= t + dt:
+            t = math.floor(float(arrival[nxt]) / dt) * dt  # idle: jump ahead (as the simulator)
+        t_end = t + dt
+        stop = int(np.searchsorted(arrival, t_end, side="left"))
+        new = np.arange(nxt, stop, dtype=np.int64)
+        nxt = stop
+        live = np.concatenate((live, new))
+        gen = np.concatenate((gen, np.zeros(len(new))))
+        own = (step.prefill_base_ms + step.prefill_per_token_ms * prompt[new]) / 1000.0
+        stall = np.concatenate((stall, own))
+        pool = model[live]
+        ctx = prompt[live] + np.floor(gen)
+        blocks = -(-(ctx + 1) // bs)
+        width = np.maximum(1.0, np.bincount(pool, weights=blocks, minlength=pools) / cap)
+        batch = np.bincount(pool, minlength=pools) / width
+        context = np.bincount(pool, weights=ctx, minlength=pools) / width
+        step_s = (
+            step.decode_base_ms
+            + step.decode_per_seq_ms * batch
+            + step.decode_per_kv_token_ms * context
+        ) / 1000.0
+        start = np.maximum(arrival[live], t)
+        avail = t_end - start - stall
+        stall = np.maximum(0.0, -avail)
+        gen = gen + np.maximum(avail, 0.0) / step_s[pool]
+        keep = gen < output[live]
+        live, gen, stall, pool = live[keep], gen[keep], stall[keep], pool[keep]
+        tokens = np.minimum(prompt[live] + np.floor(gen) + 1, prompt[live] + output[live])
+        kv = np.bincount(pool, weights=-(-tokens // bs), minlength=pools)
+        need = -(-kv.astype(np.int64) // cap)
+        by_model = np.maximum(by_model, need)
+        total = int(need.sum())
+        if total > best:
+            best, best_t = total, t_end
+        t = t_end
+    return FluidBound(best, best_t, dict(zip(trace.models, by_model.tolist(), strict=True)))
