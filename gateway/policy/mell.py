@@ -127,6 +127,7 @@ class _Pool:
         self.young: set[str] = set()  # placed within `settle_epochs`: refills leave them alone
         self.admitted: dict[str, int] = {}  # worker -> prompt blocks placed on it since the epoch
         self.clock = 0
+        self._newest: dict[int, str | None] = {}  # label -> newest worker (cleared on changes)
         self._classes: list[int] = []  # class of every size up to capacity (a lookup table)
         self.moves_left = 0  # migrations still allowed in the current operation
         self.op_moves: list[int] = []  # migrations per operation in the last epoch (for tests)
@@ -136,6 +137,7 @@ class _Pool:
     def rebuild(self, workers: Iterable[WorkerInfo], headroom_tokens: int) -> None:
         """Make the plan equal to the truth of the view; keep the activation order."""
         old_stamp = self.stamp
+        self._newest = {}
         self.caps, self.view_free, self.items, self.used = {}, {}, {}, {}
         self.where, self.origin, self.labels, self.stamp = {}, {}, {}, {}
         self.idle, self.released, self.pinned = [], set(), {}
@@ -209,6 +211,7 @@ class _Pool:
             self._relabel(wid)
             self.clock += 1
             self.stamp[wid] = self.clock
+            self._newest = {}
         for wid in [w for w in self.items if w not in self.caps]:  # no longer ACTIVE
             for rid in self.items[wid]:
                 self.where.pop(rid, None)
@@ -229,11 +232,13 @@ class _Pool:
             return
         top = max(items.values())
         self.labels[wid] = max(T, self.klass(top))
+        self._newest = {}
 
     def _forget(self, wid: str) -> None:
         self.items.pop(wid, None)
         self.used.pop(wid, None)
         self.labels.pop(wid, None)
+        self._newest = {}
         if self.stamp.pop(wid, None) is not None:
             self.released.add(wid)
 
@@ -268,6 +273,17 @@ class _Pool:
         return (self.used.get(wid, 0) + blocks) / self.caps[wid]
 
     def newest(self, label: int, exclude: str | None = None) -> str | None:
+        """The most recently activated worker of `label` (other than `exclude`)."""
+        cache = self._newest
+        if label in cache:
+            best = cache[label]
+        else:
+            best = cache[label] = self._scan_newest(label, None)
+        if best is not None and best == exclude:
+            return self._scan_newest(label, exclude)
+        return best
+
+    def _scan_newest(self, label: int, exclude: str | None) -> str | None:
         best, best_stamp = None, -1
         for wid, lab in self.labels.items():
             if lab == label and wid != exclude and self.stamp.get(wid, 0) > best_stamp:
@@ -309,6 +325,7 @@ class _Pool:
             if wid in self.caps and wid not in self.items:
                 self.clock += 1
                 self.stamp[wid] = self.clock
+                self._newest = {}
                 return wid
         return None
 
@@ -320,10 +337,12 @@ class _Pool:
         if wid not in self.stamp:
             self.clock += 1
             self.stamp[wid] = self.clock
+            self._newest = {}
         self.released.discard(wid)
         cls = max(T, self.klass(blocks))
         if cls > self.labels.get(wid, -1):
             self.labels[wid] = cls
+            self._newest = {}
 
     def take(self, rid: str) -> tuple[str, int]:
         wid = self.where.pop(rid)

@@ -88,7 +88,10 @@ class SimResult:
 
 
 class SimView:
-    """PolicyView over the simulator's state: busy workers plus spare idle ones per model."""
+    """PolicyView over the simulator's state: busy workers plus spare idle ones per model.
+
+    Its WorkerInfo objects are live views of the simulated workers (see `refresh`): valid for
+    the policy call they are read in, like any view."""
 
     def __init__(self, models: list[str], profile: Profile, spare: int) -> None:
         self._models = list(models)
@@ -138,8 +141,14 @@ class SimView:
         p = self.profile
         model = self.model_of[wid]
         info = self.infos[model].get(wid)
-        if info is not None and info.num_free_blocks == p.capacity_blocks - used:
-            return  # same dict object, same free count: the cached WorkerInfo is still true
+        if info is not None:
+            # The simulator's WorkerInfo is a live view of its worker: `request_blocks` is the
+            # worker's own dict, and the free count is updated in place (a new frozen object per
+            # worker per epoch was a fifth of the simulator's time). Policies read the view
+            # during a call and keep nothing of it, as contract C asks.
+            if info.num_free_blocks != p.capacity_blocks - used:
+                object.__setattr__(info, "num_free_blocks", p.capacity_blocks - used)
+            return
         self.infos[model][wid] = WorkerInfo(
             wid,
             model,
