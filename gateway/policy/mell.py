@@ -373,12 +373,12 @@ class Mell:
         self,
         headroom_tokens: int = 16,
         max_moves_per_op: int = 10,
-        placement: str = "pair",
+        placement: str = "bestfit",
         place_epochs: float = 2.0,
         repairs_per_epoch: int = 4,
         refill: str = "fill",
-        settle_epochs: int = 1,
-        prefill_share: float = 0.0,
+        settle_epochs: int = 3,
+        prefill_share: float = 0.5,
     ) -> None:
         if placement not in ("pair", "bestfit", "paper"):
             raise TypeError(f"placement must be 'pair', 'bestfit' or 'paper', not {placement!r}")

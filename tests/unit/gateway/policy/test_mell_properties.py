@@ -37,6 +37,7 @@ def run_world(
     world = World(capacity=capacity, block_size=16, num_workers=256)  # never exhausted
     policy = make_policy("mell", headroom_tokens=growth_blocks * 16)
     live: list[str] = []
+    recent: list[list[str]] = []  # arrivals of the last `settle_epochs` epochs
     final: dict[str, int] = {}  # a request never outgrows what one worker holds
     next_id = 0
     worst_ops = worst_exceptions = 0
@@ -79,7 +80,10 @@ def run_world(
         world.apply(moves)
         for wid in world.load:
             assert world.used(wid) <= capacity, f"epoch {epoch}: {wid} over capacity after moves"
-        bad = violations(world, growth_blocks, young=frozenset(arrived))
+        # Requests placed within the policy's settle_epochs are not refill material.
+        recent = [*recent, arrived][-policy.settle_epochs :]
+        young = frozenset(rid for batch in recent for rid in batch)
+        bad = violations(world, growth_blocks, young=young)
         count = len({w for ws in bad.values() for w in ws})
         worst_exceptions = max(worst_exceptions, count)
         assert count <= EXCEPTIONS, f"epoch {epoch}: invariants broken on {bad}"
