@@ -33,17 +33,27 @@ Choices where the paper is silent (each also noted where it is made):
   evict the smallest item that alone restores the placement headroom (else the largest that is
   not the worker's own largest) and re-Allocate it; never the worker's last item. One move
   instead of one per epoch; the item defining the worker's label stays.
-- Placement (`placement="pair"`, default): S/M items first join a lone L (the paper's L+M /
-  L+S pairing), otherwise every class goes to the fullest worker that fits (best fit), and a
-  new worker is opened only when none fits; `placement="bestfit"` skips the pairing step.
-  `placement="paper"` follows Fig. 10 literally (L on a new worker or beside T items, S/M on
-  the newest S/M-GPU of their class, T on L/M/S-GPUs then the newest T-GPU). On the Azure
-  traces (bench/fig11.py settings) the literal rule reaches about the same peak but a 2-3%
-  higher time-average and 20-25% more migrations: placing is free, while the class
-  segregation has to be bought back with refills.
-- Requests placed within the last `settle_epochs` epochs (default 1) are not moved by refills
-  or companion pulls, and relief takes them last: they are still being prefilled, and many
-  short requests leave before a refill would pay off.
+- Placement (`placement="bestfit"`, default): every class goes to the fullest worker that fits
+  (best fit), and a new worker is opened only when none fits; the L+M / L+S pairing of the
+  paper is left to the epoch's companion pulls and repairs. `placement="pair"` first puts an
+  S/M arrival beside a lone L. `placement="paper"` follows Fig. 10 literally (L on a new worker
+  or beside T items, S/M on the newest S/M-GPU of their class, T on L/M/S-GPUs then the newest
+  T-GPU). On the Azure traces (bench/fig11.py settings) the literal rule reaches about the same
+  peak but a 2-3% higher time-average and 20-25% more migrations: placing is free, while the
+  class segregation has to be bought back with refills; "pair" and "bestfit" are within a
+  worker or two of each other (the pairing often places an S/M beside an L that is itself
+  still being prefilled).
+- Prefill-aware placement (`prefill_share`, default 0.5): a worker prefills every prompt it
+  admitted in an epoch before it decodes again (vLLM without chunked prefill; the simulator
+  models it), so an arrival first looks among workers that have admitted less than
+  `prefill_share` · C blocks of prompts since the last epoch, and only then among all. In a
+  burst of long prompts (the Azure code trace) best fit would otherwise stack several prefills
+  on one worker, and every request there lives that much longer. 0 turns it off.
+- Requests placed within the last `settle_epochs` epochs (default 3, 1.5 s at 0.5 s epochs)
+  are not moved by refills or companion pulls, and relief takes them last: a long prompt is
+  still being prefilled then (C tokens take 2.5 s on the 7B/4090 profile), and most short
+  requests (code completions) leave before a refill of them would pay off. On the fig11
+  traces 3 instead of 1 epoch removes 10-20% of MELL's migrations at the same peaks.
 - L departure: the paper evicts and re-Allocates everything else so the worker is released; we
   do that only when everything fits on other busy workers (moving onto a newly opened worker
   would cost migrations and release nothing); otherwise the worker is repaired like any other.
@@ -231,14 +241,27 @@ class _Pool:
             self._forget(wid)
             return
         top = max(items.values())
-        self.labels[wid] = max(T, self.klass(top))
-        self._newest = {}
+        old = self.labels.get(wid)
+        self.labels[wid] = new = max(T, self.klass(top))
+        if new != old:
+            self._label_changed(wid, old, new)
+
+    def _label_changed(self, wid: str, old: int | None, new: int | None) -> None:
+        """Keep the newest-of-label cache true after `wid` went from label `old` to `new`."""
+        cache = self._newest
+        if old is not None and old in cache and cache[old] == wid:
+            del cache[old]  # the next newest of `old` is found by a scan
+        if new is not None and new in cache:
+            cur = cache[new]
+            if cur is None or self.stamp.get(wid, 0) > self.stamp.get(cur, 0):
+                cache[new] = wid
 
     def _forget(self, wid: str) -> None:
         self.items.pop(wid, None)
         self.used.pop(wid, None)
-        self.labels.pop(wid, None)
-        self._newest = {}
+        old = self.labels.pop(wid, None)
+        if old is not None:
+            self._label_changed(wid, old, None)
         if self.stamp.pop(wid, None) is not None:
             self.released.add(wid)
 
@@ -324,8 +347,7 @@ class _Pool:
             wid = self.idle.pop(0)
             if wid in self.caps and wid not in self.items:
                 self.clock += 1
-                self.stamp[wid] = self.clock
-                self._newest = {}
+                self.stamp[wid] = self.clock  # (no label yet: no newest-of-label changes)
                 return wid
         return None
 
@@ -334,15 +356,15 @@ class _Pool:
         items[rid] = blocks
         self.used[wid] = self.used.get(wid, 0) + blocks
         self.where[rid] = wid
-        if wid not in self.stamp:
+        if wid not in self.stamp:  # (not labelled yet: the label below updates the cache)
             self.clock += 1
             self.stamp[wid] = self.clock
-            self._newest = {}
         self.released.discard(wid)
         cls = max(T, self.klass(blocks))
-        if cls > self.labels.get(wid, -1):
+        old = self.labels.get(wid)
+        if old is None or cls > old:
             self.labels[wid] = cls
-            self._newest = {}
+            self._label_changed(wid, old, cls)
 
     def take(self, rid: str) -> tuple[str, int]:
         wid = self.where.pop(rid)
