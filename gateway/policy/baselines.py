@@ -169,6 +169,10 @@ class RoundRobin:
         return []
 
 
+def _first(pair: tuple[float, WorkerInfo]) -> float:
+    return pair[0]
+
+
 def freeness(worker: WorkerInfo) -> float:
     """Llumnix's freeness: free blocks per running request (inf for an idle worker)."""
     n = len(worker.request_blocks)
@@ -205,12 +209,17 @@ class LoadBalance:
         workers, need = _need(view, arrival)
         best: WorkerInfo | None = None
         best_free = -1.0
-        for w in workers:
-            if not w.request_blocks:
+        headroom, epochs, ceil = self.headroom_tokens, self.place_epochs, math.ceil
+        for w in workers:  # `reserve` and `freeness`, inlined: this runs for every arrival
+            blocks = w.request_blocks
+            if not blocks:
                 continue
-            if free_blocks(w) < need + reserve(w, self.headroom_tokens, self.place_epochs):
+            n = len(blocks)
+            free = w.num_free_blocks
+            keep = ceil(headroom / w.block_size * epochs * (n + 1)) if headroom > 0 else 0
+            if free < need + keep:
                 continue
-            f = freeness(w)
+            f = free / n
             if f > best_free:
                 best, best_free = w, f
         if best is None:
@@ -223,12 +232,15 @@ class LoadBalance:
             busy = [w for w in active_workers(view, model) if w.request_blocks]
             if len(busy) < 2:
                 continue
+            scored = [(freeness(w), w) for w in busy]  # the view does not change here
             if self.migrate_out_threshold is None:
-                cut = sum(freeness(w) for w in busy) / len(busy)
+                cut = sum(f for f, _ in scored) / len(busy)
             else:
                 cut = self.migrate_out_threshold
-            sources = sorted((w for w in busy if freeness(w) < cut), key=freeness)
-            dests = sorted((w for w in busy if freeness(w) >= cut), key=freeness, reverse=True)
+            low = sorted((p for p in scored if p[0] < cut), key=_first)
+            high = sorted((p for p in scored if p[0] >= cut), key=_first, reverse=True)
+            f_of = {id(w): f for f, w in scored}
+            sources, dests = [w for _, w in low], [w for _, w in high]
             for src, dst in zip(sources, dests, strict=False):
                 if len(src.request_blocks) < 2:
                     continue
@@ -237,7 +249,7 @@ class LoadBalance:
                     continue
                 src_after = (free_blocks(src) + size) / (len(src.request_blocks) - 1)
                 dst_after = (free_blocks(dst) - size) / (len(dst.request_blocks) + 1)
-                if abs(dst_after - src_after) >= freeness(dst) - freeness(src):
+                if abs(dst_after - src_after) >= f_of[id(dst)] - f_of[id(src)]:
                     continue
                 moves.append(Move(rid, src.worker_id, dst.worker_id, "kv"))
         return moves
