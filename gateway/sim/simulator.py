@@ -101,6 +101,7 @@ class SimView:
         self.model_of: dict[str, str] = {}
         self.index: dict[str, int] = {}  # worker -> global index (machine topology)
         self.infos: dict[str, dict[str, WorkerInfo]] = {m: {} for m in models}
+        self.info: dict[str, WorkerInfo] = {}  # worker -> its WorkerInfo (all models)
         self._lists: dict[str, list[WorkerInfo] | None] = dict.fromkeys(models)
         self.idle: dict[str, list[str]] = {m: [] for m in models}
         self._next = 0
@@ -149,7 +150,7 @@ class SimView:
             if info.num_free_blocks != p.capacity_blocks - used:
                 object.__setattr__(info, "num_free_blocks", p.capacity_blocks - used)
             return
-        self.infos[model][wid] = WorkerInfo(
+        self.infos[model][wid] = self.info[wid] = WorkerInfo(
             wid,
             model,
             WorkerStatus.ACTIVE,
@@ -185,6 +186,7 @@ class SimView:
             self.refresh(wid, 0)
         else:
             del self.infos[model][wid]
+            del self.info[wid]
             del self.loads[wid]
             self._lists[model] = None
 
@@ -450,6 +452,7 @@ class Simulator:
         index = view.index
         known = len(used_at) if used_at is not None else 0
         loads, waiting, refresh, model_of = view.loads, self.waiting, view.refresh, view.model_of
+        infos = view.info
         busy = dict.fromkeys(self.trace.models, 0)
         kv = dict.fromkeys(self.trace.models, 0)
         for wid in sorted(touched):  # sorted: runs are reproducible across processes
@@ -467,7 +470,11 @@ class Simulator:
                 used = self._preempt(wid, load, used)
             if waiting.get(wid):
                 used = self._resume(wid, load, used, t_end)
-            refresh(wid, used)
+            info = infos.get(wid)
+            if info is None:
+                refresh(wid, used)
+            elif info.num_free_blocks != cap - used:  # `SimView.refresh`, inlined
+                object.__setattr__(info, "num_free_blocks", cap - used)
             if load:
                 m = model_of[wid]
                 busy[m] += 1
