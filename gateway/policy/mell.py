@@ -306,8 +306,10 @@ class Mell:
             ]
             wid = pool.best_fit(lone_large, blocks)
         if wid is None and self.placement in ("pair", "bestfit"):
-            wid = pool.best_fit(busy, blocks)
-        elif wid is None and cls == L:
+            # Best fit over every busy worker: the 3/4-full fallback below, a subset of these,
+            # cannot find one when this does not.
+            return pool.best_fit(busy, blocks)
+        if wid is None and cls == L:
             # An L may join T items (an L-GPU with T companions is a valid packing).
             wid = pool.best_fit((w for w in busy if pool.label(w) == T), blocks)
         elif wid is None and cls in (M, S):
