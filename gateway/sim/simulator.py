@@ -33,13 +33,12 @@ from mell.gateway.policy.base import (
     Move,
     Placement,
     Policy,
-    WorkerInfo,
-    WorkerStatus,
 )
-from mell.gateway.policy.migration_choice import TransferModel, choose_transfers
+from mell.gateway.policy.migration_choice import choose_transfers
 from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
 from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.traces import Trace
+from mell.gateway.sim.view import SimView, transfer_model
 
 WAITING, RUNNING, DONE, REJECTED = 0, 1, 2, 3
 PLACE_EPOCHS = 4.0  # placements leave room for this many epochs of growth (every policy)
@@ -85,138 +84,6 @@ class SimResult:
         out["migrations_per_s"] = self.migrations_per_s
         out["peak_over_lb"] = self.peak_over_lb
         return out
-
-
-class SimView:
-    """PolicyView over the simulator's state: busy workers plus spare idle ones per model.
-
-    Its WorkerInfo objects are live views of the simulated workers (see `refresh`): valid for
-    the policy call they are read in, like any view."""
-
-    def __init__(self, models: list[str], profile: Profile, spare: int) -> None:
-        self._models = list(models)
-        self.profile = profile
-        self.spare = spare
-        self.loads: dict[str, dict[str, int]] = {}  # worker -> {request: blocks}
-        self.model_of: dict[str, str] = {}
-        self.index: dict[str, int] = {}  # worker -> global index (machine topology)
-        self.infos: dict[str, dict[str, WorkerInfo]] = {m: {} for m in models}
-        self.info: dict[str, WorkerInfo] = {}  # worker -> its WorkerInfo (all models)
-        self._lists: dict[str, list[WorkerInfo] | None] = dict.fromkeys(models)
-        self.idle: dict[str, list[str]] = {m: [] for m in models}
-        self._next = 0
-        self.held: dict[str, list[int]] = {}  # worker -> preempted requests waiting there
-        for m in models:
-            self.top_up(m)
-
-    # PolicyView
-    def models(self) -> list[str]:
-        return self._models
-
-    def workers(self, model: str) -> list[WorkerInfo]:
-        cached = self._lists.get(model)
-        if cached is None:
-            cached = list(self.infos.get(model, {}).values())
-            self._lists[model] = cached
-        return cached
-
-    # mechanics
-    def new_worker(self, model: str) -> str:
-        wid = f"{model}/w{self._next}"
-        self.index[wid] = self._next
-        self._next += 1
-        self.loads[wid] = {}
-        self.model_of[wid] = model
-        self.idle[model].append(wid)
-        self.refresh(wid)
-        return wid
-
-    def top_up(self, model: str) -> None:
-        while len(self.idle[model]) < self.spare:
-            self.new_worker(model)
-
-    def refresh(self, wid: str, used: int | None = None) -> None:
-        load = self.loads[wid]
-        if used is None:
-            used = sum(load.values())
-        p = self.profile
-        model = self.model_of[wid]
-        info = self.infos[model].get(wid)
-        if info is not None:
-            # The simulator's WorkerInfo is a live view of its worker: `request_blocks` is the
-            # worker's own dict, and the free count is updated in place (a new frozen object per
-            # worker per epoch was a fifth of the simulator's time). Policies read the view
-            # during a call and keep nothing of it, as contract C asks.
-            if info.num_free_blocks != p.capacity_blocks - used:
-                object.__setattr__(info, "num_free_blocks", p.capacity_blocks - used)
-            return
-        self.infos[model][wid] = self.info[wid] = WorkerInfo(
-            wid,
-            model,
-            WorkerStatus.ACTIVE,
-            p.capacity_blocks,
-            p.block_size,
-            load,
-            p.capacity_blocks - used,
-        )
-        self._lists[model] = None
-
-    def add(self, wid: str, rid: str, blocks: int) -> None:
-        load = self.loads[wid]
-        if not load:
-            model = self.model_of[wid]
-            idle = self.idle[model]
-            if wid in idle:
-                idle.remove(wid)
-                self.top_up(model)
-        load[rid] = blocks
-        self.refresh(wid)
-
-    def remove(self, wid: str, rid: str) -> None:
-        del self.loads[wid][rid]
-
-    def release_if_empty(self, wid: str) -> None:
-        if self.loads[wid] or self.held.get(wid):
-            return
-        model = self.model_of[wid]
-        if wid in self.idle[model]:
-            return
-        if len(self.idle[model]) < self.spare:
-            self.idle[model].append(wid)
-            self.refresh(wid, 0)
-        else:
-            del self.infos[model][wid]
-            del self.info[wid]
-            del self.loads[wid]
-            self._lists[model] = None
-
-    def busy(self) -> list[str]:
-        return [w for w, load in self.loads.items() if load]
-
-
-def transfer_model(profile: Profile, view: SimView, epoch_s: float) -> TransferModel:
-    links = profile.links
-    per_machine = links.gpus_per_machine
-
-    def link_of(src: str, dst: str) -> str:
-        a, b = view.index.get(src, 0) // per_machine, view.index.get(dst, 0) // per_machine
-        return f"intra:{a}" if a == b else f"inter:{a}>{b}"
-
-    class _Bandwidth(dict):
-        def __missing__(self, key: str) -> float:
-            gbps = links.inter_gbps if key.startswith("inter") else links.intra_gbps
-            return gbps * 1e9
-
-    return TransferModel(
-        kv_bytes_per_token=profile.model.kv_bytes_per_token,
-        link_of=link_of,
-        link_bytes_per_s=_Bandwidth(),
-        default_prefill_tps=1000.0 / profile.step.prefill_per_token_ms,
-        epoch_s=epoch_s,
-        comm_fraction=links.comm_fraction,
-        prefill_fraction=links.prefill_fraction,
-        latency_s=links.latency_ms / 1000.0,
-    )
 
 
 class Simulator:
