@@ -75,10 +75,23 @@ def make_checkpoint(directory: Path, max_len: int) -> Path:
 
 
 class Cluster:
-    def __init__(self, data_dir: Path, model: Path, workers: int, policy: str = "least-loaded"):
+    """A `mellctl up` cluster on CPU (model None: mell-tiny); stopped by `stop`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        model: Path | None,
+        workers: int,
+        policy: str = "least-loaded",
+        num_kv_blocks: int = 0,
+    ) -> None:
         cmd = [sys.executable, "-m", "mell.gateway.mellctl.main", "up", "--data-dir",
-               str(data_dir), "--workers", str(workers), "--model", str(model), "--device",
-               "cpu", "--policy", policy]  # fmt: skip
+               str(data_dir), "--workers", str(workers), "--device", "cpu",
+               "--policy", policy]  # fmt: skip
+        if model is not None:
+            cmd += ["--model", str(model)]
+        if num_kv_blocks:
+            cmd += ["--num-kv-blocks", str(num_kv_blocks)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         ready, _, _ = select.select([self.proc.stdout], [], [], 300)
         line = self.proc.stdout.readline().decode() if ready else ""

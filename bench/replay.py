@@ -1,0 +1,191 @@
+"""Replay a public trace on a live cluster under MELL and worst-fit, beside the simulator.
+
+    python bench/replay.py [--trace FILE] [--requests 120] [--speedup 1.0] [--workers 4]
+                           [--num-kv-blocks 64] [--len-scale 0.25]
+
+The first `--requests` requests of the trace (default: Azure LLM 2023 conv, from
+../shared/traces), arrival gaps divided by `--speedup`, token counts multiplied by `--len-scale`
+and clipped to the worker's context (`--num-kv-blocks` × 16 tokens), are sent to a live
+`mellctl up --workers N --device cpu` (mell-tiny) as non-streaming completions with token-id
+prompts (greedy, ignore_eos: each produces exactly its trace output length); a 503 (no worker
+has room at that moment: the gateway does not queue) is retried after 0.2 s. Once with
+`--policy mell`, once with `--policy worst-fit`. While it runs the admin API is sampled every
+0.1 s; a worker is active while it holds a request. Printed per policy: requests completed,
+time-average and peak of active workers, migrations; beside them the simulator's prediction
+for the same replay (same trace slice, same policies with their live defaults, a profile
+measured from mell-tiny on this machine by bench/profile_worker.py, capacity = --num-kv-blocks).
+Checks: every request completes under both; MELL's time-average active workers is lower.
+The last line is `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from migration import Cluster  # bench/migration.py: a `mellctl up` cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE = ROOT.parent / "shared/traces/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
+BLOCK_SIZE = 16
+TINY_MAX_LEN = 2048 - BLOCK_SIZE
+RETRY_AFTER_S, RETRY_FOR_S = 0.2, 120.0
+
+
+def load(args: argparse.Namespace) -> Any:
+    from mell.gateway.sim.traces import load_traces
+
+    # the worker's context: its KV pool (one block of room) and mell-tiny's positions
+    max_len = min(args.num_kv_blocks * BLOCK_SIZE - BLOCK_SIZE, TINY_MAX_LEN)
+    return load_traces(
+        [args.trace],
+        scale_time=args.speedup,
+        scale_len=args.len_scale,
+        max_len=max_len,
+        limit=args.requests,
+    )
+
+
+async def replay(c: Cluster, trace: Any) -> dict[str, Any]:
+    samples: list[tuple[float, int]] = []
+    results: list[str] = []
+    retries: list[int] = []  # request index per 503 answered
+    stop = asyncio.Event()
+
+    async def sample(s: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            async with s.get(f"{c.admin}/workers", headers=c.headers) as r:
+                rows = (await r.json())["workers"]
+            busy = sum(1 for w in rows if w["state"] != "lost" and w["num_requests"] > 0)
+            samples.append((time.perf_counter(), busy))
+            await asyncio.sleep(0.1)
+
+    async def one(s: aiohttp.ClientSession, i: int, at: float, t0: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        prompt = [3 + (11 * i + 7 * k) % 500 for k in range(int(trace.prompt[i]))]
+        body = {"model": "mell-tiny", "prompt": prompt, "max_tokens": int(trace.output[i]),
+                "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+        give_up = time.perf_counter() + RETRY_FOR_S
+        try:
+            while True:  # a 503 (no worker has room now) is retried, as a client would
+                async with s.post(c.url + "/v1/completions", json=body) as r:
+                    out = await r.json()
+                if r.status != 503 or time.perf_counter() > give_up:
+                    break
+                retries.append(i)
+                await asyncio.sleep(RETRY_AFTER_S)
+            ok = r.status == 200 and out["usage"]["completion_tokens"] == body["max_tokens"]
+            results.append("ok" if ok else f"{r.status}: {str(out)[:200]}")
+        except (aiohttp.ClientError, TimeoutError) as err:
+            results.append(f"error: {err!r}")
+
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        sampler = asyncio.create_task(sample(s))
+        t0 = time.perf_counter()
+        arrivals = trace.arrival_s - trace.arrival_s[0]
+        await asyncio.gather(*(one(s, i, float(a), t0) for i, a in enumerate(arrivals)))
+        end = time.perf_counter()
+        stop.set()
+        await sampler
+        async with s.get(f"{c.admin}/status", headers=c.headers) as r:
+            status = await r.json()
+    window = [(t, n) for t, n in samples if t0 <= t <= end]
+    area = sum((b[0] - a[0]) * a[1] for a, b in itertools.pairwise(window))
+    span = window[-1][0] - window[0][0] if len(window) > 1 else 1.0
+    return {
+        "requests": len(results),
+        "completed": results.count("ok"),
+        "failures": [r for r in results if r != "ok"][:5],
+        "retried_503": len(retries),
+        "avg_active": area / span,
+        "peak_active": max((n for _, n in window), default=0),
+        "migrations": status["totals"]["migrations"],
+        "migrations_aborted": status["totals"]["migrations_aborted"],
+        "wall_s": end - t0,
+    }
+
+
+def simulate(trace: Any, profile_path: Path, capacity: int, policy: str) -> dict[str, Any]:
+    from mell.gateway.policy.base import make_policy
+    from mell.gateway.sim.profile import load_profile
+    from mell.gateway.sim.simulator import Simulator
+
+    profile = load_profile(profile_path)
+    profile = msgspec.structs.replace(
+        profile, capacity_blocks=capacity, max_model_len=capacity * BLOCK_SIZE
+    )
+    r = Simulator(trace, profile, make_policy(policy), epoch_s=0.25, sample_series=False).run()
+    return {"avg_active": r.avg_active, "peak_active": r.peak_active,
+            "migrations": r.migrations, "rejected": r.rejected}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trace", default=str(DEFAULT_TRACE))
+    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--num-kv-blocks", type=int, default=64)
+    p.add_argument("--len-scale", type=float, default=0.25)
+    args = p.parse_args()
+    trace = load(args)
+    root = Path(tempfile.mkdtemp(prefix="mell-bench-replay-"))
+    profile = root / "tiny.toml"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench/profile_worker.py"), "--device", "cpu", "--out",
+         str(profile)], check=True, capture_output=True,
+    )  # fmt: skip
+    print(
+        f"trace {Path(args.trace).name}: {len(trace)} requests over {trace.duration_s:.1f} s, "
+        f"prompt mean {trace.prompt.mean():.0f}, output mean {trace.output.mean():.0f} tokens, "
+        f"context cap {int((trace.prompt + trace.output).max())}; {args.workers} workers × "
+        f"{args.num_kv_blocks} blocks",
+        flush=True,
+    )
+    rows = {}
+    for policy in ("mell", "worst-fit"):
+        c = Cluster(root / policy, None, args.workers, policy, args.num_kv_blocks)
+        try:
+            live = asyncio.run(replay(c, trace))
+        finally:
+            c.stop()
+        try:
+            sim = simulate(trace, profile, args.num_kv_blocks, policy)
+        except Exception as err:  # a policy bug shows in the output instead of ending the run
+            sim = {"avg_active": float("nan"), "peak_active": -1, "migrations": -1,
+                   "error": repr(err)}  # fmt: skip
+        rows[policy] = {"live": live, "sim": sim}
+        print(
+            f"{policy:9s}  live: {live['completed']}/{live['requests']} completed "
+            f"({live['retried_503']} 503s retried), active "
+            f"workers avg {live['avg_active']:.2f} peak {live['peak_active']}, migrations "
+            f"{live['migrations']} (aborted {live['migrations_aborted']})   simulator: avg "
+            f"{sim['avg_active']:.2f} peak {sim['peak_active']}, migrations {sim['migrations']}",
+            flush=True,
+        )
+    checks = {
+        "all_completed": all(
+            r["live"]["completed"] == r["live"]["requests"] for r in rows.values()
+        ),
+        "mell_fewer_active": rows["mell"]["live"]["avg_active"]
+        < rows["worst-fit"]["live"]["avg_active"],
+    }
+    print("RESULT " + json.dumps({"rows": rows, "checks": checks, "args": vars(args)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
