@@ -219,6 +219,10 @@ class Migrator:
     def _migrated_in(self, dst: str, msg: MigratedIn) -> None:
         m = self.active.get(msg.migration_id)
         stream = self.dispatcher.streams.get(msg.request_id)
+        if m is None and stream is not None and stream.worker_id == dst:
+            # Committed already on the source's word (it can overtake this one): fill in.
+            self.dispatcher.fill(msg.request_id, msg.output_token_ids, msg.num_prompt_tokens)
+            return
         if m is None or m.decided == "aborted" or stream is None:
             # Nobody reads it there (aborted, or the client left): drop that copy.
             self.link.send_quietly(dst, AbortRequest([msg.request_id]))

@@ -207,3 +207,19 @@ async def test_refused_moves_say_why() -> None:
     link.answer = False
     outcome = await migrator.migrate(Move("r", "w0", "w1", "auto"))
     assert not outcome.committed and outcome.kind in ("kv", "tokens")
+
+
+async def test_source_word_overtaking_the_destinations_keeps_the_destination_copy() -> None:
+    migrator, dispatcher, link, stream = world()
+    task, mid = await started(migrator)
+    migrator.on_message("w0", MigrationEnded(migration_id=mid, request_id="r", committed=True))
+    assert (await task).committed and stream.worker_id == "w1"
+    migrator.on_message(
+        "w1",
+        MigratedIn(migration_id=mid, request_id="r", src_worker_id="w0",
+                   output_token_ids=[5], num_prompt_tokens=4),
+    )  # fmt: skip
+    assert not link.of(AbortRequest)
+    assert stream.next_index == 1
+    dispatcher.on_token_batch("w1", out(1, [6], "length"))
+    assert stream.finish_reason == "length"
