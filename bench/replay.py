@@ -102,6 +102,13 @@ async def replay(c: Cluster, trace: Any) -> dict[str, Any]:
         await sampler
         async with s.get(f"{c.admin}/status", headers=c.headers) as r:
             status = await r.json()
+        async with s.get(f"{c.admin}/events", params={"tail": "100000"}, headers=c.headers) as r:
+            lines = [json.loads(x) for x in (await r.text()).splitlines() if x.strip()]
+    reasons: dict[str, int] = {}
+    for e in lines:
+        if e.get("type") == "MigrationAborted":
+            key = e["reason"].split(":")[0][:60]
+            reasons[key] = reasons.get(key, 0) + 1
     window = [(t, n) for t, n in samples if t0 <= t <= end]
     area = sum((b[0] - a[0]) * a[1] for a, b in itertools.pairwise(window))
     span = window[-1][0] - window[0][0] if len(window) > 1 else 1.0
@@ -114,6 +121,7 @@ async def replay(c: Cluster, trace: Any) -> dict[str, Any]:
         "peak_active": max((n for _, n in window), default=0),
         "migrations": status["totals"]["migrations"],
         "migrations_aborted": status["totals"]["migrations_aborted"],
+        "abort_reasons": reasons,
         "wall_s": end - t0,
     }
 
