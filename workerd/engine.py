@@ -204,6 +204,12 @@ class Engine:
         tokens = request.prompt_token_ids + request.output_token_ids
         if len(tokens) > self.model_config.max_model_len:
             raise InvalidRequest(f"request {rid!r} is longer than max_model_len here")
+        if not 0 <= request.num_computed < len(tokens):
+            raise InvalidRequest(f"request {rid!r}: {request.num_computed} computed tokens")
+        if request.num_computed > 0 and self.blocks.num_blocks_of(key) < self.blocks.blocks_for(
+            request.num_computed
+        ):
+            raise InvalidRequest(f"request {rid!r}: its KV blocks did not all arrive")
         seq = Sequence(rid, request.prompt_token_ids, request.sampling, self._eos_ids())
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)

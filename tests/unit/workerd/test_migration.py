@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 from migration_world import World
 
@@ -181,3 +182,25 @@ def test_stage_limit_aborts(tiny) -> None:
     [end] = w.ended("a")
     assert not end.committed and "stage limit" in end.reason
     assert_no_leaks(w)
+
+
+def test_import_refuses_kv_that_did_not_arrive(tiny) -> None:
+    from mell.common.errors import InvalidRequest
+    from mell.common.messages import MigratedRequest
+
+    eng = engine(tiny)
+    request = MigratedRequest(
+        request_id="r",
+        prompt_token_ids=prompt(30),
+        output_token_ids=[5, 6],
+        sampling=GREEDY,
+        num_computed=31,
+        generator_state=None,
+    )
+    assert eng.reserve("migrate-in:x", 3)  # 31 tokens need 8 blocks of 4
+    with pytest.raises(InvalidRequest, match="did not all arrive"):
+        eng.import_request("migrate-in:x", request)
+    with pytest.raises(InvalidRequest, match="computed"):
+        eng.import_request("migrate-in:x", msgspec.structs.replace(request, num_computed=99))
+    assert eng.release("migrate-in:x") == 3
+    assert eng.blocks.num_free() == eng.blocks.num_blocks and eng.sequence("r") is None
