@@ -4,8 +4,14 @@ For each (profile, trace) the simulator replays the trace under best-fit, worst-
 LB and MELL, and prints MELL's reduction in workers against each baseline (peak active workers,
 and time-averaged active workers), the migrations per second of LB and MELL (Fig. 12), and
 MELL's peak over the fluid lower bound (`mell.gateway.sim.bound`: computed from the trace with
-ideal progression, the same number for every policy of a row; MELL's own max_t ⌈Σ KV_t / C⌉,
-read from its run, is printed beside it).
+ideal progression, the same number for every policy of a row), decomposed: MELL's own
+max_t ⌈Σ KV_t / C⌉ read from its run (of which the KV of requests still waiting for or in their
+prefill, in workers), and its peak over that.
+
+Workers are counted where MELL's Algorithm 1 counts GPUs, for every policy: after the epoch's
+departures, growth, arrivals and moves, once empty workers are released. Workers batch like the
+engine (chunked prefill under the profile's max_num_batched_tokens, oldest prompt first, decodes
+in the same steps).
 
     python bench/fig11.py [--traces DIR] [--jobs N] [--only 13b|7b]
 
@@ -113,6 +119,9 @@ def main() -> int:
                 raise SystemExit(f"policies of one row got different lower bounds: {bounds}")
             row["lower_bound"] = m["lower_bound"]
             row["mell_own_bound"] = m["own_bound"]
+            row["mell_own_prefilling"] = round(m["own_bound_prefilling"], 1)
+            for pol in POLICIES:
+                row[f"own_bound_{pol}"] = by[(prof_key, trace_name, pol)]["own_bound"]
             row["mell_peak_over_lb"] = round(m["peak_over_lb"], 3)
             row["mell_peak_over_own"] = round(m["peak_active"] / m["own_bound"], 3)
             rows.append(row)
@@ -154,7 +163,8 @@ def _print(rows: list[dict]) -> None:
         "mig/s MELL",
         "LB",
         "MELL peak/LB",
-        "MELL own KV/C",
+        "MELL own KV/C (peak/own)",
+        "prefilling",
     )
     table = [head]
     for r in rows:
@@ -177,6 +187,7 @@ def _print(rows: list[dict]) -> None:
                 str(r["lower_bound"]),
                 f"{r['mell_peak_over_lb']:.3f}",
                 f"{r['mell_own_bound']} ({r['mell_peak_over_own']:.3f})",
+                f"{r['mell_own_prefilling']:.1f}",
             )
         )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]

@@ -1,29 +1,33 @@
 """The fluid lower bound on active workers: one reference per (trace, profile, epoch).
 
 max over epochs of Σ_pools ⌈Σ KV_t / C⌉, where KV_t is the KV cache (blocks) the trace's live
-requests hold at the end of epoch t (sampled where the simulator samples active workers: after
-the epoch's arrivals, decoding and departures).
+requests hold at the end of epoch t, a request's KV being that of its whole context (prompt and
+tokens generated) from its arrival on, as policies size it (see `simulator.py`).
 
 KV_t depends on how fast requests progress, and a run's own progress depends on its schedule
-(preemptions, migration stalls, and above all how prefills pile up: a simulated worker prefills
-everything it admitted in an epoch before any of its requests decodes). A bound read from a run
-would reward a policy for slowing requests down, and differ between the policies of one table.
-So the bound reads no run: it replays the trace once with *ideal progression* under the
-simulator's step-time model, and every policy of a table is measured against that same number.
+(preemptions, migration stalls, and above all how prompts queue for prefill on a worker). A
+bound read from a run would reward a policy for slowing requests down, and differ between the
+policies of one table. So the bound reads no run: it replays the trace once with *ideal
+progression* under the simulator's step-time model, and every policy of a table is measured
+against that same number.
 
-Ideal progression: a request's prefill starts at its arrival and waits for no other prompt
-(`prefill_ms(own prompt)`; one longer than the epoch carries over, as in the simulator), then it
-decodes one token per step. The step is that of a fluid packing of its pool: W_t = max(1, KV_t /
-C) equally loaded workers (fractional), each decoding a batch of N_t / W_t requests holding
-Σ context / W_t tokens, i.e. exactly full workers. Nothing is preempted or migrated.
+Ideal progression: a request's prefill starts at its arrival and waits for no other prompt; it
+runs at the fastest rate the simulator gives a prompt (full chunks of `max_num_batched_tokens`
+on a worker that decodes nothing: `StepTime.chunk_ms_per_token`), so no simulated request starts
+decoding earlier or holds less KV during its prefill. Then it decodes one token per step. The
+step is that of a fluid packing of its pool: W_t = max(1, KV_t / C) equally loaded workers
+(fractional), each decoding a batch of N_t / W_t requests holding Σ context / W_t tokens, i.e.
+exactly full workers. Nothing is preempted or migrated.
 
-It is a reference, not a theorem: no policy makes a request wait for less than its own prefill
-or packs KV without gaps, but a policy that spreads its load decodes a little faster than full
-workers do (the KV term of a step), so its requests hold slightly less KV: on the bench/fig11.py
-runs LB's own max_t ⌈KV_t / C⌉ is up to 5% below this bound (conv: 40 and 42 against 42 and
-43). Under bursts of long prompts the simulator's per-worker prefill queue keeps requests alive
-much longer than ideal progression does, so every policy's peak is far above this bound there
-(the Azure code trace: 1.6 to 1.75 times the bound, for every policy).
+The prefill part is strict. The decode part is a reference, not a theorem: a policy that spreads
+its load decodes a little faster than full workers do (the KV term of a step), so its requests
+can hold slightly less KV: on the bench/fig11.py runs worst-fit's and LB's own max_t ⌈KV_t / C⌉
+is up to 2 workers (5%) below this bound on the conv trace (the fastest possible decode, a batch
+of one, would lower the bound by about a fifth there: 43 -> 34 workers on 13B/A100). Under
+bursts of long prompts a packing policy queues several prompts on each worker (a worker needs
+C / prefill rate = 2.6-2.8 s to compute a full worker's prompts), so requests live much longer
+than ideal progression lets them: on the Azure code trace every policy's own KV peak is 1.35 to
+1.45 times this bound, about half of it KV of requests still waiting for or in their prefill.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class FluidBound:
     workers: int  # max_t Σ_pools ⌈KV_t / C⌉
     at_s: float  # end of the epoch where it is reached (trace seconds)
     by_model: dict[str, int]  # each pool's own max over time
+    prefilling: float = 0.0  # at `at_s`: KV (Σ / C, in workers) of requests still prefilling
 
 
 def fluid_lower_bound(trace: Trace, profile: Profile, epoch_s: float) -> FluidBound:
@@ -57,7 +62,7 @@ def fluid_lower_bound(trace: Trace, profile: Profile, epoch_s: float) -> FluidBo
     live = np.zeros(0, dtype=np.int64)
     gen = np.zeros(0)
     stall = np.zeros(0)
-    best, best_t = 0, 0.0
+    best, best_t, prefilling = 0, 0.0, 0.0
     by_model = np.zeros(pools, dtype=np.int64)
     nxt = 0
     t = math.floor(float(arrival[0]) / dt) * dt
@@ -70,7 +75,7 @@ def fluid_lower_bound(trace: Trace, profile: Profile, epoch_s: float) -> FluidBo
         nxt = stop
         live = np.concatenate((live, new))
         gen = np.concatenate((gen, np.zeros(len(new))))
-        own = (step.prefill_base_ms + step.prefill_per_token_ms * prompt[new]) / 1000.0
+        own = step.chunk_ms_per_token * prompt[new] / 1000.0  # alone, full chunks
         stall = np.concatenate((stall, own))
         pool = model[live]
         ctx = prompt[live] + np.floor(gen)
@@ -96,5 +101,8 @@ def fluid_lower_bound(trace: Trace, profile: Profile, epoch_s: float) -> FluidBo
         total = int(need.sum())
         if total > best:
             best, best_t = total, t_end
+            queued = stall > 0
+            prefilling = float((-(-tokens[queued] // bs)).sum()) / cap
         t = t_end
-    return FluidBound(best, best_t, dict(zip(trace.models, by_model.tolist(), strict=True)))
+    by_pool = dict(zip(trace.models, by_model.tolist(), strict=True))
+    return FluidBound(best, best_t, by_pool, prefilling)

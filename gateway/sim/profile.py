@@ -34,7 +34,13 @@ class StepTime(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Step-time model, milliseconds.
 
     decode step = decode_base_ms + decode_per_seq_ms · batch + decode_per_kv_token_ms · Σ context
-    prefill of n tokens = prefill_base_ms + prefill_per_token_ms · n
+    prefill of n tokens = prefill_base_ms + prefill_per_token_ms · n (one prompt alone)
+
+    The worker engine batches like vLLM with chunked prefill (`workerd/scheduler.py`): a step
+    computes at most `max_num_batched_tokens` tokens, one per decoding request first, the rest
+    as a chunk of the oldest prompts still prefilling; such a mixed step takes the decode step
+    plus prefill_per_token_ms per chunk token. 512 is the engine's default
+    (`common/config.py`); the shipped GPU profiles state theirs.
     """
 
     decode_base_ms: float
@@ -42,6 +48,7 @@ class StepTime(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     decode_per_kv_token_ms: float = 0.0
     prefill_base_ms: float = 0.0
     prefill_per_token_ms: float
+    max_num_batched_tokens: int = 512
 
     def decode_ms(self, batch: int, context_tokens: int) -> float:
         return (
@@ -52,6 +59,12 @@ class StepTime(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def prefill_ms(self, tokens: int) -> float:
         return self.prefill_base_ms + self.prefill_per_token_ms * tokens if tokens > 0 else 0.0
+
+    @property
+    def chunk_ms_per_token(self) -> float:
+        """Fastest chunked prefill, ms per prompt token: full chunks on a worker that decodes
+        nothing (each step is one decode_base_ms plus the chunk's tokens)."""
+        return self.decode_base_ms / self.max_num_batched_tokens + self.prefill_per_token_ms
 
 
 class Links(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-from mell.gateway.sim.simulator import SimResult
+from mell.gateway.sim.result import SimResult
 
 COLUMNS = (
     ("policy", "{}"),

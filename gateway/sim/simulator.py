@@ -4,16 +4,27 @@ Time advances one epoch at a time. In each epoch:
 
 1. requests preempted last epoch, then the epoch's arrivals, are placed through `policy.place`
    (the view reflects each placement before the next one);
-2. every worker decodes for the rest of the epoch: its step time comes from the profile's model
-   (batch size and total context), after the prefill of what it admitted (new prompts and
-   token-transfer migrations) — vectorized over all running requests with numpy;
+2. every worker runs for the epoch as the engine batches (`workerd/scheduler.py`): steps of at
+   most the profile's `max_num_batched_tokens`, one token per decoding request and the rest a
+   chunk of the oldest prompt still prefilling (prompts, token-transfer migrations and resumed
+   requests queue first-come first-served per worker); decodes advance in the same steps. Step
+   times come from the profile's model (`profile.StepTime`); vectorized over the running
+   requests with numpy, the few prompts in prefill in a loop (`_decode`, `_prefill`);
 3. finished requests depart; the others' KV grows (one token per decode step); a worker over
    capacity preempts its latest arrivals (vLLM's recompute: the request is placed again with its
    context as the prompt);
-4. metrics are sampled (active workers = workers holding at least one request);
-5. `policy.plan_epoch` returns moves; the migration choice splits them into KV and token
+4. `policy.plan_epoch` returns moves; the migration choice splits them into KV and token
    transfers within the profile's budgets (the rest wait); they run at once, and the migrated
-   request loses the transfer's downtime (KV: latency + one block) or its re-prefill (tokens).
+   request loses the transfer's downtime (KV: latency + one block) or re-prefills its context in
+   the destination's queue (tokens);
+5. metrics are sampled where MELL's Algorithm 1 counts GPUs, after the slot's operations and the
+   release of empty workers (active workers = workers holding at least one request), the same
+   for every policy.
+
+A request's size, as policies see it and as the lower bound counts it, is the KV of its whole
+context (prompt and tokens generated) from placement on: the worker fills it within the prompt's
+prefill, and placement must leave that room. The KV actually in memory (memory utilization)
+grows chunk by chunk as the prompt is computed, as in the engine.
 
 The worker pool is unbounded: the view always offers `spare_workers` idle ACTIVE workers per
 model, and a worker that empties is released.
@@ -24,7 +35,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,55 +45,16 @@ from mell.gateway.policy.base import (
     Policy,
 )
 from mell.gateway.policy.migration_choice import choose_transfers
+from mell.gateway.sim.batching import chunked_prefill
 from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
 from mell.gateway.sim.profile import Profile
+from mell.gateway.sim.result import SimResult
 from mell.gateway.sim.traces import Trace
 from mell.gateway.sim.view import SimView, transfer_model
 
 WAITING, RUNNING, DONE, REJECTED = 0, 1, 2, 3
+_GROUP = 1e6  # seconds between workers' ranges in the grouped running max of `_prefill`
 PLACE_EPOCHS = 4.0  # placements leave room for this many epochs of growth (every policy)
-
-
-@dataclass(slots=True)
-class SimResult:
-    policy: str
-    requests: int
-    rejected: int
-    preemptions: int
-    peak_active: int
-    avg_active: float
-    lower_bound: int  # the fluid lower bound of the trace (`bound.py`): same for every policy
-    own_bound: int  # max_t Σ_pools ⌈Σ KV_t / C⌉ of this run's own schedule (for comparison)
-    mem_util: float  # used KV / (active workers · C), time-averaged over busy epochs
-    migrations: int
-    kv_migrations: int
-    token_migrations: int
-    deferred_moves: int
-    skipped_moves: int
-    sim_seconds: float
-    ttft_p50_s: float
-    ttft_p99_s: float
-    tpot_mean_ms: float
-    tpot_p99_ms: float
-    wall_s: float
-    events: int  # arrivals + departures + preemptions + migrations
-    peak_by_model: dict[str, int] = field(default_factory=dict)
-    times: list[float] = field(default_factory=list)
-    active: list[int] = field(default_factory=list)
-
-    @property
-    def migrations_per_s(self) -> float:
-        return self.migrations / self.sim_seconds if self.sim_seconds else 0.0
-
-    @property
-    def peak_over_lb(self) -> float:
-        return self.peak_active / self.lower_bound if self.lower_bound else float("nan")
-
-    def summary(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__slots__ if k not in ("times", "active")}
-        out["migrations_per_s"] = self.migrations_per_s
-        out["peak_over_lb"] = self.peak_over_lb
-        return out
 
 
 class Simulator:
@@ -125,7 +96,10 @@ class Simulator:
         self.emptied: set[str] = set()  # workers that lost requests this epoch
         self.live: dict[int, str] = {}  # request index -> worker id
         self.placed_at = np.zeros(n, dtype=np.float64)
-        self.prefill_tokens: dict[str, int] = {}  # worker -> tokens to prefill this epoch
+        self.todo = np.zeros(n, dtype=np.int64)  # context tokens left to prefill
+        self.queued_at = np.zeros(n, dtype=np.float64)  # FCFS order of the prefill queue
+        self.prefilling_kv = 0  # KV of the requests still prefilling (as policies size it)
+        self.mem_in_use = 0  # KV blocks computed (in memory): prefills count their chunks only
         self.stats = dict.fromkeys(
             ("preempt", "mig", "kv", "tok", "deferred", "skipped", "rejected"), 0
         )
@@ -143,6 +117,7 @@ class Simulator:
         active: list[int] = []
         peak_model = dict.fromkeys(trace.models, 0)
         peak = lb_peak = 0
+        own_prefilling = 0.0
         busy_time = util_sum = 0.0
         util_epochs = 0
         t_first = t
@@ -157,21 +132,24 @@ class Simulator:
             for i in range(nxt, stop):
                 self._place(i, float(trace.arrival_s[i]))
             nxt = stop
-            # metrics: busy workers and their KV per model, after decoding and departures
             per_model, used_model = self._decode(t, t_end)
+            per_model = self._migrate(self.policy.plan_epoch(self.view, t_end), t_end, per_model)
+            # Metrics where MELL's Algorithm 1 counts GPUs: after the slot's departures, updates,
+            # arrivals and moves, once empty workers are released (the same for every policy).
             count = sum(per_model.values())
             peak = max(peak, count)
             for m, c in per_model.items():
                 peak_model[m] = max(peak_model[m], c)
-            lb_peak = max(lb_peak, sum(-(-u // cap) for u in used_model.values()))
+            own = sum(-(-u // cap) for u in used_model.values())
+            if own > lb_peak:
+                lb_peak, own_prefilling = own, self.prefilling_kv / cap
             if count:
                 busy_time += count * dt
-                util_sum += sum(used_model.values()) / (count * cap)
+                util_sum += self.mem_in_use / (count * cap)
                 util_epochs += 1
             if self.sample_series:
                 times.append(t_end)
                 active.append(count)
-            self._migrate(self.policy.plan_epoch(self.view, t_end), t_end)
             t = t_end
             if self.progress is not None and n:
                 frac = nxt / n
@@ -197,6 +175,7 @@ class Simulator:
             avg_active=busy_time / span,
             lower_bound=self.bound.workers,
             own_bound=lb_peak,
+            own_bound_prefilling=own_prefilling,
             mem_util=util_sum / util_epochs if util_epochs else 0.0,
             migrations=st["mig"],
             kv_migrations=st["kv"],
@@ -235,12 +214,24 @@ class Simulator:
         self.blocks[i] = blocks
         self.state[i] = RUNNING
         self.untimed += 1
-        self.placed_at[i] = now
-        self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + prompt
+        self.placed_at[i] = self.queued_at[i] = now
+        self.todo[i] = prompt
 
     def _decode(self, t: float, t_end: float) -> tuple[dict[str, int], dict[str, int]]:
-        """Decode every running request for the epoch; departures, preemption, resumption.
-        Returns busy workers and their KV blocks per model."""
+        """Run every worker for the epoch as the engine batches (`workerd/scheduler.py`), at
+        epoch granularity and vectorized over the running requests; then departures,
+        preemption, resumption. Returns busy workers and their KV blocks per model.
+
+        A worker's step computes one token per decoding request and, with the rest of its
+        `max_num_batched_tokens` budget, a chunk of the prompts still prefilling, oldest first
+        (FCFS: a prompt waits for the ones queued before it on its worker, never for later
+        ones). While it prefills, its decoders advance one token per mixed step; the rest of
+        the epoch runs plain decode steps (with the requests whose prefill ended joining).
+        Each request decodes at its worker's average rate over the epoch. The KV a prefilling
+        request holds in memory (`self.kv`: memory utilization) grows chunk by chunk; its size
+        as policies see it (`view.loads`, and the KV of the bound) is its whole context from
+        placement on, the memory it will hold within its prefill, which placement must leave.
+        """
         if not self.live:
             return self._preempt_and_resume(t_end, None)
         p, step = self.profile, self.profile.step
@@ -249,45 +240,41 @@ class Simulator:
         w = self.worker[idx]
         prompt = self.prompt[idx]
         gen = self.gen[idx]
+        todo = self.todo[idx]
         nw = int(w.max()) + 1
-        prefills = self.prefill_tokens
-        if prefills:
-            index = view.index
-            nw = max(nw, *(index[wid] + 1 for wid in prefills))
+        stall = self.stall[idx]
+        start = np.maximum(self.placed_at[idx], t) + stall  # when it can run (after downtime)
+        self.stall[idx] = np.maximum(0.0, start - t_end)
+        ctx = prompt + gen
         batch = np.bincount(w, minlength=nw)
-        ctx_sum = np.bincount(w, weights=prompt + gen, minlength=nw)
-        step_s = (
+        ctx_sum = np.bincount(w, weights=ctx, minlength=nw)
+        decode_s = (
             step.decode_base_ms
             + step.decode_per_seq_ms * batch
             + step.decode_per_kv_token_ms * ctx_sum
         ) / 1000.0
-        start = np.maximum(self.placed_at[idx], t)
-        ws = step_s[w]
-        stall = self.stall[idx]
-        if prefills:
-            prefill_s = np.zeros(nw)
-            for wid, tokens in prefills.items():
-                prefill_s[index[wid]] = step.prefill_ms(tokens) / 1000.0
-            self.prefill_tokens = {}
-            pw = prefill_s[w]
-            avail = t_end - start - pw - stall
-        else:
-            pw = None
-            avail = t_end - start - stall  # (subtracting a zero prefill changes nothing)
-        self.stall[idx] = np.maximum(0.0, -avail)
-        avail = np.maximum(avail, 0.0)
-        if self.untimed:  # requests still waiting for their first token
-            new = np.isnan(self.first_token[idx])
-            first = start[new] + pw[new] if pw is not None else start[new] + 0.0
-            self.first_token[idx[new]] = first + ws[new]
-            self.untimed -= int(new.sum())
-        gen = gen + avail / ws
+        rate = 1.0 / decode_s  # decode tokens per second of each worker
+        begin = start  # when each request starts decoding
+        pre = np.flatnonzero(todo)  # requests still prefilling (few: a Python loop below)
+        held_back = 0  # blocks of the prompts not computed yet (not in memory)
+        self.prefilling_kv = 0
+        if len(pre):
+            begin = start.copy()
+            held_back = self._prefill(t, t_end, idx, w, pre, begin, todo, ctx, batch, ctx_sum, rate)
+            self.todo[idx[pre]] = todo[pre]
+            if self.untimed:  # requests that produced their first token this epoch
+                ready = pre[todo[pre] == 0]
+                new = ready[np.isnan(self.first_token[idx[ready]])]
+                self.first_token[idx[new]] = begin[new]
+                self.untimed -= len(new)
+        rw = rate[w]
+        gen = gen + np.maximum(t_end - begin, 0.0) * rw
         self.gen[idx] = gen
         output = self.trace.output[idx]
         finished = gen >= output
         if finished.any():
             fin = idx[finished]
-            self.finish[fin] = t_end - (gen[finished] - output[finished]) * ws[finished]
+            self.finish[fin] = t_end - (gen[finished] - output[finished]) / rw[finished]
             self.state[fin] = DONE
             emptied, loads = self.emptied, view.loads
             for i in fin.tolist():
@@ -297,8 +284,10 @@ class Simulator:
             keep = ~finished
             idx, gen, prompt, output, w = idx[keep], gen[keep], prompt[keep], output[keep], w[keep]
         # gen >= 0, so truncation is floor; (x + bs - 1) // bs is the ceiling for x >= 0
+        bs = p.block_size
         tokens = prompt + np.minimum(gen.astype(np.int64) + 1, output)
-        blocks = (tokens + (p.block_size - 1)) // p.block_size
+        blocks = (tokens + (bs - 1)) // bs
+        self.mem_in_use = int(blocks.sum()) - held_back
         changed = blocks != self.blocks[idx]
         self.blocks[idx] = blocks
         loads = view.loads
@@ -306,6 +295,33 @@ class Simulator:
             loads[live[i]][rids[i]] = b
         used = np.bincount(w, weights=blocks, minlength=nw).astype(np.int64).tolist()
         return self._preempt_and_resume(t_end, used)
+
+    def _prefill(self, t, t_end, idx, w, pre, begin, todo, ctx, batch, ctx_sum, rate):  # type: ignore[no-untyped-def]
+        """`batching.chunked_prefill` over the requests `pre` (positions in `idx`) that have
+        prompt tokens left; returns the blocks of the prompts left to compute."""
+        queue = sorted(
+            zip(
+                w[pre].tolist(),
+                self.queued_at[idx[pre]].tolist(),
+                idx[pre].tolist(),
+                pre.tolist(),
+                strict=True,
+            )
+        )
+        held_back, self.prefilling_kv = chunked_prefill(
+            self.profile,
+            t,
+            t_end,
+            queue,
+            begin,
+            todo,
+            ctx,
+            batch,
+            ctx_sum,
+            rate,
+            (self.prompt, self.gen, self.trace.output),
+        )
+        return held_back
 
     def _preempt_and_resume(
         self, t_end: float, used_at: list[int] | None
@@ -381,19 +397,23 @@ class Simulator:
             self.blocks[i] = need
             self.live[i] = wid
             self.state[i] = RUNNING
-            self.placed_at[i] = t_end
-            self.prefill_tokens[wid] = self.prefill_tokens.get(wid, 0) + context
+            self.placed_at[i] = self.queued_at[i] = t_end
+            self.todo[i] = context
         return used
 
-    def _migrate(self, moves: list[Move], now: float) -> None:
+    def _migrate(self, moves: list[Move], now: float, busy: dict[str, int]) -> dict[str, int]:
+        """Run the epoch's moves; `busy` (busy workers per model) updated for the workers
+        they fill and empty."""
         if not moves:
-            return
+            return busy
         view, bs = self.view, self.profile.block_size
         valid = [
             m
             for m in moves
             if m.src != m.dst and m.request_id in view.loads.get(m.src, ()) and m.dst in view.loads
         ]
+        touched = {m.src for m in valid} | {m.dst for m in valid}
+        before = {w: bool(view.loads[w]) for w in touched}
         self.stats["skipped"] += len(moves) - len(valid)
         context = {m.request_id: int(view.loads[m.src][m.request_id]) * bs for m in valid}
         plan = choose_transfers(valid, context, self.transfers)
@@ -411,7 +431,7 @@ class Simulator:
                 if used.get(m.dst, 0) + blocks > cap:
                     later.append(m)
                     continue
-                self._execute(m, i, blocks, context[m.request_id])
+                self._execute(m, i, blocks, now)
                 used[m.dst] = used.get(m.dst, 0) + blocks
                 if m.src in used:
                     used[m.src] -= blocks
@@ -422,8 +442,14 @@ class Simulator:
         for wid in sorted({m.src for m in moves if m.src in view.loads}):
             view.refresh(wid)
             view.release_if_empty(wid)
+        for wid, was in before.items():
+            now_busy = bool(view.loads.get(wid))
+            if now_busy != was:
+                model = view.model_of[wid]
+                busy[model] += 1 if now_busy else -1
+        return busy
 
-    def _execute(self, m: Move, i: int, blocks: int, context: int) -> None:
+    def _execute(self, m: Move, i: int, blocks: int, now: float) -> None:
         view, t = self.view, self.transfers
         view.remove(m.src, m.request_id)
         view.add(m.dst, m.request_id, blocks)
@@ -441,9 +467,10 @@ class Simulator:
             )
         else:
             self.stats["tok"] += 1
-            # Token transfer: the destination re-prefills the context next epoch (every request
-            # there waits for that prefill, this one included).
-            self.prefill_tokens[m.dst] = self.prefill_tokens.get(m.dst, 0) + context
+            # Token transfer: the request joins the destination's prefill queue with its whole
+            # context (its KV there is computed chunk by chunk again).
+            self.todo[i] = int(self.prompt[i]) + int(self.gen[i])
+            self.queued_at[i] = now
 
 
 def headroom_tokens(profile: Profile, epoch_s: float) -> int:

@@ -1,0 +1,48 @@
+"""What one simulated run reports (`Simulator.run`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SimResult:
+    policy: str
+    requests: int
+    rejected: int
+    preemptions: int
+    peak_active: int
+    avg_active: float
+    lower_bound: int  # the fluid lower bound of the trace (`bound.py`): same for every policy
+    own_bound: int  # max_t Σ_pools ⌈Σ KV_t / C⌉ of this run's own schedule (for comparison)
+    own_bound_prefilling: float  # of which KV (in workers, Σ / C) of requests still prefilling
+    mem_util: float  # used KV / (active workers · C), time-averaged over busy epochs
+    migrations: int
+    kv_migrations: int
+    token_migrations: int
+    deferred_moves: int
+    skipped_moves: int
+    sim_seconds: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tpot_mean_ms: float
+    tpot_p99_ms: float
+    wall_s: float
+    events: int  # arrivals + departures + preemptions + migrations
+    peak_by_model: dict[str, int] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+
+    @property
+    def migrations_per_s(self) -> float:
+        return self.migrations / self.sim_seconds if self.sim_seconds else 0.0
+
+    @property
+    def peak_over_lb(self) -> float:
+        return self.peak_active / self.lower_bound if self.lower_bound else float("nan")
+
+    def summary(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__slots__ if k not in ("times", "active")}
+        out["migrations_per_s"] = self.migrations_per_s
+        out["peak_over_lb"] = self.peak_over_lb
+        return out
