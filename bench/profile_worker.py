@@ -127,6 +127,7 @@ def fit_profile(args, engine, prefill, decode):
             decode_per_kv_token_ms=per_tok,
             prefill_base_ms=max(0.0, float(p0)),
             prefill_per_token_ms=max(float(p1), 1e-6),
+            max_num_batched_tokens=engine.config.max_num_batched_tokens,
         ),
         links=Links(
             gpus_per_machine=args.gpus_per_machine,
