@@ -13,7 +13,8 @@ has room at that moment: the gateway does not queue) is retried after 0.2 s. Onc
 0.1 s; a worker is active while it holds a request. Printed per policy: requests completed,
 time-average and peak of active workers, migrations; beside them the simulator's prediction
 for the same replay (same trace slice, same policies with their live defaults, a profile
-measured from mell-tiny on this machine by bench/profile_worker.py, capacity = --num-kv-blocks).
+measured from mell-tiny on this machine by bench/profile_worker.py, its step times multiplied by
+workers / cores since the live workers share the cores, capacity = --num-kv-blocks).
 Checks: every request completes under both; MELL's time-average active workers is lower.
 The last line is `RESULT {json}`.
 """
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,7 +109,7 @@ async def replay(c: Cluster, trace: Any) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     for e in lines:
         if e.get("type") == "MigrationAborted":
-            key = e["reason"].split(":")[0][:60]
+            key = ":".join(e["reason"].split(":")[:2])[:60]
             reasons[key] = reasons.get(key, 0) + 1
     window = [(t, n) for t, n in samples if t0 <= t <= end]
     area = sum((b[0] - a[0]) * a[1] for a, b in itertools.pairwise(window))
@@ -126,14 +128,25 @@ async def replay(c: Cluster, trace: Any) -> dict[str, Any]:
     }
 
 
-def simulate(trace: Any, profile_path: Path, capacity: int, policy: str) -> dict[str, Any]:
+def simulate(
+    trace: Any, profile_path: Path, capacity: int, policy: str, slowdown: float
+) -> dict[str, Any]:
     from mell.gateway.policy.base import make_policy
     from mell.gateway.sim.profile import load_profile
     from mell.gateway.sim.simulator import Simulator
 
     profile = load_profile(profile_path)
+    step = profile.step
+    step = msgspec.structs.replace(
+        step,
+        decode_base_ms=step.decode_base_ms * slowdown,
+        decode_per_seq_ms=step.decode_per_seq_ms * slowdown,
+        decode_per_kv_token_ms=step.decode_per_kv_token_ms * slowdown,
+        prefill_base_ms=step.prefill_base_ms * slowdown,
+        prefill_per_token_ms=step.prefill_per_token_ms * slowdown,
+    )
     profile = msgspec.structs.replace(
-        profile, capacity_blocks=capacity, max_model_len=capacity * BLOCK_SIZE
+        profile, capacity_blocks=capacity, max_model_len=capacity * BLOCK_SIZE, step=step
     )
     r = Simulator(trace, profile, make_policy(policy), epoch_s=0.25, sample_series=False).run()
     return {"avg_active": r.avg_active, "peak_active": r.peak_active,
@@ -163,6 +176,8 @@ def main() -> int:
         f"{args.num_kv_blocks} blocks",
         flush=True,
     )
+    # The profile is measured on an idle machine; live, the workers share its cores.
+    slowdown = max(1.0, args.workers / (os.cpu_count() or 1))
     rows = {}
     for policy in ("mell", "worst-fit"):
         c = Cluster(root / policy, None, args.workers, policy, args.num_kv_blocks)
@@ -171,7 +186,7 @@ def main() -> int:
         finally:
             c.stop()
         try:
-            sim = simulate(trace, profile, args.num_kv_blocks, policy)
+            sim = simulate(trace, profile, args.num_kv_blocks, policy, slowdown)
         except Exception as err:  # a policy bug shows in the output instead of ending the run
             sim = {"avg_active": float("nan"), "peak_active": -1, "migrations": -1,
                    "error": repr(err)}  # fmt: skip
