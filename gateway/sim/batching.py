@@ -6,84 +6,138 @@ prefilling. Over an epoch that makes a worker's prompts a first-come first-serve
 at the chunk rate, while its decoders advance one token per (slower) mixed step; once the queue
 is empty the rest of the epoch runs plain decode steps, the requests whose prefill ended
 joining the batch. Each request decodes at its worker's average rate over the epoch.
+
+Few requests are prefilling at any time, so the queues are plain Python lists, kept from epoch
+to epoch; the decoding requests stay vectorized in the simulator.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import insort
 
 import numpy as np
 
 from mell.gateway.sim.profile import Profile
 
+# A queued prompt: [request, ready at, tokens left, context tokens (float), context tokens
+# (int), KV blocks as policies size it]. Only the tokens left change while it waits.
+_REQ, _READY, _LEFT, _CTX, _CONTEXT, _BLOCKS = range(6)
 
-def chunked_prefill(
-    profile: Profile,
-    t: float,
-    t_end: float,
-    queue: list[tuple[int, float, int, int]],
-    begin: np.ndarray,
-    todo: np.ndarray,
-    ctx: np.ndarray,
-    batch: np.ndarray,
-    ctx_sum: np.ndarray,
-    rate: np.ndarray,
-    lengths: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> tuple[int, int]:
-    """Run the epoch [t, t_end) of the prefill queues.
 
-    `queue`: (worker, queued at, request, position) of every request with prompt tokens left,
-    sorted (per worker, first come first served). Per position: `begin` (when it can run; set
-    to when it starts decoding, inf if not this epoch), `todo` (prompt tokens left, updated),
-    `ctx` (its context tokens). Per worker: `batch` and `ctx_sum` over all its requests, `rate`
-    (decode tokens/s, replaced by the epoch's average where a queue ran). `lengths`: prompt,
-    tokens generated and output length per request.
+def _fcfs(rec: list) -> tuple[float, int]:
+    return rec[_READY], rec[_REQ]
 
-    Returns the blocks not yet computed of the prompts still prefilling (KV not in memory), and
-    the KV (blocks, as policies size it) of those requests."""
-    step, bs = profile.step, profile.block_size
-    base, per_seq = step.decode_base_ms, step.decode_per_seq_ms
-    per_kv, per_tok = step.decode_per_kv_token_ms, step.prefill_per_token_ms
-    budget = step.max_num_batched_tokens
-    prompt, gen, out = lengths
-    dt = t_end - t
-    held_back = queued = 0
-    k = 0
-    while k < len(queue):
-        wk = queue[k][0]
-        end = k
-        n, c = float(batch[wk]), float(ctx_sum[wk])
-        while end < len(queue) and queue[end][0] == wk:  # decoders only in n and c
-            n -= 1.0
-            c -= ctx[queue[end][3]]
-            end += 1
-        chunk = max(budget - n, 1.0)
-        mixed_ms = base + per_seq * n + per_kv * c + per_tok * chunk
-        rho = chunk * 1000.0 / mixed_ms  # prompt tokens per second while prefilling
-        f = t  # the worker's prefill queue is busy until f
-        busy = joined = joined_ctx = 0.0
-        for _, _, i, j in queue[k:end]:
-            b = max(f, begin[j])
-            left = int(todo[j])
-            f = b + left / rho
-            if f <= t_end:
-                todo[j] = 0
-                begin[j] = f
-                busy += f - b
-                joined += 1.0
-                joined_ctx += ctx[j]
-                continue
-            if b < t_end:
-                left = max(1, left - int((t_end - b) * rho))
-                todo[j] = left
-                busy += t_end - b
-            begin[j] = math.inf
-            context = int(prompt[i]) + int(gen[i])
-            reserved = int(prompt[i]) + min(int(gen[i]) + 1, int(out[i]))
-            queued += -(-reserved // bs)
-            held_back += -(-reserved // bs) - -(-(context - left) // bs)
-        k = end
-        phi = min(busy / dt, 1.0)
-        plain_ms = base + per_seq * (n + joined) + per_kv * (c + joined_ctx)
-        rate[wk] = phi * 1000.0 / mixed_ms + (1.0 - phi) * 1000.0 / plain_ms
-    return held_back, queued
+
+class PrefillQueues:
+    """Per-worker queues of the prompts (and re-prefilled contexts) not computed yet.
+
+    `decode_from[i]` is when request i may start decoding: inf while it is queued, the end of
+    its prefill in the epoch that completes it (earlier epochs' values never bind again)."""
+
+    def __init__(self, profile: Profile, first_token: np.ndarray, decode_from: np.ndarray):
+        self.profile = profile
+        self.first_token, self.decode_from = first_token, decode_from
+        self.by_worker: dict[int, list[list]] = {}
+        self.where: dict[int, int] = {}  # request -> worker
+        self.kv = 0  # KV blocks (as policies size them) of the queued requests, last epoch
+
+    def __bool__(self) -> bool:
+        return bool(self.where)
+
+    def add(self, worker: int, i: int, ready: float, tokens: int, ctx: float, blocks: int) -> None:
+        """Queue `tokens` of request i's context (`ctx` tokens, `blocks` KV blocks in all) on
+        `worker`, first come first served from `ready` on."""
+        self.remove(i)
+        insort(
+            self.by_worker.setdefault(worker, []),
+            [i, ready, tokens, ctx, int(ctx), blocks],
+            key=_fcfs,
+        )
+        self.where[i] = worker
+        self.decode_from[i] = math.inf
+
+    def remove(self, i: int) -> list | None:
+        """Take request i out of its queue (preempted, or migrated by token transfer)."""
+        worker = self.where.pop(i, None)
+        if worker is None:
+            return None
+        queue = self.by_worker[worker]
+        rec = next(r for r in queue if r[_REQ] == i)
+        queue.remove(rec)
+        if not queue:
+            del self.by_worker[worker]
+        return rec
+
+    def move(self, i: int, worker: int) -> None:
+        """Request i's computed chunks were copied to `worker` (KV transfer): the rest of its
+        prompt queues there, in its original order."""
+        rec = self.remove(i)
+        if rec is not None:
+            insort(self.by_worker.setdefault(worker, []), rec, key=_fcfs)
+            self.where[i] = worker
+            self.decode_from[i] = math.inf
+
+    def left(self, i: int) -> int:
+        """Prompt tokens request i has still to compute (0 when decoding)."""
+        worker = self.where.get(i)
+        if worker is None:
+            return 0
+        return next(r[_LEFT] for r in self.by_worker[worker] if r[_REQ] == i)
+
+    def run(
+        self, t: float, t_end: float, batch: np.ndarray, ctx_sum: np.ndarray, rate: np.ndarray
+    ) -> tuple[int, int]:
+        """Run the epoch [t, t_end) of every queue. `batch` and `ctx_sum`: requests and context
+        tokens per worker (queued ones included); `rate`: decode tokens per second per worker,
+        replaced by the epoch's average where a queue ran. Sets `decode_from` and the first
+        token of the prompts completed; returns (first tokens produced, blocks of the prompts
+        still queued that are not computed yet); `kv` keeps those requests' whole KV."""
+        step, bs = self.profile.step, self.profile.block_size
+        base, per_seq = step.decode_base_ms, step.decode_per_seq_ms
+        per_kv, per_tok = step.decode_per_kv_token_ms, step.prefill_per_token_ms
+        budget = step.max_num_batched_tokens
+        dt = t_end - t
+        first_token, decode_from, where = self.first_token, self.decode_from, self.where
+        firsts = not_computed = kv = 0
+        for wk in list(self.by_worker):
+            queue = self.by_worker[wk]
+            n = float(batch[wk]) - len(queue)  # decoders only
+            c = float(ctx_sum[wk]) - sum(r[_CTX] for r in queue)
+            chunk = max(budget - n, 1.0)
+            mixed_ms = base + per_seq * n + per_kv * c + per_tok * chunk
+            rho = chunk * 1000.0 / mixed_ms  # prompt tokens per second while prefilling
+            f = t  # the queue is busy until f
+            busy = joined = joined_ctx = 0.0
+            done = 0
+            for rec in queue:
+                b = f if f > rec[_READY] else rec[_READY]
+                left = rec[_LEFT]
+                f = b + left / rho
+                if f <= t_end:
+                    i = rec[_REQ]
+                    decode_from[i] = f
+                    if math.isnan(first_token[i]):
+                        first_token[i] = f
+                        firsts += 1
+                    del where[i]
+                    busy += f - b
+                    joined += 1.0
+                    joined_ctx += rec[_CTX]
+                    done += 1
+                    continue
+                if b < t_end:
+                    rec[_LEFT] = left = max(1, left - int((t_end - b) * rho))
+                    busy += t_end - b
+                kv += rec[_BLOCKS]
+                not_computed += rec[_BLOCKS] - -(-(rec[_CONTEXT] - left) // bs)
+                f = math.inf  # FCFS: nothing behind it starts this epoch
+            if done:
+                del queue[:done]
+                if not queue:
+                    del self.by_worker[wk]
+            phi = min(busy / dt, 1.0)
+            plain_ms = base + per_seq * (n + joined) + per_kv * (c + joined_ctx)
+            rate[wk] = phi * 1000.0 / mixed_ms + (1.0 - phi) * 1000.0 / plain_ms
+        self.kv = kv
+        return firsts, not_computed

@@ -45,7 +45,7 @@ from mell.gateway.policy.base import (
     Policy,
 )
 from mell.gateway.policy.migration_choice import choose_transfers
-from mell.gateway.sim.batching import chunked_prefill
+from mell.gateway.sim.batching import PrefillQueues
 from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
 from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.result import SimResult
@@ -53,7 +53,6 @@ from mell.gateway.sim.traces import Trace
 from mell.gateway.sim.view import SimView, transfer_model
 
 WAITING, RUNNING, DONE, REJECTED = 0, 1, 2, 3
-_GROUP = 1e6  # seconds between workers' ranges in the grouped running max of `_prefill`
 PLACE_EPOCHS = 4.0  # placements leave room for this many epochs of growth (every policy)
 
 
@@ -96,9 +95,8 @@ class Simulator:
         self.emptied: set[str] = set()  # workers that lost requests this epoch
         self.live: dict[int, str] = {}  # request index -> worker id
         self.placed_at = np.zeros(n, dtype=np.float64)
-        self.todo = np.zeros(n, dtype=np.int64)  # context tokens left to prefill
-        self.queued_at = np.zeros(n, dtype=np.float64)  # FCFS order of the prefill queue
-        self.prefilling_kv = 0  # KV of the requests still prefilling (as policies size it)
+        self.decode_from = np.zeros(n, dtype=np.float64)  # see `PrefillQueues`
+        self.prefill = PrefillQueues(profile, self.first_token, self.decode_from)
         self.mem_in_use = 0  # KV blocks computed (in memory): prefills count their chunks only
         self.stats = dict.fromkeys(
             ("preempt", "mig", "kv", "tok", "deferred", "skipped", "rejected"), 0
@@ -142,7 +140,7 @@ class Simulator:
                 peak_model[m] = max(peak_model[m], c)
             own = sum(-(-u // cap) for u in used_model.values())
             if own > lb_peak:
-                lb_peak, own_prefilling = own, self.prefilling_kv / cap
+                lb_peak, own_prefilling = own, self.prefill.kv / cap
             if count:
                 busy_time += count * dt
                 util_sum += self.mem_in_use / (count * cap)
@@ -214,8 +212,8 @@ class Simulator:
         self.blocks[i] = blocks
         self.state[i] = RUNNING
         self.untimed += 1
-        self.placed_at[i] = self.queued_at[i] = now
-        self.todo[i] = prompt
+        self.placed_at[i] = now
+        self.prefill.add(self.view.index[wid], i, now, prompt, float(prompt), blocks)
 
     def _decode(self, t: float, t_end: float) -> tuple[dict[str, int], dict[str, int]]:
         """Run every worker for the epoch as the engine batches (`workerd/scheduler.py`), at
@@ -228,7 +226,7 @@ class Simulator:
         ones). While it prefills, its decoders advance one token per mixed step; the rest of
         the epoch runs plain decode steps (with the requests whose prefill ended joining).
         Each request decodes at its worker's average rate over the epoch. The KV a prefilling
-        request holds in memory (`self.kv`: memory utilization) grows chunk by chunk; its size
+        request holds in memory (`mem_in_use`: memory utilization) grows chunk by chunk; its size
         as policies see it (`view.loads`, and the KV of the bound) is its whole context from
         placement on, the memory it will hold within its prefill, which placement must leave.
         """
@@ -240,7 +238,6 @@ class Simulator:
         w = self.worker[idx]
         prompt = self.prompt[idx]
         gen = self.gen[idx]
-        todo = self.todo[idx]
         nw = int(w.max()) + 1
         stall = self.stall[idx]
         start = np.maximum(self.placed_at[idx], t) + stall  # when it can run (after downtime)
@@ -255,18 +252,13 @@ class Simulator:
         ) / 1000.0
         rate = 1.0 / decode_s  # decode tokens per second of each worker
         begin = start  # when each request starts decoding
-        pre = np.flatnonzero(todo)  # requests still prefilling (few: a Python loop below)
         held_back = 0  # blocks of the prompts not computed yet (not in memory)
-        self.prefilling_kv = 0
-        if len(pre):
-            begin = start.copy()
-            held_back = self._prefill(t, t_end, idx, w, pre, begin, todo, ctx, batch, ctx_sum, rate)
-            self.todo[idx[pre]] = todo[pre]
-            if self.untimed:  # requests that produced their first token this epoch
-                ready = pre[todo[pre] == 0]
-                new = ready[np.isnan(self.first_token[idx[ready]])]
-                self.first_token[idx[new]] = begin[new]
-                self.untimed -= len(new)
+        if self.prefill:
+            firsts, held_back = self.prefill.run(t, t_end, batch, ctx_sum, rate)
+            self.untimed -= firsts
+            begin = np.maximum(start, self.decode_from[idx])
+        else:
+            self.prefill.kv = 0
         rw = rate[w]
         gen = gen + np.maximum(t_end - begin, 0.0) * rw
         self.gen[idx] = gen
@@ -295,33 +287,6 @@ class Simulator:
             loads[live[i]][rids[i]] = b
         used = np.bincount(w, weights=blocks, minlength=nw).astype(np.int64).tolist()
         return self._preempt_and_resume(t_end, used)
-
-    def _prefill(self, t, t_end, idx, w, pre, begin, todo, ctx, batch, ctx_sum, rate):  # type: ignore[no-untyped-def]
-        """`batching.chunked_prefill` over the requests `pre` (positions in `idx`) that have
-        prompt tokens left; returns the blocks of the prompts left to compute."""
-        queue = sorted(
-            zip(
-                w[pre].tolist(),
-                self.queued_at[idx[pre]].tolist(),
-                idx[pre].tolist(),
-                pre.tolist(),
-                strict=True,
-            )
-        )
-        held_back, self.prefilling_kv = chunked_prefill(
-            self.profile,
-            t,
-            t_end,
-            queue,
-            begin,
-            todo,
-            ctx,
-            batch,
-            ctx_sum,
-            rate,
-            (self.prompt, self.gen, self.trace.output),
-        )
-        return held_back
 
     def _preempt_and_resume(
         self, t_end: float, used_at: list[int] | None
@@ -374,6 +339,7 @@ class Simulator:
             used -= load.pop(rid)
             i = int(rid)
             del self.live[i]
+            self.prefill.remove(i)
             self.state[i] = WAITING
             self.waiting.setdefault(wid, []).append(i)
             self.n_waiting += 1
@@ -397,8 +363,10 @@ class Simulator:
             self.blocks[i] = need
             self.live[i] = wid
             self.state[i] = RUNNING
-            self.placed_at[i] = self.queued_at[i] = t_end
-            self.todo[i] = context
+            self.placed_at[i] = t_end
+            self.prefill.add(
+                self.view.index[wid], i, t_end, context, self.prompt[i] + self.gen[i], need
+            )
         return used
 
     def _migrate(self, moves: list[Move], now: float, busy: dict[str, int]) -> dict[str, int]:
@@ -465,12 +433,13 @@ class Simulator:
                 * t.kv_bytes_per_token
                 / (t.link_bytes_per_s[t.link_of(m.src, m.dst)])
             )
+            self.prefill.move(i, view.index[m.dst])  # a prompt still prefilling goes on there
         else:
             self.stats["tok"] += 1
             # Token transfer: the request joins the destination's prefill queue with its whole
             # context (its KV there is computed chunk by chunk again).
-            self.todo[i] = int(self.prompt[i]) + int(self.gen[i])
-            self.queued_at[i] = now
+            ctx = self.prompt[i] + self.gen[i]
+            self.prefill.add(view.index[m.dst], i, now, int(ctx), ctx, blocks)
 
 
 def headroom_tokens(profile: Profile, epoch_s: float) -> int:

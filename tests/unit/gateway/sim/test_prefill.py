@@ -62,7 +62,7 @@ def test_kv_in_memory_grows_chunk_by_chunk_while_policies_see_the_whole_prompt()
     wid = sim.live[0]
     bs = PROFILE.block_size
     assert sim.view.loads[wid]["0"] == math.ceil((prompt + 1) / bs)  # reserved at placement
-    computed = prompt - int(sim.todo[0])
+    computed = prompt - sim.prefill.left(0)
     assert computed == pytest.approx(0.5 * lone_rate(), abs=2)
     assert sim.mem_in_use == math.ceil(computed / bs)
     assert math.isnan(sim.first_token[0])
@@ -77,7 +77,7 @@ def test_decodes_continue_in_the_steps_that_carry_a_prefill_chunk() -> None:
     assert sim.live[0] == sim.live[1]
     before = sim.gen[0]
     sim._decode(1.0, 1.5)
-    assert sim.todo[1] > 0  # the long prompt is still being prefilled
+    assert sim.prefill.left(1) > 0  # the long prompt is still being prefilled
     step = PROFILE.step
     mixed_s = (
         step.decode_base_ms
