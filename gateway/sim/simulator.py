@@ -84,7 +84,6 @@ class Simulator:
         self.gen = np.zeros(n, dtype=np.float64)
         self.blocks = np.zeros(n, dtype=np.int64)
         self.worker = np.full(n, -1, dtype=np.int64)  # global worker index
-        self.stall = np.zeros(n, dtype=np.float64)
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
         self.rids = [str(i) for i in range(n)]  # request ids as the policies see them
@@ -95,7 +94,9 @@ class Simulator:
         self.emptied: set[str] = set()  # workers that lost requests this epoch
         self.live: dict[int, str] = {}  # request index -> worker id
         self.placed_at = np.zeros(n, dtype=np.float64)
-        self.decode_from = np.zeros(n, dtype=np.float64)  # see `PrefillQueues`
+        # when each request may decode next: after its prefill (`PrefillQueues`) and after
+        # a KV migration's downtime
+        self.decode_from = np.zeros(n, dtype=np.float64)
         self.prefill = PrefillQueues(profile, self.first_token, self.decode_from)
         self.mem_in_use = 0  # KV blocks computed (in memory): prefills count their chunks only
         self.stats = dict.fromkeys(
@@ -239,9 +240,6 @@ class Simulator:
         prompt = self.prompt[idx]
         gen = self.gen[idx]
         nw = int(w.max()) + 1
-        stall = self.stall[idx]
-        start = np.maximum(self.placed_at[idx], t) + stall  # when it can run (after downtime)
-        self.stall[idx] = np.maximum(0.0, start - t_end)
         ctx = prompt + gen
         batch = np.bincount(w, minlength=nw)
         ctx_sum = np.bincount(w, weights=ctx, minlength=nw)
@@ -251,14 +249,13 @@ class Simulator:
             + step.decode_per_kv_token_ms * ctx_sum
         ) / 1000.0
         rate = 1.0 / decode_s  # decode tokens per second of each worker
-        begin = start  # when each request starts decoding
         held_back = 0  # blocks of the prompts not computed yet (not in memory)
         if self.prefill:
             firsts, held_back = self.prefill.run(t, t_end, batch, ctx_sum, rate)
             self.untimed -= firsts
-            begin = np.maximum(start, self.decode_from[idx])
         else:
             self.prefill.kv = 0
+        begin = np.maximum(self.decode_from[idx], t)  # when each request starts decoding
         rw = rate[w]
         gen = gen + np.maximum(t_end - begin, 0.0) * rw
         self.gen[idx] = gen
@@ -427,7 +424,7 @@ class Simulator:
         if m.kind == "kv":
             self.stats["kv"] += 1
             # Live KV migration: decoding continues; the downtime is the last stage
-            self.stall[i] += (
+            self.decode_from[i] = max(self.decode_from[i], now) + (
                 t.latency_s
                 + self.profile.block_size
                 * t.kv_bytes_per_token
