@@ -1,7 +1,7 @@
 """Replay a public trace on a live cluster under MELL and worst-fit, beside the simulator.
 
-    python bench/replay.py [--trace FILE] [--requests 120] [--speedup 1.0] [--workers 4]
-                           [--num-kv-blocks 64] [--len-scale 0.25]
+    python bench/replay.py [--trace FILE] [--requests 150] [--speedup 1.5] [--workers 4]
+                           [--num-kv-blocks 128] [--len-scale 0.5]
 
 The first `--requests` requests of the trace (default: Azure LLM 2023 conv, from
 ../shared/traces), arrival gaps divided by `--speedup`, token counts multiplied by `--len-scale`
@@ -156,11 +156,11 @@ def simulate(
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", default=str(DEFAULT_TRACE))
-    p.add_argument("--requests", type=int, default=120)
-    p.add_argument("--speedup", type=float, default=1.0)
+    p.add_argument("--requests", type=int, default=150)
+    p.add_argument("--speedup", type=float, default=1.5)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--num-kv-blocks", type=int, default=64)
-    p.add_argument("--len-scale", type=float, default=0.25)
+    p.add_argument("--num-kv-blocks", type=int, default=128)
+    p.add_argument("--len-scale", type=float, default=0.5)
     args = p.parse_args()
     trace = load(args)
     root = Path(tempfile.mkdtemp(prefix="mell-bench-replay-"))
