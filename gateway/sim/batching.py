@@ -100,44 +100,44 @@ class PrefillQueues:
         dt = t_end - t
         first_token, decode_from, where = self.first_token, self.decode_from, self.where
         firsts = not_computed = kv = 0
-        for wk in list(self.by_worker):
-            queue = self.by_worker[wk]
+        inf = math.inf
+        for wk, queue in list(self.by_worker.items()):
             n = float(batch[wk]) - len(queue)  # decoders only
-            c = float(ctx_sum[wk]) - sum(r[_CTX] for r in queue)
-            chunk = max(budget - n, 1.0)
+            c = float(ctx_sum[wk])
+            for rec in queue:
+                c -= rec[_CTX]
+            chunk = budget - n if budget - n > 1.0 else 1.0
             mixed_ms = base + per_seq * n + per_kv * c + per_tok * chunk
             rho = chunk * 1000.0 / mixed_ms  # prompt tokens per second while prefilling
             f = t  # the queue is busy until f
-            busy = joined = joined_ctx = 0.0
+            busy = joined_ctx = 0.0
             done = 0
             for rec in queue:
-                b = f if f > rec[_READY] else rec[_READY]
-                left = rec[_LEFT]
+                i, ready, left, ctx, context, blocks = rec
+                b = f if f > ready else ready
                 f = b + left / rho
                 if f <= t_end:
-                    i = rec[_REQ]
                     decode_from[i] = f
-                    if math.isnan(first_token[i]):
+                    if first_token[i] != first_token[i]:  # NaN: its first prefill
                         first_token[i] = f
                         firsts += 1
                     del where[i]
                     busy += f - b
-                    joined += 1.0
-                    joined_ctx += rec[_CTX]
+                    joined_ctx += ctx
                     done += 1
                     continue
                 if b < t_end:
                     rec[_LEFT] = left = max(1, left - int((t_end - b) * rho))
                     busy += t_end - b
-                kv += rec[_BLOCKS]
-                not_computed += rec[_BLOCKS] - -(-(rec[_CONTEXT] - left) // bs)
-                f = math.inf  # FCFS: nothing behind it starts this epoch
+                kv += blocks
+                not_computed += blocks - -(-(context - left) // bs)
+                f = inf  # FCFS: nothing behind it starts this epoch
             if done:
                 del queue[:done]
                 if not queue:
                     del self.by_worker[wk]
-            phi = min(busy / dt, 1.0)
-            plain_ms = base + per_seq * (n + joined) + per_kv * (c + joined_ctx)
+            phi = busy / dt if busy < dt else 1.0
+            plain_ms = base + per_seq * (n + done) + per_kv * (c + joined_ctx)
             rate[wk] = phi * 1000.0 / mixed_ms + (1.0 - phi) * 1000.0 / plain_ms
         self.kv = kv
         return firsts, not_computed
