@@ -4,9 +4,11 @@ For each (profile, trace) the simulator replays the trace under best-fit, worst-
 LB and MELL, and prints MELL's reduction in workers against each baseline (peak active workers,
 and time-averaged active workers), the migrations per second of LB and MELL (Fig. 12), and
 MELL's peak over the fluid lower bound (`mell.gateway.sim.bound`: computed from the trace with
-ideal progression, the same number for every policy of a row), decomposed: MELL's own
-max_t ⌈Σ KV_t / C⌉ read from its run (of which the KV of requests still waiting for or in their
-prefill, in workers), and its peak over that.
+ideal progression, the same number for every policy of a row), decomposed at the epoch of
+MELL's peak: the KV its requests hold there (Σ KV / C, in workers, and over the bound; of which
+the KV of requests still waiting for or in their prefill), and the peak over that KV (packing:
+growth reserve and the gaps between requests). The JSON also has MELL's own
+max_t ⌈Σ KV_t / C⌉ and every policy's.
 
 Workers are counted where MELL's Algorithm 1 counts GPUs, for every policy: after the epoch's
 departures, growth, arrivals and moves, once empty workers are released. Workers batch like the
@@ -120,6 +122,10 @@ def main() -> int:
             row["lower_bound"] = m["lower_bound"]
             row["mell_own_bound"] = m["own_bound"]
             row["mell_own_prefilling"] = round(m["own_bound_prefilling"], 1)
+            row["mell_peak_kv"] = round(m["peak_kv"], 1)
+            row["mell_peak_prefilling"] = round(m["peak_prefilling"], 1)
+            row["mell_kv_over_lb"] = round(m["peak_kv"] / m["lower_bound"], 3)
+            row["mell_peak_over_kv"] = round(m["peak_active"] / m["peak_kv"], 3)
             for pol in POLICIES:
                 row[f"own_bound_{pol}"] = by[(prof_key, trace_name, pol)]["own_bound"]
             row["mell_peak_over_lb"] = round(m["peak_over_lb"], 3)
@@ -163,8 +169,9 @@ def _print(rows: list[dict]) -> None:
         "mig/s MELL",
         "LB",
         "MELL peak/LB",
-        "MELL own KV/C (peak/own)",
+        "at peak: KV/C (/LB)",
         "prefilling",
+        "peak/KV",
     )
     table = [head]
     for r in rows:
@@ -186,8 +193,9 @@ def _print(rows: list[dict]) -> None:
                 f"{r['mig_s_mell']:.2f}",
                 str(r["lower_bound"]),
                 f"{r['mell_peak_over_lb']:.3f}",
-                f"{r['mell_own_bound']} ({r['mell_peak_over_own']:.3f})",
-                f"{r['mell_own_prefilling']:.1f}",
+                f"{r['mell_peak_kv']:.1f} ({r['mell_kv_over_lb']:.3f})",
+                f"{r['mell_peak_prefilling']:.1f}",
+                f"{r['mell_peak_over_kv']:.3f}",
             )
         )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]

@@ -16,6 +16,8 @@ class SimResult:
     lower_bound: int  # the fluid lower bound of the trace (`bound.py`): same for every policy
     own_bound: int  # max_t Σ_pools ⌈Σ KV_t / C⌉ of this run's own schedule (for comparison)
     own_bound_prefilling: float  # of which KV (in workers, Σ / C) of requests still prefilling
+    peak_kv: float  # Σ KV / C at the (first) epoch of the peak
+    peak_prefilling: float  # of which KV of requests waiting for or in their prefill
     mem_util: float  # used KV / (active workers · C), time-averaged over busy epochs
     migrations: int
     kv_migrations: int

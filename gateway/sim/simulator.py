@@ -116,7 +116,7 @@ class Simulator:
         active: list[int] = []
         peak_model = dict.fromkeys(trace.models, 0)
         peak = lb_peak = 0
-        own_prefilling = 0.0
+        own_prefilling = peak_kv = peak_prefilling = 0.0
         busy_time = util_sum = 0.0
         util_epochs = 0
         t_first = t
@@ -136,7 +136,9 @@ class Simulator:
             # Metrics where MELL's Algorithm 1 counts GPUs: after the slot's departures, updates,
             # arrivals and moves, once empty workers are released (the same for every policy).
             count = sum(per_model.values())
-            peak = max(peak, count)
+            if count > peak:  # the KV behind the peak: ideal or not, packed or not (fig11)
+                peak, peak_kv = count, sum(used_model.values()) / cap
+                peak_prefilling = self.prefill.kv / cap
             for m, c in per_model.items():
                 peak_model[m] = max(peak_model[m], c)
             own = sum(-(-u // cap) for u in used_model.values())
@@ -175,6 +177,8 @@ class Simulator:
             lower_bound=self.bound.workers,
             own_bound=lb_peak,
             own_bound_prefilling=own_prefilling,
+            peak_kv=peak_kv,
+            peak_prefilling=peak_prefilling,
             mem_util=util_sum / util_epochs if util_epochs else 0.0,
             migrations=st["mig"],
             kv_migrations=st["kv"],
