@@ -3,7 +3,8 @@
     python bench/journal.py [--records N] [--payload-bytes B] [--interval-s S] [--dir DIR]
 
 Journal: `Journal.append` of N event-sized payloads under the "interval" policy (one fdatasync
-per interval from the flusher thread), then `flush()`, so every record counted is durable.
+per interval from the flusher thread), then `flush()`, so every record counted is durable. It
+frames records in C when the optional extension `_frame` was built (printed as `framing`).
 Limit: the very bytes the journal wrote (its framed records, read back from its segments) appended
 one record at a time to a plain buffered file, with a thread doing flush + fdatasync on the same
 interval, then a final flush + fdatasync. Both run in this process on the same filesystem,
@@ -30,6 +31,7 @@ from pathlib import Path
 import msgspec
 
 from mell.gateway.journal import Journal, JournalConfig
+from mell.gateway.journal.appender import PyAppender
 from mell.gateway.journal.format import SEGMENT_HEADER, Frame, iter_frames, list_segments
 
 TARGET = 0.5
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"records           {n} x {args.payload_bytes} B payload ({frame_bytes:.0f} B framed)")
     interval_ms = args.interval_s * 1000
     print(f"fsync policy      interval {interval_ms:.0f} ms, fdatasync, best of {args.repeat}")
+    framing = "python" if Journal.append is PyAppender.append else "c"
+    print(f"framing           {framing} (the C extension _frame, else its pure-Python twin)")
     print(f"journal           {ours:12,.0f} events/s durable")
     print(f"limit (buffered)  {limit:12,.0f} events/s  same bytes, plain file, same fsync policy")
     print(f"write-through     {through:12,.0f} events/s  same bytes, one os.write per record")
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "always_limit_events_per_s": round(always_limit),
         "always_ratio": round(always_ours / always_limit, 3),
         "append_latency_us": latency,
+        "framing": framing,
         "python": sys.version.split()[0],
     }
     print("RESULT " + json.dumps(result))

@@ -12,6 +12,10 @@ payload so that it can pack it with one struct call; readers accept any encoding
 magic lets a reader find the next intact record after damage, which is how a torn tail (nothing
 valid after it) is told from corruption in the middle (valid records after it).
 
+The writer frames records with `append_record` and empties its buffers with `discard_prefix`:
+those of the C extension `_frame` (built at install when a C compiler is there), else their
+pure-Python twins `append_record_py` and `discard_prefix_py`, which produce the same bytes.
+
 Record kinds: 1 event, 2 snapshot (always the first record of its segment), 3 lost — a marker
 that `repair` writes where records could not be recovered; its payload is the MessagePack pair
 [first, last] of the lost sequence numbers and its own seq is `first`.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,6 +107,36 @@ def encode_record(kind: int, seq: int, timestamp: float, payload: bytes) -> byte
     prefix = BODY_PREFIX.pack(0x94, kind, 0xCF, seq, 0xCB, timestamp, 0xC6, len(payload))
     crc = _crc32(payload, _crc32(prefix))
     return RECORD_HEADER.pack(RECORD_MAGIC, len(prefix) + len(payload), crc) + prefix + payload
+
+
+def append_record_py(
+    buf: bytearray,
+    kind: int,
+    seq: int,
+    payload: bytes | bytearray | memoryview,
+    timestamp: float | None = None,
+) -> int:
+    """Frame one record onto the end of `buf` (one extend); returns len(buf) afterwards.
+
+    `timestamp` None means time.time(). The pure-Python twin of `_frame.append_record`.
+    """
+    if timestamp is None:
+        timestamp = time.time()
+    body = BODY_PREFIX.pack(0x94, kind, 0xCF, seq, 0xCB, timestamp, 0xC6, len(payload)) + payload
+    buf += RECORD_HEADER.pack(RECORD_MAGIC, len(body), _crc32(body)) + body
+    return len(buf)
+
+
+def discard_prefix_py(buf: bytearray, n: int) -> None:
+    """Delete the first `n` bytes of `buf` (the twin of `_frame.discard_prefix`, which also keeps
+    the buffer's memory for refilling)."""
+    del buf[:n]
+
+
+try:
+    from mell.gateway.journal._frame import append_record, discard_prefix
+except ImportError:  # the extension was not built (no C compiler at install): same bytes, slower
+    append_record, discard_prefix = append_record_py, discard_prefix_py
 
 
 def decode_lost(payload: bytes) -> tuple[int, int]:

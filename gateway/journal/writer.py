@@ -7,18 +7,24 @@ Threads. One *producer* thread (the gateway's event loop thread) calls `append` 
 wakes the waiters of `wait_durable` / `durable`. `flush`, `wait_durable`, `durable`, `last_seq`,
 `durable_seq` and `close` may be called from any thread.
 
-The producer and the flusher share only a bytearray per segment: the producer appends whole
-byte strings at its end, the flusher copies a prefix and deletes it. Each of those is one C call
-made while holding the GIL, so a record is never lost or doubled between them (this relies on
-the GIL: a free-threaded CPython build would need a lock here); a record may be written in two
-parts, which on disk looks like a torn tail until the rest follows.
+Buffers. `append` is the base class's: `_frame.Appender` (C: checks the room left in the segment,
+frames the record onto the end of the current bytearray, counts, in one call) when the optional
+extension was built, else `PyAppender` (the same in Python); both leave rotation and the rest of
+the slow path to the Journal. When the current buffer passes `CHUNK_BYTES`, or the segment
+rotates, the producer *seals* it: queues it and never touches it again, and wakes the flusher,
+which writes it right away (write-behind; the fsync still waits for the interval) as it is, without
+copying, then hands it back emptied, its memory kept, for the producer to refill. Of the current
+buffer the flusher copies a prefix and deletes it when it commits. Appending, copying and deleting
+are each one C call made while holding the GIL, so a record is never lost, doubled or split
+between the threads (this relies on the GIL: a free-threaded CPython build would need a lock).
 
 Start-up cost: `open` reads and checks the newest segment (up to `segment_bytes`); replay reads
 from the last snapshot on.
 
 Policies (`JournalConfig.fsync`):
 - "interval": records are durable within about `fsync_interval_s` (plus the fsync itself);
-  `await journal.durable(seq)` waits for a given record, `flush()` forces it now.
+  `await journal.durable(seq)` waits for a given record, `flush()` forces it now. When about
+  `max_pending_bytes` wait in sealed buffers, `append` writes and fsyncs them itself.
 - "always": `append` writes and fsyncs before it returns (blocks the caller on the disk).
 - "never": written on the interval, never fsynced (tests, throwaway clusters).
 
@@ -36,20 +42,19 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections import deque
 from pathlib import Path
 
 from mell.common.config import JournalConfig
 from mell.common.errors import JournalError
+from mell.gateway.journal.appender import FRAME_OVERHEAD, Appender, PyAppender
 from mell.gateway.journal.format import (
     BODY_PREFIX,
     MAX_RECORD_BYTES,
-    RECORD_HEADER,
-    RECORD_MAGIC,
     SEGMENT_HEADER,
     Kind,
-    encode_record,
+    append_record,
+    discard_prefix,
     list_segments,
     segment_first_seq,
     segment_header,
@@ -60,12 +65,10 @@ from mell.gateway.journal.reader import SegmentEnd, TornTail, segment_frames
 log = logging.getLogger("mell.journal")
 
 LOCK_FILE = "LOCK"
-_FRAME_OVERHEAD = RECORD_HEADER.size + BODY_PREFIX.size
 MAX_PAYLOAD_BYTES = MAX_RECORD_BYTES - BODY_PREFIX.size
-_pack_prefix = BODY_PREFIX.pack
-_pack_header = RECORD_HEADER.pack
-_crc32 = zlib.crc32
-_now = time.time
+CHUNK_BYTES = 1 << 18  # the producer seals its buffer for the flusher past this size
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+SPARE_BUFFERS = 16  # emptied sealed buffers kept for the producer to refill
 
 
 def lock_directory(directory: Path) -> int:
@@ -92,6 +95,16 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _writev_all(fd: int, bufs: list[bytearray]) -> None:
+    done = os.writev(fd, bufs)
+    for buf in bufs:  # after a short write (rare for files), the rest one buffer at a time
+        if done >= len(buf):
+            done -= len(buf)
+            continue
+        _write_all(fd, memoryview(buf)[done:])
+        done = 0
 
 
 def _recover_tail(directory: Path) -> tuple[int, int | None, TornTail | None]:
@@ -124,8 +137,12 @@ def _recover_tail(directory: Path) -> tuple[int, int | None, TornTail | None]:
     return end.next_seq, named, torn
 
 
-class Journal:
-    """An open journal directory; see the module doc for threads and policies."""
+class Journal(Appender):  # type: ignore[valid-type,misc]
+    """An open journal directory; see the module doc for threads and policies.
+
+    `append(payload) -> seq` comes from the base class (`_frame.Appender` or `PyAppender`)."""
+
+    _append_slow = PyAppender.append
 
     def __init__(self, directory: Path, config: JournalConfig) -> None:
         """Use `Journal.open`."""
@@ -138,8 +155,12 @@ class Journal:
         self._seg_room = 0  # bytes the current segment may still take (< capacity: not empty)
         self._buf = bytearray()  # the current segment's buffer (producer's reference)
         self._cur: tuple[int, bytearray] = (0, self._buf)  # (segment first seq, its buffer)
-        self._sealed: deque[tuple[int, bytearray]] = deque()  # rotated-away buffers
-        self._limit = config.max_pending_bytes if config.fsync != "always" else -1
+        self._sealed: deque[tuple[int, bytearray]] = deque()  # buffers handed to the flusher
+        self._spare: deque[bytearray] = deque()  # written and emptied by the flusher
+        chunk = min(CHUNK_BYTES, config.max_pending_bytes)
+        self._max_sealed = max(1, config.max_pending_bytes // max(chunk, 1))
+        # append takes the slow path once the current buffer is past this (always, when -1)
+        self._limit = chunk if config.fsync != "always" else -1
         self._retain_after = 0  # snapshot seq whose durability triggers retention
         # flusher side
         self._io_lock = threading.Lock()
@@ -195,24 +216,6 @@ class Journal:
 
     # -- producer side (one thread) -------------------------------------------------------
 
-    def append(self, payload: bytes) -> int:
-        """Append one event record; returns its sequence number. Never waits for the disk
-        under the "interval" and "never" policies (unless max_pending_bytes is exceeded)."""
-        seq = self._next_seq
-        n = len(payload)
-        room = self._seg_room - _FRAME_OVERHEAD - n
-        if room < 0:
-            room = self._make_room(seq, n)
-        body = _pack_prefix(0x94, 1, 0xCF, seq, 0xCB, _now(), 0xC6, n) + payload
-        buf = self._buf
-        buf += _pack_header(RECORD_MAGIC, 25 + n, _crc32(body))
-        buf += body
-        self._seg_room = room
-        self._next_seq = seq + 1
-        if len(buf) > self._limit:
-            self._slow_path()
-        return seq
-
     def write_snapshot(self, payload: bytes) -> int:
         """Append a snapshot record as the first record of a new segment; returns its seq.
 
@@ -222,13 +225,11 @@ class Journal:
         seq = self._next_seq
         if self._seg_room < self._seg_capacity:  # the segment holds records: start a new one
             self._rotate(seq)
-        frame = encode_record(Kind.SNAPSHOT, seq, _now(), payload)
-        buf = self._buf
-        buf += frame
-        self._seg_room -= len(frame)
+        size = append_record(self._buf, Kind.SNAPSHOT, seq, payload)
+        self._seg_room -= FRAME_OVERHEAD + len(payload)
         self._retain_after = seq
         self._next_seq = seq + 1
-        if len(buf) > self._limit:
+        if size > self._limit:
             self._slow_path()
         return seq
 
@@ -238,7 +239,7 @@ class Journal:
             raise JournalError(f"journal record of {n} bytes is over the limit")
         if self._seg_room < self._seg_capacity:
             self._rotate(seq)
-        return self._seg_room - _FRAME_OVERHEAD - n
+        return self._seg_room - FRAME_OVERHEAD - n
 
     def _rotate(self, first_seq: int) -> None:
         """Start a new segment at `first_seq`: seal the current buffer, then switch."""
@@ -260,10 +261,19 @@ class Journal:
             self._dir_dirty = False
 
     def _slow_path(self) -> None:
+        """The current buffer is past `_limit`: raise if failed or closed; under "always" write
+        and fsync now; else seal the buffer, and write and fsync if too much is pending."""
         if self._error is not None:
             raise self._error
         if self._closed:
             raise JournalError("journal is closed")
+        if self._limit >= 0:
+            self._sealed.append(self._cur)
+            self._buf = self._spare.pop() if self._spare else bytearray()  # only we pop
+            self._cur = (self._cur[0], self._buf)
+            if len(self._sealed) < self._max_sealed:
+                self._wake.set()  # the flusher writes it now and fsyncs on its interval
+                return
         self.flush()
 
     # -- any thread -------------------------------------------------------------------------
@@ -335,17 +345,25 @@ class Journal:
 
     def _run(self) -> None:
         interval = self.config.fsync_interval_s
+        deadline = time.monotonic() + interval
         while not self._closed:
-            self._wake.wait(interval)
+            self._wake.wait(max(deadline - time.monotonic(), 0.0))
+            self._wake.clear()
             if self._closed:
                 return
+            commit = time.monotonic() >= deadline
             with self._io_lock:
                 if self._error is not None:
                     return
                 try:
-                    self._sync()
+                    if commit:
+                        self._sync()
+                    else:  # woken for a sealed buffer: write it now, fsync on the interval
+                        self._write_sealed()
                 except JournalError:
-                    return  # failed for good; _sync logged it and woke the waiters
+                    return  # failed for good; it was logged and the waiters woken
+            if commit:
+                deadline = time.monotonic() + interval
 
     def _sync(self, *, force: bool = False) -> None:
         if self._error is not None:
@@ -363,33 +381,58 @@ class Journal:
                 self._apply_retention(self._retain_after)
                 self._retain_after = 0
         except OSError as err:
-            error = JournalError(f"journal {self.directory}: write failed: {err}")
-            self._fail(error)
-            raise error from None
+            raise self._write_failed(err) from None
+
+    def _write_sealed(self) -> None:
+        try:
+            self._write_sealed_buffers()
+        except OSError as err:
+            raise self._write_failed(err) from None
+
+    def _write_failed(self, err: OSError) -> JournalError:
+        error = JournalError(f"journal {self.directory}: write failed: {err}")
+        self._fail(error)
+        return error
 
     def _drain(self) -> int:
         """Write every buffered byte in order; returns the last seq wholly written."""
         appended = self._next_seq - 1  # read before the buffers: those records are in them
         while True:
-            if self._sealed:
-                seg, buf = self._sealed[0]
-                self._write_buffer(seg, buf)
-                self._sealed.popleft()
-                continue
+            self._write_sealed_buffers()
             seg, buf = self._cur
-            if self._sealed:  # the producer rotated meanwhile: older bytes first
+            if self._sealed:  # the producer sealed meanwhile: older bytes first
                 continue
-            self._write_buffer(seg, buf)
+            if seg != self._fd_seq:
+                self._open_segment(seg)
+            n = len(buf)
+            if n:  # the producer appends to it meanwhile: write a copy of what it holds now
+                data = buf[:n]
+                discard_prefix(buf, n)
+                _write_all(self._fd, data)  # type: ignore[arg-type]
             return appended
 
-    def _write_buffer(self, seg: int, buf: bytearray) -> None:
-        if seg != self._fd_seq:
-            self._open_segment(seg)
-        n = len(buf)
-        if n:
-            data = buf[:n]
-            del buf[:n]
-            _write_all(self._fd, data)  # type: ignore[arg-type]
+    def _write_sealed_buffers(self) -> None:
+        """Write the sealed buffers as they are (only this thread holds them), one writev per
+        segment, then give them back to the producer to refill. Few calls matter: each one
+        waits for the GIL, which the producer may hold for up to sys.getswitchinterval()."""
+        sealed = self._sealed
+        while sealed:
+            seg = sealed[0][0]
+            bufs = []
+            for i in range(min(len(sealed), _IOV_MAX)):  # the producer appends at the right only
+                buf_seg, buf = sealed[i]
+                if buf_seg != seg:
+                    break
+                bufs.append(buf)
+            if seg != self._fd_seq:
+                self._open_segment(seg)
+            _writev_all(self._fd, bufs)  # type: ignore[arg-type]
+            spare = self._spare
+            for buf in bufs:
+                sealed.popleft()
+                if len(spare) < SPARE_BUFFERS and len(buf) <= 2 * CHUNK_BYTES:
+                    discard_prefix(buf, len(buf))
+                    spare.append(buf)
 
     def _open_segment(self, seg: int) -> None:
         if self._fd is not None:
