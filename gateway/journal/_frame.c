@@ -230,7 +230,12 @@ static PyObject *
 Appender_append(AppenderObject *self, PyObject *payload)
 {
     Py_buffer view;
-    if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) {
+    if (PyBytes_CheckExact(payload)) { /* the common case, without the buffer protocol */
+        view.buf = PyBytes_AS_STRING(payload);
+        view.len = PyBytes_GET_SIZE(payload);
+        view.obj = NULL;
+    }
+    else if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
     long long room = self->seg_room - (HEADER_SIZE + PREFIX_SIZE) - (long long)view.len;

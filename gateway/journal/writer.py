@@ -66,9 +66,9 @@ log = logging.getLogger("mell.journal")
 
 LOCK_FILE = "LOCK"
 MAX_PAYLOAD_BYTES = MAX_RECORD_BYTES - BODY_PREFIX.size
-CHUNK_BYTES = 1 << 18  # the producer seals its buffer for the flusher past this size
+CHUNK_BYTES = 1 << 20  # the producer seals its buffer for the flusher past this size
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
-SPARE_BUFFERS = 16  # emptied sealed buffers kept for the producer to refill
+SPARE_BUFFERS = 8  # emptied sealed buffers kept for the producer to refill
 
 
 def lock_directory(directory: Path) -> int:
