@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mell.common.config import EngineConfig
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
+from mell.workerd.outputs import EngineStats, RequestOutput
 
 
 @dataclass(slots=True)
@@ -25,29 +26,6 @@ class FakeModelConfig:
     vocab_size: int
     eos_token_ids: list[int]
     max_model_len: int
-
-
-@dataclass(slots=True)
-class FakeOutput:
-    """Field for field the engine's RequestOutput."""
-
-    request_id: str
-    first_index: int
-    new_token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-
-
-@dataclass(slots=True)
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    num_total_blocks: int
-    num_free_blocks: int
-    block_size: int
-    num_preemptions_total: int
-    request_blocks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -93,7 +71,7 @@ class FakeEngine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def step(self) -> list[FakeOutput]:
+    def step(self) -> list[RequestOutput]:
         if not self._requests:
             return []
         _sleep_until_grid(self._interval_s)
@@ -103,9 +81,9 @@ class FakeEngine:
                 del self._requests[out.request_id]
         return outputs
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         blocks = {rid: self._blocks(r) for rid, r in self._requests.items()}
-        return FakeStats(
+        return EngineStats(
             num_running=len(self._requests),
             num_waiting=0,
             num_total_blocks=self.num_total_blocks,
@@ -115,13 +93,13 @@ class FakeEngine:
             request_blocks=blocks,
         )
 
-    def _next_token(self, req: _Request) -> FakeOutput:
+    def _next_token(self, req: _Request) -> RequestOutput:
         index = req.num_generated
         token = req.prompt[index % len(req.prompt)]
         req.num_generated += 1
         done = req.num_generated >= req.sampling.max_tokens
         logprobs = [TokenLogprobs(0.0, [], [])] if req.sampling.logprobs is not None else None
-        return FakeOutput(
+        return RequestOutput(
             req.request_id,
             index,
             [token],

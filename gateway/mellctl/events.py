@@ -26,12 +26,12 @@ import msgspec
 
 from mell.common.errors import JournalError
 from mell.common.events import EventEnvelope
+from mell.gateway.event_feed import matches
 from mell.gateway.journal.codec import decode
 from mell.gateway.journal.format import Record
 from mell.gateway.journal.reader import read_records
 from mell.gateway.mellctl.client import add_target_args, connect
 
-_WORKER_FIELDS = ("worker_id", "src", "dst")
 _WIDTH = 100
 _API_TAIL = 100
 
@@ -109,18 +109,8 @@ def _rows(directory: Path) -> Iterator[tuple[Record, EventEnvelope | None]]:
 def _matches(envelope: EventEnvelope | None, request: str | None, worker: str | None) -> bool:
     if request is None and worker is None:
         return True
-    if envelope is None:  # snapshots and lost markers are about no one in particular
-        return False
-    event = envelope.event
-    if request is not None and not _about_request(event, request):
-        return False
-    return worker is None or any(getattr(event, f, None) == worker for f in _WORKER_FIELDS)
-
-
-def _about_request(event: Any, request: str) -> bool:
-    if getattr(event, "request_id", None) == request:
-        return True
-    return any(load.request_id == request for load in getattr(event, "requests", ()))  # loads
+    # snapshots and lost markers are about no one in particular
+    return envelope is not None and matches(envelope.event, request, worker)
 
 
 def _fields(envelope: EventEnvelope) -> dict[str, Any]:
