@@ -13,15 +13,20 @@
   then the newest load report that lists it, from any worker);
 - facts that arrive before what they are about are kept until it arrives: a placement before
   its worker's join, a load report before the placement of a request it lists, a loss before
-  the join it ends. A worker's loss or exit drops the requests that came to it before that
-  stamp, whenever either side is folded.
+  the join it ends;
+- a request is live while it has not ended (finished or aborted) and it came to its worker
+  (placement or migration commit) after the worker's last loss or exit. A request gone with its
+  worker is kept as a tombstone, so a commit stamped before the exit but folded after it still
+  moves it away, whatever the order.
 
-Derived state (a worker row's counters and `request_blocks`) is recomputed from the registers.
-The view implements the policies' `PolicyView` (contract C); placement, the dispatcher,
-`/metrics` and the admin API read it. Liveness timing is not here: the worker link decides when
-a worker is lost and records `WorkerLost`. `snapshot()` / `from_snapshot()` give the journal a
-compact image of the fold (registers included) so that snapshot + tail folds like the whole
-history.
+Derived state (a worker row's counters and `request_blocks`; `requests` and `migrations`, the
+live subsets) is recomputed from the registers. The view implements the policies' `PolicyView`
+(contract C); placement, the dispatcher, `/metrics` and the admin API read it. Liveness timing
+is not here: the worker link decides when a worker is lost and records `WorkerLost`.
+`snapshot()` / `from_snapshot()` give the journal a compact image of the fold (registers and
+tombstones included) so that snapshot + tail folds like the whole history. Loads of requests it
+does not hold, and tombstones, are forgotten past a horizon (`_HORIZON_S`): only an event folded
+that much later than its peers can depend on the order.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ from mell.gateway.policy.base import WorkerInfo, WorkerStatus
 
 Stamp = tuple[float, str, int]  # (ts, source, seq) of an envelope: a total order of the history
 NEVER: Stamp = (float("-inf"), "", 0)
-_REPORT_HORIZON_S = 60.0  # loads of requests the view does not hold are kept this long
+_HORIZON_S = 60.0  # loads of requests the view does not hold, and tombstones, are kept this long
 
 
 class RequestState(StrEnum):
@@ -90,12 +95,8 @@ class WorkerRow:
     @property
     def releasable(self) -> bool:
         """Holds nothing and is not lost: its device could be given back."""
-        return (
-            self.status in (WorkerStatus.ACTIVE, WorkerStatus.DRAINING)
-            and not self.request_blocks
-            and self.num_running == 0
-            and self.num_waiting == 0
-        )
+        busy = self.request_blocks or self.num_running or self.num_waiting
+        return self.status in (WorkerStatus.ACTIVE, WorkerStatus.DRAINING) and not busy
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -154,12 +155,12 @@ class WorkerRegisters(msgspec.Struct, kw_only=True):
     lost_reason: str = ""
     status_stamp: Stamp = NEVER
     load: LoadReported | None = None  # the newest since the join
-    gone: Stamp = NEVER  # last loss or exit: requests that came to it before are dropped
+    gone: Stamp = NEVER  # last loss or exit: requests that came to it before are not live
     exited: Stamp = NEVER  # last exiting drain: the row is gone unless it joined again since
 
 
 class ViewSnapshot(msgspec.Struct, kw_only=True):
-    """The fold as of `last_seq`: what a journal snapshot record holds."""
+    """The fold as of `last_seq` (tombstones included): what a journal snapshot record holds."""
 
     models: list[str]
     last_seq: dict[str, int]
@@ -177,13 +178,14 @@ class ClusterView:
         self._configured: list[str] = list(models)
         self.model_names: list[str] = list(models)
         self.worker_rows: dict[str, WorkerRow] = {}
-        self.requests: dict[str, RequestRow] = {}
-        self.migrations: dict[str, MigrationRow] = {}  # in flight, by migration id
+        self.requests: dict[str, RequestRow] = {}  # the live ones (derived from `_rows`)
         self.totals = Totals()
         self.last_seq: dict[str, int] = {}
         self.last_stamp: Stamp = NEVER
         self._regs: dict[str, WorkerRegisters] = {}
         self._reported: dict[str, tuple[Stamp, int, int]] = {}  # request -> newest load of it
+        self._rows: dict[str, RequestRow] = {}  # every request not ended: live or tombstone
+        self._flights: dict[str, MigrationRow] = {}  # every migration in flight, by id
         self._loads_since_prune = 0
 
     # ------------------------------------------------------------ PolicyView
@@ -192,20 +194,19 @@ class ClusterView:
         return self.model_names
 
     def workers(self, model: str) -> Sequence[WorkerInfo]:
-        return [
-            w.info()
-            for w in self.worker_rows.values()
-            if w.model == model and w.status != WorkerStatus.LOST
-        ]
+        rows = self.worker_rows.values()
+        return [w.info() for w in rows if w.model == model and w.status != WorkerStatus.LOST]
 
     # ------------------------------------------------------------ queries
 
+    @property
+    def migrations(self) -> dict[str, MigrationRow]:
+        """Migrations in flight of live requests, by migration id."""
+        return {m: f for m, f in self._flights.items() if f.request_id in self.requests}
+
     def live_workers(self, model: str | None = None) -> list[WorkerRow]:
-        return [
-            w
-            for w in self.worker_rows.values()
-            if w.status == WorkerStatus.ACTIVE and (model is None or w.model == model)
-        ]
+        rows = self.worker_rows.values()
+        return [w for w in rows if w.status == WorkerStatus.ACTIVE and model in (None, w.model)]
 
     def requests_on(self, worker_id: str) -> list[str]:
         row = self.worker_rows.get(worker_id)
@@ -213,6 +214,10 @@ class ClusterView:
 
     def releasable_workers(self) -> list[WorkerRow]:
         return [w for w in self.worker_rows.values() if w.releasable]
+
+    def unended(self, request_id: str) -> RequestRow | None:
+        """The request if it has not ended: live, or gone with its worker (a tombstone)."""
+        return self._rows.get(request_id)
 
     # ------------------------------------------------------------ the fold
 
@@ -245,7 +250,7 @@ class ClusterView:
             case RequestPlaced():
                 self._placed(event, envelope.ts, stamp)
             case RequestAdmitted(request_id=rid):
-                if (req := self.requests.get(rid)) is not None:
+                if (req := self._rows.get(rid)) is not None:
                     req.state = RequestState.RUNNING
             case RequestFinished(request_id=rid):
                 self.totals.num_finished += 1
@@ -256,12 +261,12 @@ class ClusterView:
             case MigrationStarted():
                 self._migration_started(event, envelope.ts)
             case MigrationCommitted():
-                self.migrations.pop(event.migration_id, None)
+                self._flights.pop(event.migration_id, None)
                 self._migrated(event, stamp)
             case MigrationAborted(request_id=rid):
-                self.migrations.pop(event.migration_id, None)
+                self._flights.pop(event.migration_id, None)
                 self.totals.num_migrations_aborted += 1
-                if (req := self.requests.get(rid)) is not None:
+                if (req := self._rows.get(rid)) is not None:
                     req.state = RequestState.RUNNING
             case _:
                 assert_never(event)
@@ -269,10 +274,7 @@ class ClusterView:
     # ------------------------------------------------------------ workers
 
     def _registers(self, worker_id: str) -> WorkerRegisters:
-        regs = self._regs.get(worker_id)
-        if regs is None:
-            regs = self._regs[worker_id] = WorkerRegisters()
-        return regs
+        return self._regs.setdefault(worker_id, WorkerRegisters())
 
     def _joined(self, e: WorkerJoined, stamp: Stamp) -> None:
         regs = self._registers(e.worker_id)
@@ -306,12 +308,11 @@ class ClusterView:
         self._gone(worker_id, stamp)
 
     def _gone(self, worker_id: str, stamp: Stamp) -> None:
-        """A loss or exit: drop the requests that came to the worker before `stamp`."""
+        """A loss or exit: requests that came to the worker before `stamp` become tombstones."""
         regs = self._registers(worker_id)
         regs.gone = max(regs.gone, stamp)
-        for req in list(self.requests.values()):
-            if req.worker_id == worker_id and req.moved_stamp < stamp:
-                self._drop(req.request_id)
+        for req in [r for r in self._rows.values() if r.worker_id == worker_id]:
+            self._sync(req)
         self._refresh(worker_id)
 
     def _load(self, e: LoadReported, stamp: Stamp) -> None:
@@ -324,12 +325,12 @@ class ClusterView:
             known = reported.get(rid)
             if known is None or stamp > known[0]:
                 reported[rid] = (stamp, load.num_blocks, load.num_tokens)
-            if (req := self.requests.get(rid)) is not None:
+            if (req := self._rows.get(rid)) is not None:
                 self._resize(req)
         self._refresh(e.worker_id)
         self._loads_since_prune += 1
         if self._loads_since_prune >= 256:
-            self._prune_reports()
+            self._prune()
 
     def _refresh(self, worker_id: str) -> None:
         """Recompute the worker's row from its registers (and the requests that name it)."""
@@ -375,10 +376,9 @@ class ClusterView:
     # ------------------------------------------------------------ requests
 
     def _placed(self, e: RequestPlaced, ts: float, stamp: Stamp) -> None:
-        regs = self._regs.get(e.worker_id)
-        if regs is not None and regs.gone > stamp:
-            return  # its worker was lost or left after it was placed: dropped with it
-        req = self.requests[e.request_id] = RequestRow(
+        if (old := self._rows.get(e.request_id)) is not None:
+            self._detach(old)  # placed again (its worker died before the first token)
+        req = self._rows[e.request_id] = RequestRow(
             request_id=e.request_id,
             model=e.model,
             worker_id=e.worker_id,
@@ -392,14 +392,30 @@ class ClusterView:
             size_stamp=stamp,
         )
         self._resize(req)
-        self._attach(req)
+        self._sync(req)
 
     def _resize(self, req: RequestRow) -> None:
         """Take the newest reported size of the request if it is newer than what it has."""
         known = self._reported.get(req.request_id)
         if known is not None and known[0] > req.size_stamp:
             req.size_stamp, req.num_blocks, req.num_tokens = known
+            if req.request_id in self.requests:
+                self._attach(req)
+
+    def _gone_at(self, req: RequestRow) -> Stamp:
+        """The last loss or exit of the request's worker (NEVER if none is folded)."""
+        regs = self._regs.get(req.worker_id)
+        return regs.gone if regs is not None else NEVER
+
+    def _sync(self, req: RequestRow) -> None:
+        """Derive the request's presence in `requests` and its worker's row: live iff it came
+        to its worker after the worker's last loss or exit (whatever the order of folding)."""
+        if self._gone_at(req) < req.moved_stamp:
+            self.requests[req.request_id] = req
             self._attach(req)
+        else:
+            self.requests.pop(req.request_id, None)
+            self._detach(req)
 
     def _attach(self, req: RequestRow) -> None:
         if (row := self.worker_rows.get(req.worker_id)) is not None:
@@ -409,50 +425,42 @@ class ClusterView:
         if (row := self.worker_rows.get(req.worker_id)) is not None:
             row.request_blocks.pop(req.request_id, None)
 
-    def _drop(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
-        if req is not None:
-            self._detach(req)
-            for mid in [m for m, row in self.migrations.items() if row.request_id == request_id]:
-                del self.migrations[mid]
-
     def _forget(self, request_id: str) -> None:
-        self._drop(request_id)
+        """The request ended (its last word): forget it, live or tombstone, and its loads."""
+        if (req := self._rows.pop(request_id, None)) is not None:
+            self.requests.pop(request_id, None)
+            self._detach(req)
+        for mid in [m for m, flight in self._flights.items() if flight.request_id == request_id]:
+            del self._flights[mid]
         self._reported.pop(request_id, None)
 
     def _migration_started(self, e: MigrationStarted, ts: float) -> None:
-        req = self.requests.get(e.request_id)
+        req = self._rows.get(e.request_id)
         if req is None:
             return
         req.state = RequestState.MIGRATING
-        self.migrations[e.migration_id] = MigrationRow(
-            e.migration_id, e.request_id, e.src, e.dst, e.kind, ts
-        )
+        mid = e.migration_id
+        self._flights[mid] = MigrationRow(mid, e.request_id, e.src, e.dst, e.kind, ts)
 
     def _migrated(self, e: MigrationCommitted, stamp: Stamp) -> None:
         self.totals.num_migrations[e.kind] = self.totals.num_migrations.get(e.kind, 0) + 1
-        req = self.requests.get(e.request_id)
+        req = self._rows.get(e.request_id)
         if req is None:
             return
         self._detach(req)
         req.worker_id, req.state, req.moved_stamp = e.dst, RequestState.RUNNING, stamp
-        regs = self._regs.get(e.dst)
-        if regs is not None and regs.gone > stamp:
-            self._drop(e.request_id)
-        else:
-            self._attach(req)
+        self._sync(req)
 
-    def _prune_reports(self) -> None:
-        """Forget loads of requests the view does not hold, older than the horizon."""
+    def _prune(self) -> None:
+        """Forget loads of requests the view does not hold, and tombstones, past the horizon."""
         self._loads_since_prune = 0
-        horizon = self.last_stamp[0] - _REPORT_HORIZON_S
-        stale = [
-            rid
-            for rid, (stamp, _, _) in self._reported.items()
-            if rid not in self.requests and stamp[0] < horizon
-        ]
-        for rid in stale:
-            del self._reported[rid]
+        horizon = self.last_stamp[0] - _HORIZON_S
+        for rid, (stamp, _, _) in list(self._reported.items()):
+            if rid not in self._rows and stamp[0] < horizon:
+                del self._reported[rid]
+        for rid, req in list(self._rows.items()):
+            if rid not in self.requests and self._gone_at(req)[0] < horizon:
+                self._forget(rid)
 
     # ------------------------------------------------------------ snapshots
 
@@ -463,9 +471,9 @@ class ClusterView:
             last_seq=dict(self.last_seq),
             totals=self.totals,
             workers=self._regs,
-            requests=self.requests,
-            reported={r: v for r, v in self._reported.items() if r in self.requests},
-            migrations=self.migrations,
+            requests=self._rows,
+            reported=self._reported,  # also loads folded before their placement
+            migrations=self._flights,
         )
         return msgspec.msgpack.decode(msgspec.msgpack.encode(image), type=ViewSnapshot)
 
@@ -476,15 +484,17 @@ class ClusterView:
         view = cls(configured)
         view.last_seq = dict(snap.last_seq)
         view.totals = snap.totals
-        view.requests = dict(snap.requests)
-        view.migrations = dict(snap.migrations)
+        view._rows = dict(snap.requests)
+        view._flights = dict(snap.migrations)
         view._reported = dict(snap.reported)
         view._regs = dict(snap.workers)
-        stamps = [r.status_stamp for r in view._regs.values()]
-        stamps += [r.size_stamp for r in view.requests.values()]
+        stamps = [s for r in view._regs.values() for s in (r.status_stamp, r.gone, r.exited)]
+        stamps += [s for r in view._rows.values() for s in (r.size_stamp, r.moved_stamp)]
         view.last_stamp = max([NEVER, *stamps])
         extra = {r.joined.model for r in view._regs.values() if r.joined is not None}
         view.model_names = configured + sorted(extra - set(configured))
+        for req in view._rows.values():
+            view._sync(req)
         for worker_id in view._regs:
             view._refresh(worker_id)
         return view

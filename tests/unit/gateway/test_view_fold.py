@@ -382,3 +382,64 @@ def test_snapshot_plus_tail_folds_like_the_whole_history(
     for envelope in history[at:]:
         view.apply(envelope)
     assert state(view) == state(fold(history))
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories, st.integers(0, 2**32 - 1), st.integers(0, 10**6))
+def test_snapshot_of_an_interleaved_prefix_plus_its_tail_folds_like_the_whole_history(
+    history: list[ev.EventEnvelope], seed: int, cut: int
+) -> None:
+    merged = interleave(random.Random(seed), history)
+    at = cut % (len(merged) + 1)
+    image = msgspec.msgpack.decode(
+        msgspec.msgpack.encode(fold(merged[:at]).snapshot()), type=ViewSnapshot
+    )
+    view = ClusterView.from_snapshot(image, MODELS)
+    for envelope in merged[at:]:
+        view.apply(envelope)
+    assert state(view) == state(fold(history))
+
+
+def _migration(event_type: type[ev.MigrationStarted | ev.MigrationCommitted]) -> Any:
+    """r1 moving from w1 to w0."""
+    return event_type(migration_id="m-r1", request_id="r1", src="w1", dst="w0", kind="kv")
+
+
+def test_counterexample_exit_folded_before_an_earlier_migration_commit() -> None:
+    """The source's exit (stamped after the commit) folded first must not lose the request."""
+    history = [
+        ev.EventEnvelope("w0", 1, 1.0, _joined("w0")),
+        ev.EventEnvelope("w1", 1, 1.1, _joined("w1")),
+        ev.EventEnvelope(GATEWAY, 1, 2.0, _placed(wid="w1")),
+        ev.EventEnvelope(GATEWAY, 2, 3.0, _migration(ev.MigrationStarted)),
+        ev.EventEnvelope(GATEWAY, 3, 4.0, _migration(ev.MigrationCommitted)),
+        ev.EventEnvelope("w1", 2, 5.0, ev.WorkerDrained(worker_id="w1", exiting=True)),
+    ]
+    in_order = fold(history)
+    assert in_order.requests["r1"].worker_id == "w0"
+    assert in_order.worker_rows["w0"].request_blocks == {"r1": 2}
+    for order in ([*history[:3], history[5], *history[3:5]], [*history[:4], *history[5:3:-1]]):
+        assert state(fold(order)) == state(in_order)
+    # Folded after the exit and before the commit: gone from every query, back at the commit.
+    view = fold([*history[:4], history[5]])
+    assert view.requests == {} and view.migrations == {} and "w1" not in view.worker_rows
+    image = msgspec.msgpack.decode(msgspec.msgpack.encode(view.snapshot()), type=ViewSnapshot)
+    resumed = ClusterView.from_snapshot(image, MODELS)
+    assert resumed.requests == {} and resumed.migrations == {}
+    resumed.apply(history[4])
+    assert state(resumed) == state(in_order)
+
+
+def test_a_request_moved_before_a_loss_but_folded_after_it_stays_gone() -> None:
+    """A commit to a worker lost after it (whatever the order) leaves the request gone."""
+    history = [
+        ev.EventEnvelope("w0", 1, 1.0, _joined("w0")),
+        ev.EventEnvelope("w1", 1, 1.1, _joined("w1")),
+        ev.EventEnvelope(GATEWAY, 1, 2.0, _placed(wid="w1")),
+        ev.EventEnvelope(GATEWAY, 2, 3.0, _migration(ev.MigrationStarted)),
+        ev.EventEnvelope(GATEWAY, 3, 4.0, _migration(ev.MigrationCommitted)),
+        ev.EventEnvelope("w0", 2, 5.0, ev.WorkerDrained(worker_id="w0", exiting=True)),
+    ]
+    in_order = fold(history)
+    assert in_order.requests == {} and in_order.migrations == {}
+    assert state(fold([*history[:3], history[5], *history[3:5]])) == state(in_order)
