@@ -8,7 +8,8 @@ at shutdown) and, after a restart, runs the reconcile deadline: every request th
 holds had its client connection die with the old gateway, so a request that no live stream
 reads when the deadline passes is recorded aborted and aborted on its worker. (Most are aborted
 sooner, when their worker says hello again: see `WorkerLink`.) Workers of the recovered view
-that never say hello are declared lost by the link's liveness clock at the same deadline.
+that never say hello are declared lost by the link's liveness clock at the same deadline; their
+requests, no longer live in the view, are still recorded aborted then.
 """
 
 from __future__ import annotations
@@ -153,14 +154,16 @@ async def reconcile_after_restart(
     timeout_s: float,
     recovered: Iterable[str],
 ) -> list[str]:
-    """At the deadline, abort every recovered request that no live stream reads; the ids."""
+    """At the deadline, abort every recovered request that has not ended and no live stream
+    reads; the ids. That includes requests whose worker was declared lost before it said hello
+    again (the view keeps them as tombstones): each one's end is in the journal."""
     recovered = list(recovered)
     await asyncio.sleep(timeout_s)
     view = state.view
-    dead = [rid for rid in recovered if rid in view.requests and rid not in streams]
-    for rid in dead:
-        worker_id = view.requests[rid].worker_id
+    rows = {rid: view.unended(rid) for rid in recovered if rid not in streams}
+    dead = {rid: row.worker_id for rid, row in rows.items() if row is not None}
+    for rid, worker_id in dead.items():
         state.record(RequestAborted(request_id=rid, worker_id=worker_id, reason=RESTART_REASON))
         send(worker_id, AbortRequest([rid]))
     log.info("reconcile_done", aborted_at_deadline=len(dead), num_recovered=len(recovered))
-    return dead
+    return list(dead)

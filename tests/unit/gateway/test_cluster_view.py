@@ -23,6 +23,7 @@ from mell.gateway.cluster_view import ClusterView, RequestState
 from mell.gateway.dispatcher import Dispatcher, Job
 from mell.gateway.metrics import Metrics
 from mell.gateway.policy.base import WorkerStatus, make_policy
+from mell.gateway.recovery import reconcile_after_restart
 
 
 def joined(wid: str, model: str = "m", blocks: int = 10) -> ev.WorkerJoined:
@@ -110,6 +111,34 @@ def test_drain_and_exit() -> None:
     assert [w.worker_id for w in view.live_workers("m")] == ["w0"]
     view = fold([*HISTORY, ev.WorkerDrained(worker_id="w1", exiting=True)])
     assert "w1" not in view.worker_rows and "r2" not in view.requests
+
+
+def test_requests_gone_with_their_worker_are_tombstones_until_the_horizon() -> None:
+    view = fold([*HISTORY, ev.WorkerLost(worker_id="w1", reason="silent")])
+    assert "r2" not in view.requests and "r2" in view.snapshot().requests  # kept, not live
+    assert view.worker_rows["w1"].request_blocks == {}
+    seq = len(HISTORY) + 1
+    report = ev.LoadReported(
+        worker_id="w0", num_running=1, num_waiting=0, num_total_blocks=10, num_free_blocks=7,
+        num_preemptions_total=0, requests=[RequestLoad("r1", 3, 40)],
+    )  # fmt: skip
+    for n in range(1, 257):  # the view prunes every 256 load reports
+        view.apply(ev.EventEnvelope("test", seq + n, 1000.0 + n, report))
+    assert set(view.snapshot().requests) == {"r1"} and set(view.requests) == {"r1"}
+
+
+async def test_the_reconcile_deadline_ends_requests_of_a_worker_lost_before_its_hello() -> None:
+    state = ClusterState(ClusterView(["m"]))
+    for event in [*HISTORY, ev.WorkerLost(worker_id="w1", reason="silent for 2 s")]:
+        state.record(event)
+    assert "r2" not in state.view.requests and state.view.unended("r2") is not None
+    sent: list[tuple[str, Any]] = []
+    dead = await reconcile_after_restart(
+        state, {}, lambda w, m: sent.append((w, m)), 0.01, ["r1", "r2"]
+    )
+    assert dead == ["r1", "r2"]
+    assert sent == [("w0", AbortRequest(["r1"])), ("w1", AbortRequest(["r2"]))]
+    assert state.view.unended("r2") is None and state.view.totals.num_aborted == 2
 
 
 class FakeLink:
