@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
         url = cluster.start(args.startup_timeout, stop)
         names = ", ".join(model_name(s) for s in specs)
         print(f"mell is serving {names} at {url} with {args.workers} worker(s)", flush=True)
+        # stdout carries exactly the one ready line; the admin hint goes to stderr
         print(
-            f"admin API at {cluster.admin_url} (mellctl status --data-dir {data_dir})", flush=True
+            f"admin API at {cluster.admin_url} (mellctl status --data-dir {data_dir})",
+            file=sys.stderr,
+            flush=True,
         )
         return cluster.wait(stop)
     finally:
