@@ -80,7 +80,6 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_queued_requests: int = 1024
     request_timeout_s: float = 600.0
     worker_timeout_s: float = 3.0  # no heartbeat for this long: the worker is lost
-    send_timeout_s: float = 2.0  # a worker that cannot take a message this fast is lost
     tokenize_inline_chars: int = 2048  # longer prompts are tokenized in a thread pool
     policy: str = "least-loaded"
     epoch_s: float = 0.25
