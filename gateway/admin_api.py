@@ -283,12 +283,13 @@ async def migrate(request: web.Request) -> web.Response:
     row = ctx.state.view.requests.get(request_id)
     if row is None or ctx.migrator is None:
         raise NotFound(f"no request {request_id!r} in flight", param="request_id")
-    outcome = await ctx.migrator.migrate(Move(request_id, row.worker_id, body.to, body.kind))
+    src = row.worker_id  # the row follows the request: read it before it moves
+    outcome = await ctx.migrator.migrate(Move(request_id, src, body.to, body.kind))
     return _json(
         {
             "migration_id": outcome.migration_id,
             "request_id": request_id,
-            "src": row.worker_id,
+            "src": src,
             "dst": body.to,
             "kind": outcome.kind,
             "committed": outcome.committed,

@@ -98,6 +98,7 @@ async def _migrate(session, cluster, request_id: str, kind: str) -> dict[str, An
     ) as r:
         out = await r.json()
         assert r.status == 200, out
+        assert (out["src"], out["dst"]) == (src, dst), out
         return out
 
 
