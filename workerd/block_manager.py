@@ -11,7 +11,7 @@ The block manager only counts; it never touches tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from mell.common.errors import MellError
 
@@ -36,8 +36,11 @@ class _LayerPool:
             self.refs[b] = 1
         return blocks
 
-    def release(self, blocks: Iterable[int]) -> None:
-        for b in blocks:
+    def release(self, blocks: Sequence[int]) -> None:
+        # Pushed last block first, so the next `take` pops them in their old order: a request
+        # placed after one that left gets runs of consecutive blocks again (a migration sends
+        # a frame per run).
+        for b in reversed(blocks):
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 self.free.append(b)
