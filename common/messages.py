@@ -260,13 +260,14 @@ class MigrateReserve(msgspec.Struct, frozen=True, kw_only=True, array_like=True,
 
 
 class MigrateBlocks(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mblk"):
-    """One layer of one stage: blocks [first, first + n) of the request, in frame `data`."""
+    """Blocks [first, first + n) of one layer of the request, one stage's, in the frames of
+    `data`, in order (a frame per run of consecutive blocks at the source; n = Σ shape[0])."""
 
     migration_id: str
     stage: int
     layer: int
     first: int
-    data: FrameRef
+    data: list[FrameRef]
 
 
 class MigrateStageEnd(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mend"):

@@ -6,8 +6,8 @@ moves to the next state and sends one message. KV transfer:
 
     source                                   destination
     RESERVING  --MigrateReserve(stage, n)-->  reserve n blocks in total   --MigrateAck-->
-    COPYING    --MigrateBlocks per layer (a
-                 frame per run of blocks),
+    COPYING    --MigrateBlocks per layer and
+                 ~4 MiB (runs of blocks as frames),
                  MigrateStageEnd(stage)----->  write each frame as it comes --MigrateAck-->
     (repeat for the blocks added meanwhile; when at most k remain, pause the request first:
      the last stage copies the rest, the partly written block included)
@@ -54,6 +54,7 @@ log = structlog.get_logger("mell.workerd.migration")
 class MigrationSettings:
     last_stage_max_blocks: int = 16  # k: pause and copy the rest when at most this many remain
     max_stages: int = 4  # copy stages before the last one; more aborts the migration
+    message_bytes: int = 4 << 20  # KV bytes per MigrateBlocks (the copy's pipelining grain)
     step_timeout_s: float = 5.0  # the source's deadline on every answer it waits for
     incoming_timeout_s: float = 10.0  # a destination frees a reservation its source left
 
@@ -163,26 +164,26 @@ class OutgoingMigration:
         )
 
     def _copy(self, now: float) -> None:
-        """Send blocks [copied, target) layer by layer, then the stage's end."""
+        """Send blocks [copied, target) layer by layer, in messages of about
+        `message_bytes` (the destination writes one while the next is on the wire), then the
+        stage's end."""
         blocks = self.engine.blocks
         runner = self.engine.runner
+        per_message = max(1, self.settings.message_bytes // runner.kv_block_bytes)
         num_frames = 0
         self._copy_started, self._stage_bytes = time.monotonic(), 0
-        if self.target > self.copied:
-            for layer in range(blocks.num_layers):
-                ids = blocks.block_table(self.request_id, layer)[self.copied : self.target]
-                for offset, n, frame in runner.kv_frames(layer, ids):
-                    ref = FrameRef(0, "uint8", [n, frame.nbytes // n])
-                    message = MigrateBlocks(
-                        migration_id=self.id,
-                        stage=self.stage,
-                        layer=layer,
-                        first=self.copied + offset,
-                        data=ref,
-                    )
-                    self.port.to_peer(self.dst_address, message, [frame])
-                    self._stage_bytes += frame.nbytes
-                    num_frames += 1
+        for layer in range(blocks.num_layers if self.target > self.copied else 0):
+            table = blocks.block_table(self.request_id, layer)
+            for first in range(self.copied, self.target, per_message):
+                ids = table[first : min(first + per_message, self.target)]
+                frames = runner.kv_frames(layer, ids)
+                refs = [FrameRef(i, "uint8", [n, f.nbytes // n]) for i, (n, f) in enumerate(frames)]
+                message = MigrateBlocks(
+                    migration_id=self.id, stage=self.stage, layer=layer, first=first, data=refs
+                )
+                self.port.to_peer(self.dst_address, message, [f for _, f in frames])
+                self._stage_bytes += sum(f.nbytes for _, f in frames)
+                num_frames += 1
         self.state = OutState.COPYING
         self.deadline = now + self.settings.step_timeout_s
         self.port.to_peer(
@@ -345,16 +346,26 @@ class IncomingMigration:
         ):
             return  # over, or a repeat
         self.deadline = now + self.timeout_s
-        ref = msg.data
         if not self.engine.blocks.has(self.key):
             return  # nothing reserved (refused): the stage will not be acknowledged
-        table = self.engine.blocks.block_table(self.key, msg.layer)
-        ids = table[msg.first : msg.first + ref.shape[0]]
-        if len(ids) != ref.shape[0] or len(frames) <= ref.index:
+        n = sum(ref.shape[0] for ref in msg.data)
+        ids = self.engine.blocks.block_table(self.key, msg.layer)[msg.first : msg.first + n]
+        if len(ids) != n or not self._fits(msg.data, frames):
             return  # not what was reserved: the stage's frame count will not match
-        self.engine.runner.write_kv(msg.layer, ids, frames[ref.index])
+        self.engine.runner.write_kv(msg.layer, ids, [frames[ref.index] for ref in msg.data])
         self._frames[msg.stage] = self._frames.get(msg.stage, 0) + 1
         self._seen.add((msg.stage, msg.layer, msg.first))
+
+    def _fits(self, refs: list[FrameRef], frames: list[memoryview]) -> bool:
+        """Every frame is there and holds whole blocks of this worker's layout."""
+        block_bytes = self.engine.runner.kv_block_bytes
+        return all(
+            0 <= ref.index < len(frames)
+            and len(ref.shape) == 2
+            and ref.shape[1] == block_bytes
+            and frames[ref.index].nbytes == ref.shape[0] * block_bytes
+            for ref in refs
+        )
 
     def stage_end(self, msg: MigrateStageEnd, now: float) -> None:
         if self._repeat(msg.stage, "copy"):

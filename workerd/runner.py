@@ -102,33 +102,47 @@ class ModelRunner:
             else []
         )
 
-    def kv_frames(self, layer: int, block_ids: list[int]) -> list[tuple[int, int, memoryview]]:
-        """Some blocks of one layer as bytes to send: (index into `block_ids`, number of blocks,
-        bytes) per frame. On CPU each run of consecutive blocks is a view of the cache itself
-        (nothing copied; the blocks must not change until sent: full blocks never do). On CUDA
-        the blocks are gathered into pinned host memory (the copy engine moves them; the host
-        waits for this layer only), one frame."""
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one block of one layer (keys and values)."""
+        cache = self.kv_caches[0]
+        return cache[0].numel() * cache.element_size()
+
+    def kv_frames(self, layer: int, block_ids: list[int]) -> list[tuple[int, memoryview]]:
+        """Some blocks of one layer as bytes to send, in order: (number of blocks, bytes) per
+        frame; the frames together hold `block_ids`. On CPU each run of consecutive blocks is
+        a view of the cache itself (nothing copied; the blocks must not change until sent: full
+        blocks never do). On CUDA the blocks are gathered into pinned host memory (the copy
+        engine moves them; the host waits for this layer only), one frame."""
         if self.device.type == "cuda":
             index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
             gathered = self.kv_caches[layer].index_select(0, index)
             host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
             host.copy_(gathered, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-            data = memoryview(host.view(torch.uint8).reshape(-1).numpy())
-            return [(0, len(block_ids), data)]
+            return [(len(block_ids), memoryview(host.view(torch.uint8).reshape(-1).numpy()))]
         cache = self._host_bytes[layer]
         return [
-            (i, n, memoryview(cache[start : start + n].reshape(-1)))
-            for i, start, n in block_runs(block_ids)
+            (n, memoryview(cache[start : start + n].reshape(-1)))
+            for _, start, n in block_runs(block_ids)
         ]
 
-    def write_kv(self, layer: int, block_ids: list[int], data: memoryview) -> None:
-        """Store blocks of one layer received from a peer (bytes laid out as `kv_frames`)."""
-        src = np.frombuffer(data, dtype=np.uint8).reshape(len(block_ids), -1)
+    def write_kv(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
+        """Store blocks of one layer received from a peer: `frames` laid out as `kv_frames`
+        makes them, together exactly `len(block_ids)` blocks, written in order."""
+        done = 0
+        for frame in frames:
+            src = np.frombuffer(frame, dtype=np.uint8).reshape(-1, self.kv_block_bytes)
+            self._write_blocks(layer, block_ids[done : done + len(src)], src)
+            done += len(src)
+
+    def _write_blocks(self, layer: int, block_ids: list[int], src: np.ndarray) -> None:
         if self.device.type == "cuda":
-            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
             cache = self.kv_caches[layer]
-            host = torch.from_numpy(src.copy()).view(cache.dtype).view((-1, *cache.shape[1:]))
+            staged = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+            staged.numpy()[:] = src  # pinned: the copy to the device runs asynchronously
+            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+            host = staged.view(cache.dtype).view((-1, *cache.shape[1:]))
             cache.index_copy_(0, index, host.to(self.device, non_blocking=True))
             return
         cache = self._host_bytes[layer]

@@ -39,6 +39,8 @@ class World:
         self.seq = 0
         self.drop_to: set[str] = set()  # addresses whose messages vanish (peer killed)
         self.duplicate = False  # deliver every peer message twice
+        self.mangle: Any = None  # (message, frames) -> frames: what the wire does to them
+        self.sent: list[Any] = []  # every peer message, in order
         for name, engine in engines.items():
             node = Node(name, engine)
             node.hub = MigrationHub(
@@ -118,6 +120,9 @@ class _Port:
 
     def to_peer(self, address: str, message: Any, buffers: list[Any] | None = None) -> None:
         frames = [bytes(f) for f in self.world.codec.encode(message, buffers or [])]
+        self.world.sent.append(message)
+        if self.world.mangle is not None:
+            frames = self.world.mangle(message, frames)
         self.world.queue.append((address, frames))
         if self.world.duplicate:
             self.world.queue.append((address, frames))

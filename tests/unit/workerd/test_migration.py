@@ -10,10 +10,12 @@ import pytest
 from migration_world import World
 
 from mell.common.config import EngineConfig
+from mell.common.messages import MigrateBlocks
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import write_tiny_model
 from mell.workerd.engine import Engine
 from mell.workerd.migration import MigrationSettings
+from mell.workerd.runner import block_runs
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
@@ -79,6 +81,46 @@ def test_migrated_requests_produce_the_unmigrated_tokens(tiny, sampling, kind) -
     assert set(w.finished) == set(prompts)
     ends = w.ended("a") + w.ended("b")
     assert sum(e.committed for e in ends) >= 6, ends  # several times each, on average
+    assert_no_leaks(w)
+
+
+def test_kv_copy_in_small_messages_over_scattered_blocks(tiny) -> None:
+    # Three requests decode side by side, so each one's blocks interleave with the others'
+    # (a frame per block); messages of 3 blocks split every layer of a stage into several.
+    prompts = {f"r{i}": prompt(17 + 3 * i, start=i) for i in range(3)}
+    want = reference(tiny, prompts, GREEDY)
+    a = engine(tiny)
+    settings = MigrationSettings(last_stage_max_blocks=2, message_bytes=3 * a.runner.kv_block_bytes)
+    w = World({"a": a, "b": engine(tiny)}, settings)
+    for rid, p in prompts.items():
+        w.add("a", rid, p, GREEDY)
+    for _ in range(12):
+        w.step()
+    assert len(block_runs(a.blocks.block_table("r1"))) > 3  # scattered
+    for rid in prompts:
+        assert w.migrate(rid, "a", "b", "kv") is None
+    w.run()
+    assert dict(w.tokens) == want
+    assert [e.committed for e in w.ended("a")] == [True] * 3
+    sent = [m for m in w.sent if isinstance(m, MigrateBlocks)]
+    assert max(sum(ref.shape[0] for ref in m.data) for m in sent) == 3
+    assert max(len(m.data) for m in sent) > 1  # several runs in one message
+    assert_no_leaks(w)
+
+
+def test_malformed_kv_frame_is_dropped_and_the_migration_aborts(tiny) -> None:
+    want = reference(tiny, {"r": prompt(30)}, GREEDY)
+    w = _start_decoding(tiny)
+
+    def truncate(message, frames):  # a KV frame one byte short
+        return [*frames[:-1], frames[-1][:-1]] if isinstance(message, MigrateBlocks) else frames
+
+    w.mangle = truncate
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.run()
+    [end] = w.ended("a")
+    assert not end.committed and "frames arrived" in end.reason, end.reason
+    assert w.tokens["r"] == want["r"]
     assert_no_leaks(w)
 
 
