@@ -104,10 +104,12 @@ def build_engine(config: WorkerConfig) -> Any:
 
 
 def run(config: WorkerConfig) -> int:
+    from mell.workerd.heap import keep_large_buffers
     from mell.workerd.io import WorkerIO
     from mell.workerd.worker import Worker
 
     structlog.contextvars.bind_contextvars(worker_id=config.worker_id)
+    heap_tuned = keep_large_buffers()
     engine = build_engine(config)
     io = WorkerIO(config.gateway, config.worker_id, f"tcp://{config.data_host}:{config.data_port}")
     worker = Worker(config, engine, io, model_name(config.engine.model), Notifier())
@@ -119,6 +121,7 @@ def run(config: WorkerConfig) -> int:
         gateway=config.gateway,
         capacity_blocks=engine.stats().num_total_blocks,
         fake=config.fake_token_rate > 0,
+        heap_tuned=heap_tuned,
     )
     try:
         code = worker.run()
