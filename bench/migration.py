@@ -124,9 +124,12 @@ async def holder(s: aiohttp.ClientSession, c: Cluster, rid: str) -> str:
 async def migrate_once(
     s: aiohttp.ClientSession, c: Cluster, model: str, context: int, kind: str, at: int
 ) -> dict[str, Any]:
-    """One streaming request of `context` prompt tokens, migrated once after `at` tokens."""
+    """One streaming request of `context` prompt tokens, migrated once after `at` tokens.
+    With logprobs every token comes in its own chunk (without, the detokenizer holds back
+    bytes of an incomplete UTF-8 character and merges chunks: gaps that are not stalls)."""
     body = {"model": model, "prompt": [3 + (7 * i) % 500 for i in range(context)],
-            "max_tokens": 160, "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+            "max_tokens": 160, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "logprobs": 0}  # fmt: skip
     times: list[float] = []
     call: dict[str, Any] = {}
     task: asyncio.Task[Any] | None = None
