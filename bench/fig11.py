@@ -4,11 +4,12 @@ For each (profile, trace) the simulator replays the trace under best-fit, worst-
 LB and MELL, and prints MELL's reduction in workers against each baseline (peak active workers,
 and time-averaged active workers), the migrations per second of LB and MELL (Fig. 12), and
 MELL's peak over the fluid lower bound (`mell.gateway.sim.bound`: computed from the trace with
-ideal progression, the same number for every policy of a row), decomposed at the epoch of
-MELL's peak: the KV its requests hold there (Σ KV / C, in workers, and over the bound; of which
-the KV of requests still waiting for or in their prefill), and the peak over that KV (packing:
-growth reserve and the gaps between requests). The JSON also has MELL's own
-max_t ⌈Σ KV_t / C⌉ and every policy's.
+fluid progression, a pool of KV_t / C workers prefilling at their full chunk rate, oldest prompt
+first, and decoding as exactly full workers; the same number for every policy of a row; a
+reference, not a theorem), decomposed at the epoch of MELL's peak: the KV its requests hold
+there (Σ KV / C, in workers, and over the bound; of which the KV of requests still waiting for
+or in their prefill), and the peak over that KV (packing: growth reserve and the gaps between
+requests). The JSON also has MELL's own max_t ⌈Σ KV_t / C⌉ and every policy's.
 
 Workers are counted where MELL's Algorithm 1 counts GPUs, for every policy: after the epoch's
 departures, growth, arrivals and moves, once empty workers are released. Workers batch like the

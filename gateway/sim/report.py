@@ -47,7 +47,7 @@ def _row(r: SimResult) -> list[str]:
 
 
 def lower_bound(results: Sequence[SimResult]) -> int:
-    """The fluid lower bound max_t Σ_pools ⌈Σ KV_t / C⌉ under ideal progression (`bound.py`):
+    """The fluid lower bound max_t Σ_pools ⌈Σ KV_t / C⌉ under fluid progression (`bound.py`):
     computed from the trace alone, so it is the same for every run of a table."""
     bounds = {r.lower_bound for r in results}
     if len(bounds) > 1:

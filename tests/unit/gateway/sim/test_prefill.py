@@ -90,7 +90,7 @@ def test_decodes_continue_in_the_steps_that_carry_a_prefill_chunk() -> None:
 
 def test_the_bound_never_lets_a_request_start_decoding_before_the_simulator_can() -> None:
     # A burst on one pool: every prompt's first token in the simulator comes no earlier than
-    # its prefill alone at the full chunk rate (the bound's ideal progression).
+    # its prefill alone at the full chunk rate (the most the bound's fluid pool gives a prompt).
     n = 40
     trace = make_trace([0.01 * i for i in range(n)], [3000 + 50 * i for i in range(n)], [40] * n)
     sim = simulator(trace)
