@@ -19,6 +19,7 @@ class MellOperations:
     placement: str
     prefill_share: float
     refill: str
+    consolidate_young: bool
 
     @staticmethod
     def _size(pool: _Pool, rid: str) -> int:
@@ -238,9 +239,10 @@ class MellOperations:
             else:
                 self._refill_small(pool, wid)
 
-    def _release(self, pool: _Pool, wid: str) -> bool:
+    def _release(self, pool: _Pool, wid: str, receivers: set[str] | None = None) -> bool:
         """Move every request of `wid` to other busy workers (best fit, largest first) if all
-        of them fit within the operation's migration budget; True when `wid` was emptied."""
+        of them fit within the operation's migration budget; True when `wid` was emptied.
+        The workers that took one are added to `receivers`."""
         items = sorted(pool.items[wid].items(), key=lambda kv: (-kv[1], kv[0]))
         if len(items) > pool.moves_left:
             return False
@@ -249,14 +251,17 @@ class MellOperations:
         extra_n: dict[str, int] = {}
         ceil = math.ceil
         per_request = pool.growth * pool.place_epochs
+        caps, used, view_free, busy = pool.caps, pool.used, pool.view_free, pool.items
         for rid, b in items:
             best, best_r = None, 0
-            for other in pool.items:
-                if other == wid or other not in pool.caps:
+            for other, its in busy.items():
+                cap = caps.get(other)
+                if other == wid or cap is None:
                     continue
-                n = len(pool.items[other]) + extra_n.get(other, 0)
-                free = pool.caps[other] - pool.used[other] - extra.get(other, 0)
-                r = free - ceil(per_request * (n + 1))
+                free = cap - used[other]
+                v = view_free.get(other, free)
+                free = (v if v < free else free) - extra.get(other, 0)
+                r = free - ceil(per_request * (len(its) + extra_n.get(other, 0) + 1))
                 if r >= b and (best is None or r < best_r):
                     best, best_r = other, r
             if best is None:
@@ -266,7 +271,29 @@ class MellOperations:
             extra_n[best] = extra_n.get(best, 0) + 1
         for rid, dst in plan:
             pool.move(rid, dst)
+        if receivers is not None:
+            receivers.update(extra)
         return True
+
+    # -- Consolidate (ours) -----------------------------------------------------------------
+
+    def _consolidate(self, pool: _Pool, receivers: set[str], tried: set[str]) -> bool:
+        """Empty the emptiest under-full worker not tried yet into the others' gaps, if all
+        its requests fit there within one operation's migration budget; True when one was
+        freed. `receivers` (workers that took requests this epoch) are not emptied."""
+        caps, used = pool.caps, pool.used
+        cands = [
+            w
+            for w in pool.items
+            if w not in receivers and w not in tried and used[w] < FULL * caps[w]
+        ]
+        if not cands:
+            return False
+        wid = min(cands, key=lambda w: (used[w] / caps[w], w))
+        tried.add(wid)
+        if not self.consolidate_young and any(r in pool.young for r in pool.items[wid]):
+            return False
+        return self._release(pool, wid, receivers)
 
     # -- Update -----------------------------------------------------------------------------
 

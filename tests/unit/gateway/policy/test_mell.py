@@ -159,3 +159,62 @@ def test_arrivals_avoid_stacking_prefills_on_one_worker() -> None:
         got = policy.place(world, arrival(20, "next"))
         assert isinstance(got, Placement)
         assert got.worker_id == ("w000" if share else first.worker_id), share
+
+
+def test_consolidation_empties_the_emptiest_worker_into_the_others_gaps() -> None:
+    # An older T-GPU holds one item, the newest three: with the paper's operations alone (no
+    # repair) nothing moves; consolidation moves the lone item and frees its worker.
+    for consolidate, busy in ((0, 2), (4, 1)):
+        world = World(capacity=100, num_workers=4)
+        policy = make_policy(
+            "mell", headroom_tokens=0, repairs_per_epoch=0, consolidate=consolidate
+        )
+        world.load["w000"] = {"t1": 20}
+        policy.plan_epoch(world, 0.0)
+        world.load["w001"] = {"u1": 20, "u2": 20, "u3": 20}
+        moves = policy.plan_epoch(world, 1.0)
+        world.apply(moves)
+        assert len(world.busy()) == busy
+        if consolidate:
+            assert [(m.request_id, m.src, m.dst) for m in moves] == [("t1", "w000", "w001")]
+
+
+def test_consolidation_moves_all_or_nothing() -> None:
+    # The emptiest worker's two items fit the others' gaps only one at a time: nothing moves.
+    world = World(capacity=100, num_workers=4)
+    policy = make_policy("mell", headroom_tokens=0, repairs_per_epoch=0)
+    world.load["w000"] = {"a": 70, "b": 14}
+    world.load["w001"] = {"c": 20, "d": 20}  # emptiest: 40 blocks, but only 16 free elsewhere
+    world.load["w002"] = {"e": 70, "f": 14}
+    assert policy.plan_epoch(world, 0.0) == []
+
+
+def test_a_request_is_refill_material_only_once_it_has_grown_since_its_placement() -> None:
+    # Its prompt may still be prefilling (or it is a short request about to leave): moving it
+    # would be wasted. Time alone (settle_epochs) is not enough with settle_blocks.
+    for settle_blocks, moved_at in ((2, 3), (0, 2)):
+        world = World(capacity=100, num_workers=4)
+        policy = make_policy(
+            "mell",
+            headroom_tokens=0,
+            repairs_per_epoch=0,
+            settle_epochs=1,
+            settle_blocks=settle_blocks,
+            consolidate_tries=1,  # only the emptiest worker, r's
+        )
+        world.load["w000"] = {"a": 44, "b": 20}
+        policy.plan_epoch(world, 0.0)
+        got = policy.place(world, arrival(40, "r"))
+        assert isinstance(got, Placement) and got.worker_id != "w000"
+        world.place(got, "r", 40)
+        del world.load["w000"]["b"]  # room for r on w000 from now on
+        moved = None
+        for epoch in range(1, 5):
+            if epoch == 3:
+                world.load[got.worker_id]["r"] = 42  # r decoded two blocks
+            moves = policy.plan_epoch(world, float(epoch))
+            world.apply(moves)
+            if any(m.request_id == "r" for m in moves):
+                moved = epoch
+                break
+        assert moved == moved_at and world.where("r") == "w000"
