@@ -236,17 +236,16 @@ class Mell(MellOperations):
         pool.young = {rid for batch in recent for rid in batch} if self.settle_epochs else set()
         # ... or, placed by us, grown by fewer than `settle_blocks` blocks since (adopted
         # requests, whose placement we did not see, count as settled).
-        born = self._born.get(model, {})
+        born = self._born.get(model)
         if born:
             still: dict[str, int] = {}
             slow = pool.young.add
-            least = self.settle_blocks
-            for items in pool.items.values():
-                for rid, b in items.items():
-                    b0 = born.get(rid)
-                    if b0 is not None and b - b0 < least:
-                        still[rid] = b0  # once settled, forgotten
-                        slow(rid)
+            least, items = self.settle_blocks, pool.items
+            for rid, b0 in born.items():
+                wid = where.get(rid)
+                if wid is not None and items[wid][rid] - b0 < least:
+                    still[rid] = b0  # once settled (or gone), forgotten
+                    slow(rid)
             self._born[model] = still
 
         # 1. Departures: requests seen before and now gone (sorted: reproducible order).
@@ -297,17 +296,18 @@ class Mell(MellOperations):
             self._op(pool, self._repair, wid)
         # 5. Ours: consolidation, a worker freed by moving all its requests into others' gaps.
         receivers: set[str] = set()
-        tried: set[str] = set()
-        freed = 0
-        kv_workers = sum(pool.used.values()) / max(1, pool.capacity)
-        tries = self.consolidate_tries
-        if len(pool.items) <= math.ceil(kv_workers * (1.0 + self.consolidate_slack)):
-            tries = 0
-        for _ in range(tries):
-            if freed >= self.consolidate:
-                break
-            if self._op(pool, self._consolidate, receivers, tried):
-                freed += 1
+        caps, used = pool.caps, pool.used
+        if self.consolidate and len(pool.items) > math.ceil(
+            sum(used.values()) / max(1, pool.capacity) * (1.0 + self.consolidate_slack)
+        ):
+            under = [w for w in pool.items if used[w] < FULL * caps[w]]
+            under.sort(key=lambda w: (used[w] / caps[w], w))  # emptiest first
+            freed = 0
+            for wid in under[: self.consolidate_tries]:
+                if self._op(pool, self._consolidate, wid, receivers):
+                    freed += 1
+                    if freed >= self.consolidate:
+                        break
 
         sizes: dict[str, int] = {}
         for items in pool.items.values():

@@ -277,21 +277,30 @@ class MellOperations:
 
     # -- Consolidate (ours) -----------------------------------------------------------------
 
-    def _consolidate(self, pool: _Pool, receivers: set[str], tried: set[str]) -> bool:
-        """Empty the emptiest under-full worker not tried yet into the others' gaps, if all
-        its requests fit there within one operation's migration budget; True when one was
-        freed. `receivers` (workers that took requests this epoch) are not emptied."""
-        caps, used = pool.caps, pool.used
-        cands = [
-            w
-            for w in pool.items
-            if w not in receivers and w not in tried and used[w] < FULL * caps[w]
-        ]
-        if not cands:
+    def _consolidate(self, pool: _Pool, wid: str, receivers: set[str]) -> bool:
+        """Empty `wid` into the other workers' gaps, if all its requests fit there within one
+        operation's migration budget; True when it was freed. `receivers` (workers that took
+        requests this epoch) are not emptied."""
+        if wid in receivers or wid not in pool.items:
             return False
-        wid = min(cands, key=lambda w: (used[w] / caps[w], w))
-        tried.add(wid)
-        if not self.consolidate_young and any(r in pool.young for r in pool.items[wid]):
+        caps, used = pool.caps, pool.used
+        items = pool.items[wid]
+        if not self.consolidate_young and any(r in pool.young for r in items):
+            return False
+        if len(items) > pool.moves_left:
+            return False
+        # A quick rejection before `_release`'s search: the largest request needs one gap, and
+        # all of them together the sum of the gaps.
+        per_request = pool.growth * pool.place_epochs
+        ceil = math.ceil
+        widest = total = 0
+        for w, its in pool.items.items():
+            gap = caps[w] - used[w] - ceil(per_request * (len(its) + 1))
+            if gap > 0 and w != wid:
+                total += gap
+                if gap > widest:
+                    widest = gap
+        if widest < max(items.values()) or total < used[wid]:
             return False
         return self._release(pool, wid, receivers)
 
