@@ -26,6 +26,8 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,17 +155,19 @@ def simulate(
             "migrations": r.migrations, "rejected": r.rejected}  # fmt: skip
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trace", default=str(DEFAULT_TRACE))
-    p.add_argument("--requests", type=int, default=150)
-    p.add_argument("--speedup", type=float, default=1.5)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--num-kv-blocks", type=int, default=128)
-    p.add_argument("--len-scale", type=float, default=0.5)
-    args = p.parse_args()
-    trace = load(args)
-    root = Path(tempfile.mkdtemp(prefix="mell-bench-replay-"))
+def simulate_safely(
+    trace: Any, profile_path: Path, capacity: int, policy: str, slowdown: float
+) -> dict[str, Any]:
+    """`simulate`, a policy bug showing in the output instead of ending the run."""
+    try:
+        return simulate(trace, profile_path, capacity, policy, slowdown)
+    except Exception as err:
+        return {"avg_active": float("nan"), "peak_active": -1, "migrations": -1,
+                "error": repr(err)}  # fmt: skip
+
+
+def run_all(args: argparse.Namespace, trace: Any, root: Path) -> dict[str, Any]:
+    """The profile, then every (run, policy) replay and its simulation; the RESULT object."""
     profile = root / "tiny.toml"
     subprocess.run(
         [sys.executable, str(ROOT / "bench/profile_worker.py"), "--device", "cpu", "--out",
@@ -178,35 +182,63 @@ def main() -> int:
     )
     # The profile is measured on an idle machine; live, the workers share its cores.
     slowdown = max(1.0, args.workers / (os.cpu_count() or 1))
-    rows = {}
-    for policy in ("mell", "worst-fit"):
-        c = Cluster(root / policy, None, args.workers, policy, args.num_kv_blocks)
-        try:
-            live = asyncio.run(replay(c, trace))
-        finally:
-            c.stop()
-        try:
-            sim = simulate(trace, profile, args.num_kv_blocks, policy, slowdown)
-        except Exception as err:  # a policy bug shows in the output instead of ending the run
-            sim = {"avg_active": float("nan"), "peak_active": -1, "migrations": -1,
-                   "error": repr(err)}  # fmt: skip
-        rows[policy] = {"live": live, "sim": sim}
-        print(
-            f"{policy:9s}  live: {live['completed']}/{live['requests']} completed "
-            f"({live['retried_503']} 503s retried), active "
-            f"workers avg {live['avg_active']:.2f} peak {live['peak_active']}, migrations "
-            f"{live['migrations']} (aborted {live['migrations_aborted']})   simulator: avg "
-            f"{sim['avg_active']:.2f} peak {sim['peak_active']}, migrations {sim['migrations']}",
-            flush=True,
-        )
+    rows: dict[str, dict[str, Any]] = {}
+    for run in range(args.runs):  # interleaved: mell, worst-fit, mell, worst-fit, ...
+        for policy in ("mell", "worst-fit"):
+            c = Cluster(root / f"{policy}-{run}", None, args.workers, policy, args.num_kv_blocks)
+            try:
+                live = asyncio.run(replay(c, trace))
+            finally:
+                c.stop()
+            row = rows.setdefault(policy, {"live": [], "sim": None})
+            row["live"].append(live)
+            if row["sim"] is None:
+                row["sim"] = simulate_safely(trace, profile, args.num_kv_blocks, policy, slowdown)
+            sim = row["sim"]
+            print(
+                f"{policy:9s} run {run + 1}  live: {live['completed']}/{live['requests']} "
+                f"completed ({live['retried_503']} 503s retried), active workers avg "
+                f"{live['avg_active']:.2f} peak {live['peak_active']}, migrations "
+                f"{live['migrations']} (aborted {live['migrations_aborted']})   simulator: avg "
+                f"{sim['avg_active']:.2f} peak {sim['peak_active']}, "
+                f"migrations {sim['migrations']}",
+                flush=True,
+            )
+    for row in rows.values():
+        row["avg_active"] = statistics.mean(r["avg_active"] for r in row["live"])
+    mell, wf = rows["mell"]["avg_active"], rows["worst-fit"]["avg_active"]
+    sim_mell, sim_wf = rows["mell"]["sim"]["avg_active"], rows["worst-fit"]["sim"]["avg_active"]
+    print(
+        f"time-average active workers over {args.runs} runs each: MELL {mell:.2f}, worst-fit "
+        f"{wf:.2f} ({100 * (mell / wf - 1):+.0f}%); simulator {sim_mell:.2f} vs {sim_wf:.2f}",
+        flush=True,
+    )
     checks = {
         "all_completed": all(
-            r["live"]["completed"] == r["live"]["requests"] for r in rows.values()
+            r["completed"] == r["requests"] for row in rows.values() for r in row["live"]
         ),
-        "mell_fewer_active": rows["mell"]["live"]["avg_active"]
-        < rows["worst-fit"]["live"]["avg_active"],
+        "mell_fewer_active": mell < wf,
     }
-    print("RESULT " + json.dumps({"rows": rows, "checks": checks, "args": vars(args)}))
+    return {"rows": rows, "checks": checks, "args": vars(args)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trace", default=str(DEFAULT_TRACE))
+    p.add_argument("--requests", type=int, default=150)
+    p.add_argument("--speedup", type=float, default=1.5)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--num-kv-blocks", type=int, default=128)
+    p.add_argument("--len-scale", type=float, default=0.5)
+    p.add_argument("--runs", type=int, default=2, help="runs per policy, interleaved")
+    args = p.parse_args()
+    trace = load(args)
+    root = Path(tempfile.mkdtemp(prefix="mell-bench-replay-"))
+    try:
+        result = run_all(args, trace, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("RESULT " + json.dumps(result))
     return 0
 
 
