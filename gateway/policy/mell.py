@@ -53,13 +53,17 @@ Choices where the paper is silent (each also noted where it is made):
   class segregation has to be bought back with refills; "pair" and "bestfit" are within a
   worker or two of each other (the pairing often places an S/M beside an L that is itself
   still being prefilled).
-- Prefill-aware placement (`prefill_share`, default 0.5): a worker computes the prompts queued
-  on it one after another (chunked prefill under a per-step token budget, oldest first: the
-  engine's scheduler, which the simulator models), so an arrival first looks among workers
-  that have admitted less than `prefill_share` · C blocks of prompts since the last epoch, and
-  only then among all. In a burst of long prompts (the Azure code trace) best fit would
-  otherwise stack several prefills on one worker, and every request there lives that much
-  longer. 0 turns it off.
+- Prefill-aware placement (`prefill_share`, off by default): a worker computes the prompts
+  queued on it one after another (chunked prefill under a per-step token budget, oldest first:
+  the engine's scheduler, which the simulator models), so with `prefill_share` > 0 an arrival
+  first looks among workers that have admitted less than `prefill_share` · C blocks of prompts
+  since the last epoch, and only then among all. Measured on the bench/fig11.py runs at 0.8x
+  to 1.2x their time scales (54 runs), it does not pay: MELL's peak over the bound averages
+  1.352 with 0.5 and 1.345 without (0.25: worse; a leaky bucket draining one worker's chunk
+  rate per epoch instead of the per-epoch reset, at 0.1-0.5 of C: no better), the same
+  time-average. At the peak of the Azure code trace (7B) 49 of 62 workers hold a prompt
+  queue, the longest 2.5 s being one prompt of a whole worker's KV: the queues are single
+  long prompts, each computed at one worker's rate, which placement cannot spread.
 - Requests placed, or moved by a migration that ran, within the last `settle_epochs` epochs
   (default 5, 2.5 s at 0.5 s epochs), and requests placed by this policy that have not grown
   by `settle_blocks` (default 2) KV blocks since, are young: refills, companion pulls and
@@ -141,7 +145,7 @@ class Mell(MellOperations):
         repairs_per_epoch: int = 4,
         refill: str = "fill",
         settle_epochs: int = 5,
-        prefill_share: float = 0.5,
+        prefill_share: float = 0.0,
         consolidate: int = 4,
         consolidate_tries: int = 8,
         consolidate_young: bool = False,

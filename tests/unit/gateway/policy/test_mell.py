@@ -146,11 +146,12 @@ def test_fresh_requests_are_not_refill_material() -> None:
 
 def test_arrivals_avoid_stacking_prefills_on_one_worker() -> None:
     # Within one epoch a 70% prompt opens a worker; the next, 20% arrival fits best there, but
-    # that worker is busy prefilling 70% of C: with the default prefill_share (0.5) it goes to
-    # the half-full worker instead, with prefill_share=0 to the best fit. No worker is opened.
+    # that worker is busy prefilling 70% of C: with prefill_share=0.5 it goes to the half-full
+    # worker instead, by default (prefill_share=0) to the best fit. No worker is opened.
     for share in (0.5, 0.0):
         world = World(capacity=100, num_workers=4)
-        policy = make_policy("mell", headroom_tokens=0, prefill_share=share)
+        options = {"prefill_share": share} if share else {}
+        policy = make_policy("mell", headroom_tokens=0, **options)
         world.load["w000"] = {"old": 50}
         policy.plan_epoch(world, 0.0)
         first = policy.place(world, arrival(70, "fresh"))
