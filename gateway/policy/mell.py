@@ -74,6 +74,11 @@ Choices where the paper is silent (each also noted where it is made):
   The growth rule waits for decoding to have started, however long the prompt queued; with
   both rules and consolidation MELL migrates 0.55/s on that run (0.66/s with 3 epochs and no
   consolidation; LB 0.59/s).
+- Last resort (a fixed pool, every worker busy, none fits with its growth headroom, which a
+  simulated pool never reaches: it always has an idle worker): the worker that reports the
+  most free blocks, if they hold the prompt. A request admitted now may have to be relieved
+  or preempted later; a 503 now is certain, and a live MELL refused 2.5x as many requests as
+  worst-fit (no headroom) on a saturated 4-worker replay before this.
 - L departure: the paper evicts and re-Allocates everything else so the worker is released; we
   do that only when everything fits on other busy workers (moving onto a newly opened worker
   would cost migrations and release nothing); otherwise the worker is repaired like any other.
@@ -193,7 +198,7 @@ class Mell(MellOperations):
             return Rejection(f"no ACTIVE worker of model {model!r}")
         blocks = arrival_blocks(arrival, workers[0].block_size)
         pool.moves_left = 0  # placing never migrates; follow-ups run in plan_epoch
-        wid = self._allocate_target(pool, blocks, None)
+        wid = self._allocate_target(pool, blocks, None) or _roomiest(pool, blocks)
         if wid is None:
             return Rejection(f"no ACTIVE worker of model {model!r} has room for {blocks} KV blocks")
         rid = arrival.request_id
@@ -333,3 +338,10 @@ class Mell(MellOperations):
         pool.op_moves.append(used)
         self.moves_by_op[fn.__name__] = self.moves_by_op.get(fn.__name__, 0) + used
         return out
+
+
+def _roomiest(pool: _Pool, blocks: int) -> str | None:
+    """The worker whose reported free blocks are the most, if they hold `blocks` (headroom
+    ignored): the last resort of `Mell.place`."""
+    wid = max(pool.view_free, key=pool.view_free.__getitem__, default=None)
+    return wid if wid is not None and pool.view_free[wid] >= blocks else None

@@ -219,3 +219,18 @@ def test_a_request_is_refill_material_only_once_it_has_grown_since_its_placement
                 moved = epoch
                 break
         assert moved == moved_at and world.where("r") == "w000"
+
+
+def test_a_full_fixed_pool_still_admits_where_blocks_are_free() -> None:
+    # Two workers, both busy; neither keeps its growth headroom after one more request, but
+    # both have the blocks: the last resort places on the one with the most free blocks.
+    world = World(capacity=100, num_workers=2)
+    world.load["w000"] = {f"a{i}": 8 for i in range(10)}  # 80 used, 20 free
+    world.load["w001"] = {f"b{i}": 17 for i in range(5)}  # 85 used, 15 free
+    policy = make_policy("mell", headroom_tokens=16)  # 2 blocks per request kept free
+    decision = policy.place(world, arrival(12, "r"))
+    assert decision == Placement("w000")
+    world.place(decision, "r", 12)
+    assert isinstance(policy.place(world, arrival(9, "r2")), Placement)  # w001: 15 free
+    rejected = policy.place(world, arrival(16, "r3"))
+    assert isinstance(rejected, Rejection) and "16 KV blocks" in rejected.reason
