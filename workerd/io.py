@@ -2,10 +2,12 @@
 
 The engine loop (main thread) never touches a socket: it calls `send` (to the gateway) or
 `send_peer` (to another worker's data plane), which encode and hand the frames to an inproc pipe,
-and reads `inbox` (a queue.Queue of decoded gateway messages and `PeerInput`s). The I/O thread
-owns the DEALER to the gateway, the data-plane ROUTER (peers connect to it) and one DEALER per
-peer it sends to (connected on first use). Frames are never copied on the way out; received KV
-frames are handed on as views of ZeroMQ's buffers.
+and reads `inbox` (a queue.Queue of decoded gateway messages and `PeerInput`s). A peer message
+that `take_on_io_thread` accepts (KV blocks, written into the cache as they arrive) is handled
+there and not queued; everything after it on the same socket is queued after it is done.
+The I/O thread owns the DEALER to the gateway, the data-plane ROUTER (peers connect to it) and
+one DEALER per peer it sends to (connected on first use). Frames are never copied on the way
+out; received KV frames are handed on as views of ZeroMQ's buffers.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,8 @@ class WorkerIO:
 
     def __init__(self, gateway: str, identity: str, data_endpoint: str) -> None:
         self.inbox: queue.Queue[GatewayMessage | PeerInput] = queue.Queue()
+        # (message, frames, received_at) -> handled here; set before peers send anything
+        self.take_on_io_thread: Callable[[PeerMessage, list[memoryview], float], bool] | None = None
         self._ctx = zmq.Context()
         self._codec: Codec[WorkerMessage] = Codec(WorkerMessage)
         self._peer_codec: Codec[PeerMessage] = Codec(PeerMessage)
@@ -110,7 +114,11 @@ class WorkerIO:
             except ProtocolError as err:
                 log.warning("data_frame_dropped", error=err.message, num_frames=len(frames))
                 continue
-            self.inbox.put(PeerInput(message, raw, time.monotonic()))
+            now = time.monotonic()
+            take = self.take_on_io_thread
+            if take is not None and take(message, raw, now):
+                continue
+            self.inbox.put(PeerInput(message, raw, now))
 
     def _peer(self, address: bytes) -> zmq.Socket:
         sock = self._peers.get(address)

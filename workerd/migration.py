@@ -25,6 +25,7 @@ step): a repeated message gets the same answer and changes nothing.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -320,6 +321,9 @@ class IncomingMigration:
         self._answers: dict[tuple[int, str], MigrateAck] = {}
         self._seen: set[tuple[int, int, int]] = set()  # (stage, layer, first) written
         self._frames: dict[int, int] = {}  # stage -> distinct frames written
+        # `write` may run on the I/O thread (MigrationHub.take_blocks): it and every change of
+        # the reservation (abort, commit) hold this lock
+        self.lock = threading.RLock()
 
     @property
     def done(self) -> bool:
@@ -339,6 +343,10 @@ class IncomingMigration:
             self._answer(msg.stage, "reserve", True)
 
     def write(self, msg: MigrateBlocks, frames: list[memoryview], now: float) -> None:
+        with self.lock:
+            self._write(msg, frames, now)
+
+    def _write(self, msg: MigrateBlocks, frames: list[memoryview], now: float) -> None:
         if (
             self.state != InState.RESERVING
             or (msg.stage, "copy") in self._answers
@@ -371,7 +379,8 @@ class IncomingMigration:
         if self._repeat(msg.stage, "copy"):
             return
         self.deadline = now + self.timeout_s
-        got = self._frames.get(msg.stage, 0)
+        with self.lock:
+            got = self._frames.get(msg.stage, 0)
         if got != msg.num_frames:
             self._answer(msg.stage, "copy", False, f"{got} of {msg.num_frames} frames arrived")
         else:
@@ -390,14 +399,15 @@ class IncomingMigration:
             reason = f"migration is {self.state.name.lower()}"
         else:
             try:
-                self.engine.import_request(self.key, request)
+                with self.lock:
+                    self.engine.import_request(self.key, request)
+                    self.state = InState.COMMITTED
             except MellError as err:
                 reason = err.message
         if reason:
             self.abort(reason)
             self._answer(0, "commit", False, reason)
             return False
-        self.state = InState.COMMITTED
         self.port.to_gateway(
             MigratedIn(
                 migration_id=self.id,
@@ -411,10 +421,12 @@ class IncomingMigration:
         return True
 
     def abort(self, reason: str) -> None:
-        if self.state == InState.RESERVING:
+        with self.lock:
+            if self.state != InState.RESERVING:
+                return
             self.engine.release(self.key)
             self.state = InState.ABORTED
-            log.info("migration_in_aborted", migration_id=self.id, reason=reason)
+        log.info("migration_in_aborted", migration_id=self.id, reason=reason)
 
     def poll(self, now: float) -> None:
         if self.state == InState.RESERVING and now > self.deadline:

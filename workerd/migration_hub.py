@@ -123,6 +123,21 @@ class MigrationHub:
             case _:
                 pass  # probes are the boundaries' business
 
+    def take_blocks(self, message: PeerMessage, frames: list[memoryview], now: float) -> bool:
+        """On the I/O thread, as KV arrives: write `MigrateBlocks` into the reserved blocks at
+        once, however long the engine's step (under the migration's lock, which the engine
+        thread takes to release or import a reservation); True when it was one. Any other
+        message: False, and the engine thread gets it in order, after the blocks before it."""
+        if not isinstance(message, MigrateBlocks):
+            return False
+        m = self.incoming.get(message.migration_id)
+        if m is not None:
+            try:
+                m.write(message, frames, now)
+            except Exception:  # the stage's frame count will not match: the source aborts
+                log.exception("migrate_blocks_failed", migration_id=message.migration_id)
+        return True
+
     def poll(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for m in list(self.outgoing.values()):

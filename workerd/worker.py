@@ -117,6 +117,11 @@ class Worker:
                 moved_out=self._moved_out,
                 moved_in=self._moved_in,
             )
+            device = getattr(getattr(engine, "device", None), "type", None)
+            if device == "cpu" and hasattr(link, "take_on_io_thread"):
+                # KV lands in the cache as it arrives, not between the engine's steps (CPU
+                # only: on CUDA the copy to the device stays on the engine thread's stream)
+                link.take_on_io_thread = self.migrations.take_blocks
             self.boundaries = Boundaries(port, link.data_address, 0.0, kv_bytes_per_token(engine))
 
     # ------------------------------------------------------------ lifecycle

@@ -7,6 +7,7 @@ so a test can compare a migrated request's tokens with an unmigrated run.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class World:
         self.drop_to: set[str] = set()  # addresses whose messages vanish (peer killed)
         self.duplicate = False  # deliver every peer message twice
         self.mangle: Any = None  # (message, frames) -> frames: what the wire does to them
+        self.io_thread = False  # KV blocks written on a thread of their own (as on a CPU worker)
         self.sent: list[Any] = []  # every peer message, in order
         for name, engine in engines.items():
             node = Node(name, engine)
@@ -78,6 +80,8 @@ class World:
             if node is None or not node.alive or to in self.drop_to:
                 continue
             message, raw = self.codec.decode(frames)
+            if self.io_thread and _on_a_thread(node.hub.take_blocks, message, raw):
+                continue  # the I/O thread took KV blocks; the rest comes after, in order
             node.hub.handle(message, raw)
 
     def step(self) -> None:
@@ -129,3 +133,12 @@ class _Port:
 
     def to_gateway(self, message: Any) -> None:
         self.node.gateway.append(message)
+
+
+def _on_a_thread(fn: Any, *args: Any) -> Any:
+    """`fn(*args, now)` run on a thread of its own (as a worker's I/O thread runs it)."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args, time.monotonic())))
+    thread.start()
+    thread.join()
+    return out[0]

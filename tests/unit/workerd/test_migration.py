@@ -4,6 +4,8 @@ points (greedy and seeded sampling), and every failure path aborting with nothin
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import msgspec
 import pytest
@@ -106,6 +108,53 @@ def test_kv_copy_in_small_messages_over_scattered_blocks(tiny) -> None:
     assert max(sum(ref.shape[0] for ref in m.data) for m in sent) == 3
     assert max(len(m.data) for m in sent) > 1  # several runs in one message
     assert_no_leaks(w)
+
+
+def test_kv_written_on_the_io_thread_gives_the_same_tokens(tiny) -> None:
+    prompts = {f"r{i}": prompt(21 + 4 * i, start=i) for i in range(2)}
+    want = reference(tiny, prompts, SEEDED)
+    w = World({"a": engine(tiny), "b": engine(tiny)}, MigrationSettings(last_stage_max_blocks=2))
+    w.io_thread = True
+    for rid, p in prompts.items():
+        w.add("a", rid, p, SEEDED)
+    for _ in range(8):
+        w.step()
+    for rid in prompts:
+        assert w.migrate(rid, "a", "b", "kv") is None
+    w.run()
+    assert dict(w.tokens) == want
+    assert [e.committed for e in w.ended("a")] == [True, True]
+    assert_no_leaks(w)
+
+
+def test_an_abort_racing_io_thread_writes_leaks_nothing(tiny) -> None:
+    w = _start_decoding(tiny, n_prompt=60)
+    assert w.migrate("r", "a", "b", "kv") is None
+    w.deliver()  # the destination reserves
+    src = w.nodes["a"].hub.outgoing["m1"]
+    w.deliver()  # the reservation's answer: the source sends the stage's blocks
+    assert src.stage == 1 and w.queue
+    blocks = [w.codec.decode(f) for to, f in w.queue if to == "b"]
+    blocks = [(m, raw) for m, raw in blocks if isinstance(m, MigrateBlocks)]
+    assert blocks
+    hub_b = w.nodes["b"].hub
+    errors: list[BaseException] = []
+
+    def io() -> None:  # the stage's blocks, over and over, while the engine thread aborts
+        try:
+            for _ in range(200):
+                for m, raw in blocks:
+                    hub_b.take_blocks(m, raw, time.monotonic())
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=io)
+    thread.start()
+    hub_b.incoming["m1"].abort("test: source gone")
+    thread.join()
+    assert not errors
+    b = w.nodes["b"].engine
+    assert b.blocks.requests() == [] and b.blocks.num_free() == b.blocks.num_blocks
 
 
 def test_malformed_kv_frame_is_dropped_and_the_migration_aborts(tiny) -> None:
