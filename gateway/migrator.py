@@ -254,35 +254,15 @@ class Migrator:
         self.by_request[m.request_id] = m
         self._load[m.src] += 1
         self._load[m.dst] += 1
-        self.state.record(
-            MigrationStarted(
-                migration_id=m.migration_id,
-                request_id=m.request_id,
-                src=m.src,
-                dst=m.dst,
-                kind=m.kind,
-            )
-        )
-        log.info(
-            "migration_started",
-            migration_id=m.migration_id,
-            request_id=m.request_id,
-            src=m.src,
-            dst=m.dst,
-            kind=m.kind,
-        )
+        fields = _fields(m)
+        self.state.record(MigrationStarted(**fields))
+        log.info("migration_started", **fields)
 
     def _decide(self, m: Migration, outcome: str, reason: str = "") -> None:
         if m.decided:
             return
         m.decided, m.reason = outcome, reason
-        fields = {
-            "migration_id": m.migration_id,
-            "request_id": m.request_id,
-            "src": m.src,
-            "dst": m.dst,
-            "kind": m.kind,
-        }
+        fields = _fields(m)
         if outcome == "committed":
             self.dispatcher.migrated(m.request_id, m.src, m.dst)
             self.state.record(MigrationCommitted(**fields))
@@ -305,6 +285,17 @@ class Migrator:
                 del self._load[worker]
         if not m.done.done():
             m.done.set_result(m.reason)
+
+
+def _fields(m: Migration) -> dict[str, str]:
+    """What every migration event and log line names: the migration, its request and move."""
+    return {
+        "migration_id": m.migration_id,
+        "request_id": m.request_id,
+        "src": m.src,
+        "dst": m.dst,
+        "kind": m.kind,
+    }
 
 
 def msgspec_replace(start: StartMigration, call_id: int) -> StartMigration:
