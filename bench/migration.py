@@ -126,15 +126,20 @@ async def holder(s: aiohttp.ClientSession, c: Cluster, rid: str) -> str:
     return next(row["worker_id"] for row in rows if row["request_id"] == rid)
 
 
+def stream_body(model: str, context: int, max_tokens: int) -> dict[str, Any]:
+    """A greedy streamed completion of a `context`-token prompt that runs `max_tokens`."""
+    return {"model": model, "prompt": [3 + (7 * i) % 500 for i in range(context)],
+            "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+
+
 async def migrate_once(
     s: aiohttp.ClientSession, c: Cluster, model: str, context: int, kind: str, at: int
 ) -> dict[str, Any]:
     """One streaming request of `context` prompt tokens, migrated once after `at` tokens.
     With logprobs every token comes in its own chunk (without, the detokenizer holds back
     bytes of an incomplete UTF-8 character and merges chunks: gaps that are not stalls)."""
-    body = {"model": model, "prompt": [3 + (7 * i) % 500 for i in range(context)],
-            "max_tokens": 160, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "logprobs": 0}  # fmt: skip
+    body = {**stream_body(model, context, 160), "logprobs": 0}
     times: list[float] = []
     call: dict[str, Any] = {}
     task: asyncio.Task[Any] | None = None
@@ -235,8 +240,7 @@ async def zmq_limit_under_load(
 ) -> float:
     """`zmq_limit` measured while a request of `context` tokens decodes on the cluster, as the
     KV copy runs while the request it moves decodes on the source (stage 1 of the protocol)."""
-    body = {"model": model, "prompt": [3 + (7 * i) % 500 for i in range(context)],
-            "max_tokens": 400, "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    body = stream_body(model, context, 400)
     async with s.post(c.url + "/v1/completions", json=body) as r:
         n = 0
         async for line in r.content:
