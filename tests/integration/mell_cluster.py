@@ -47,17 +47,12 @@ class LocalCluster:
         return [json.loads(line) for line in lines if line.startswith("{")]
 
 
+MELLCTL = [sys.executable, "-m", "mell.gateway.mellctl.main"]  # the CLI, as a command line
+
+
 def start_cluster(data_dir: Path, *args: str, timeout_s: float = 150.0) -> LocalCluster:
     data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mell.gateway.mellctl.main",
-        "up",
-        "--data-dir",
-        str(data_dir),
-        *args,
-    ]
+    cmd = [*MELLCTL, "up", "--data-dir", str(data_dir), *args]
     err = open(data_dir / "mellctl.err", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
     err.close()

@@ -28,7 +28,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mell_cluster import get_json, wait_until
+from mell_cluster import MELLCTL, get_json, wait_until
 
 from mell.gateway.admin_token import read_token
 from mell.gateway.mellctl.main import main as mellctl
@@ -294,7 +294,7 @@ def _complete(url: str, body: dict[str, Any]) -> tuple[int, Any]:
 
 def _journal_events(data_dir: Path) -> list[dict[str, Any]]:
     out = subprocess.run(
-        [sys.executable, "-m", "mell.gateway.mellctl.main", "events", "--journal",
+        [*MELLCTL, "events", "--journal",
          str(data_dir / "journal"), "--json"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip

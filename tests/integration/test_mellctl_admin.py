@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mell_cluster import LocalCluster, start_cluster, wait_until
+from mell_cluster import MELLCTL, LocalCluster, start_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +34,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def ctl(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
     return subprocess.run(
-        [sys.executable, "-m", "mell.gateway.mellctl.main", *args],
+        [*MELLCTL, *args],
         capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
     )  # fmt: skip
 
@@ -101,7 +100,7 @@ def test_requests_and_events_of_a_running_request(cluster: LocalCluster) -> None
 
 def test_drain_and_undrain_with_a_follower(cluster: LocalCluster) -> None:
     follower = subprocess.Popen(
-        [sys.executable, "-m", "mell.gateway.mellctl.main", "events", "--follow", "--tail", "0",
+        [*MELLCTL, "events", "--follow", "--tail", "0",
          "--worker", "w1", "--json", "--data-dir", str(cluster.data_dir)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

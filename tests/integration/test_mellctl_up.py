@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from mell_cluster import get_json, start_cluster
+from mell_cluster import MELLCTL, get_json, start_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +40,7 @@ def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
 
 def test_up_names_the_child_that_failed(tmp_path: Path) -> None:
     cmd = [
-        sys.executable,
-        "-m",
-        "mell.gateway.mellctl.main",
+        *MELLCTL,
         "up",
         "--data-dir",
         str(tmp_path),
@@ -58,9 +55,7 @@ def test_up_names_the_child_that_failed(tmp_path: Path) -> None:
 
 def test_up_rejects_more_models_than_workers(tmp_path: Path) -> None:
     cmd = [
-        sys.executable,
-        "-m",
-        "mell.gateway.mellctl.main",
+        *MELLCTL,
         "up",
         "--data-dir",
         str(tmp_path),

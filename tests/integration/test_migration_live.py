@@ -10,7 +10,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mell_cluster import LocalCluster, get_json, metric, start_cluster, wait_until
+from mell_cluster import MELLCTL, LocalCluster, get_json, metric, start_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 400
@@ -177,7 +176,7 @@ def test_no_blocks_leak_after_migrations(cluster: LocalCluster) -> None:
 
 
 def mellctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "mell.gateway.mellctl.main", *args]
+    cmd = [*MELLCTL, *args]
     return subprocess.run(
         [*cmd, "--data-dir", str(cluster.data_dir)], capture_output=True, text=True, timeout=60
     )
