@@ -280,7 +280,12 @@ class Mell(MellOperations):
         table, top = pool._classes, len(pool._classes)
         grown: list[tuple[str, int]] = []
         old_size = seen_size.get
-        for items in list(pool.items.values()):
+        labels = pool.labels
+        # A worker labelled T or tiny holds nothing above T (labels are the largest class):
+        # none of its requests can have grown into S, M or L.
+        for wid, items in list(pool.items.items()):
+            if labels[wid] <= T:
+                continue
             for rid, b in items.items():
                 old = old_size(rid)
                 if old is None or old == b:

@@ -190,16 +190,17 @@ class MellOperations:
         companion, an M/S-GPU short of its count, a T-GPU that is not the newest. Emptiest
         first."""
         newest = {lab: pool.newest(lab) for lab in (T, S, M)}
+        used, caps = pool.used, pool.caps
         out = []
         for wid, lab in pool.labels.items():
-            if pool.fill(wid) >= FULL or newest.get(lab) == wid:
+            if used[wid] >= FULL * caps[wid] or newest.get(lab) == wid:  # `fill`, inlined
                 continue
             if lab == L and pool.count(wid, M) + pool.count(wid, S) > 0:
                 continue
             if lab in (M, S) and pool.count(wid, lab) >= PER_LABEL[lab]:
                 continue
             out.append(wid)
-        out.sort(key=lambda w: pool.fill(w))
+        out.sort(key=lambda w: used[w] / caps[w])
         return out
 
     def _repair(self, pool: _Pool, wid: str) -> None:
