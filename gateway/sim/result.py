@@ -18,6 +18,7 @@ class SimResult:
     own_bound_prefilling: float  # of which KV (in workers, Σ / C) of requests still prefilling
     peak_kv: float  # Σ KV / C at the (first) epoch of the peak
     peak_prefilling: float  # of which KV of requests waiting for or in their prefill
+    peak_repack: int  # workers first-fit decreasing packs the peak epoch's requests into
     mem_util: float  # used KV / (active workers · C), time-averaged over busy epochs
     migrations: int
     kv_migrations: int

@@ -48,6 +48,7 @@ from mell.gateway.policy.migration_choice import choose_transfers
 from mell.gateway.sim.batching import PrefillQueues
 from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
 from mell.gateway.sim.profile import Profile
+from mell.gateway.sim.repack import first_fit_decreasing
 from mell.gateway.sim.result import SimResult
 from mell.gateway.sim.traces import Trace
 from mell.gateway.sim.view import SimView, transfer_model
@@ -117,6 +118,7 @@ class Simulator:
         peak_model = dict.fromkeys(trace.models, 0)
         peak = lb_peak = 0
         own_prefilling = peak_kv = peak_prefilling = 0.0
+        peak_sizes: dict[str, list[int]] = {}
         busy_time = util_sum = 0.0
         util_epochs = 0
         t_first = t
@@ -139,6 +141,7 @@ class Simulator:
             if count > peak:  # the KV behind the peak: ideal or not, packed or not (fig11)
                 peak, peak_kv = count, sum(used_model.values()) / cap
                 peak_prefilling = self.prefill.kv / cap
+                peak_sizes = self._sizes_by_model()
             for m, c in per_model.items():
                 peak_model[m] = max(peak_model[m], c)
             own = sum(-(-u // cap) for u in used_model.values())
@@ -179,6 +182,7 @@ class Simulator:
             own_bound_prefilling=own_prefilling,
             peak_kv=peak_kv,
             peak_prefilling=peak_prefilling,
+            peak_repack=sum(first_fit_decreasing(v, cap) for v in peak_sizes.values()),
             mem_util=util_sum / util_epochs if util_epochs else 0.0,
             migrations=st["mig"],
             kv_migrations=st["kv"],
@@ -196,6 +200,15 @@ class Simulator:
             times=times,
             active=active,
         )
+
+    def _sizes_by_model(self) -> dict[str, list[int]]:
+        """The KV blocks of every running request, per model (its pool)."""
+        out: dict[str, list[int]] = {}
+        model_of = self.view.model_of
+        for wid, load in self.view.loads.items():
+            if load:
+                out.setdefault(model_of[wid], []).extend(load.values())
+        return out
 
     # -- steps ------------------------------------------------------------------------------
 
