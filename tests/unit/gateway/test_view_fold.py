@@ -405,16 +405,21 @@ def _migration(event_type: type[ev.MigrationStarted | ev.MigrationCommitted]) ->
     return event_type(migration_id="m-r1", request_id="r1", src="w1", dst="w0", kind="kv")
 
 
-def test_counterexample_exit_folded_before_an_earlier_migration_commit() -> None:
-    """The source's exit (stamped after the commit) folded first must not lose the request."""
-    history = [
+def _moved_then_exited(exiting: str) -> list[ev.EventEnvelope]:
+    """r1 placed on w1, moved to w0 (started, committed), then worker `exiting` exits."""
+    return [
         ev.EventEnvelope("w0", 1, 1.0, _joined("w0")),
         ev.EventEnvelope("w1", 1, 1.1, _joined("w1")),
         ev.EventEnvelope(GATEWAY, 1, 2.0, _placed(wid="w1")),
         ev.EventEnvelope(GATEWAY, 2, 3.0, _migration(ev.MigrationStarted)),
         ev.EventEnvelope(GATEWAY, 3, 4.0, _migration(ev.MigrationCommitted)),
-        ev.EventEnvelope("w1", 2, 5.0, ev.WorkerDrained(worker_id="w1", exiting=True)),
+        ev.EventEnvelope(exiting, 2, 5.0, ev.WorkerDrained(worker_id=exiting, exiting=True)),
     ]
+
+
+def test_counterexample_exit_folded_before_an_earlier_migration_commit() -> None:
+    """The source's exit (stamped after the commit) folded first must not lose the request."""
+    history = _moved_then_exited("w1")
     in_order = fold(history)
     assert in_order.requests["r1"].worker_id == "w0"
     assert in_order.worker_rows["w0"].request_blocks == {"r1": 2}
@@ -432,14 +437,7 @@ def test_counterexample_exit_folded_before_an_earlier_migration_commit() -> None
 
 def test_a_request_moved_before_a_loss_but_folded_after_it_stays_gone() -> None:
     """A commit to a worker lost after it (whatever the order) leaves the request gone."""
-    history = [
-        ev.EventEnvelope("w0", 1, 1.0, _joined("w0")),
-        ev.EventEnvelope("w1", 1, 1.1, _joined("w1")),
-        ev.EventEnvelope(GATEWAY, 1, 2.0, _placed(wid="w1")),
-        ev.EventEnvelope(GATEWAY, 2, 3.0, _migration(ev.MigrationStarted)),
-        ev.EventEnvelope(GATEWAY, 3, 4.0, _migration(ev.MigrationCommitted)),
-        ev.EventEnvelope("w0", 2, 5.0, ev.WorkerDrained(worker_id="w0", exiting=True)),
-    ]
+    history = _moved_then_exited("w0")
     in_order = fold(history)
     assert in_order.requests == {} and in_order.migrations == {}
     assert state(fold([*history[:3], history[5], *history[3:5]])) == state(in_order)
