@@ -50,6 +50,10 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     drain_grace_s: float = 30.0
     hello_timeout_s: float = 60.0  # give up (exit 1) when no gateway answers for this long
     fake_token_rate: float = 0.0  # benchmarks only: emit tokens at this rate without the model
+    # Benchmarks only: every engine step lasts at least this long (the worker waits out the
+    # rest, still receiving). CPU workers sharing fewer cores then act as devices of their own:
+    # a step time flat in the batch, and no competition for cores while they wait. 0: off.
+    min_step_ms: float = 0.0
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
 

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="benchmarks only: emit tokens at this rate (per request/s), no model",
     )
+    p.add_argument(
+        "--min-step-ms",
+        type=float,
+        help="benchmarks only: every engine step lasts at least this long (device emulation)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -60,6 +65,7 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
         data_host="data_host",
         drain_grace_s="drain_grace",
         fake_token_rate="fake_token_rate",
+        min_step_ms="min_step_ms",
     )
     device = args.device or (_instance_device(args.instance) if args.instance else None)
     engine = _given(

@@ -138,7 +138,9 @@ class Worker:
             while not self._finished():
                 self._receive(block=not self.engine.has_unfinished())
                 self._poll_migrations()
-                self._run_step()
+                started = time.monotonic()
+                if self._run_step() and self.config.min_step_ms > 0:
+                    self._wait_until(started + self.config.min_step_ms / 1000.0)
                 self._report()
         except Exception as err:  # the engine's state is in doubt: report and exit
             log.exception("worker_failed")
@@ -204,6 +206,12 @@ class Worker:
                 self._handle(self.link.inbox.get_nowait())
             except queue.Empty:
                 return
+
+    def _wait_until(self, deadline: float) -> None:
+        """Handle messages until `deadline` (the rest of a step paced by `min_step_ms`)."""
+        while (left := deadline - time.monotonic()) > 0:
+            self._receive(block=True, timeout_s=left)
+            self._poll_migrations()
 
     def _idle_wait(self) -> float:
         now = time.monotonic()
@@ -310,10 +318,11 @@ class Worker:
 
     # ------------------------------------------------------------ step and emit
 
-    def _run_step(self) -> None:
+    def _run_step(self) -> bool:
+        """One engine step, its tokens sent to the gateway; False when it produced none."""
         outputs = self.engine.step()
         if not outputs:
-            return
+            return False
         self._step += 1
         batch = []
         for out in outputs:
@@ -332,6 +341,7 @@ class Worker:
             elif out.request_id in self._tokens:
                 self._tokens[out.request_id] += len(out.new_token_ids)
         self.link.send(TokenBatch(self._step, batch))
+        return True
 
     def _report(self) -> None:
         now = time.monotonic()

@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key", action="append", help="require this API key; repeat")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: memory)")
     p.add_argument("--fake-token-rate", type=float, help="benchmarks only: workers without model")
+    p.add_argument(
+        "--min-step-ms", type=float, help="benchmarks only: workers' steps last at least this long"
+    )
     p.add_argument("--worker-timeout", type=float, help="seconds of silence: worker lost")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--verbose", action="store_true", help="children log to this terminal")
@@ -193,6 +196,8 @@ class Cluster:
             cmd += ["--fake-token-rate", str(a.fake_token_rate)]
         if a.num_kv_blocks:
             cmd += ["--num-kv-blocks", str(a.num_kv_blocks)]
+        if a.min_step_ms:
+            cmd += ["--min-step-ms", str(a.min_step_ms)]
         return cmd
 
     def _spawn(self, name: str, cmd: list[str], capture_stdout: bool = False) -> Child:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -124,3 +125,33 @@ def test_grace_period_aborts_what_is_left(tmp_path: Path) -> None:
 
 def _fields(config: WorkerConfig) -> dict[str, Any]:
     return {f: getattr(config, f) for f in config.__struct_fields__}
+
+
+def test_min_step_paces_the_steps_and_keeps_receiving(tmp_path: Path) -> None:
+    worker, link = make_worker(tmp_path)
+    worker.config = worker.config.__class__(**{**_fields(worker.config), "min_step_ms": 40.0})
+    batches: list[float] = []
+    pinged: list[float] = []
+    replied: list[float] = []
+    send = link.send
+
+    def timed_send(message: Any) -> None:  # runs on the worker's thread
+        send(message)
+        if isinstance(message, TokenBatch):
+            batches.append(time.monotonic())
+            if len(batches) == 2:  # a message arriving as the paced wait begins
+                pinged.append(time.monotonic())
+                link.inbox.put(Ping(call_id=9))
+        elif isinstance(message, Reply):
+            replied.append(time.monotonic())
+
+    link.send = timed_send  # type: ignore[method-assign]
+    thread = run_in_thread(worker)
+    link.inbox.put(AddRequest("a", [1, 2, 3], SamplingParams(max_tokens=6)))
+    wait_for(lambda: not worker.engine.has_unfinished() and replied)
+    worker.request_stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    gaps = [b - a for a, b in itertools.pairwise(batches)]
+    assert len(gaps) >= 4 and min(gaps) >= 0.039  # at most one step per 40 ms
+    assert replied[0] - pinged[0] < 0.02  # answered within the wait, not after it
