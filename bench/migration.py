@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,12 @@ class Cluster:
         workers: int,
         policy: str = "least-loaded",
         num_kv_blocks: int = 0,
+        extra: Sequence[str] = (),
     ) -> None:
+        """`extra`: more `mellctl up` flags."""
         cmd = [sys.executable, "-m", "mell.gateway.mellctl.main", "up", "--data-dir",
                str(data_dir), "--workers", str(workers), "--device", "cpu",
-               "--policy", policy]  # fmt: skip
+               "--policy", policy, *extra]  # fmt: skip
         if model is not None:
             cmd += ["--model", str(model)]
         if num_kv_blocks:
