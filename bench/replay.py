@@ -1,22 +1,33 @@
 """Replay a public trace on a live cluster under MELL and worst-fit, beside the simulator.
 
-    python bench/replay.py [--trace FILE] [--requests 300] [--speedup 6] [--workers 4]
-                           [--num-kv-blocks 512] [--len-scale 0.5] [--runs 3]
+    python bench/replay.py [--trace FILE] [--requests 300] [--speedup 2] [--workers 4]
+                           [--num-kv-blocks 512] [--len-scale 0.5] [--min-step-ms 20] [--runs 3]
 
 The first `--requests` requests of the trace (default: Azure LLM 2023 conv, from
 ../shared/traces), arrival gaps divided by `--speedup`, token counts multiplied by `--len-scale`
 and clipped to the worker's context (`--num-kv-blocks` × 16 tokens), are sent to a live
-`mellctl up --workers N --device cpu` (mell-tiny) as non-streaming completions with token-id
-prompts (greedy, ignore_eos: each produces exactly its trace output length); a 503 (no worker
-has room at that moment: the gateway does not queue) is retried after 0.2 s. With
-`--policy mell` and with `--policy worst-fit`. While it runs the admin API is sampled every
-0.1 s; a worker is active while it holds a request. Printed per policy: requests completed,
-time-average and peak of active workers, migrations; beside them the simulator's prediction
-for the same replay (same trace slice, same policies with their live defaults, a profile
-measured from mell-tiny on this machine by bench/profile_worker.py, its step times multiplied by
-workers / cores since the live workers share the cores, capacity = --num-kv-blocks).
+`mellctl up --workers N --device cpu --min-step-ms M` (mell-tiny) as non-streaming completions
+with token-id prompts (greedy, ignore_eos: each produces exactly its trace output length); a
+503 (no worker has room at that moment: the gateway does not queue) is retried after 0.2 s.
+With `--policy mell` and with `--policy worst-fit`. While it runs the admin API is sampled
+every 0.1 s; a worker is active while it holds a request. Printed per policy: requests
+completed, time-average and peak of active workers, migrations; beside them the simulator's
+prediction for the same replay (same trace slice, same policies with their live defaults, a
+profile measured from mell-tiny on this machine by bench/profile_worker.py turned into the live
+workers' step model by `live_step`, capacity = --num-kv-blocks).
 Each policy runs `--runs` times, interleaved (mell, worst-fit, mell, ...); single runs on a
 shared 2-core machine differ by up to a third, so the means are compared.
+
+Device emulation (`--min-step-ms`, default 20): every engine step lasts at least that long, the
+worker waiting out the rest. Four CPU workers on two cores are not four devices: unpaced, a
+worker's step time grows with its batch's context and the busy workers share the cores, so
+packing requests onto fewer workers leaves a core idle that spreading uses; measured unpaced
+(`--min-step-ms 0 --speedup 6`), MELL's time-average was higher than worst-fit's (1.81 vs 1.61
+over 3 runs; with one torch thread per worker 1.52 vs 1.19). Paced, a busy worker's step is
+the floor (decode compute stays under it at this load) and it leaves the cores to the others while
+it waits, as a GPU's step is nearly flat in the batch and GPUs do not share compute. The
+simulator then gets the paced step model: decode steps of the floor, and a full prefill chunk
+the larger of the floor and its measured compute, without the core-sharing slowdown.
 Defaults: MELL's regime, many requests per worker (512 blocks = 8192 tokens; requests at most
 2032 tokens = C/4, mean about C/14) at a load that needs 1-3 of the 4 workers. With 128
 blocks (most requests above C/4, several above C/2, 3-4 per worker) and a quarter of the
@@ -136,23 +147,41 @@ async def replay(c: Cluster, trace: Any) -> dict[str, Any]:
     }
 
 
+def live_step(step: Any, slowdown: float, min_step_ms: float) -> Any:
+    """The step model of the live workers: the measured one slowed down by core sharing, or,
+    paced, decode steps of `min_step_ms` and a full prefill chunk the larger of that and its
+    measured compute (linearized over the chunk)."""
+    if min_step_ms <= 0:
+        return msgspec.structs.replace(
+            step,
+            decode_base_ms=step.decode_base_ms * slowdown,
+            decode_per_seq_ms=step.decode_per_seq_ms * slowdown,
+            decode_per_kv_token_ms=step.decode_per_kv_token_ms * slowdown,
+            prefill_base_ms=step.prefill_base_ms * slowdown,
+            prefill_per_token_ms=step.prefill_per_token_ms * slowdown,
+        )
+    chunk = step.max_num_batched_tokens
+    chunk_ms = step.decode_base_ms + step.prefill_per_token_ms * chunk
+    return msgspec.structs.replace(
+        step,
+        decode_base_ms=min_step_ms,
+        decode_per_seq_ms=0.0,
+        decode_per_kv_token_ms=0.0,
+        prefill_per_token_ms=max(0.0, chunk_ms - min_step_ms) / chunk,
+    )
+
+
 def simulate(
-    trace: Any, profile_path: Path, capacity: int, policy: str, slowdown: float
+    trace: Any, profile_path: Path, capacity: int, policy: str, step_of: Any
 ) -> dict[str, Any]:
+    """The simulator's run of the replay; `step_of` maps the measured step model to the live
+    one (`live_step`)."""
     from mell.gateway.policy.base import make_policy
     from mell.gateway.sim.profile import load_profile
     from mell.gateway.sim.simulator import Simulator
 
     profile = load_profile(profile_path)
-    step = profile.step
-    step = msgspec.structs.replace(
-        step,
-        decode_base_ms=step.decode_base_ms * slowdown,
-        decode_per_seq_ms=step.decode_per_seq_ms * slowdown,
-        decode_per_kv_token_ms=step.decode_per_kv_token_ms * slowdown,
-        prefill_base_ms=step.prefill_base_ms * slowdown,
-        prefill_per_token_ms=step.prefill_per_token_ms * slowdown,
-    )
+    step = step_of(profile.step)
     profile = msgspec.structs.replace(
         profile, capacity_blocks=capacity, max_model_len=capacity * BLOCK_SIZE, step=step
     )
@@ -162,11 +191,11 @@ def simulate(
 
 
 def simulate_safely(
-    trace: Any, profile_path: Path, capacity: int, policy: str, slowdown: float
+    trace: Any, profile_path: Path, capacity: int, policy: str, step_of: Any
 ) -> dict[str, Any]:
     """`simulate`, a policy bug showing in the output instead of ending the run."""
     try:
-        return simulate(trace, profile_path, capacity, policy, slowdown)
+        return simulate(trace, profile_path, capacity, policy, step_of)
     except Exception as err:
         return {"avg_active": float("nan"), "peak_active": -1, "migrations": -1,
                 "error": repr(err)}  # fmt: skip
@@ -183,15 +212,23 @@ def run_all(args: argparse.Namespace, trace: Any, root: Path) -> dict[str, Any]:
         f"trace {Path(args.trace).name}: {len(trace)} requests over {trace.duration_s:.1f} s, "
         f"prompt mean {trace.prompt.mean():.0f}, output mean {trace.output.mean():.0f} tokens, "
         f"context cap {int((trace.prompt + trace.output).max())}; {args.workers} workers × "
-        f"{args.num_kv_blocks} blocks",
+        f"{args.num_kv_blocks} blocks, "
+        + (f"steps paced to >= {args.min_step_ms:g} ms" if args.min_step_ms > 0 else "unpaced"),
         flush=True,
     )
-    # The profile is measured on an idle machine; live, the workers share its cores.
+    # The profile is measured on an idle machine; live, unpaced workers share its cores.
     slowdown = max(1.0, args.workers / (os.cpu_count() or 1))
+
+    def step_of(step: Any) -> Any:
+        return live_step(step, slowdown, args.min_step_ms)
+
+    extra = ["--min-step-ms", str(args.min_step_ms)] if args.min_step_ms > 0 else []
     rows: dict[str, dict[str, Any]] = {}
     for run in range(args.runs):  # interleaved: mell, worst-fit, mell, worst-fit, ...
         for policy in ("mell", "worst-fit"):
-            c = Cluster(root / f"{policy}-{run}", None, args.workers, policy, args.num_kv_blocks)
+            c = Cluster(
+                root / f"{policy}-{run}", None, args.workers, policy, args.num_kv_blocks, extra
+            )
             try:
                 live = asyncio.run(replay(c, trace))
             finally:
@@ -199,7 +236,7 @@ def run_all(args: argparse.Namespace, trace: Any, root: Path) -> dict[str, Any]:
             row = rows.setdefault(policy, {"live": [], "sim": None})
             row["live"].append(live)
             if row["sim"] is None:
-                row["sim"] = simulate_safely(trace, profile, args.num_kv_blocks, policy, slowdown)
+                row["sim"] = simulate_safely(trace, profile, args.num_kv_blocks, policy, step_of)
             sim = row["sim"]
             print(
                 f"{policy:9s} run {run + 1}  live: {live['completed']}/{live['requests']} "
@@ -232,11 +269,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trace", default=str(DEFAULT_TRACE))
     p.add_argument("--requests", type=int, default=300)
-    p.add_argument("--speedup", type=float, default=6.0)
+    p.add_argument("--speedup", type=float, default=2.0)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--num-kv-blocks", type=int, default=512)
     p.add_argument("--len-scale", type=float, default=0.5)
     p.add_argument("--runs", type=int, default=3, help="runs per policy, interleaved")
+    p.add_argument(
+        "--min-step-ms", type=float, default=20.0, help="workers' step floor (0: unpaced)"
+    )
     args = p.parse_args()
     trace = load(args)
     root = Path(tempfile.mkdtemp(prefix="mell-bench-replay-"))
