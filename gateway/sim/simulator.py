@@ -84,7 +84,7 @@ class Simulator:
         self.state = np.zeros(n, dtype=np.int8)
         self.gen = np.zeros(n, dtype=np.float64)
         self.blocks = np.zeros(n, dtype=np.int64)
-        self.worker = np.full(n, -1, dtype=np.int64)  # global worker index
+        self.worker = np.full(n, -1, dtype=np.int64)  # worker slot (`SimView.slot`)
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
         self.rids = [str(i) for i in range(n)]  # request ids as the policies see them
@@ -226,12 +226,12 @@ class Simulator:
         blocks = -(-(prompt + 1) // bs)
         self.view.add(wid, str(i), blocks)
         self.live[i] = wid
-        self.worker[i] = self.view.index[wid]
+        self.worker[i] = self.view.slot[wid]
         self.blocks[i] = blocks
         self.state[i] = RUNNING
         self.untimed += 1
         self.placed_at[i] = now
-        self.prefill.add(self.view.index[wid], i, now, prompt, float(prompt), blocks)
+        self.prefill.add(self.view.slot[wid], i, now, prompt, float(prompt), blocks)
 
     def _decode(self, t: float, t_end: float) -> tuple[dict[str, int], dict[str, int]]:
         """Run every worker for the epoch as the engine batches (`workerd/scheduler.py`), at
@@ -311,7 +311,7 @@ class Simulator:
         view, cap = self.view, self.profile.capacity_blocks
         touched = set(view.busy()) | {w for w, q in self.waiting.items() if q} | self.emptied
         self.emptied = set()
-        index = view.index
+        slot = view.slot
         known = len(used_at) if used_at is not None else 0
         loads, waiting, refresh, model_of = view.loads, self.waiting, view.refresh, view.model_of
         infos = view.info
@@ -326,7 +326,7 @@ class Simulator:
             elif used_at is None:
                 used = sum(load.values())
             else:  # KV of the worker's running requests, summed per worker by `_decode`
-                k = index[wid]
+                k = slot[wid]
                 used = used_at[k] if k < known else 0
             if used > cap and len(load) > 1:
                 used = self._preempt(wid, load, used)
@@ -379,7 +379,7 @@ class Simulator:
             self.state[i] = RUNNING
             self.placed_at[i] = t_end
             self.prefill.add(
-                self.view.index[wid], i, t_end, context, self.prompt[i] + self.gen[i], need
+                self.view.slot[wid], i, t_end, context, self.prompt[i] + self.gen[i], need
             )
         return used
 
@@ -436,7 +436,7 @@ class Simulator:
         view.remove(m.src, m.request_id)
         view.add(m.dst, m.request_id, blocks)
         self.live[i] = m.dst
-        self.worker[i] = view.index[m.dst]
+        self.worker[i] = view.slot[m.dst]
         self.stats["mig"] += 1
         if m.kind == "kv":
             self.stats["kv"] += 1
@@ -447,13 +447,13 @@ class Simulator:
                 * t.kv_bytes_per_token
                 / (t.link_bytes_per_s[t.link_of(m.src, m.dst)])
             )
-            self.prefill.move(i, view.index[m.dst])  # a prompt still prefilling goes on there
+            self.prefill.move(i, view.slot[m.dst])  # a prompt still prefilling goes on there
         else:
             self.stats["tok"] += 1
             # Token transfer: the request joins the destination's prefill queue with its whole
             # context (its KV there is computed chunk by chunk again).
             ctx = self.prompt[i] + self.gen[i]
-            self.prefill.add(view.index[m.dst], i, now, int(ctx), ctx, blocks)
+            self.prefill.add(view.slot[m.dst], i, now, int(ctx), ctx, blocks)
 
 
 def headroom_tokens(profile: Profile, epoch_s: float) -> int:

@@ -3,6 +3,8 @@ migration cost model of its links."""
 
 from __future__ import annotations
 
+import heapq
+
 from mell.gateway.policy.base import WorkerInfo, WorkerStatus
 from mell.gateway.policy.migration_choice import TransferModel
 from mell.gateway.sim.profile import Profile
@@ -21,6 +23,10 @@ class SimView:
         self.loads: dict[str, dict[str, int]] = {}  # worker -> {request: blocks}
         self.model_of: dict[str, str] = {}
         self.index: dict[str, int] = {}  # worker -> global index (machine topology)
+        # worker -> its position in the simulator's per-worker arrays: the lowest free one, a
+        # released worker's reused, so the arrays stay as long as the most workers at once.
+        self.slot: dict[str, int] = {}
+        self._free_slots: list[int] = []  # a heap
         self.infos: dict[str, dict[str, WorkerInfo]] = {m: {} for m in models}
         self.info: dict[str, WorkerInfo] = {}  # worker -> its WorkerInfo (all models)
         self._lists: dict[str, list[WorkerInfo] | None] = dict.fromkeys(models)
@@ -46,6 +52,7 @@ class SimView:
         wid = f"{model}/w{self._next}"
         self.index[wid] = self._next
         self._next += 1
+        self.slot[wid] = heapq.heappop(self._free_slots) if self._free_slots else len(self.slot)
         self.loads[wid] = {}
         self.model_of[wid] = model
         self.idle[model].append(wid)
@@ -109,6 +116,7 @@ class SimView:
             del self.infos[model][wid]
             del self.info[wid]
             del self.loads[wid]
+            heapq.heappush(self._free_slots, self.slot.pop(wid))
             self._lists[model] = None
 
     def busy(self) -> list[str]:
