@@ -5,7 +5,8 @@
 A live `mellctl up --workers 2` (CPU) serves a KV-heavy random Llama checkpoint (many KV heads,
 no GQA, small MLP; the mell-tiny tokenizer). For each context length L and each kind (kv,
 tokens, auto) one streaming request with an L-token prompt is moved mid-decode through the admin
-API (`POST /admin/v1/requests/{id}/migrate`), `--repeat` times (best kept):
+API (`POST /admin/v1/requests/{id}/migrate`), `--repeat` times, the kinds interleaved (best
+kept):
 - stall: the longest gap between consecutive tokens from the source's pause (it reports how long
   it paused) to the first token at the destination, minus the median gap before (one step);
 - migration time: from the admin call to the request's first token at the destination (for a
@@ -297,8 +298,12 @@ async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> l
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
         for context in contexts:
             row: dict[str, Any] = {"context": context}
-            for kind in ("kv", "tokens", "auto"):
-                runs = [await migrate_once(s, c, model, context, kind, 16) for _ in range(repeat)]
+            kinds = ("kv", "tokens", "auto")
+            runs_of: dict[str, list[dict]] = {kind: [] for kind in kinds}
+            for _ in range(repeat):  # interleaved: kv, tokens, auto, kv, ... (drift hits all)
+                for kind in kinds:
+                    runs_of[kind].append(await migrate_once(s, c, model, context, kind, 16))
+            for kind, runs in runs_of.items():
                 ok = [r for r in runs if r["committed"]]
                 best = min(ok, key=lambda r: r["time_ms"]) if ok else runs[0]
                 row[kind] = best
