@@ -6,7 +6,8 @@ and time-averaged active workers), the migrations per second of LB and MELL (Fig
 MELL's peak over the fluid lower bound (`mell.gateway.sim.bound`: computed from the trace with
 fluid progression, a pool of KV_t / C workers prefilling at their full chunk rate, oldest prompt
 first, and decoding as exactly full workers; the same number for every policy of a row; a
-reference, not a theorem), decomposed at the epoch of MELL's peak: the KV its requests hold
+reference, not a theorem; with the KV, in workers, still prefilling at its own peak),
+decomposed at the epoch of MELL's peak: the KV its requests hold
 there (Σ KV / C, in workers, and over the bound; of which the KV of requests still waiting for
 or in their prefill), and the peak over that KV (packing: growth reserve and the gaps between
 requests); and the workers an offline first-fit-decreasing packing of exactly the requests
@@ -124,6 +125,7 @@ def main() -> int:
             if len(bounds) != 1:
                 raise SystemExit(f"policies of one row got different lower bounds: {bounds}")
             row["lower_bound"] = m["lower_bound"]
+            row["lower_bound_prefilling"] = round(m["lower_bound_prefilling"], 1)
             row["mell_own_bound"] = m["own_bound"]
             row["mell_own_prefilling"] = round(m["own_bound_prefilling"], 1)
             row["mell_peak_kv"] = round(m["peak_kv"], 1)
@@ -175,7 +177,7 @@ def _print(rows: list[dict]) -> None:
         "vs LB",
         "mig/s LB",
         "mig/s MELL",
-        "LB",
+        "LB (prefilling)",
         "MELL peak/LB",
         "at peak: KV/C (/LB)",
         "prefilling",
@@ -200,7 +202,7 @@ def _print(rows: list[dict]) -> None:
                 pct(r["avg_red_lb"]),
                 f"{r['mig_s_lb']:.2f}",
                 f"{r['mig_s_mell']:.2f}",
-                str(r["lower_bound"]),
+                f"{r['lower_bound']} ({r['lower_bound_prefilling']:.1f})",
                 f"{r['mell_peak_over_lb']:.3f}",
                 f"{r['mell_peak_kv']:.1f} ({r['mell_kv_over_lb']:.3f})",
                 f"{r['mell_peak_prefilling']:.1f}",

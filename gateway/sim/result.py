@@ -14,6 +14,7 @@ class SimResult:
     peak_active: int
     avg_active: float
     lower_bound: int  # the fluid lower bound of the trace (`bound.py`): same for every policy
+    lower_bound_prefilling: float  # KV (Σ / C) still prefilling at the bound's peak
     own_bound: int  # max_t Σ_pools ⌈Σ KV_t / C⌉ of this run's own schedule (for comparison)
     own_bound_prefilling: float  # of which KV (in workers, Σ / C) of requests still prefilling
     peak_kv: float  # Σ KV / C at the (first) epoch of the peak

@@ -178,6 +178,7 @@ class Simulator:
             peak_active=peak,
             avg_active=busy_time / span,
             lower_bound=self.bound.workers,
+            lower_bound_prefilling=self.bound.prefilling,
             own_bound=lb_peak,
             own_bound_prefilling=own_prefilling,
             peak_kv=peak_kv,
