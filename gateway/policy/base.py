@@ -75,13 +75,15 @@ class Move:
     """Migrate a running request from worker `src` to worker `dst`.
 
     `kind` "auto" means the policy leaves KV-vs-token to the migration choice
-    (`mell.gateway.policy.migration_choice.choose_transfers`).
+    (`mell.gateway.policy.migration_choice.choose_transfers`). Moves of one non-empty `group`
+    are chosen all or none (the moves that empty a worker: part of them releases nothing).
     """
 
     request_id: str
     src: str
     dst: str
     kind: MoveKind = "auto"
+    group: str = ""
 
 
 @runtime_checkable

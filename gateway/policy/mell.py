@@ -327,9 +327,9 @@ class Mell(MellOperations):
         for items in pool.items.values():
             sizes.update(items)
         self._seen[model] = (dict(where), sizes)
-        origin = pool.origin
+        origin, group = pool.origin, pool.group
         moves = [
-            Move(rid, origin[rid], where[rid])
+            Move(rid, origin[rid], where[rid], group=group.get(rid, ""))
             for rid in pool.moved
             if rid in where and rid in origin and origin[rid] != where[rid]
         ]

@@ -88,24 +88,55 @@ class TransferPlan:
 def choose_transfers(
     moves: Sequence[Move], context_tokens: Mapping[str, int], model: TransferModel
 ) -> TransferPlan:
-    """Split `moves` into KV and token transfers within the epoch's budgets.
+    """Split `moves` into KV and token transfers within the epoch's budgets, largest context
+    first; the moves of one `Move.group` go together or all wait (deferred).
 
     `context_tokens[request_id]` is the request's current context (prompt + generated): the
     KV to copy or the tokens to re-prefill.
     """
-    link_left: dict[str, float] = {}
-    prefill_left: dict[str, float] = {}
-    link_full: dict[str, float] = {}
+    budgets = _Budgets(model)
     plan = TransferPlan()
     order = sorted(moves, key=lambda m: (-context_tokens.get(m.request_id, 0), m.request_id))
+    units: dict[tuple[str, str], list[Move]] = {}  # a group, or one move; by its largest move
     for move in order:
-        tokens = context_tokens.get(move.request_id, 0)
+        units.setdefault((move.group, move.group or move.request_id), []).append(move)
+    for members in units.values():
+        saved = budgets.save() if len(members) > 1 else None
+        kinds = [budgets.choose(m, context_tokens.get(m.request_id, 0)) for m in members]
+        if saved is not None and None in kinds:
+            budgets.restore(saved)
+            kinds = [None] * len(members)
+        for move, kind in zip(members, kinds, strict=True):
+            _record(plan, move, kind)
+    return plan
+
+
+class _Budgets:
+    """The epoch's per-link byte budgets and per-destination prefill budgets."""
+
+    def __init__(self, model: TransferModel) -> None:
+        self.model = model
+        self.link_left: dict[str, float] = {}
+        self.link_full: dict[str, float] = {}
+        self.prefill_left: dict[str, float] = {}
+
+    def save(self) -> tuple[dict[str, float], dict[str, float]]:
+        return dict(self.link_left), dict(self.prefill_left)
+
+    def restore(self, saved: tuple[dict[str, float], dict[str, float]]) -> None:
+        self.link_left, self.prefill_left = dict(saved[0]), dict(saved[1])
+
+    def choose(self, move: Move, tokens: int) -> str | None:
+        """The kind `move` goes as, its budget spent; None when neither fits."""
+        model = self.model
         link = model.link_of(move.src, move.dst)
-        if link not in link_left:
-            link_left[link] = model.link_bytes_per_s[link] * model.epoch_s * model.comm_fraction
-            link_full[link] = link_left[link]
-        if move.dst not in prefill_left:
-            prefill_left[move.dst] = (
+        if link not in self.link_left:
+            self.link_left[link] = (
+                model.link_bytes_per_s[link] * model.epoch_s * model.comm_fraction
+            )
+            self.link_full[link] = self.link_left[link]
+        if move.dst not in self.prefill_left:
+            self.prefill_left[move.dst] = (
                 model.prefill_tps(move.dst) * model.epoch_s * model.prefill_fraction
             )
         nbytes = tokens * model.kv_bytes_per_token
@@ -116,15 +147,19 @@ def choose_transfers(
             move.kind, ["kv", "tokens"] if kv_first else ["tokens", "kv"]
         )
         for kind in kinds:
-            if kind == "kv" and _take(link_left, link, nbytes, link_full[link]):
-                plan.kv.append(Move(move.request_id, move.src, move.dst, "kv"))
-                break
-            if kind == "tokens" and _take(prefill_left, move.dst, tokens, -1.0):
-                plan.tokens.append(Move(move.request_id, move.src, move.dst, "tokens"))
-                break
-        else:
-            plan.deferred.append(move)
-    return plan
+            if kind == "kv" and _take(self.link_left, link, nbytes, self.link_full[link]):
+                return kind
+            if kind == "tokens" and _take(self.prefill_left, move.dst, tokens, -1.0):
+                return kind
+        return None
+
+
+def _record(plan: TransferPlan, move: Move, kind: str | None) -> None:
+    if kind is None:
+        plan.deferred.append(move)
+    else:
+        chosen = Move(move.request_id, move.src, move.dst, kind, move.group)  # type: ignore[arg-type]
+        (plan.kv if kind == "kv" else plan.tokens).append(chosen)
 
 
 def _take(left: dict[str, float], key: str, amount: float, full: float) -> bool:

@@ -272,6 +272,7 @@ class MellOperations:
             extra_n[best] = extra_n.get(best, 0) + 1
         for rid, dst in plan:
             pool.move(rid, dst)
+            pool.group[rid] = f"empty:{wid}"  # emptied only if every one of them runs
         if receivers is not None:
             receivers.update(extra)
         return True

@@ -53,6 +53,7 @@ class Packing:
         self.released: set[str] = set()  # emptied this epoch: not reused before the moves run
         self.pinned: dict[str, tuple[str, int]] = {}  # request on a non-ACTIVE worker
         self.moved: dict[str, None] = {}  # requests the plan moved this epoch (ordered set)
+        self.group: dict[str, str] = {}  # moved request -> its all-or-none group (`Move.group`)
         self.young: set[str] = set()  # placed within `settle_epochs`: refills leave them alone
         self.admitted: dict[str, int] = {}  # worker -> prompt blocks placed on it since the epoch
         self.clock = 0
@@ -107,6 +108,7 @@ class Packing:
             self.stamp[wid] = self.clock
         self.origin = dict(self.where)
         self.moved = {}
+        self.group = {}
 
     def refresh_free(self, workers: Iterable[WorkerInfo]) -> None:
         """Between epochs: take the view's free blocks and idle workers; adopt unknown ones."""

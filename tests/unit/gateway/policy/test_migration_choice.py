@@ -65,3 +65,19 @@ def test_uniform_model_for_a_single_machine() -> None:
     m = TransferModel.uniform(MIB // 2, 20e9, 6000.0, 0.25)
     plan = choose_transfers([Move("a", "w0", "w1"), Move("b", "w2", "w3")], {"a": 500, "b": 10}, m)
     assert [mv.request_id for mv in plan.kv] == ["a", "b"]
+
+
+def test_a_group_goes_whole_or_waits_and_gives_its_budget_back() -> None:
+    # inter link: 2384 tokens of KV per epoch; x1 prefills 3000 tokens per epoch.
+    m = model(default_prefill_tps=3000.0)
+    group = [Move(r, "m0", "x1", "kv", "empty:m0") for r in ("a", "b")]  # 2 × 2000: no room
+    alone = Move("c", "m0", "x1", "kv")
+    plan = choose_transfers([*group, alone], {"a": 2000, "b": 2000, "c": 1500}, m)
+    # "a" alone would have fit; its group could not, so both wait and "c" gets the link.
+    assert sorted(mv.request_id for mv in plan.deferred) == ["a", "b"]
+    assert plan.kv == [Move("c", "m0", "x1", "kv")]
+    # A group that fits goes whole, its kinds chosen move by move, and keeps its group.
+    fits = [Move(r, "m0", "x1", group="empty:m0") for r in ("a", "b")]
+    plan = choose_transfers(fits, {"a": 2000, "b": 2000}, m)
+    assert plan.deferred == [] and len(plan.kv) == 1 and len(plan.tokens) == 1
+    assert {mv.group for mv in plan.chosen} == {"empty:m0"}
