@@ -62,7 +62,9 @@ async def run_epochs(
 
 
 def runnable(moves: list[Move], view: ClusterView, migrator: Any) -> list[Move]:
-    """The moves that can start now, with their kinds resolved."""
+    """The moves that can start now, with their kinds resolved. A `Move.group` larger than
+    the per-worker limit starts in parts over several epochs (the policy re-plans the rest);
+    the part that can start goes whole or waits."""
     seen: set[str] = set()
     ready: list[Move] = []
     load: dict[str, int] = {}
