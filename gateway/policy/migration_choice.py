@@ -17,8 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mell.gateway.policy.base import Move
+
+Transfer = Literal["kv", "tokens"]  # the kinds a move is chosen as
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +129,7 @@ class _Budgets:
     def restore(self, saved: tuple[dict[str, float], dict[str, float]]) -> None:
         self.link_left, self.prefill_left = dict(saved[0]), dict(saved[1])
 
-    def choose(self, move: Move, tokens: int) -> str | None:
+    def choose(self, move: Move, tokens: int) -> Transfer | None:
         """The kind `move` goes as, its budget spent; None when neither fits."""
         model = self.model
         link = model.link_of(move.src, move.dst)
@@ -148,17 +151,17 @@ class _Budgets:
         )
         for kind in kinds:
             if kind == "kv" and _take(self.link_left, link, nbytes, self.link_full[link]):
-                return kind
+                return "kv"
             if kind == "tokens" and _take(self.prefill_left, move.dst, tokens, -1.0):
-                return kind
+                return "tokens"
         return None
 
 
-def _record(plan: TransferPlan, move: Move, kind: str | None) -> None:
+def _record(plan: TransferPlan, move: Move, kind: Transfer | None) -> None:
     if kind is None:
         plan.deferred.append(move)
     else:
-        chosen = Move(move.request_id, move.src, move.dst, kind, move.group)  # type: ignore[arg-type]
+        chosen = Move(move.request_id, move.src, move.dst, kind, move.group)
         (plan.kv if kind == "kv" else plan.tokens).append(chosen)
 
 
