@@ -33,6 +33,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         "cpu",
         "--worker-timeout",
         "2",
+        # Steps of at least 5 ms: a stream's last migration point leaves 60 tokens (300 ms)
+        # for the client to read up and move it; unpaced, mell-tiny could finish first.
+        "--min-step-ms",
+        "5",
     )
     yield c
     c.stop()
@@ -192,7 +196,7 @@ async def test_mellctl_migrate_then_drain_moves_requests_away(cluster: LocalClus
         return next(row["worker_id"] for row in rows if row["request_id"] == rid)
 
     async with aiohttp.ClientSession() as s:
-        want = await _text(s, cluster.url, body(4, 11, 1800))
+        want = await _text(s, cluster.url, body(4, 11, 900))
 
         async def act(rid: str, n: int) -> dict[str, Any] | None:
             if n == 10:
@@ -215,7 +219,7 @@ async def test_mellctl_migrate_then_drain_moves_requests_away(cluster: LocalClus
                 drained.append(src)
             return None
 
-        got, _, last = await _stream(s, cluster.url, body(4, 11, 1800), act)
+        got, _, last = await _stream(s, cluster.url, body(4, 11, 900), act)
     assert last["choices"][0]["finish_reason"] == "length"
     assert got == want
     [src] = drained
