@@ -6,8 +6,6 @@ the epoch's batching order and the choices where the paper is silent are describ
 
 from __future__ import annotations
 
-import math
-
 from mell.gateway.policy.packing import FULL, PER_LABEL, L, M, S, T
 from mell.gateway.policy.packing import Packing as _Pool
 
@@ -250,19 +248,13 @@ class MellOperations:
         plan: list[tuple[str, str]] = []
         extra: dict[str, int] = {}
         extra_n: dict[str, int] = {}
-        ceil = math.ceil
-        per_request = pool.growth * pool.place_epochs
-        caps, used, view_free, busy = pool.caps, pool.used, pool.view_free, pool.items
+        caps, room = pool.caps, pool.room
         for rid, b in items:
             best, best_r = None, 0
-            for other, its in busy.items():
-                cap = caps.get(other)
-                if other == wid or cap is None:
+            for other in pool.items:
+                if other == wid or other not in caps:
                     continue
-                free = cap - used[other]
-                v = view_free.get(other, free)
-                free = (v if v < free else free) - extra.get(other, 0)
-                r = free - ceil(per_request * (len(its) + extra_n.get(other, 0) + 1))
+                r = room(other, extra_n.get(other, 0) + 1) - extra.get(other, 0)
                 if r >= b and (best is None or r < best_r):
                     best, best_r = other, r
             if best is None:
@@ -285,7 +277,7 @@ class MellOperations:
         requests this epoch) are not emptied."""
         if wid in receivers or wid not in pool.items:
             return False
-        caps, used = pool.caps, pool.used
+        used = pool.used
         items = pool.items[wid]
         if not self.consolidate_young and any(r in pool.young for r in items):
             return False
@@ -293,11 +285,9 @@ class MellOperations:
             return False
         # A quick rejection before `_release`'s search: the largest request needs one gap, and
         # all of them together the sum of the gaps.
-        per_request = pool.growth * pool.place_epochs
-        ceil = math.ceil
         widest = total = 0
-        for w, its in pool.items.items():
-            gap = caps[w] - used[w] - ceil(per_request * (len(its) + 1))
+        for w in pool.items:
+            gap = pool.room(w)
             if gap > 0 and w != wid:
                 total += gap
                 if gap > widest:
