@@ -173,7 +173,7 @@ class OutgoingMigration:
         per_message = max(1, self.settings.message_bytes // runner.kv_block_bytes)
         num_frames = 0
         self._copy_started, self._stage_bytes = time.monotonic(), 0
-        for layer in range(blocks.num_layers if self.target > self.copied else 0):
+        for layer in range(blocks.num_layers):  # (no message when nothing is to copy)
             table = blocks.block_table(self.request_id, layer)
             for first in range(self.copied, self.target, per_message):
                 ids = table[first : min(first + per_message, self.target)]
