@@ -137,7 +137,7 @@ def main() -> int:
             row["mell_peak_over_lb"] = round(m["peak_over_lb"], 3)
             row["mell_peak_over_own"] = round(m["peak_active"] / m["own_bound"], 3)
             row["mell_peak_repack"] = m["peak_repack"]
-            row["mell_peak_over_repack"] = round(m["peak_active"] / m["peak_repack"], 3)
+            row["mell_peak_over_repack"] = round(m["peak_over_repack"], 3)
             rows.append(row)
     _print(rows)
     ok = all(

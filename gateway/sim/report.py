@@ -34,7 +34,7 @@ def _row(r: SimResult) -> list[str]:
         r.avg_active,
         r.peak_over_lb,
         r.own_bound,
-        r.peak_active / r.peak_repack if r.peak_repack else float("nan"),
+        r.peak_over_repack,
         r.mem_util,
         r.migrations_per_s,
         f"{r.kv_migrations}/{r.token_migrations}",

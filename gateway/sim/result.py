@@ -45,8 +45,13 @@ class SimResult:
     def peak_over_lb(self) -> float:
         return self.peak_active / self.lower_bound if self.lower_bound else float("nan")
 
+    @property
+    def peak_over_repack(self) -> float:
+        return self.peak_active / self.peak_repack if self.peak_repack else float("nan")
+
     def summary(self) -> dict:
         out = {k: getattr(self, k) for k in self.__slots__ if k not in ("times", "active")}
         out["migrations_per_s"] = self.migrations_per_s
         out["peak_over_lb"] = self.peak_over_lb
+        out["peak_over_repack"] = self.peak_over_repack
         return out
