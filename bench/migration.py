@@ -1,12 +1,12 @@
 """Live migration cost on a KV-heavy tiny model: time and stall per kind, KV throughput vs limit.
 
-    python bench/migration.py [--contexts 128,512,2048,8192] [--repeat 3]
+    python bench/migration.py [--contexts 128,512,2048,8192] [--repeat 5]
 
 A live `mellctl up --workers 2` (CPU) serves a KV-heavy random Llama checkpoint (many KV heads,
 no GQA, small MLP; the mell-tiny tokenizer). For each context length L and each kind (kv,
 tokens, auto) one streaming request with an L-token prompt is moved mid-decode through the admin
-API (`POST /admin/v1/requests/{id}/migrate`), `--repeat` times, the kinds interleaved (best
-kept):
+API (`POST /admin/v1/requests/{id}/migrate`), `--repeat` times, the kinds interleaved and each
+first in turn (best kept; every run's time is in the RESULT):
 - stall: the longest gap between consecutive tokens from the source's pause (it reports how long
   it paused) to the first token at the destination, minus the median gap before (one step);
 - migration time: from the admin call to the request's first token at the destination (for a
@@ -18,8 +18,10 @@ kept):
   messages of the data plane's size, one answer per stage (best of 5): idle (nothing else
   runs), and beside a decode (while a request of the same context decodes on a worker, as the
   source decodes the request during the copy: on a 2-core machine the decode takes half of
-  what the idle limit gets). For reference the same transfer within one process (both sockets
-  on one ZeroMQ I/O thread, which no pair of workers shares) is printed too.
+  what the idle limit gets). Two more for reference: the transfer beside a decode with the
+  receiver also copying every message into a cache-sized array (the work a destination must
+  do: ZeroMQ cannot receive into its cache), and the transfer within one process (both sockets
+  on one ZeroMQ I/O thread, which no pair of workers shares).
 Checks: KV throughput ≥ 60% of the limit at the largest context (both limits are reported); the
 KV stall roughly flat in L (the least-squares line through the stalls rises ≤ 10 ms from the
 smallest to the largest context; one stall alone jitters by a step or two); `auto` within 10%
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import multiprocessing
@@ -198,12 +201,14 @@ async def migrate_once(
 # ---------------------------------------------------------------- the limit
 
 
-def zmq_limit(context: int, repeat: int = 5, processes: int = 2) -> float:
+def zmq_limit(context: int, repeat: int = 5, processes: int = 2, write: bool = False) -> float:
     """Bytes/s of raw ZeroMQ loopback moving one context's KV like a single-stage KV copy: per
     layer, messages of the data plane's size (`MigrationSettings.message_bytes`), then one
     round trip. Best of `repeat`. `processes=2`: the receiver is another process with its own
     ZeroMQ context, as a destination worker is; `1`: a thread of this process, both sockets
-    sharing one ZeroMQ I/O thread (and one core's cache), which no pair of workers does."""
+    sharing one ZeroMQ I/O thread (and one core's cache), which no pair of workers does.
+    `write`: the receiver also copies every message into an array of the context's KV size,
+    as a destination writes the blocks into its cache (ZeroMQ cannot receive into it)."""
     import zmq
 
     layer_bytes, frames = _limit_frames(context)
@@ -212,11 +217,13 @@ def zmq_limit(context: int, repeat: int = 5, processes: int = 2) -> float:
     if processes == 1:
         router = ctx.socket(zmq.ROUTER)
         port = router.bind_to_random_port("tcp://127.0.0.1")
-        sink: Any = threading.Thread(target=_sink_rounds, args=(router, len(frames), repeat + 1))
+        sink: Any = threading.Thread(
+            target=_sink_rounds, args=(router, len(frames), repeat + 1, write)
+        )
     else:
         spawn = multiprocessing.get_context("spawn")
         ours, theirs = spawn.Pipe()
-        sink = spawn.Process(target=_sink, args=(theirs, len(frames), repeat + 1))
+        sink = spawn.Process(target=_sink, args=(theirs, len(frames), repeat + 1, write))
     sink.start()
     try:
         if processes != 1:
@@ -254,39 +261,51 @@ def _limit_frames(context: int) -> tuple[int, list[bytearray]]:
     return layer_bytes, layer * LAYERS
 
 
-def _sink_rounds(router: Any, messages: int, rounds: int) -> None:
-    """Receive `messages` messages and an end marker, answer it; `rounds` times."""
+def _sink_rounds(router: Any, messages: int, rounds: int, write: bool = False) -> None:
+    """Receive `messages` messages and an end marker, answer it; `rounds` times. `write`: copy
+    each message's data into one array, one after the other, as the destination's cache."""
+    import numpy as np
+
+    cache = np.empty(0, dtype=np.uint8)
     for _ in range(rounds):
+        at = 0
         for _ in range(messages):
-            router.recv_multipart(copy=False)
+            frames = router.recv_multipart(copy=False)
+            if write:
+                data = np.frombuffer(frames[-1].buffer, dtype=np.uint8)
+                if len(cache) < at + len(data):
+                    cache = np.resize(cache, at + len(data))
+                cache[at : at + len(data)] = data
+                at += len(data)
         ident = router.recv_multipart()[0]
         router.send_multipart([ident, b"ack"])
 
 
-def _sink(conn: Any, messages: int, rounds: int) -> None:
+def _sink(conn: Any, messages: int, rounds: int, write: bool = False) -> None:
     """The limit's receiving process: a ROUTER on a free port (sent back on `conn`)."""
     import zmq
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     conn.send(router.bind_to_random_port("tcp://127.0.0.1"))
-    _sink_rounds(router, messages, rounds)
+    _sink_rounds(router, messages, rounds, write)
     router.close(0)
     ctx.term()
 
 
 async def zmq_limit_under_load(
-    s: aiohttp.ClientSession, c: Cluster, model: str, context: int
+    s: aiohttp.ClientSession, c: Cluster, model: str, context: int, write: bool = False
 ) -> float:
     """`zmq_limit` measured while a request of `context` tokens decodes on the cluster, as the
     KV copy runs while the request it moves decodes on the source (stage 1 of the protocol)."""
+    limit = functools.partial(zmq_limit, context, write=write)
     body = stream_body(model, context, 400)
     async with s.post(c.url + "/v1/completions", json=body) as r:
         n = 0
         async for line in r.content:
             n += line.startswith(b"data: {")
             if n == 16:  # decoding: measure while the stream goes on, then hang up (aborts it)
-                return await asyncio.get_running_loop().run_in_executor(None, zmq_limit, context)
+                return await asyncio.get_running_loop().run_in_executor(None, limit)
     raise RuntimeError(f"the {context}-token request ended before 16 tokens")
 
 
@@ -300,13 +319,14 @@ async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> l
             row: dict[str, Any] = {"context": context}
             kinds = ("kv", "tokens", "auto")
             runs_of: dict[str, list[dict]] = {kind: [] for kind in kinds}
-            for _ in range(repeat):  # interleaved: kv, tokens, auto, kv, ... (drift hits all)
-                for kind in kinds:
+            for i in range(repeat):  # interleaved, each kind first in turn (drift hits all)
+                for kind in kinds[i % 3 :] + kinds[: i % 3]:
                     runs_of[kind].append(await migrate_once(s, c, model, context, kind, 16))
             for kind, runs in runs_of.items():
                 ok = [r for r in runs if r["committed"]]
                 best = min(ok, key=lambda r: r["time_ms"]) if ok else runs[0]
                 row[kind] = best
+                row[f"{kind}_times_ms"] = [round(r["time_ms"], 1) for r in ok]
                 if kind == "kv":  # the best copy throughput of the runs (the limit's: best too)
                     rates = [r["copy_bytes"] / r["copy_ms"] / 1e6 for r in ok if r["copy_ms"]]
                     row["kv_gb_per_s"] = max(rates, default=0.0)
@@ -317,6 +337,9 @@ async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> l
             loaded = await zmq_limit_under_load(s, c, model, context)
             row["limit_loaded_gb_per_s"] = loaded / 1e9
             row["kv_vs_loaded_limit"] = row["kv_gb_per_s"] / row["limit_loaded_gb_per_s"]
+            matched = await zmq_limit_under_load(s, c, model, context, write=True)
+            row["limit_matched_gb_per_s"] = matched / 1e9
+            row["kv_vs_matched_limit"] = row["kv_gb_per_s"] / row["limit_matched_gb_per_s"]
             fastest = min(row["kv"]["time_ms"] or 1e9, row["tokens"]["time_ms"] or 1e9)
             row["auto_vs_fastest"] = (row["auto"]["time_ms"] or 1e9) / fastest
             faster = "kv" if row["kv"]["time_ms"] == fastest else "tokens"
@@ -329,7 +352,9 @@ async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> l
                 f"{row['auto']['time_ms']:8.1f} ms  KV {row['kv_gb_per_s']:.2f} GB/s = "
                 f"{100 * row['kv_vs_limit']:.0f}% of ZeroMQ idle {row['limit_gb_per_s']:.2f} GB/s, "
                 f"{100 * row['kv_vs_loaded_limit']:.0f}% of ZeroMQ beside a decode "
-                f"{row['limit_loaded_gb_per_s']:.2f} GB/s (one-process ZeroMQ "
+                f"{row['limit_loaded_gb_per_s']:.2f} GB/s, "
+                f"{100 * row['kv_vs_matched_limit']:.0f}% of the same writing a cache "
+                f"{row['limit_matched_gb_per_s']:.2f} GB/s (one-process ZeroMQ "
                 f"{row['limit_one_process_gb_per_s']:.2f})",
                 flush=True,
             )
@@ -349,7 +374,7 @@ def stall_growth_ms(rows: list[dict]) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="128,512,2048,8192")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     root = Path(tempfile.mkdtemp(prefix="mell-bench-migration-"))
