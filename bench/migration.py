@@ -212,18 +212,17 @@ def zmq_limit(context: int, repeat: int = 5, processes: int = 2, write: bool = F
     import zmq
 
     layer_bytes, frames = _limit_frames(context)
+    sink_args = (len(frames), repeat + 1, layer_bytes * LAYERS if write else 0)
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     if processes == 1:
         router = ctx.socket(zmq.ROUTER)
         port = router.bind_to_random_port("tcp://127.0.0.1")
-        sink: Any = threading.Thread(
-            target=_sink_rounds, args=(router, len(frames), repeat + 1, write)
-        )
+        sink: Any = threading.Thread(target=_sink_rounds, args=(router, *sink_args))
     else:
         spawn = multiprocessing.get_context("spawn")
         ours, theirs = spawn.Pipe()
-        sink = spawn.Process(target=_sink, args=(theirs, len(frames), repeat + 1, write))
+        sink = spawn.Process(target=_sink, args=(theirs, *sink_args))
     sink.start()
     try:
         if processes != 1:
@@ -261,34 +260,33 @@ def _limit_frames(context: int) -> tuple[int, list[bytearray]]:
     return layer_bytes, layer * LAYERS
 
 
-def _sink_rounds(router: Any, messages: int, rounds: int, write: bool = False) -> None:
-    """Receive `messages` messages and an end marker, answer it; `rounds` times. `write`: copy
-    each message's data into one array, one after the other, as the destination's cache."""
+def _sink_rounds(router: Any, messages: int, rounds: int, cache_bytes: int = 0) -> None:
+    """Receive `messages` messages and an end marker, answer it; `rounds` times. `cache_bytes`
+    > 0: copy the messages' data one after the other into an array of that size (all of them
+    fit), as a destination writes them into its cache."""
     import numpy as np
 
-    cache = np.empty(0, dtype=np.uint8)
+    cache = np.zeros(cache_bytes, dtype=np.uint8)
     for _ in range(rounds):
         at = 0
         for _ in range(messages):
             frames = router.recv_multipart(copy=False)
-            if write:
+            if cache_bytes:
                 data = np.frombuffer(frames[-1].buffer, dtype=np.uint8)
-                if len(cache) < at + len(data):
-                    cache = np.resize(cache, at + len(data))
                 cache[at : at + len(data)] = data
                 at += len(data)
         ident = router.recv_multipart()[0]
         router.send_multipart([ident, b"ack"])
 
 
-def _sink(conn: Any, messages: int, rounds: int, write: bool = False) -> None:
+def _sink(conn: Any, messages: int, rounds: int, cache_bytes: int = 0) -> None:
     """The limit's receiving process: a ROUTER on a free port (sent back on `conn`)."""
     import zmq
 
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     conn.send(router.bind_to_random_port("tcp://127.0.0.1"))
-    _sink_rounds(router, messages, rounds, write)
+    _sink_rounds(router, messages, rounds, cache_bytes)
     router.close(0)
     ctx.term()
 
@@ -320,7 +318,8 @@ async def measure(c: Cluster, model: str, contexts: list[int], repeat: int) -> l
             kinds = ("kv", "tokens", "auto")
             runs_of: dict[str, list[dict]] = {kind: [] for kind in kinds}
             for i in range(repeat):  # interleaved, each kind first in turn (drift hits all)
-                for kind in kinds[i % 3 :] + kinds[: i % 3]:
+                first = i % len(kinds)
+                for kind in kinds[first:] + kinds[:first]:
                     runs_of[kind].append(await migrate_once(s, c, model, context, kind, 16))
             for kind, runs in runs_of.items():
                 ok = [r for r in runs if r["committed"]]
