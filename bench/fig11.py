@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACES = ROOT.parent / "shared" / "traces" / "azure-llm-2023"
+DEFAULT_TRACES = ROOT / "bench" / "traces" / "azure-llm-2023"
 POLICIES = ("best-fit", "worst-fit", "lb", "mell")
 PROFILES = {"13b": "llama2-13b-a100-40g", "7b": "llama2-7b-rtx4090"}
 # trace name -> files, (scale_time, scale_len) per profile key

@@ -4,7 +4,7 @@
                            [--num-kv-blocks 512] [--len-scale 0.5] [--min-step-ms 20] [--runs 3]
 
 The first `--requests` requests of the trace (default: Azure LLM 2023 conv, from
-../shared/traces), arrival gaps divided by `--speedup`, token counts multiplied by `--len-scale`
+bench/traces), arrival gaps divided by `--speedup`, token counts multiplied by `--len-scale`
 and clipped to the worker's context (`--num-kv-blocks` × 16 tokens), are sent to a live
 `mellctl up --workers N --device cpu --min-step-ms M` (mell-tiny) as non-streaming completions
 with token-id prompts (greedy, ignore_eos: each produces exactly its trace output length); a
@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from migration import Cluster  # bench/migration.py: a `mellctl up` cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACE = ROOT.parent / "shared/traces/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
+DEFAULT_TRACE = ROOT / "bench/traces/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
 BLOCK_SIZE = 16
 TINY_MAX_LEN = 2048 - BLOCK_SIZE
 RETRY_AFTER_S, RETRY_FOR_S = 0.2, 120.0

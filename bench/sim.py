@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACES = ROOT.parent / "shared" / "traces" / "azure-llm-2023"
+DEFAULT_TRACES = ROOT / "bench" / "traces" / "azure-llm-2023"
 POLICIES = ("mell", "best-fit", "worst-fit", "lb", "round-robin")
 
 

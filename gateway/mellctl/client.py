@@ -4,7 +4,8 @@ Where (first found wins):
   URL:   --url, $MELL_ADMIN_URL, `url` in the config file, DATA_DIR/admin.json (left by the gateway)
   token: --token, $MELL_ADMIN_TOKEN, `token` or `token_file` in the config file,
          DATA_DIR/admin.token (created by the gateway at first start)
-  DATA_DIR: --data-dir, `data_dir` in the config file, ./.mell if it exists, /var/lib/mell.
+  DATA_DIR: --data-dir, `data_dir` in the config file, ./.mell if it exists, the data dir of a
+            running `mellctl up` (see `running.py`), /var/lib/mell.
 The config file is $MELLCTL_CONFIG or ~/.config/mell/mellctl.toml (XDG_CONFIG_HOME honoured),
 a TOML table with any of url, token, token_file, data_dir.
 
@@ -28,9 +29,11 @@ from typing import Any
 
 from mell.common.errors import MellError
 from mell.gateway.admin_token import TOKEN_FILE, read_token, read_url
+from mell.gateway.mellctl.running import running_data_dir
 
 PREFIX = "/admin/v1"
-DEFAULT_DATA_DIRS = (".mell", "/var/lib/mell")
+LOCAL_DATA_DIR = ".mell"  # `mellctl up`'s default, relative to where it ran
+SYSTEM_DATA_DIR = "/var/lib/mell"  # the systemd units'
 
 
 class Unreachable(MellError):
@@ -99,9 +102,9 @@ def resolve(args: argparse.Namespace) -> Target:
 def _data_dir(given: str | None) -> Path | None:
     if given:
         return Path(given).expanduser()
-    for candidate in DEFAULT_DATA_DIRS:
-        if (Path(candidate) / TOKEN_FILE).exists():
-            return Path(candidate)
+    for candidate in (Path(LOCAL_DATA_DIR), running_data_dir(), Path(SYSTEM_DATA_DIR)):
+        if candidate is not None and (candidate / TOKEN_FILE).exists():
+            return candidate
     return None
 
 

@@ -4,10 +4,11 @@
 
 Creates mell-tiny on first use, starts the gateway, then the workers (split across the models),
 prints one line with the URL once /health says every model is served and every worker is active,
-then one line with the admin API's URL (its token is DATA_DIR/admin.token; `mellctl status
---data-dir D` finds both), and stops every child on Ctrl-C or SIGTERM. If a child does not
-start, it exits 1 naming that child and its log file.
-Children log to DATA_DIR/logs/; the pids and URLs are in DATA_DIR/up.json.
+then one line with the admin API's URL (its token is DATA_DIR/admin.token), and stops every
+child on Ctrl-C or SIGTERM. If a child does not start, it exits 1 naming that child and its log
+file.
+Children log to DATA_DIR/logs/; the pids and URLs are in DATA_DIR/up.json. While it serves,
+`mellctl` finds it from any directory (`running.py`); `--data-dir D` names it explicitly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 from mell.common.errors import MellError
 from mell.common.model_spec import TINY, model_name, resolve_model_dir
+from mell.gateway.mellctl import running
 
 
 class StartFailed(MellError):
@@ -75,16 +77,18 @@ def run(args: argparse.Namespace) -> int:
     stop = _install_stop_handlers()
     try:
         url = cluster.start(args.startup_timeout, stop)
+        running.record(data_dir)
         names = ", ".join(model_name(s) for s in specs)
         print(f"mell is serving {names} at {url} with {args.workers} worker(s)", flush=True)
         # stdout carries exactly the one ready line; the admin hint goes to stderr
         print(
-            f"admin API at {cluster.admin_url} (mellctl status --data-dir {data_dir})",
+            f"admin API at {cluster.admin_url} (`mellctl status` finds it from any directory)",
             file=sys.stderr,
             flush=True,
         )
         return cluster.wait(stop)
     finally:
+        running.forget()
         cluster.stop()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from mell_cluster import MELLCTL, get_json, start_cluster
+
+from mell.gateway.mellctl.running import record_path
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +31,17 @@ def test_up_serves_then_stops_every_child(tmp_path: Path) -> None:
         status, health = get_json(cluster.url + "/health")
         assert status == 200 and health["models"]["mell-tiny"]["active"] == 2
         assert (tmp_path / "models/mell-tiny/config.json").is_file()  # created on first use
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        status = subprocess.run(
+            [*MELLCTL, "status", "--json"], cwd=elsewhere, capture_output=True, timeout=60
+        )
+        assert status.returncode == 0, status.stderr  # found through the running-cluster record
+        assert json.loads(status.stdout)["workers"][0]["model"] == "mell-tiny"
         cluster.proc.send_signal(signal.SIGTERM)
         assert cluster.proc.wait(30) == 0
         assert not any(_alive(pid) for pid in cluster.pids.values())
+        assert not record_path().exists()  # the record goes with the cluster
         assert cluster.proc.stdout is not None
         assert cluster.proc.stdout.read() == b""  # the ready line was the only one
         assert "admin API at http://127.0.0.1:" in (tmp_path / "mellctl.err").read_text()
