@@ -101,10 +101,10 @@ def build_engine(config: WorkerConfig) -> Any:
     model_dir = resolve_model_dir(config.engine.model, config.data_dir)
     engine_config = msgspec.structs.replace(config.engine, model=str(model_dir))
     if config.fake_token_rate > 0:
-        from mell.workerd.fake_engine import FakeEngine
+        from mell.workerd.engine.fake_engine import FakeEngine
 
         return FakeEngine(engine_config, config.fake_token_rate)
-    from mell.workerd.engine import Engine
+    from mell.workerd.engine.engine import Engine
 
     return Engine(engine_config)
 

@@ -44,13 +44,13 @@ from mell.common.messages import (
     WorkerFailed,
 )
 from mell.common.notify import Notifier
-from mell.workerd.boundaries import (
+from mell.workerd.io import PeerInput
+from mell.workerd.migration.boundaries import (
     Boundaries,
     kv_bytes_per_token,
     measure_prefill_tokens_per_s,
 )
-from mell.workerd.io import PeerInput
-from mell.workerd.migration_hub import MigrationHub
+from mell.workerd.migration.hub import MigrationHub
 
 log = structlog.get_logger("mell.workerd")
 

@@ -9,7 +9,7 @@ from mell.common.config import EngineConfig
 from mell.common.errors import ConfigError, InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams
 from mell.common.tiny_model import write_tiny_model
-from mell.workerd.engine import Engine, EngineStats, RequestOutput
+from mell.workerd.engine.engine import Engine, EngineStats, RequestOutput
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 

@@ -15,9 +15,9 @@ from mell.common.config import EngineConfig
 from mell.common.messages import MigrateBlocks
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import write_tiny_model
-from mell.workerd.engine import Engine
-from mell.workerd.migration import MigrationSettings
-from mell.workerd.runner import block_runs
+from mell.workerd.engine.engine import Engine
+from mell.workerd.engine.runner import block_runs
+from mell.workerd.migration.machines import MigrationSettings
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from mell.workerd.block_manager import BlockManager
-from mell.workerd.sequence import Sequence, SequenceStatus
+from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

@@ -15,12 +15,17 @@ from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import TINY_MODEL_NAME
-from mell.workerd.block_manager import BlockManager
-from mell.workerd.model_config import ModelConfig, load_model_config
-from mell.workerd.outputs import EngineStats, RequestOutput
-from mell.workerd.runner import ModelRunner, kv_bytes_per_block, resolve_device, resolve_dtype
-from mell.workerd.scheduler import Scheduler
-from mell.workerd.sequence import Sequence, SequenceStatus
+from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.outputs import EngineStats, RequestOutput
+from mell.workerd.engine.runner import (
+    ModelRunner,
+    kv_bytes_per_block,
+    resolve_device,
+    resolve_dtype,
+)
+from mell.workerd.engine.scheduler import Scheduler
+from mell.workerd.engine.sequence import Sequence, SequenceStatus
+from mell.workerd.model.config import ModelConfig, load_model_config
 
 __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
@@ -150,7 +155,7 @@ class Engine:
             request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
         )
 
-    # -- migration (the engine side of workerd/migration.py) -------------------------------
+    # -- migration (the engine side of workerd/migration/) -------------------------------
 
     def sequence(self, request_id: str) -> Sequence | None:
         """The live request, or None once finished, aborted or migrated away."""

@@ -80,13 +80,13 @@ def make_attention_backend(name: str, shape: AttentionShape) -> AttentionBackend
     if name == "auto":
         name = "flashinfer" if shape.device.type == "cuda" else "torch"
     if name == "torch":
-        from mell.workerd.attention_torch import TorchAttention
+        from mell.workerd.model.attention_torch import TorchAttention
 
         return TorchAttention(shape)
     if name == "flashinfer":
         if shape.device.type != "cuda" or not torch.cuda.is_available():
             raise ConfigError("attention_backend 'flashinfer' needs a CUDA device")
-        from mell.workerd.attention_flashinfer import FlashInferAttention
+        from mell.workerd.model.attention_flashinfer import FlashInferAttention
 
         return FlashInferAttention(shape)
     raise ConfigError(f"unknown attention_backend {name!r}")

@@ -23,7 +23,7 @@ from mell.common.messages import (
     ProbeAck,
 )
 from mell.common.sampling import SamplingParams
-from mell.workerd.migration import Port
+from mell.workerd.migration.machines import Port
 
 log = structlog.get_logger("mell.workerd.boundaries")
 PROBE_BYTES = 4 << 20

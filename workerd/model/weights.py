@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from mell.common.errors import ModelError
-from mell.workerd.model_config import ModelConfig
+from mell.workerd.model.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mell.workerd.attention import AttentionBackend, AttentionBatch, AttentionShape
+from mell.workerd.model.attention import AttentionBackend, AttentionBatch, AttentionShape
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mell.workerd.attention import AttentionBackend
-from mell.workerd.model_config import ModelConfig
-from mell.workerd.rope import apply_rope, cos_sin_table
+from mell.workerd.model.attention import AttentionBackend
+from mell.workerd.model.config import ModelConfig
+from mell.workerd.model.rope import apply_rope, cos_sin_table
 
 
 @dataclass(slots=True)

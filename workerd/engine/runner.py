@@ -16,14 +16,14 @@ import torch
 
 from mell.common.errors import ConfigError
 from mell.common.sampling import TokenLogprobs
-from mell.workerd.attention import AttentionBatch, AttentionShape, make_attention_backend
-from mell.workerd.block_manager import BlockManager
-from mell.workerd.model import ForwardBatch, LlamaModel
-from mell.workerd.model_config import ModelConfig
-from mell.workerd.sampler import Sampler
-from mell.workerd.scheduler import ScheduledBatch
-from mell.workerd.sequence import Sequence
-from mell.workerd.weights import load_weights
+from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.scheduler import ScheduledBatch
+from mell.workerd.engine.sequence import Sequence
+from mell.workerd.model.attention import AttentionBatch, AttentionShape, make_attention_backend
+from mell.workerd.model.config import ModelConfig
+from mell.workerd.model.llama import ForwardBatch, LlamaModel
+from mell.workerd.model.sampler import Sampler
+from mell.workerd.model.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

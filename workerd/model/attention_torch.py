@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mell.workerd.attention import AttentionBackend, AttentionBatch, AttentionShape
+from mell.workerd.model.attention import AttentionBackend, AttentionBatch, AttentionShape
 
 # Fixed cost of one more group (a few op launches), in (query, key) pairs of a model with
 # num_kv_heads * head_dim == 64: a split must save more than this; wider models split sooner.

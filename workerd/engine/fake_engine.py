@@ -1,6 +1,6 @@
 """A compute-free engine for gateway benchmarks: tokens at a fixed rate, no model.
 
-Same interface as `mell.workerd.engine.Engine` (contract A). Every running request gets one token
+Same interface as `mell.workerd.engine.engine.Engine` (contract A). Every running request gets one token
 per step; steps happen on the wall-clock grid of multiples of 1/rate (unix time), so a client can
 tell when each token was emitted: at the last grid point before it arrived. Output tokens echo the
 prompt (token i is prompt[i % len(prompt)]), so they are always valid ids of the model's vocabulary.
@@ -18,7 +18,7 @@ from pathlib import Path
 from mell.common.config import EngineConfig
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
-from mell.workerd.outputs import EngineStats, RequestOutput
+from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
 
 @dataclass(slots=True)

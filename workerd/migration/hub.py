@@ -23,7 +23,7 @@ from mell.common.messages import (
     PeerMessage,
     StartMigration,
 )
-from mell.workerd.migration import (
+from mell.workerd.migration.machines import (
     IncomingMigration,
     MigrationSettings,
     OutgoingMigration,
