@@ -1,9 +1,10 @@
-"""The model runner: owns the weights, the KV tensors and the attention backend, turns a
-scheduled batch into flat tensors, runs the model and samples.
+"""The model runner: owns the weights and the attention backend, turns a scheduled batch into
+flat tensors, runs the model against the KV tensors it is given and samples.
 
 The batch is laid out decode-first (requests computing one token), then prefill chunks.
-Block tables are read per layer; when every request's layers share one table (the normal
-case) the attention plan and the K/V slots are computed once for all layers.
+Block tables come with the batch, per layer (the scheduler's output); when every request's
+layers share one table (the normal case) the attention plan and the K/V slots are computed
+once for all layers.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mell.common.errors import ConfigError
 from mell.common.sampling import TokenLogprobs
-from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.scheduler import ScheduledBatch
 from mell.workerd.engine.sequence import Sequence
 from mell.workerd.model.attention import AttentionBatch, AttentionShape, make_attention_backend
@@ -58,12 +57,6 @@ def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> tor
     return DTYPES[name]
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block in every layer (K and V)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -85,71 +78,10 @@ class ModelRunner:
         self.attention = make_attention_backend(attention_backend, shape)
         self.model = LlamaModel(cfg, weights, self.attention, cfg.max_position_embeddings)
         self.sampler = Sampler(seed)
-        self.kv_caches: list[torch.Tensor] = []
-        self._host_bytes: list[np.ndarray] = []
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, 2, self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
-            for _ in range(self.cfg.num_layers)
-        ]
-        # Byte views of the CPU caches, [num_blocks, block bytes]: migration copies blocks
-        # with plain memcpy (no per-element kernels, no intra-op threads).
-        self._host_bytes = (
-            [c.view(torch.uint8).numpy().reshape(num_blocks, -1) for c in self.kv_caches]
-            if self.device.type == "cpu"
-            else []
-        )
-
-    @property
-    def kv_block_bytes(self) -> int:
-        """Bytes of one block of one layer (keys and values)."""
-        cache = self.kv_caches[0]
-        return cache[0].numel() * cache.element_size()
-
-    def kv_frames(self, layer: int, block_ids: list[int]) -> list[tuple[int, memoryview]]:
-        """Some blocks of one layer as bytes to send, in order: (number of blocks, bytes) per
-        frame; the frames together hold `block_ids`. On CPU each run of consecutive blocks is
-        a view of the cache itself (nothing copied; the blocks must not change until sent: full
-        blocks never do). On CUDA the blocks are gathered into pinned host memory (the copy
-        engine moves them; the host waits for this layer only), one frame."""
-        if self.device.type == "cuda":
-            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-            gathered = self.kv_caches[layer].index_select(0, index)
-            host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-            host.copy_(gathered, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-            return [(len(block_ids), memoryview(host.view(torch.uint8).reshape(-1).numpy()))]
-        cache = self._host_bytes[layer]
-        return [
-            (n, memoryview(cache[start : start + n].reshape(-1)))
-            for _, start, n in block_runs(block_ids)
-        ]
-
-    def write_kv(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
-        """Store blocks of one layer received from a peer: `frames` laid out as `kv_frames`
-        makes them, together exactly `len(block_ids)` blocks, written in order."""
-        done = 0
-        for frame in frames:
-            src = np.frombuffer(frame, dtype=np.uint8).reshape(-1, self.kv_block_bytes)
-            self._write_blocks(layer, block_ids[done : done + len(src)], src)
-            done += len(src)
-
-    def _write_blocks(self, layer: int, block_ids: list[int], src: np.ndarray) -> None:
-        if self.device.type == "cuda":
-            cache = self.kv_caches[layer]
-            staged = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
-            staged.numpy()[:] = src  # pinned: the copy to the device runs asynchronously
-            index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-            host = staged.view(cache.dtype).view((-1, *cache.shape[1:]))
-            cache.index_copy_(0, index, host.to(self.device, non_blocking=True))
-            return
-        cache = self._host_bytes[layer]
-        for i, start, n in block_runs(block_ids):
-            cache[start : start + n] = src[i : i + n]
-
-    def execute(self, batch: ScheduledBatch, blocks: BlockManager) -> list[Sample]:
+    def execute(self, batch: ScheduledBatch, kv_caches: list[torch.Tensor]) -> list[Sample]:
+        """Run one scheduled batch against the KV tensors (one per layer); the sampled tokens
+        of the requests whose last token was computed."""
         # decode first, then prefill; each part by context length (see attention.py)
         order = sorted(
             range(len(batch.seqs)),
@@ -160,8 +92,8 @@ class ModelRunner:
         )
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
-        fwd, samplers = self._prepare(seqs, counts, blocks)
-        logits = self.model.forward(fwd, self.kv_caches)
+        fwd, samplers = self._prepare(seqs, counts, _reordered(batch.layer_tables, order))
+        logits = self.model.forward(fwd, kv_caches)
         if not samplers:
             return []
         result = self.sampler(
@@ -173,7 +105,7 @@ class ModelRunner:
         ]
 
     def _prepare(
-        self, seqs: list[Sequence], counts: list[int], blocks: BlockManager
+        self, seqs: list[Sequence], counts: list[int], layer_tables: list[list[list[int]]]
     ) -> tuple[ForwardBatch, list[Sequence]]:
         tokens: list[int] = []
         positions: list[int] = []
@@ -198,7 +130,6 @@ class ModelRunner:
         dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
         q_lens = counts
-        layer_tables = self._layer_tables(seqs, blocks)
         self.attention.begin_step()
         plans: dict[int, tuple[object, torch.Tensor]] = {}
         attn_plans: list[object] = []
@@ -220,14 +151,6 @@ class ModelRunner:
         )
         return fwd, samplers
 
-    def _layer_tables(self, seqs: list[Sequence], blocks: BlockManager) -> list[list[list[int]]]:
-        """Block tables per layer; the same list object for all layers when all are uniform."""
-        ids = [s.request_id for s in seqs]
-        if all(blocks.is_uniform(r) for r in ids):
-            shared = [blocks.block_table(r, 0) for r in ids]
-            return [shared] * self.cfg.num_layers
-        return [[blocks.block_table(r, layer) for r in ids] for layer in range(self.cfg.num_layers)]
-
     def _slot_pages(
         self, tables: list[list[int]], seqs: list[Sequence], counts: list[int]
     ) -> torch.Tensor:
@@ -244,13 +167,10 @@ class ModelRunner:
         return torch.tensor(pages, dtype=torch.long, device=self.device)
 
 
-def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of consecutive block ids: (index of the run's first id, first block, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for i, b in enumerate(block_ids):
-        if runs and runs[-1][1] + runs[-1][2] == b:
-            first, start, n = runs[-1]
-            runs[-1] = (first, start, n + 1)
-        else:
-            runs.append((i, b, 1))
-    return runs
+def _reordered(layer_tables: list[list[list[int]]], order: list[int]) -> list[list[list[int]]]:
+    """Per-layer tables in the batch's run order; layers that shared one list still do."""
+    done: dict[int, list[list[int]]] = {}
+    for tables in layer_tables:
+        if id(tables) not in done:
+            done[id(tables)] = [tables[i] for i in order]
+    return [done[id(tables)] for tables in layer_tables]

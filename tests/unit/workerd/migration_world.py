@@ -17,7 +17,7 @@ from mell.common.messages import MigratedIn, MigrationEnded, PeerMessage, StartM
 from mell.transport.codec import Codec
 from mell.workerd.engine.engine import Engine
 from mell.workerd.migration.hub import MigrationHub
-from mell.workerd.migration.machines import MigrationSettings
+from mell.workerd.migration.settings import MigrationSettings
 
 
 @dataclass
