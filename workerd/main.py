@@ -22,6 +22,7 @@ from mell.common.errors import MellError
 from mell.common.logging import configure_logging
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.common.notify import Notifier
+from mell.workerd.engine.contract import ServingEngine
 
 log = structlog.get_logger("mell.workerd")
 
@@ -96,7 +97,7 @@ def _instance_device(instance: str) -> str:
     return f"cuda:{instance}" if instance.isdigit() else instance
 
 
-def build_engine(config: WorkerConfig) -> Any:
+def build_engine(config: WorkerConfig) -> ServingEngine:
     """The engine for this worker, its model directory already resolved."""
     model_dir = resolve_model_dir(config.engine.model, config.data_dir)
     engine_config = msgspec.structs.replace(config.engine, model=str(model_dir))

@@ -12,6 +12,7 @@ KV cache of one layer: `[num_pages, 2, page_size, num_kv_heads, head_dim]` (Flas
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ class AttentionShape:
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return math.pow(self.head_dim, -0.5)  # (as head_dim**-0.5, typed)
 
 
 class AttentionBackend(ABC):

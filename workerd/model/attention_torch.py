@@ -162,9 +162,9 @@ class TorchAttention(AttentionBackend):
         if buf.shape[0] < n or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
             size = max(n, 2 * self._k_buf.shape[0])
             page = kv_cache.shape[2:]
-            kw = {"dtype": kv_cache.dtype, "device": kv_cache.device}
-            self._k_buf = torch.empty(size, *page, **kw)
-            self._v_buf = torch.empty(size, *page, **kw)
+            dtype, device = kv_cache.dtype, kv_cache.device
+            self._k_buf = torch.empty((size, *page), dtype=dtype, device=device)
+            self._v_buf = torch.empty((size, *page), dtype=dtype, device=device)
         return self._k_buf[:n], self._v_buf[:n]
 
 
