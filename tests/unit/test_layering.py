@@ -105,3 +105,25 @@ def test_the_runner_reads_blocks_from_the_batch_not_the_block_manager() -> None:
     runner = ROOT / "workerd" / "engine" / "runner.py"
     assert "mell.workerd.engine.block_manager" not in _imports(runner)
     assert "BlockManager" not in runner.read_text()
+
+
+# workerd's rooms: model ← engine ← migration ← {worker, io, main}; migration sees the engine
+# through its contract only.
+WORKERD_ROOMS = {
+    "model": ("mell.workerd.engine", "mell.workerd.migration", "mell.workerd.worker"),
+    "engine": ("mell.workerd.migration", "mell.workerd.worker", "mell.workerd.io"),
+    "migration": ("mell.workerd.model", "mell.workerd.worker", "mell.workerd.io"),
+}
+
+
+@pytest.mark.parametrize("room", sorted(WORKERD_ROOMS))
+def test_workerd_rooms_respect_their_order(room: str) -> None:
+    bad = []
+    for path in (ROOT / "workerd" / room).rglob("*.py"):
+        for name in _imports(path):
+            inside_engine = name.startswith("mell.workerd.engine.")
+            if name.startswith(WORKERD_ROOMS[room]) or (
+                room == "migration" and inside_engine and name != "mell.workerd.engine.contract"
+            ):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, bad

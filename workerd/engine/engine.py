@@ -160,7 +160,7 @@ class Engine:
             request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
         )
 
-    # -- migration (the engine side of workerd/migration/) --------------------------------
+    # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
 
     @property
     def kv_layout(self) -> KVLayout:
