@@ -39,7 +39,7 @@ def peak_rss_mb() -> float:
 def run_engine(model: Path, reqs: list[tuple[list[int], int]], concurrency: int) -> dict:
     from mell.common.config import EngineConfig
     from mell.common.sampling import SamplingParams
-    from mell.workerd.engine import Engine
+    from mell.workerd.engine.engine import Engine
 
     # EngineConfig defaults (block 16, max_num_batched_tokens 512) except the concurrency
     engine = Engine(EngineConfig(model=str(model), max_num_seqs=concurrency))

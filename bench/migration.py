@@ -251,7 +251,7 @@ def zmq_limit(context: int, repeat: int = 5, processes: int = 2, write: bool = F
 def _limit_frames(context: int) -> tuple[int, list[bytearray]]:
     """One layer's KV bytes for `context` tokens, and every layer's messages of the data
     plane's size (whole blocks)."""
-    from mell.workerd.migration import MigrationSettings
+    from mell.workerd.migration.settings import MigrationSettings
 
     layer_bytes = -(-context // BLOCK_SIZE) * BLOCK_SIZE * KV_BYTES_PER_TOKEN // LAYERS
     block_bytes = BLOCK_SIZE * KV_BYTES_PER_TOKEN // LAYERS

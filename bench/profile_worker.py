@@ -153,7 +153,7 @@ def main() -> int:
     from mell.common.config import EngineConfig
     from mell.common.tiny_model import ensure_tiny_model
     from mell.gateway.sim.profile import dump_profile, load_profile
-    from mell.workerd.engine import Engine
+    from mell.workerd.engine.engine import Engine
 
     tmp = None
     model = args.model

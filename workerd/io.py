@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 import zmq
@@ -52,7 +51,7 @@ class WorkerIO:
         self._ctx = zmq.Context()
         self._codec: Codec[WorkerMessage] = Codec(WorkerMessage)
         self._peer_codec: Codec[PeerMessage] = Codec(PeerMessage)
-        self._peers: dict[bytes, zmq.Socket] = {}  # I/O thread only
+        self._peers: dict[bytes, zmq.Socket[bytes]] = {}  # I/O thread only
         pipe = f"inproc://mell-io-{uuid.uuid4().hex}"
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(pipe)
@@ -62,16 +61,18 @@ class WorkerIO:
         self._data.setsockopt(zmq.RCVHWM, 0)
         self._data.setsockopt(zmq.LINGER, 0)
         self._data.bind(data_endpoint)
-        self.data_address: str = self._data.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._gateway = DealerChannel(self._ctx, gateway, identity, Codec(GatewayMessage))
+        self.data_address: str = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._gateway: DealerChannel[GatewayMessage] = DealerChannel(
+            self._ctx, gateway, identity, Codec(GatewayMessage)
+        )
         self._thread = threading.Thread(target=self._run, name="mell-io", daemon=True)
         self._thread.start()
 
-    def send(self, message: Any, buffers: Sequence[Buffer] = ()) -> None:
+    def send(self, message: WorkerMessage, buffers: Sequence[Buffer] = ()) -> None:
         """Queue a message to the gateway. Call from the engine thread only."""
         self._push.send_multipart([_GATEWAY, *self._codec.encode(message, buffers)], copy=False)
 
-    def send_peer(self, address: str, message: Any, buffers: Sequence[Buffer] = ()) -> None:
+    def send_peer(self, address: str, message: PeerMessage, buffers: Sequence[Buffer] = ()) -> None:
         """Queue a message to another worker's data plane (frames uncopied). Engine thread."""
         route = b"p" + address.encode()
         self._push.send_multipart([route, *self._peer_codec.encode(message, buffers)], copy=False)
@@ -120,7 +121,7 @@ class WorkerIO:
                 continue
             self.inbox.put(PeerInput(message, raw, now))
 
-    def _peer(self, address: bytes) -> zmq.Socket:
+    def _peer(self, address: bytes) -> zmq.Socket[bytes]:
         sock = self._peers.get(address)
         if sock is None:
             sock = self._ctx.socket(zmq.DEALER)

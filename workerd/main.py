@@ -22,6 +22,7 @@ from mell.common.errors import MellError
 from mell.common.logging import configure_logging
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.common.notify import Notifier
+from mell.workerd.engine.contract import ServingEngine
 
 log = structlog.get_logger("mell.workerd")
 
@@ -96,15 +97,15 @@ def _instance_device(instance: str) -> str:
     return f"cuda:{instance}" if instance.isdigit() else instance
 
 
-def build_engine(config: WorkerConfig) -> Any:
+def build_engine(config: WorkerConfig) -> ServingEngine:
     """The engine for this worker, its model directory already resolved."""
     model_dir = resolve_model_dir(config.engine.model, config.data_dir)
     engine_config = msgspec.structs.replace(config.engine, model=str(model_dir))
     if config.fake_token_rate > 0:
-        from mell.workerd.fake_engine import FakeEngine
+        from mell.workerd.engine.fake_engine import FakeEngine
 
         return FakeEngine(engine_config, config.fake_token_rate)
-    from mell.workerd.engine import Engine
+    from mell.workerd.engine.engine import Engine
 
     return Engine(engine_config)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any, Protocol, assert_never
+from collections.abc import Callable, Sequence
+from typing import Protocol, assert_never
 
 import structlog
 
@@ -29,6 +30,7 @@ from mell.common.messages import (
     Hello,
     LoadReport,
     MeasurePeers,
+    PeerMessage,
     Ping,
     Probe,
     ProbeAck,
@@ -42,26 +44,35 @@ from mell.common.messages import (
     Undrain,
     Welcome,
     WorkerFailed,
+    WorkerMessage,
 )
 from mell.common.notify import Notifier
-from mell.workerd.boundaries import (
+from mell.transport.codec import Buffer
+from mell.workerd.engine.contract import MigratableEngine, ServingEngine
+from mell.workerd.io import PeerInput
+from mell.workerd.migration.boundaries import (
     Boundaries,
     kv_bytes_per_token,
     measure_prefill_tokens_per_s,
 )
-from mell.workerd.io import PeerInput
-from mell.workerd.migration_hub import MigrationHub
+from mell.workerd.migration.hub import MigrationHub
 
 log = structlog.get_logger("mell.workerd")
 
 
 class Link(Protocol):
+    """The worker's sockets (`io.WorkerIO`): the gateway, and other workers' data planes."""
+
     inbox: queue.Queue[GatewayMessage | PeerInput]
     data_address: str
+    # (message, frames, received_at) -> True when handled on the I/O thread, not queued
+    take_on_io_thread: Callable[[PeerMessage, list[memoryview], float], bool] | None
 
-    def send(self, message: Any) -> None: ...
+    def send(self, message: WorkerMessage) -> None: ...
 
-    # optional (migration): def send_peer(self, address: str, message: Any, buffers=()) -> None
+    def send_peer(
+        self, address: str, message: PeerMessage, buffers: Sequence[Buffer] = ()
+    ) -> None: ...
 
 
 class _Port:
@@ -70,10 +81,12 @@ class _Port:
     def __init__(self, link: Link) -> None:
         self.link = link
 
-    def to_peer(self, address: str, message: Any, buffers: Any = None) -> None:
-        self.link.send_peer(address, message, buffers or ())  # type: ignore[attr-defined]
+    def to_peer(
+        self, address: str, message: PeerMessage, buffers: Sequence[Buffer] | None = None
+    ) -> None:
+        self.link.send_peer(address, message, buffers or ())
 
-    def to_gateway(self, message: Any) -> None:
+    def to_gateway(self, message: WorkerMessage) -> None:
         self.link.send(message)
 
 
@@ -83,7 +96,7 @@ class Worker:
     def __init__(
         self,
         config: WorkerConfig,
-        engine: Any,
+        engine: ServingEngine,
         link: Link,
         model_name: str,
         notifier: Notifier | None = None,
@@ -103,26 +116,29 @@ class Worker:
         self._next_load = 0.0
         self._next_heartbeat = 0.0
         self._load_interval_s = config.load_report_interval_s  # the gateway's epoch, once known
-        # Live migration needs a real engine (KV tensors) and a data plane.
+        # Live migration needs an engine with a KV cache (not the fake one).
         self.migrations: MigrationHub | None = None
         self.boundaries: Boundaries | None = None
-        if hasattr(engine, "export_request") and hasattr(link, "send_peer"):
-            port = _Port(link)
-            self.migrations = MigrationHub(
-                engine,
-                port,
-                config.worker_id,
-                link.data_address,
-                accepting=lambda: not self.draining,
-                moved_out=self._moved_out,
-                moved_in=self._moved_in,
-            )
-            device = getattr(getattr(engine, "device", None), "type", None)
-            if device == "cpu" and hasattr(link, "take_on_io_thread"):
-                # KV lands in the cache as it arrives, not between the engine's steps (CPU
-                # only: on CUDA the copy to the device stays on the engine thread's stream)
-                link.take_on_io_thread = self.migrations.take_blocks
-            self.boundaries = Boundaries(port, link.data_address, 0.0, kv_bytes_per_token(engine))
+        kv_engine = engine.migratable()
+        if kv_engine is not None:
+            self._start_migrations(kv_engine)
+
+    def _start_migrations(self, engine: MigratableEngine) -> None:
+        port = _Port(self.link)
+        self.migrations = MigrationHub(
+            engine,
+            port,
+            self.config.worker_id,
+            self.link.data_address,
+            accepting=lambda: not self.draining,
+            moved_out=self._moved_out,
+            moved_in=self._moved_in,
+        )
+        if engine.kv_layout.on_host:
+            # KV lands in the cache as it arrives, not between the engine's steps (CPU
+            # only: on CUDA the copy to the device stays on the engine thread's stream)
+            self.link.take_on_io_thread = self.migrations.take_blocks
+        self.boundaries = Boundaries(port, self.link.data_address, 0.0, kv_bytes_per_token(engine))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -175,7 +191,7 @@ class Worker:
             model=self.model_name,
             capacity_blocks=stats.num_total_blocks,
             block_size=stats.block_size,
-            max_model_len=self.engine.model_config.max_model_len,
+            max_model_len=self.engine.max_model_len,
             data_address=self.link.data_address,
             request_ids=list(self._tokens),
         )
@@ -215,11 +231,13 @@ class Worker:
 
     def _idle_wait(self) -> float:
         now = time.monotonic()
-        if self.migrations is not None and (self.migrations.busy or self.boundaries.measuring):
+        if (self.migrations is not None and self.migrations.busy) or (
+            self.boundaries is not None and self.boundaries.measuring
+        ):
             return 0.005  # deadlines to watch
         return max(0.0, min(self._next_load, self._next_heartbeat) - now) + 0.001
 
-    def _handle(self, message: GatewayMessage) -> None:
+    def _handle(self, message: GatewayMessage | PeerInput) -> None:
         match message:
             case AddRequest():
                 self._add(message)
@@ -274,9 +292,10 @@ class Worker:
         self.link.send(Reply(call_id=start.call_id, error=error))
 
     def _poll_migrations(self) -> None:
+        now = time.monotonic()
         if self.migrations is not None:
-            now = time.monotonic()
             self.migrations.poll(now)
+        if self.boundaries is not None:
             self.boundaries.poll(now)
 
     def _moved_out(self, request_id: str) -> None:

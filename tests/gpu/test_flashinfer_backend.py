@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from mell.workerd.attention import AttentionBatch, AttentionShape
-from mell.workerd.attention_torch import TorchAttention
+from mell.workerd.model.attention import AttentionBatch, AttentionShape
+from mell.workerd.model.attention_torch import TorchAttention
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +53,7 @@ def _case(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed=0):
 
 
 def _both(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed=0):
-    from mell.workerd.attention_flashinfer import FlashInferAttention
+    from mell.workerd.model.attention_flashinfer import FlashInferAttention
 
     shape = AttentionShape(heads, kv_heads, head_dim, dtype, torch.device("cuda"))
     cache, batch, q, k, v = _case(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed)
@@ -95,7 +95,7 @@ def test_mixed_batch_matches_torch(dtype) -> None:
 
 
 def test_auto_backend_is_flashinfer_on_cuda() -> None:
-    from mell.workerd.attention import make_attention_backend
+    from mell.workerd.model.attention import make_attention_backend
 
     shape = AttentionShape(8, 2, 64, torch.bfloat16, torch.device("cuda"))
     assert make_attention_backend("auto", shape).name == "flashinfer"
@@ -105,7 +105,7 @@ def test_engine_greedy_tokens_equal_across_backends(tmp_path) -> None:
     from mell.common.config import EngineConfig
     from mell.common.sampling import SamplingParams
     from mell.common.tiny_model import write_tiny_model
-    from mell.workerd.engine import Engine
+    from mell.workerd.engine.engine import Engine
 
     # head_dim 64 (FlashInfer-supported); larger weights spread the logits (few near-ties)
     model = write_tiny_model(tmp_path / "tiny", seed=0, init_std=0.2)

@@ -19,7 +19,7 @@ from engine_models import VOCAB, make_checkpoint, reference_greedy
 
 from mell.common.config import EngineConfig
 from mell.common.sampling import FinishReason, SamplingParams
-from mell.workerd.engine import Engine
+from mell.workerd.engine.engine import Engine
 
 pytestmark = pytest.mark.slow
 

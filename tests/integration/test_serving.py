@@ -152,7 +152,7 @@ def test_greedy_output_equals_in_process_engine(
 
     from mell.common.config import EngineConfig
     from mell.common.sampling import SamplingParams
-    from mell.workerd.engine import Engine
+    from mell.workerd.engine.engine import Engine
 
     prompt = "The quick brown fox jumps over"
     ids = tokenizer.encode(prompt).ids

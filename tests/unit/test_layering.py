@@ -1,4 +1,5 @@
-"""The dependency rules of DESIGN.md: common ← transport ← {gateway, workerd}."""
+"""The dependency rules of DESIGN.md: common ← transport ← {gateway, workerd}; inside workerd,
+the block manager and the runner stay behind the engine contract."""
 
 from __future__ import annotations
 
@@ -68,3 +69,61 @@ def test_mell_packages_resolve_inside_this_repository() -> None:
 
     assert Path(mell.common.__file__).resolve().is_relative_to(ROOT)
     assert Path(mell.transport.__file__).resolve().is_relative_to(ROOT)
+
+
+# The engine's insides: only `workerd/engine/` may import them or reach for them on an engine.
+ENGINE_INSIDES = ("mell.workerd.engine.block_manager", "mell.workerd.engine.runner")
+ENGINE_ATTRIBUTES = {"blocks", "runner", "scheduler", "kv"}
+
+
+def _engine_insides_touched(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = [f"imports {n}" for n in _imports(path) if n.startswith(ENGINE_INSIDES)]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "mell.workerd.engine":
+            found += [
+                f"imports {a.name}" for a in node.names if a.name in ("block_manager", "runner")
+            ]
+        if isinstance(node, ast.Attribute) and node.attr in ENGINE_ATTRIBUTES:
+            found.append(f"reads .{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_nothing_outside_the_engine_touches_the_block_manager_or_the_runner() -> None:
+    engine_room = ROOT / "workerd" / "engine"
+    paths = [*(ROOT / "workerd").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]
+    bad = [
+        f"{p.relative_to(ROOT)} {what}"
+        for p in paths
+        if not p.is_relative_to(engine_room)
+        for what in _engine_insides_touched(p)
+    ]
+    assert not bad, bad
+
+
+def test_the_runner_reads_blocks_from_the_batch_not_the_block_manager() -> None:
+    runner = ROOT / "workerd" / "engine" / "runner.py"
+    assert "mell.workerd.engine.block_manager" not in _imports(runner)
+    assert "BlockManager" not in runner.read_text()
+
+
+# workerd's rooms: model ← engine ← migration ← {worker, io, main}; migration sees the engine
+# through its contract only.
+WORKERD_ROOMS = {
+    "model": ("mell.workerd.engine", "mell.workerd.migration", "mell.workerd.worker"),
+    "engine": ("mell.workerd.migration", "mell.workerd.worker", "mell.workerd.io"),
+    "migration": ("mell.workerd.model", "mell.workerd.worker", "mell.workerd.io"),
+}
+
+
+@pytest.mark.parametrize("room", sorted(WORKERD_ROOMS))
+def test_workerd_rooms_respect_their_order(room: str) -> None:
+    bad = []
+    for path in (ROOT / "workerd" / room).rglob("*.py"):
+        for name in _imports(path):
+            inside_engine = name.startswith("mell.workerd.engine.")
+            if name.startswith(WORKERD_ROOMS[room]) or (
+                room == "migration" and inside_engine and name != "mell.workerd.engine.contract"
+            ):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, bad

@@ -94,7 +94,7 @@ def test_chat_template_renders_chatml(tiny) -> None:
 
 
 def test_the_model_loads_in_the_engine(tiny) -> None:
-    from mell.workerd.model_config import load_model_config
+    from mell.workerd.model.config import load_model_config
 
     cfg = load_model_config(tiny)
     assert cfg.eos_token_ids == [IM_END_ID, 0]

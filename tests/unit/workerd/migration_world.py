@@ -15,9 +15,9 @@ from typing import Any
 
 from mell.common.messages import MigratedIn, MigrationEnded, PeerMessage, StartMigration
 from mell.transport.codec import Codec
-from mell.workerd.engine import Engine
-from mell.workerd.migration import MigrationSettings
-from mell.workerd.migration_hub import MigrationHub
+from mell.workerd.engine.engine import Engine
+from mell.workerd.migration.hub import MigrationHub
+from mell.workerd.migration.settings import MigrationSettings
 
 
 @dataclass

@@ -7,9 +7,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-from mell.workerd import attention_torch
-from mell.workerd.attention import AttentionBatch, AttentionShape
-from mell.workerd.attention_torch import TorchAttention
+from mell.workerd.model import attention_torch
+from mell.workerd.model.attention import AttentionBatch, AttentionShape
+from mell.workerd.model.attention_torch import TorchAttention
 
 HQ, HKV, D, PAGE, PAGES = 8, 2, 16, 4, 256
 
@@ -87,7 +87,7 @@ def test_backend_choice_on_cpu() -> None:
     import pytest
 
     from mell.common.errors import ConfigError
-    from mell.workerd.attention import make_attention_backend
+    from mell.workerd.model.attention import make_attention_backend
 
     shape = AttentionShape(HQ, HKV, D, torch.float32, torch.device("cpu"))
     assert make_attention_backend("auto", shape).name == "torch"

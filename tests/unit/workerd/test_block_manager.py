@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from mell.workerd.block_manager import BlockManager, OutOfBlocks
+from mell.workerd.engine.block_manager import BlockManager, OutOfBlocks
 
 NUM_BLOCKS, BLOCK_SIZE, NUM_LAYERS = 12, 4, 3
 IDS = st.sampled_from([f"r{i}" for i in range(6)])

@@ -9,7 +9,7 @@ from mell.common.config import EngineConfig
 from mell.common.errors import ConfigError, InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams
 from mell.common.tiny_model import write_tiny_model
-from mell.workerd.engine import Engine, EngineStats, RequestOutput
+from mell.workerd.engine.engine import Engine, EngineStats, RequestOutput
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -164,7 +164,7 @@ def test_per_layer_tables_give_the_same_tokens(tiny) -> None:
 
 def test_bfloat16_runs_and_float16_on_cpu_is_refused(tiny) -> None:
     eng = make(tiny, dtype="bfloat16")
-    assert eng.runner.kv_caches[0].dtype == torch.bfloat16
+    assert eng.kv.tensors[0].dtype == torch.bfloat16
     eng.add_request("a", prompt(9), GREEDY)
     tokens, _ = drain(eng)
     assert len(tokens["a"]) == 8
@@ -175,9 +175,9 @@ def test_bfloat16_runs_and_float16_on_cpu_is_refused(tiny) -> None:
 def test_kv_pool_caps_max_model_len_and_layout(tiny) -> None:
     eng = make(tiny, num_kv_blocks=10, block_size=8)
     assert eng.model_config.max_model_len == 80
-    cache = eng.runner.kv_caches[0]
+    cache = eng.kv.tensors[0]
     cfg = eng.model_config
     assert cache.shape == (10, 2, 8, cfg.num_kv_heads, cfg.head_dim)  # FlashInfer NHD pages
-    assert len(eng.runner.kv_caches) == cfg.num_layers
+    assert len(eng.kv.tensors) == cfg.num_layers
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         make(tiny, max_model_len=100_000)

@@ -15,9 +15,9 @@ from mell.common.config import EngineConfig
 from mell.common.messages import MigrateBlocks
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import write_tiny_model
-from mell.workerd.engine import Engine
-from mell.workerd.migration import MigrationSettings
-from mell.workerd.runner import block_runs
+from mell.workerd.engine.engine import Engine
+from mell.workerd.engine.kv_cache import block_runs
+from mell.workerd.migration.settings import MigrationSettings
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=40, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
@@ -92,7 +92,7 @@ def test_kv_copy_in_small_messages_over_scattered_blocks(tiny) -> None:
     prompts = {f"r{i}": prompt(17 + 3 * i, start=i) for i in range(3)}
     want = reference(tiny, prompts, GREEDY)
     a = engine(tiny)
-    settings = MigrationSettings(last_stage_max_blocks=2, message_bytes=3 * a.runner.kv_block_bytes)
+    settings = MigrationSettings(last_stage_max_blocks=2, message_bytes=3 * a.kv.block_bytes)
     w = World({"a": a, "b": engine(tiny)}, settings)
     for rid, p in prompts.items():
         w.add("a", rid, p, GREEDY)
@@ -294,4 +294,4 @@ def test_import_refuses_kv_that_did_not_arrive(tiny) -> None:
     with pytest.raises(InvalidRequest, match="computed"):
         eng.import_request("migrate-in:x", msgspec.structs.replace(request, num_computed=99))
     assert eng.release("migrate-in:x") == 3
-    assert eng.blocks.num_free() == eng.blocks.num_blocks and eng.sequence("r") is None
+    assert eng.blocks.num_free() == eng.blocks.num_blocks and eng.request_state("r") is None

@@ -17,9 +17,13 @@ from mell.gateway.cluster_view import ClusterView
 from mell.gateway.migrator import Migrator
 from mell.gateway.policy.base import Move
 from mell.gateway.policy.migration_choice import choose_transfers
-from mell.workerd.boundaries import Boundaries, kv_bytes_per_token, measure_prefill_tokens_per_s
-from mell.workerd.engine import Engine
+from mell.workerd.engine.engine import Engine
 from mell.workerd.io import PeerInput, WorkerIO
+from mell.workerd.migration.boundaries import (
+    Boundaries,
+    kv_bytes_per_token,
+    measure_prefill_tokens_per_s,
+)
 
 
 @pytest.fixture(scope="module")

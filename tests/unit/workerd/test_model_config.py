@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mell.common.errors import ModelError
-from mell.workerd.model_config import load_model_config, parse_model_config
+from mell.workerd.model.config import load_model_config, parse_model_config
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],

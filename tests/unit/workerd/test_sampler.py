@@ -7,7 +7,7 @@ import math
 import torch
 
 from mell.common.sampling import SamplingParams
-from mell.workerd.sampler import Sampler
+from mell.workerd.model.sampler import Sampler
 
 VOCAB = 50
 

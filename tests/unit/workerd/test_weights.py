@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from mell.common.errors import ModelError
 from mell.common.tiny_model import write_tiny_model
-from mell.workerd.model_config import load_model_config
-from mell.workerd.weights import load_weights
+from mell.workerd.model.config import load_model_config
+from mell.workerd.model.weights import load_weights
 
 
 @pytest.fixture(scope="module")

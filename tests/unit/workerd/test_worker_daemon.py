@@ -24,7 +24,7 @@ from mell.common.messages import (
     Welcome,
 )
 from mell.common.sampling import SamplingParams
-from mell.workerd.fake_engine import FakeEngine
+from mell.workerd.engine.fake_engine import FakeEngine
 from mell.workerd.worker import Worker
 
 

@@ -1,4 +1,5 @@
-"""The in-process inference engine (contract A): add requests, step, collect outputs, abort.
+"""The in-process inference engine: contract A and the KV side of a migration
+(`engine/contract.py`), on a real model and KV cache.
 
 One `step()` is one story: schedule → run the model → sample → update the requests → return
 their new tokens. The worker daemon wraps this; nothing here does I/O.
@@ -15,12 +16,14 @@ from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import TINY_MODEL_NAME
-from mell.workerd.block_manager import BlockManager
-from mell.workerd.model_config import ModelConfig, load_model_config
-from mell.workerd.outputs import EngineStats, RequestOutput
-from mell.workerd.runner import ModelRunner, kv_bytes_per_block, resolve_device, resolve_dtype
-from mell.workerd.scheduler import Scheduler
-from mell.workerd.sequence import Sequence, SequenceStatus
+from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.contract import Frame, KVLayout, MigratableEngine, RequestState
+from mell.workerd.engine.kv_cache import KVCache, kv_bytes_per_block
+from mell.workerd.engine.outputs import EngineStats, RequestOutput
+from mell.workerd.engine.runner import ModelRunner, resolve_device, resolve_dtype
+from mell.workerd.engine.scheduler import Scheduler
+from mell.workerd.engine.sequence import Sequence, SequenceStatus
+from mell.workerd.model.config import ModelConfig, load_model_config
 
 __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
@@ -61,7 +64,7 @@ class Engine:
             seed=config.seed,
         )
         num_blocks = self._num_blocks(checkpoint, device, dtype)
-        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCache(checkpoint, num_blocks, config.block_size, dtype, device)
         # A request must always fit alone in the pool, or preemption could not make room.
         capacity = num_blocks * config.block_size
         self.model_config: ModelConfig = checkpoint.with_max_model_len(min(max_len, capacity))
@@ -112,7 +115,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        samples = self.runner.execute(batch, self.blocks)
+        samples = self.runner.execute(batch, self.kv.tensors)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
         outputs = []
@@ -139,6 +142,13 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    def migratable(self) -> MigratableEngine:
+        return self
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
@@ -150,14 +160,30 @@ class Engine:
             request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
         )
 
-    # -- migration (the engine side of workerd/migration.py) -------------------------------
+    # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
 
-    def sequence(self, request_id: str) -> Sequence | None:
-        """The live request, or None once finished, aborted or migrated away."""
-        return self._seqs.get(request_id)
+    @property
+    def kv_layout(self) -> KVLayout:
+        return KVLayout(
+            num_layers=self.kv.num_layers,
+            block_size=self.blocks.block_size,
+            block_bytes=self.kv.block_bytes,
+            on_host=self.kv.on_host,
+        )
+
+    def request_state(self, request_id: str) -> RequestState | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        return RequestState(
+            num_tokens=seq.num_tokens,
+            num_computed=seq.num_computed,
+            num_preemptions=seq.num_preemptions,
+            is_finished=seq.is_finished,
+            is_decoding=seq.is_decoding,
+        )
 
     def pause(self, request_id: str) -> bool:
-        """Stop scheduling a request, keeping its blocks; False if it is gone."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.is_finished:
             return False
@@ -165,13 +191,11 @@ class Engine:
         return True
 
     def resume(self, request_id: str) -> None:
-        """Undo `pause` (a migration aborted): the request decodes on as if nothing happened."""
         seq = self._seqs.get(request_id)
         if seq is not None and seq.status is SequenceStatus.PAUSED:
             self.scheduler.resume(seq)
 
     def export_request(self, request_id: str, with_kv: bool) -> MigratedRequest:
-        """A paused request as it travels: tokens, sampling state, and how much KV goes along."""
         seq = self._seqs[request_id]
         state = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
         return MigratedRequest(
@@ -184,7 +208,6 @@ class Engine:
         )
 
     def reserve(self, key: str, num_blocks: int) -> bool:
-        """Hold `num_blocks` blocks in total under `key` (a migration); False if short."""
         tokens = num_blocks * self.blocks.block_size
         if not self.blocks.can_append(key, tokens):
             return False
@@ -192,12 +215,18 @@ class Engine:
         return True
 
     def release(self, key: str) -> int:
-        """Free a reservation (or a migrated-out request's blocks); blocks it held."""
         return self.blocks.free(key)
 
+    def block_table(self, key: str, layer: int) -> list[int] | None:
+        return self.blocks.block_table(key, layer) if self.blocks.has(key) else None
+
+    def read_kv(self, layer: int, block_ids: list[int]) -> list[Frame]:
+        return self.kv.read(layer, block_ids)
+
+    def write_kv(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
+        self.kv.write(layer, block_ids, frames)
+
     def import_request(self, key: str, request: MigratedRequest) -> None:
-        """Commit a migrated-in request: its reservation (if any) becomes its blocks, and it
-        joins the batch. Raises InvalidRequest when it cannot run here."""
         rid = request.request_id
         if rid in self._seqs:
             raise InvalidRequest(f"request {rid!r} is already here", param="request_id")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mell.workerd.attention import AttentionBackend
-from mell.workerd.model_config import ModelConfig
-from mell.workerd.rope import apply_rope, cos_sin_table
+from mell.workerd.model.attention import AttentionBackend
+from mell.workerd.model.config import ModelConfig
+from mell.workerd.model.rope import apply_rope, cos_sin_table
 
 
 @dataclass(slots=True)
@@ -96,22 +96,23 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _layer(w: dict[str, torch.Tensor], p: str) -> LayerWeights:
-    def cat(*names: str) -> torch.Tensor | None:
-        parts = [w.get(p + name) for name in names]
-        if any(t is None for t in parts):
-            return None
-        return torch.cat(parts, dim=0).contiguous()  # type: ignore[arg-type]
+    def cat(*names: str) -> torch.Tensor:
+        return torch.cat([w[p + name] for name in names], dim=0).contiguous()
+
+    def cat_if_all(*names: str) -> torch.Tensor | None:
+        """Optional tensors (biases): fused when the checkpoint has every one of them."""
+        return cat(*names) if all(p + name in w for name in names) else None
 
     a, m = "self_attn.", "mlp."
     return LayerWeights(
         input_norm=w[p + "input_layernorm.weight"],
-        qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),  # type: ignore[arg-type]
-        qkv_bias=cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
+        qkv=cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+        qkv_bias=cat_if_all(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
         o=w[p + a + "o_proj.weight"],
         o_bias=w.get(p + a + "o_proj.bias"),
         post_norm=w[p + "post_attention_layernorm.weight"],
-        gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"),  # type: ignore[arg-type]
-        gate_up_bias=cat(m + "gate_proj.bias", m + "up_proj.bias"),
+        gate_up=cat(m + "gate_proj.weight", m + "up_proj.weight"),
+        gate_up_bias=cat_if_all(m + "gate_proj.bias", m + "up_proj.bias"),
         down=w[p + m + "down_proj.weight"],
         down_bias=w.get(p + m + "down_proj.bias"),
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mell.workerd.attention import AttentionBackend, AttentionBatch, AttentionShape
+from mell.workerd.model.attention import AttentionBackend, AttentionBatch, AttentionShape
 
 # Fixed cost of one more group (a few op launches), in (query, key) pairs of a model with
 # num_kv_heads * head_dim == 64: a split must save more than this; wider models split sooner.
@@ -162,9 +162,9 @@ class TorchAttention(AttentionBackend):
         if buf.shape[0] < n or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
             size = max(n, 2 * self._k_buf.shape[0])
             page = kv_cache.shape[2:]
-            kw = {"dtype": kv_cache.dtype, "device": kv_cache.device}
-            self._k_buf = torch.empty(size, *page, **kw)
-            self._v_buf = torch.empty(size, *page, **kw)
+            dtype, device = kv_cache.dtype, kv_cache.device
+            self._k_buf = torch.empty((size, *page), dtype=dtype, device=device)
+            self._v_buf = torch.empty((size, *page), dtype=dtype, device=device)
         return self._k_buf[:n], self._v_buf[:n]
 
 

@@ -10,20 +10,26 @@ through `q_data_type` / `kv_data_type`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from mell.workerd.attention import AttentionBackend, AttentionBatch, AttentionShape
+from mell.workerd.model.attention import AttentionBackend, AttentionBatch, AttentionShape
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
+
+
+class PagedAttention(Protocol):
+    """A planned FlashInfer wrapper: BatchDecode- or BatchPrefillWithPagedKVCacheWrapper."""
+
+    def run(self, q: torch.Tensor, paged_kv_cache: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(slots=True)
 class FlashInferPlan:
     num_decode: int
-    decode: Any | None  # a planned BatchDecodeWithPagedKVCacheWrapper
-    prefill: Any | None  # a planned BatchPrefillWithPagedKVCacheWrapper
+    decode: PagedAttention | None
+    prefill: PagedAttention | None
     keep: tuple[torch.Tensor, ...]  # index tensors the plans read
 
 
@@ -100,13 +106,14 @@ class FlashInferAttention(AttentionBackend):
         assert isinstance(plan, FlashInferPlan)
         nd = plan.num_decode
         q = q.contiguous()  # the model hands a view into its fused q/k/v projection
-        if plan.prefill is None:
-            return plan.decode.run(q, kv_cache)
-        if plan.decode is None:
-            return plan.prefill.run(q, kv_cache)
+        decode, prefill = plan.decode, plan.prefill
+        if decode is None or prefill is None:
+            only = decode if prefill is None else prefill
+            assert only is not None  # a plan covers at least one request
+            return only.run(q, kv_cache)
         out = torch.empty_like(q)
-        out[:nd] = plan.decode.run(q[:nd], kv_cache)
-        out[nd:] = plan.prefill.run(q[nd:], kv_cache)
+        out[:nd] = decode.run(q[:nd], kv_cache)
+        out[nd:] = prefill.run(q[nd:], kv_cache)
         return out
 
     def _wrappers(self) -> tuple[Any, Any]:

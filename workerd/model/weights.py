@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mell.common.errors import ModelError
-from mell.workerd.model_config import ModelConfig
+from mell.workerd.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from safetensors import safe_open as SafeOpen
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -105,7 +109,7 @@ def load_weights(
     return out
 
 
-def _open(file: Path, safe_open):  # type: ignore[no-untyped-def]
+def _open(file: Path, safe_open: type[SafeOpen]) -> SafeOpen:
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as err:  # safetensors raises its own error types

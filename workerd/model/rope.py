@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from mell.workerd.model_config import RopeConfig
+from mell.workerd.model.config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:

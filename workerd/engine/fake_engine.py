@@ -1,10 +1,11 @@
 """A compute-free engine for gateway benchmarks: tokens at a fixed rate, no model.
 
-Same interface as `mell.workerd.engine.Engine` (contract A). Every running request gets one token
-per step; steps happen on the wall-clock grid of multiples of 1/rate (unix time), so a client can
-tell when each token was emitted: at the last grid point before it arrived. Output tokens echo the
-prompt (token i is prompt[i % len(prompt)]), so they are always valid ids of the model's vocabulary.
-KV blocks are accounted as prompt + generated tokens over the block size. Benchmarks only.
+Contract A (`engine/contract.py`) without a model or KV cache (so it cannot migrate requests).
+Every running request gets one token per step; steps happen on the wall-clock grid of multiples
+of 1/rate (unix time), so a client can tell when each token was emitted: at the last grid point
+before it arrived. Output tokens echo the prompt (token i is prompt[i % len(prompt)]), so they
+are always valid ids of the model's vocabulary. KV blocks are accounted as prompt + generated
+tokens over the block size. Benchmarks only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from mell.common.config import EngineConfig
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
-from mell.workerd.outputs import EngineStats, RequestOutput
+from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
 
 @dataclass(slots=True)
@@ -70,6 +71,13 @@ class FakeEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    def migratable(self) -> None:
+        return None  # no KV cache to move
 
     def step(self) -> list[RequestOutput]:
         if not self._requests:

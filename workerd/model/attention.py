@@ -12,6 +12,7 @@ KV cache of one layer: `[num_pages, 2, page_size, num_kv_heads, head_dim]` (Flas
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ class AttentionShape:
 
     @property
     def scale(self) -> float:
-        return self.head_dim**-0.5
+        return math.pow(self.head_dim, -0.5)  # (as head_dim**-0.5, typed)
 
 
 class AttentionBackend(ABC):
@@ -80,13 +81,13 @@ def make_attention_backend(name: str, shape: AttentionShape) -> AttentionBackend
     if name == "auto":
         name = "flashinfer" if shape.device.type == "cuda" else "torch"
     if name == "torch":
-        from mell.workerd.attention_torch import TorchAttention
+        from mell.workerd.model.attention_torch import TorchAttention
 
         return TorchAttention(shape)
     if name == "flashinfer":
         if shape.device.type != "cuda" or not torch.cuda.is_available():
             raise ConfigError("attention_backend 'flashinfer' needs a CUDA device")
-        from mell.workerd.attention_flashinfer import FlashInferAttention
+        from mell.workerd.model.attention_flashinfer import FlashInferAttention
 
         return FlashInferAttention(shape)
     raise ConfigError(f"unknown attention_backend {name!r}")

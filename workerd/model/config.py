@@ -132,7 +132,7 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
     archs = raw.get("architectures") or []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
-            return arch
+            return str(arch)
     if not archs:
         by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
         if raw.get("model_type") in by_type:

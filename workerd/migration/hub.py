@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
@@ -23,13 +22,11 @@ from mell.common.messages import (
     PeerMessage,
     StartMigration,
 )
-from mell.workerd.migration import (
-    IncomingMigration,
-    MigrationSettings,
-    OutgoingMigration,
-    OutState,
-    Port,
-)
+from mell.workerd.engine.contract import MigratableEngine
+from mell.workerd.migration.incoming import IncomingMigration
+from mell.workerd.migration.outgoing import OutgoingMigration, OutState
+from mell.workerd.migration.port import Port
+from mell.workerd.migration.settings import MigrationSettings
 
 log = structlog.get_logger("mell.workerd.migration")
 TOMBSTONE_S = 60.0
@@ -38,7 +35,7 @@ TOMBSTONE_S = 60.0
 class MigrationHub:
     def __init__(
         self,
-        engine: Any,
+        engine: MigratableEngine,
         port: Port,
         worker_id: str,
         self_address: str,
@@ -74,7 +71,7 @@ class MigrationHub:
             return f"unknown migration kind {start.kind!r}"
         if start.migration_id in self.outgoing:
             return None  # a repeat
-        if self.engine.sequence(start.request_id) is None:
+        if self.engine.request_state(start.request_id) is None:
             return f"request {start.request_id!r} is not here"
         if self.migrating(start.request_id):
             return f"request {start.request_id!r} is already migrating"
@@ -99,27 +96,28 @@ class MigrationHub:
         now = time.monotonic() if now is None else now
         match message:
             case MigrateAck():
-                m = self.outgoing.get(message.migration_id)
-                if m is not None:
-                    m.on_ack(message, now)
-                    self._settle(m)
+                out = self.outgoing.get(message.migration_id)
+                if out is not None:
+                    out.on_ack(message, now)
+                    self._settle(out)
             case MigrateReserve():
-                if (m := self._incoming(message.migration_id, message.reply_to)) is not None:
-                    m.reserve(message, self.accepting(), now)
+                self._incoming(message.migration_id, message.reply_to).reserve(
+                    message, self.accepting(), now
+                )
             case MigrateBlocks():
-                if (m := self.incoming.get(message.migration_id)) is not None:
-                    m.write(message, frames, now)
+                if (into := self.incoming.get(message.migration_id)) is not None:
+                    into.write(message, frames, now)
             case MigrateStageEnd():
-                if (m := self.incoming.get(message.migration_id)) is not None:
-                    m.stage_end(message, now)
+                if (into := self.incoming.get(message.migration_id)) is not None:
+                    into.stage_end(message, now)
             case MigrateCommit():
-                m = self._incoming(message.migration_id, message.reply_to)
-                if m is not None and m.commit(message, self.accepting()):
+                into = self._incoming(message.migration_id, message.reply_to)
+                if into.commit(message, self.accepting()):
                     r = message.request
                     self.moved_in(r.request_id, len(r.prompt_token_ids) + len(r.output_token_ids))
             case MigrateAbort():
-                if (m := self.incoming.get(message.migration_id)) is not None:
-                    m.abort(message.reason)
+                if (into := self.incoming.get(message.migration_id)) is not None:
+                    into.abort(message.reason)
             case _:
                 pass  # probes are the boundaries' business
 
@@ -130,21 +128,21 @@ class MigrationHub:
         message: False, and the engine thread gets it in order, after the blocks before it."""
         if not isinstance(message, MigrateBlocks):
             return False
-        m = self.incoming.get(message.migration_id)
-        if m is not None:
+        into = self.incoming.get(message.migration_id)
+        if into is not None:
             try:
-                m.write(message, frames, now)
+                into.write(message, frames, now)
             except Exception:  # the stage's frame count will not match: the source aborts
                 log.exception("migrate_blocks_failed", migration_id=message.migration_id)
         return True
 
     def poll(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        for m in list(self.outgoing.values()):
-            m.poll(now)
-            self._settle(m)
-        for m in self.incoming.values():
-            m.poll(now)
+        for out in list(self.outgoing.values()):
+            out.poll(now)
+            self._settle(out)
+        for into in self.incoming.values():
+            into.poll(now)
         for table in (self.outgoing, self.incoming):
             for mid in [mid for mid, m in table.items() if m.done]:
                 ended = self._ended.setdefault(mid, now)
@@ -154,15 +152,15 @@ class MigrationHub:
                     self._settled.discard(mid)
 
     def abort_all(self, reason: str) -> None:
-        for m in self.outgoing.values():
-            if m.state < OutState.COMMITTING:
-                m.abort(reason)
-        for m in self.incoming.values():
-            m.abort(reason)
+        for out in self.outgoing.values():
+            if out.state < OutState.COMMITTING:
+                out.abort(reason)
+        for into in self.incoming.values():
+            into.abort(reason)
 
     # ------------------------------------------------------------ helpers
 
-    def _incoming(self, migration_id: str, reply_to: str) -> IncomingMigration | None:
+    def _incoming(self, migration_id: str, reply_to: str) -> IncomingMigration:
         m = self.incoming.get(migration_id)
         if m is None:
             m = IncomingMigration(

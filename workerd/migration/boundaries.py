@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
 
 import structlog
 
@@ -23,7 +22,8 @@ from mell.common.messages import (
     ProbeAck,
 )
 from mell.common.sampling import SamplingParams
-from mell.workerd.migration import Port
+from mell.workerd.engine.contract import MigratableEngine, ServingEngine
+from mell.workerd.migration.port import Port
 
 log = structlog.get_logger("mell.workerd.boundaries")
 PROBE_BYTES = 4 << 20
@@ -31,16 +31,14 @@ PROBES_PER_PEER = 2
 PROBE_TIMEOUT_S = 3.0
 
 
-def kv_bytes_per_token(engine: Any) -> int:
-    """K and V bytes of one token over every layer, from the engine's KV tensors."""
-    caches = engine.runner.kv_caches
-    per_block = sum(c[0].numel() * c.element_size() for c in caches)
-    return per_block // engine.blocks.block_size
+def kv_bytes_per_token(engine: MigratableEngine) -> int:
+    """K and V bytes of one token over every layer, from the engine's KV layout."""
+    return engine.kv_layout.bytes_per_token
 
 
-def measure_prefill_tokens_per_s(engine: Any, num_tokens: int = 256) -> float:
+def measure_prefill_tokens_per_s(engine: ServingEngine, num_tokens: int = 256) -> float:
     """Prefill a throwaway prompt on the engine (idle, at start); tokens per second."""
-    limit = engine.model_config.max_model_len - 1
+    limit = engine.max_model_len - 1
     n = max(1, min(num_tokens, limit))
     request_id = "boundary-probe"
     engine.add_request(request_id, [3] * n, SamplingParams(max_tokens=1, temperature=0.0))

@@ -14,17 +14,21 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from mell.workerd.block_manager import BlockManager
-from mell.workerd.sequence import Sequence, SequenceStatus
+from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """What runs this step: requests and how many of their tokens each computes."""
+    """What runs this step: requests, how many of their tokens each computes, and where their
+    KV lives: `layer_tables[layer][i]` is the block table of `seqs[i]` in that layer (the same
+    list object for every layer when all the requests' layers are alike). The runner reads
+    blocks from here, never from the block manager."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    layer_tables: list[list[list[int]]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
@@ -83,7 +87,16 @@ class Scheduler:
         budget = self._schedule_running(batch, budget)
         if not batch.preempted:
             self._admit_waiting(batch, budget)
+        batch.layer_tables = self._layer_tables(batch.seqs)
         return batch
+
+    def _layer_tables(self, seqs: list[Sequence]) -> list[list[list[int]]]:
+        """Block tables per layer; the same list object for all layers when all are uniform."""
+        ids = [s.request_id for s in seqs]
+        blocks = self.blocks
+        if all(blocks.is_uniform(r) for r in ids):
+            return [[blocks.block_table(r, 0) for r in ids]] * blocks.num_layers
+        return [[blocks.block_table(r, layer) for r in ids] for layer in range(blocks.num_layers)]
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
