@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mell.gateway.journal.directory import fsync_directory, lock_directory
 from mell.gateway.journal.format import (
     SEGMENT_HEADER,
     Frame,
@@ -36,7 +37,6 @@ from mell.gateway.journal.format import (
     segment_name,
 )
 from mell.gateway.journal.reader import _read
-from mell.gateway.journal.writer import fsync_directory, lock_directory
 
 DAMAGED_DIR = "damaged"
 Severity = Literal["error", "warning", "info"]
