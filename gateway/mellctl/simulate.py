@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from mell.common.errors import InvalidRequest
 from mell.gateway.policy.base import policy_names
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.scale_time <= 0 or args.scale_len <= 0 or args.epoch <= 0 or args.rate <= 0:
         raise InvalidRequest("--scale-time, --scale-len, --epoch and --rate must be positive")
+    if args.plot:
+        _check_plot_path(Path(args.plot))
     profile = load_profile(args.profile)
     trace = load_traces(
         args.trace,
@@ -147,3 +150,11 @@ def run(args: argparse.Namespace) -> int:
         plot(results, args.plot, header.split(";")[0])
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _check_plot_path(png: Path) -> None:
+    """Refuse a --plot path the PNG cannot be written to, before the run rather than after."""
+    if png.is_dir():
+        raise InvalidRequest(f"--plot {png}: a folder; give the PNG file's path")
+    if not png.parent.is_dir():
+        raise InvalidRequest(f"--plot {png}: folder {png.parent} does not exist")
