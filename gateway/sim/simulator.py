@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -498,7 +499,7 @@ def headroom_tokens(profile: Profile, epoch_s: float) -> int:
 
 
 def sim_policy(
-    name: str, profile: Profile, epoch_s: float, *, headroom: bool = True, **mell_options
+    name: str, profile: Profile, epoch_s: float, *, headroom: bool = True, **mell_options: Any
 ) -> Policy:
     """A registry policy configured for the simulated epoch. With `headroom` every policy that
     places keeps the same growth reserve as MELL (one epoch of decoding, see
@@ -514,5 +515,5 @@ def sim_policy(
     return make_policy(name)
 
 
-def simulate(trace: Trace, profile: Profile, policy: Policy, **kwargs) -> SimResult:
+def simulate(trace: Trace, profile: Profile, policy: Policy, **kwargs: Any) -> SimResult:
     return Simulator(trace, profile, policy, **kwargs).run()
