@@ -424,7 +424,7 @@ class Simulator:
         they fill and empty."""
         if not moves:
             return busy
-        view, bs = self.view, self.profile.block_size
+        view = self.view
         valid = [
             m
             for m in moves
@@ -433,39 +433,49 @@ class Simulator:
         touched = {m.src for m in valid} | {m.dst for m in valid}
         before = {w: bool(view.loads[w]) for w in touched}
         self.stats["skipped"] += len(moves) - len(valid)
+        bs = self.profile.block_size
         context = {m.request_id: int(view.loads[m.src][m.request_id]) * bs for m in valid}
         plan = choose_transfers(valid, context, self.transfers)
         self.stats["deferred"] += len(plan.deferred)
-        pending = plan.chosen
-        cap = self.profile.capacity_blocks
-        used = {w: sum(view.loads[w].values()) for w in {m.dst for m in pending}}
-        for _ in range(3):  # moves may free the room later ones need: retry a few passes
-            later = []
-            for m in pending:
-                i = int(m.request_id)
-                blocks = view.loads[m.src].get(m.request_id)
-                if blocks is None:
-                    continue
-                if used.get(m.dst, 0) + blocks > cap:
-                    later.append(m)
-                    continue
-                self._execute(m, i, blocks, now)
-                used[m.dst] = used.get(m.dst, 0) + blocks
-                if m.src in used:
-                    used[m.src] -= blocks
-            if len(later) == len(pending):
-                break
-            pending = later
-        self.stats["skipped"] += len(pending)
+        self.stats["skipped"] += len(self._run_moves(plan.chosen, now))
         for wid in sorted({m.src for m in moves if m.src in view.loads}):
             view.refresh(wid)
             view.release_if_empty(wid)
         for wid, was in before.items():
             now_busy = bool(view.loads.get(wid))
             if now_busy != was:
-                model = view.model_of[wid]
-                busy[model] += 1 if now_busy else -1
+                busy[view.model_of[wid]] += 1 if now_busy else -1
         return busy
+
+    def _run_moves(self, pending: list[Move], now: float) -> list[Move]:
+        """Run the chosen moves whose destination has room; moves may free the room later
+        ones need, so a few passes are made. Returns the moves that never found room."""
+        loads = self.view.loads
+        used = {w: sum(loads[w].values()) for w in {m.dst for m in pending}}
+        for _ in range(3):
+            later = self._run_pass(pending, used, now)
+            if len(later) == len(pending):
+                break
+            pending = later
+        return pending
+
+    def _run_pass(self, pending: list[Move], used: dict[str, int], now: float) -> list[Move]:
+        """One pass over `pending` (`used`: KV blocks of the destinations, kept up to date);
+        returns the moves that did not fit (a request that left is dropped)."""
+        cap, loads = self.profile.capacity_blocks, self.view.loads
+        later = []
+        for m in pending:
+            blocks = loads[m.src].get(m.request_id)
+            if blocks is None:
+                continue
+            if used.get(m.dst, 0) + blocks > cap:
+                later.append(m)
+                continue
+            self._execute(m, int(m.request_id), blocks, now)
+            used[m.dst] = used.get(m.dst, 0) + blocks
+            if m.src in used:
+                used[m.src] -= blocks
+        return later
 
     def _execute(self, m: Move, i: int, blocks: int, now: float) -> None:
         view, t = self.view, self.transfers
