@@ -1,8 +1,9 @@
 """Durable journal: append-only segment files of length-prefixed, CRC-checked MessagePack records.
 
 Generic over opaque byte payloads (the gateway stores encoded event envelopes). See `format` for
-the bytes on disk, `writer` for appending and group commit, `reader` for replay, `repair` for
-`check` and `repair`.
+the bytes on disk, `writer` for appending (`appender` its hot path), `flusher` for the thread that
+writes and fsyncs in groups (group commit), `directory` for the writer lock and the start-up
+check, `reader` for replay, `repair` for `check` and `repair`.
 """
 
 from mell.gateway.journal.format import Record

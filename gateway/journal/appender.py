@@ -6,6 +6,8 @@ else `PyAppender`; `writer.Journal` derives from it and supplies the slow paths.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mell.gateway.journal.format import BODY_PREFIX, RECORD_HEADER, append_record
 
 FRAME_OVERHEAD = RECORD_HEADER.size + BODY_PREFIX.size  # bytes of a record besides its payload
@@ -35,8 +37,20 @@ class PyAppender:
             self._slow_path()
         return seq
 
+    def _make_room(self, seq: int, n: int) -> int:
+        """The record `seq` of an `n`-byte payload does not fit the current segment: make
+        room (the subclass rotates); returns the segment's room left after it."""
+        raise NotImplementedError
 
-try:
-    from mell.gateway.journal._frame import Appender
-except ImportError:  # the extension was not built: the same records, slower
-    Appender = PyAppender  # type: ignore[assignment,misc]
+    def _slow_path(self) -> None:
+        """The current buffer is past `_limit` (the subclass seals, writes or raises)."""
+        raise NotImplementedError
+
+
+if TYPE_CHECKING:  # the type checker reads the Python twin (`_frame.pyi`: the same members)
+    Appender = PyAppender
+else:
+    try:
+        from mell.gateway.journal._frame import Appender
+    except ImportError:  # the extension was not built: the same records, slower
+        Appender = PyAppender

@@ -134,7 +134,8 @@ def discard_prefix_py(buf: bytearray, n: int) -> None:
 
 
 try:
-    from mell.gateway.journal._frame import append_record, discard_prefix
+    from mell.gateway.journal._frame import append_record as append_record
+    from mell.gateway.journal._frame import discard_prefix as discard_prefix
 except ImportError:  # the extension was not built (no C compiler at install): same bytes, slower
     append_record, discard_prefix = append_record_py, discard_prefix_py
 

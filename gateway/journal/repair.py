@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mell.gateway.journal.directory import fsync_directory, lock_directory
 from mell.gateway.journal.format import (
     SEGMENT_HEADER,
     Frame,
@@ -36,8 +37,8 @@ from mell.gateway.journal.format import (
     segment_name,
 )
 from mell.gateway.journal.reader import _read
-from mell.gateway.journal.writer import fsync_directory, lock_directory
 
+LostMarker = tuple[str, int, int]  # ("lost", first, last): a lost marker record to write
 DAMAGED_DIR = "damaged"
 Severity = Literal["error", "warning", "info"]
 
@@ -158,13 +159,13 @@ def _damage_problems(seg: _Segment, *, last: bool) -> list[Problem]:
     return out
 
 
-def _walk(segments: list[_Segment], report: CheckReport) -> list[list[Frame | tuple]]:
+def _walk(segments: list[_Segment], report: CheckReport) -> list[list[Frame | LostMarker]]:
     """Check sequence order across all segments into `report`; returns the repair plan per
     segment: Frames to keep and ("lost", first, last) markers to insert before them."""
-    plans: list[list[Frame | tuple]] = []
+    plans: list[list[Frame | LostMarker]] = []
     expected: int | None = None
     for seg in segments:
-        plan: list[Frame | tuple] = []
+        plan: list[Frame | LostMarker] = []
         if expected is None:
             expected = segment_first_seq(seg.path.name) or 0
         for frame in seg.frames:
@@ -274,7 +275,7 @@ def _repair(directory: Path) -> RepairReport:
     return report
 
 
-def _write_segment(path: Path, first_seq: int, plan: list[Frame | tuple]) -> None:
+def _write_segment(path: Path, first_seq: int, plan: list[Frame | LostMarker]) -> None:
     parts = [segment_header(first_seq)]
     now = time.time()
     for item in plan:

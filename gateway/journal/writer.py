@@ -1,5 +1,9 @@
 """The journal writer: appends without blocking on the disk, fsyncs in groups.
 
+This module is the producer's side (`Journal`: open, append, rotation, sealing, close); the
+flusher thread and durability are `flusher.Flusher`'s, the directory's lock and start-up check
+`directory`'s.
+
 Threads. One *producer* thread (the gateway's event loop thread) calls `append` and
 `write_snapshot`; they are not safe to call from two threads at once, and they take no lock:
 `append` frames the record into an in-memory buffer and returns. A *flusher* thread wakes every
@@ -35,109 +39,31 @@ restart, replaying what is on disk.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
-import logging
 import os
-import threading
-import time
-from collections import deque
 from pathlib import Path
 
 from mell.common.config import JournalConfig
 from mell.common.errors import JournalError
 from mell.gateway.journal.appender import FRAME_OVERHEAD, Appender, PyAppender
+from mell.gateway.journal.directory import lock_directory, recover_tail
+from mell.gateway.journal.flusher import CHUNK_BYTES, Flusher
 from mell.gateway.journal.format import (
     BODY_PREFIX,
     MAX_RECORD_BYTES,
     SEGMENT_HEADER,
     Kind,
     append_record,
-    discard_prefix,
-    list_segments,
-    segment_first_seq,
     segment_header,
     segment_name,
 )
-from mell.gateway.journal.reader import SegmentEnd, TornTail, segment_frames
+from mell.gateway.journal.reader import TornTail
 
-log = logging.getLogger("mell.journal")
+__all__ = ["CHUNK_BYTES", "MAX_PAYLOAD_BYTES", "Journal", "JournalConfig"]
 
-LOCK_FILE = "LOCK"
 MAX_PAYLOAD_BYTES = MAX_RECORD_BYTES - BODY_PREFIX.size
-CHUNK_BYTES = 1 << 20  # the producer seals its buffer for the flusher past this size
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
-SPARE_BUFFERS = 8  # emptied sealed buffers kept for the producer to refill
 
 
-def lock_directory(directory: Path) -> int:
-    """Take the journal's writer lock (one writer per directory); returns the lock fd."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise JournalError(f"journal {directory} is in use by another process") from None
-    return fd
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _writev_all(fd: int, bufs: list[bytearray]) -> None:
-    done = os.writev(fd, bufs)
-    for buf in bufs:  # after a short write (rare for files), the rest one buffer at a time
-        if done >= len(buf):
-            done -= len(buf)
-            continue
-        _write_all(fd, memoryview(buf)[done:])
-        done = 0
-
-
-def _recover_tail(directory: Path) -> tuple[int, int | None, TornTail | None]:
-    """Validate the newest segment, truncate a torn tail; (next seq, open segment, torn)."""
-    segments = list_segments(directory)
-    if not segments:
-        return 1, None, None
-    path = segments[-1]
-    named = segment_first_seq(path.name) or 1
-    data = path.read_bytes()
-    end = SegmentEnd(0, named)
-    for _ in segment_frames(path, data, named, last=True, end=end):
-        pass
-    torn = end.torn
-    if torn is not None:
-        log.warning(
-            "journal segment %s: torn last record at offset %d (%d bytes: %s), truncated",
-            torn.segment,
-            torn.offset,
-            torn.nbytes,
-            torn.reason,
-        )
-        if end.valid_end < SEGMENT_HEADER.size:  # not even a header: the file holds nothing
-            path.unlink()
-            fsync_directory(directory)
-            return end.next_seq, None, torn
-        with path.open("r+b") as f:
-            f.truncate(end.valid_end)
-            os.fsync(f.fileno())
-    return end.next_seq, named, torn
-
-
-class Journal(Appender):  # type: ignore[valid-type,misc]
+class Journal(Appender):
     """An open journal directory; see the module doc for threads and policies.
 
     `append(payload) -> seq` comes from the base class (`_frame.Appender` or `PyAppender`)."""
@@ -154,26 +80,13 @@ class Journal(Appender):  # type: ignore[valid-type,misc]
         self._seg_capacity = config.segment_bytes - SEGMENT_HEADER.size
         self._seg_room = 0  # bytes the current segment may still take (< capacity: not empty)
         self._buf = bytearray()  # the current segment's buffer (producer's reference)
-        self._cur: tuple[int, bytearray] = (0, self._buf)  # (segment first seq, its buffer)
-        self._sealed: deque[tuple[int, bytearray]] = deque()  # buffers handed to the flusher
-        self._spare: deque[bytearray] = deque()  # written and emptied by the flusher
+        self._flusher = Flusher(directory, config, self._last_appended, self._stop_fast_path)
+        self._flusher.current = (0, self._buf)
         chunk = min(CHUNK_BYTES, config.max_pending_bytes)
         self._max_sealed = max(1, config.max_pending_bytes // max(chunk, 1))
         # append takes the slow path once the current buffer is past this (always, when -1)
         self._limit = chunk if config.fsync != "always" else -1
-        self._retain_after = 0  # snapshot seq whose durability triggers retention
-        # flusher side
-        self._io_lock = threading.Lock()
-        self._fd: int | None = None
-        self._fd_seq = 0
-        self._dir_dirty = False
-        self._durable_seq = 0
-        self._error: JournalError | None = None
-        self._cond = threading.Condition()
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._wake = threading.Event()
         self._closed = False
-        self._thread: threading.Thread | None = None
 
     @classmethod
     def open(cls, directory: Path | str, config: JournalConfig | None = None) -> Journal:
@@ -192,27 +105,28 @@ class Journal(Appender):  # type: ignore[valid-type,misc]
         self = cls(directory, config)
         self._lock_fd = lock_directory(directory)
         try:
-            next_seq, seg, self.truncated = _recover_tail(directory)
-            self._next_seq = next_seq
-            self._durable_seq = next_seq - 1
-            if seg is None:
-                self._new_segment(next_seq)
-            else:
-                path = directory / segment_name(seg)
-                size = path.stat().st_size
-                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-                os.fsync(self._fd)  # what a killed writer left in the page cache: durable now
-                self._fd_seq = seg
-                self._buf = bytearray()
-                self._cur = (seg, self._buf)
-                self._seg_room = config.segment_bytes - size
+            self._resume(directory)
         except BaseException:
             self._release()
             raise
         if config.fsync != "always":
-            self._thread = threading.Thread(target=self._run, name="journal-flusher", daemon=True)
-            self._thread.start()
+            self._flusher.start()
         return self
+
+    def _resume(self, directory: Path) -> None:
+        """Continue the newest segment after its last whole record, or create the first."""
+        next_seq, seg, self.truncated = recover_tail(directory)
+        self._next_seq = next_seq
+        self._flusher.durable_seq = next_seq - 1
+        if seg is None:
+            self._start_buffer(next_seq)
+            self._flusher.create_first()
+            return
+        size = (directory / segment_name(seg)).stat().st_size
+        self._flusher.reopen(seg)
+        self._buf = bytearray()
+        self._flusher.current = (seg, self._buf)
+        self._seg_room = self.config.segment_bytes - size
 
     # -- producer side (one thread) -------------------------------------------------------
 
@@ -227,7 +141,7 @@ class Journal(Appender):  # type: ignore[valid-type,misc]
             self._rotate(seq)
         size = append_record(self._buf, Kind.SNAPSHOT, seq, payload)
         self._seg_room -= FRAME_OVERHEAD + len(payload)
-        self._retain_after = seq
+        self._flusher.retain_after = seq
         self._next_seq = seq + 1
         if size > self._limit:
             self._slow_path()
@@ -243,38 +157,38 @@ class Journal(Appender):  # type: ignore[valid-type,misc]
 
     def _rotate(self, first_seq: int) -> None:
         """Start a new segment at `first_seq`: seal the current buffer, then switch."""
-        self._sealed.append(self._cur)
+        self._flusher.sealed.append(self._flusher.current)
         self._start_buffer(first_seq)
 
     def _start_buffer(self, first_seq: int) -> None:
         self._buf = bytearray(segment_header(first_seq))
-        self._cur = (first_seq, self._buf)
+        self._flusher.current = (first_seq, self._buf)
         self._seg_room = self._seg_capacity
-
-    def _new_segment(self, first_seq: int) -> None:
-        """Create the first segment at open time (the flusher creates later ones)."""
-        self._start_buffer(first_seq)
-        with self._io_lock:
-            self._drain()
-            os.fsync(self._fd)  # type: ignore[arg-type]
-            fsync_directory(self.directory)
-            self._dir_dirty = False
 
     def _slow_path(self) -> None:
         """The current buffer is past `_limit`: raise if failed or closed; under "always" write
         and fsync now; else seal the buffer, and write and fsync if too much is pending."""
-        if self._error is not None:
-            raise self._error
+        flusher = self._flusher
+        if flusher.error is not None:
+            raise flusher.error
         if self._closed:
             raise JournalError("journal is closed")
         if self._limit >= 0:
-            self._sealed.append(self._cur)
-            self._buf = self._spare.pop() if self._spare else bytearray()  # only we pop
-            self._cur = (self._cur[0], self._buf)
-            if len(self._sealed) < self._max_sealed:
-                self._wake.set()  # the flusher writes it now and fsyncs on its interval
+            seg = flusher.current[0]
+            flusher.sealed.append(flusher.current)
+            self._buf = flusher.spare.pop() if flusher.spare else bytearray()  # only we pop
+            flusher.current = (seg, self._buf)
+            if len(flusher.sealed) < self._max_sealed:
+                flusher.wake()  # the flusher writes it now and fsyncs on its interval
                 return
         self.flush()
+
+    def _last_appended(self) -> int:
+        return self._next_seq - 1
+
+    def _stop_fast_path(self) -> None:
+        """The flusher failed (or the journal closed): every append takes `_slow_path`."""
+        self._limit = -1
 
     # -- any thread -------------------------------------------------------------------------
 
@@ -286,54 +200,34 @@ class Journal(Appender):  # type: ignore[valid-type,misc]
     @property
     def durable_seq(self) -> int:
         """Every record up to this one is on disk (fsynced, under the fsync policies)."""
-        return self._durable_seq
+        return self._flusher.durable_seq
 
     def flush(self) -> int:
         """Write and fsync everything appended so far, now; returns the durable seq."""
-        with self._io_lock:
-            self._sync()
-        return self._durable_seq
+        return self._flusher.flush()
 
     def wait_durable(self, seq: int, timeout: float | None = None) -> bool:
         """Block until record `seq` is durable; False on timeout. Raises if the journal failed."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._durable_seq >= seq or bool(self._error), timeout)
-        if self._durable_seq >= seq:
-            return True
-        if self._error is not None:
-            raise self._error
-        return False
+        return self._flusher.wait_durable(seq, timeout)
 
     async def durable(self, seq: int) -> None:
         """Wait, without blocking the event loop, until record `seq` is durable."""
-        if self._durable_seq >= seq:
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        with self._cond:
-            if self._error is not None:
-                raise self._error
-            if self._durable_seq >= seq:
-                return
-            self._waiters.append((seq, loop, fut))
-        await fut
+        await self._flusher.durable(seq)
 
     def close(self) -> None:
         """Flush, fsync and release the directory. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        flusher = self._flusher
+        flusher.stop()
         try:
-            if self._error is None:
-                with self._io_lock:
-                    self._sync(force=self.config.fsync != "never")
+            if flusher.error is None:
+                flusher.flush(force=self.config.fsync != "never")
         finally:
             self._release()
-            if self._error is None:
-                self._fail(JournalError("journal is closed"), log_it=False)
+            if flusher.error is None:
+                flusher.fail(JournalError("journal is closed"), log_it=False)
 
     def __enter__(self) -> Journal:
         return self
@@ -341,160 +235,8 @@ class Journal(Appender):  # type: ignore[valid-type,misc]
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- flusher side (under _io_lock) ----------------------------------------------------
-
-    def _run(self) -> None:
-        interval = self.config.fsync_interval_s
-        deadline = time.monotonic() + interval
-        while not self._closed:
-            self._wake.wait(max(deadline - time.monotonic(), 0.0))
-            self._wake.clear()
-            if self._closed:
-                return
-            commit = time.monotonic() >= deadline
-            with self._io_lock:
-                if self._error is not None:
-                    return
-                try:
-                    if commit:
-                        self._sync()
-                    else:  # woken for a sealed buffer: write it now, fsync on the interval
-                        self._write_sealed()
-                except JournalError:
-                    return  # failed for good; it was logged and the waiters woken
-            if commit:
-                deadline = time.monotonic() + interval
-
-    def _sync(self, *, force: bool = False) -> None:
-        if self._error is not None:
-            raise self._error
-        try:
-            appended = self._drain()
-            if appended > self._durable_seq or force:
-                if self.config.fsync != "never":
-                    os.fdatasync(self._fd)  # type: ignore[arg-type]
-                    if self._dir_dirty:
-                        fsync_directory(self.directory)
-                        self._dir_dirty = False
-                self._publish(appended)
-            if self._retain_after and self._durable_seq >= self._retain_after:
-                self._apply_retention(self._retain_after)
-                self._retain_after = 0
-        except OSError as err:
-            raise self._write_failed(err) from None
-
-    def _write_sealed(self) -> None:
-        try:
-            self._write_sealed_buffers()
-        except OSError as err:
-            raise self._write_failed(err) from None
-
-    def _write_failed(self, err: OSError) -> JournalError:
-        error = JournalError(f"journal {self.directory}: write failed: {err}")
-        self._fail(error)
-        return error
-
-    def _drain(self) -> int:
-        """Write every buffered byte in order; returns the last seq wholly written."""
-        appended = self._next_seq - 1  # read before the buffers: those records are in them
-        while True:
-            self._write_sealed_buffers()
-            seg, buf = self._cur
-            if self._sealed:  # the producer sealed meanwhile: older bytes first
-                continue
-            if seg != self._fd_seq:
-                self._open_segment(seg)
-            n = len(buf)
-            if n:  # the producer appends to it meanwhile: write a copy of what it holds now
-                data = buf[:n]
-                discard_prefix(buf, n)
-                _write_all(self._fd, data)  # type: ignore[arg-type]
-            return appended
-
-    def _write_sealed_buffers(self) -> None:
-        """Write the sealed buffers as they are (only this thread holds them), one writev per
-        segment, then give them back to the producer to refill. Few calls matter: each one
-        waits for the GIL, which the producer may hold for up to sys.getswitchinterval()."""
-        sealed = self._sealed
-        while sealed:
-            seg = sealed[0][0]
-            bufs = []
-            for i in range(min(len(sealed), _IOV_MAX)):  # the producer appends at the right only
-                buf_seg, buf = sealed[i]
-                if buf_seg != seg:
-                    break
-                bufs.append(buf)
-            if seg != self._fd_seq:
-                self._open_segment(seg)
-            _writev_all(self._fd, bufs)  # type: ignore[arg-type]
-            spare = self._spare
-            for buf in bufs:
-                sealed.popleft()
-                if len(spare) < SPARE_BUFFERS and len(buf) <= 2 * CHUNK_BYTES:
-                    discard_prefix(buf, len(buf))
-                    spare.append(buf)
-
-    def _open_segment(self, seg: int) -> None:
-        if self._fd is not None:
-            if self.config.fsync != "never":
-                os.fdatasync(self._fd)
-            os.close(self._fd)
-            self._fd = None
-        path = self.directory / segment_name(seg)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        self._fd = os.open(path, flags, 0o644)
-        self._fd_seq = seg
-        self._dir_dirty = True
-
-    def _publish(self, seq: int) -> None:
-        with self._cond:
-            self._durable_seq = max(self._durable_seq, seq)
-            self._cond.notify_all()
-            ready = [w for w in self._waiters if w[0] <= self._durable_seq]
-            self._waiters = [w for w in self._waiters if w[0] > self._durable_seq]
-        for _, loop, fut in ready:
-            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, fut, None)
-
-    def _fail(self, error: JournalError, *, log_it: bool = True) -> None:
-        if log_it:
-            log.error("%s", error.message)
-        with self._cond:
-            self._error = error
-            self._limit = -1
-            self._cond.notify_all()
-            waiters, self._waiters = self._waiters, []
-        for _, loop, fut in waiters:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, fut, error)
-
-    def _apply_retention(self, snapshot_seq: int) -> None:
-        older = [
-            p
-            for p in list_segments(self.directory)
-            if (segment_first_seq(p.name) or 0) < snapshot_seq
-        ]
-        keep = max(self.config.retain_segments, 0)
-        doomed = older[: len(older) - keep] if keep else older
-        for path in doomed:
-            path.unlink(missing_ok=True)
-        if doomed:
-            fsync_directory(self.directory)
-            log.info("journal: removed %d segments before snapshot %d", len(doomed), snapshot_seq)
-
     def _release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._flusher.close_file()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(error)

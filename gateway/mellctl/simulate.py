@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from mell.common.errors import InvalidRequest
 from mell.gateway.policy.base import policy_names
 from mell.gateway.sim.bound import fluid_lower_bound
-from mell.gateway.sim.profile import load_profile, profile_names
+from mell.gateway.sim.profile import Profile, load_profile, profile_names
 from mell.gateway.sim.report import (
     lower_bound,
     peak_over_bound_lines,
@@ -23,8 +24,9 @@ from mell.gateway.sim.report import (
     progress_bar,
     table,
 )
+from mell.gateway.sim.result import SimResult
 from mell.gateway.sim.simulator import Simulator, sim_policy
-from mell.gateway.sim.traces import load_traces
+from mell.gateway.sim.traces import Trace, load_traces
 
 DEFAULT_POLICIES = "mell,best-fit,worst-fit,lb"
 
@@ -83,14 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.policy.split(",") if n.strip()]
-    unknown = [n for n in names if n not in policy_names()]
-    if unknown or not names:
-        raise InvalidRequest(
-            f"unknown policy {', '.join(unknown) or '(none)'}; known: {', '.join(policy_names())}"
-        )
-    if args.scale_time <= 0 or args.scale_len <= 0 or args.epoch <= 0 or args.rate <= 0:
-        raise InvalidRequest("--scale-time, --scale-len, --epoch and --rate must be positive")
+    names = _policy_names(args)
+    if args.plot:
+        _check_plot_path(Path(args.plot))
     profile = load_profile(args.profile)
     trace = load_traces(
         args.trace,
@@ -101,6 +98,43 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         limit=args.limit,
     )
+    results = _simulate(args, names, trace, profile)
+    header = (
+        f"trace {' + '.join(trace.models)}: {len(trace)} requests over {trace.duration_s:.0f} s "
+        f"(scale-time {args.scale_time:g}, scale-len {args.scale_len:g}, {trace.clamped} clamped "
+        f"to {profile.max_len} tokens); profile {profile.name} (C = {profile.capacity_blocks} "
+        f"blocks x {profile.block_size}); epoch {args.epoch:g} s"
+    )
+    if args.json:
+        print(json.dumps(_json(args, trace, profile, results), indent=2))
+    else:
+        print(header)
+        print(table(results))
+        for line in peak_over_bound_lines(results):
+            print(line)
+    if args.plot:
+        plot(results, args.plot, header.split(";")[0])
+        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _policy_names(args: argparse.Namespace) -> list[str]:
+    """The policies asked for, once the numeric options are checked too."""
+    names = [n.strip() for n in args.policy.split(",") if n.strip()]
+    unknown = [n for n in names if n not in policy_names()]
+    if unknown or not names:
+        raise InvalidRequest(
+            f"unknown policy {', '.join(unknown) or '(none)'}; known: {', '.join(policy_names())}"
+        )
+    if args.scale_time <= 0 or args.scale_len <= 0 or args.epoch <= 0 or args.rate <= 0:
+        raise InvalidRequest("--scale-time, --scale-len, --epoch and --rate must be positive")
+    return names
+
+
+def _simulate(
+    args: argparse.Namespace, names: list[str], trace: Trace, profile: Profile
+) -> list[SimResult]:
+    """One run per policy, all measured against the same fluid lower bound."""
     show_progress = (
         not args.no_progress and not args.json and len(trace) >= 2000 and sys.stderr.isatty()
     )
@@ -119,31 +153,28 @@ def run(args: argparse.Namespace) -> int:
             bound=bound,
         )
         results.append(sim.run())
-    header = (
-        f"trace {' + '.join(trace.models)}: {len(trace)} requests over {trace.duration_s:.0f} s "
-        f"(scale-time {args.scale_time:g}, scale-len {args.scale_len:g}, {trace.clamped} clamped "
-        f"to {profile.max_len} tokens); profile {profile.name} (C = {profile.capacity_blocks} "
-        f"blocks x {profile.block_size}); epoch {args.epoch:g} s"
-    )
-    if args.json:
-        out = {
-            "trace": args.trace,
-            "models": trace.models,
-            "requests": len(trace),
-            "scale_time": args.scale_time,
-            "scale_len": args.scale_len,
-            "profile": profile.name,
-            "epoch_s": args.epoch,
-            "lower_bound": lower_bound(results),
-            "results": [r.summary() for r in results],
-        }
-        print(json.dumps(out, indent=2))
-    else:
-        print(header)
-        print(table(results))
-        for line in peak_over_bound_lines(results):
-            print(line)
-    if args.plot:
-        plot(results, args.plot, header.split(";")[0])
-        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
-    return 0
+    return results
+
+
+def _json(
+    args: argparse.Namespace, trace: Trace, profile: Profile, results: list[SimResult]
+) -> dict[str, object]:
+    return {
+        "trace": args.trace,
+        "models": trace.models,
+        "requests": len(trace),
+        "scale_time": args.scale_time,
+        "scale_len": args.scale_len,
+        "profile": profile.name,
+        "epoch_s": args.epoch,
+        "lower_bound": lower_bound(results),
+        "results": [r.summary() for r in results],
+    }
+
+
+def _check_plot_path(png: Path) -> None:
+    """Refuse a --plot path the PNG cannot be written to, before the run rather than after."""
+    if png.is_dir():
+        raise InvalidRequest(f"--plot {png}: a folder; give the PNG file's path")
+    if not png.parent.is_dir():
+        raise InvalidRequest(f"--plot {png}: folder {png.parent} does not exist")

@@ -106,7 +106,8 @@ dropped; there is nothing to acknowledge.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Concatenate, ParamSpec, TypeVar
 
 from mell.gateway.policy.base import (
     Arrival,
@@ -131,6 +132,9 @@ from mell.gateway.policy.packing import (
     size_class,
 )
 from mell.gateway.policy.packing import Packing as _Pool
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 __all__ = ["CLASS_NAMES", "FULL", "PER_LABEL", "TINY", "L", "M", "Mell", "S", "T", "size_class"]
 
@@ -229,6 +233,8 @@ class Mell(MellOperations):
     # -- one epoch of one pool --------------------------------------------------------------
 
     def _plan_pool(self, model: str, workers: Iterable[WorkerInfo]) -> list[Move]:
+        """One epoch of one model's pool: the truth of the view, then the module doc's five
+        steps in order, then the moves from the truth to the plan."""
         pool = self._pools.get(model) or self._pools.setdefault(model, _Pool())
         pool.place_epochs = self.place_epochs
         pool.rebuild(workers, self.headroom_tokens)
@@ -236,93 +242,86 @@ class Mell(MellOperations):
         pool.admitted = {}
         seen_where, seen_size = self._seen.get(model, ({}, {}))
         arrived = self._arrived.pop(model, [])
+        self._mark_young(model, pool, arrived)
+        self._depart_vanished(pool, seen_where, seen_size)
+        self._update_for_growth(pool, seen_size)
+        self._follow_arrivals(pool, arrived)
+        self._repair_underfull(pool)
+        self._consolidate_pool(pool)
+        return self._planned_moves(model, pool)
+
+    def _mark_young(self, model: str, pool: _Pool, arrived: list[str]) -> None:
+        """`pool.young`: requests placed, or moved by a migration that ran, within the last
+        `settle_epochs`; and requests placed by us that have grown by fewer than
+        `settle_blocks` blocks since (adopted requests, whose placement we did not see, count
+        as settled)."""
         where = pool.where
         recent = self._recent.setdefault(model, [])
-        # young: placed, or moved by a migration that ran, within the last `settle_epochs`
         planned = self._planned.pop(model, {})
         recent.append(arrived + [rid for rid, dst in planned.items() if where.get(rid) == dst])
         del recent[: max(0, len(recent) - self.settle_epochs)]
         pool.young = {rid for batch in recent for rid in batch} if self.settle_epochs else set()
-        # ... or, placed by us, grown by fewer than `settle_blocks` blocks since (adopted
-        # requests, whose placement we did not see, count as settled).
         born = self._born.get(model)
         if born:
-            still: dict[str, int] = {}
-            slow = pool.young.add
-            least, items = self.settle_blocks, pool.items
-            for rid, b0 in born.items():
-                wid = where.get(rid)
-                if wid is not None and items[wid][rid] - b0 < least:
-                    still[rid] = b0  # once settled (or gone), forgotten
-                    slow(rid)
-            self._born[model] = still
+            self._born[model] = _still_growing(pool, born, self.settle_blocks)
 
-        # 1. Departures: requests seen before and now gone (sorted: reproducible order).
+    def _depart_vanished(
+        self, pool: _Pool, seen_where: dict[str, str], seen_size: dict[str, int]
+    ) -> None:
+        """Step 1, Depart: requests seen before and now gone (sorted: reproducible order)."""
         departed = [
             (seen_where[rid], pool.klass(seen_size[rid]))
-            for rid in sorted(seen_where.keys() - where.keys() - pool.pinned.keys())
+            for rid in sorted(seen_where.keys() - pool.where.keys() - pool.pinned.keys())
         ]
         for wid, cls in departed:
             self._op(pool, self._depart, wid, cls)
-        # 2. Updates: evacuation of non-ACTIVE workers, overload, class changes.
+
+    def _update_for_growth(self, pool: _Pool, seen_size: dict[str, int]) -> None:
+        """Step 2, Update: evacuation of non-ACTIVE workers, overload, class changes."""
         for rid, (_, blocks) in pool.pinned.items():
             self._op(pool, self._reallocate, rid, blocks)
-        growth, caps, used, ceil = pool.growth, pool.caps, pool.used, math.ceil
-        overloaded = [  # `_Pool.overloaded`, inlined: this runs on every worker every epoch
-            w
-            for w, its in pool.items.items()
-            if used[w] + ceil(growth * len(its)) + len(its) > caps[w]
-        ]
-        for wid in sorted(overloaded, key=lambda w: -pool.used.get(w, 0)):
+        for wid in sorted(_overloaded(pool), key=lambda w: -pool.used.get(w, 0)):
             self._op(pool, self._relieve, wid)
-        klass = pool.klass
-        klass(0)  # builds the lookup table
-        table, top = pool._classes, len(pool._classes)
-        grown: list[tuple[str, int]] = []
-        old_size = seen_size.get
-        labels = pool.labels
-        # A worker labelled T or tiny holds nothing above T (labels are the largest class):
-        # none of its requests can have grown into S, M or L.
-        for wid, items in list(pool.items.items()):
-            if labels[wid] <= T:
-                continue
-            for rid, b in items.items():
-                old = old_size(rid)
-                if old is None or old == b:
-                    continue
-                new = table[b] if b < top else L
-                if new <= T:
-                    continue
-                was = table[old] if old < top else L
-                if new != (was if was > T else T):
-                    grown.append((rid, new))
-        for rid, new in grown:
-            if rid in where:
+        for rid, new in _class_changes(pool, seen_size):
+            if rid in pool.where:
                 self._op(pool, self._update, rid, new)
-        # 3. Follow-ups of this epoch's arrivals.
+
+    def _follow_arrivals(self, pool: _Pool, arrived: list[str]) -> None:
+        """Step 3: the follow-ups of this epoch's arrivals (an L pulls a companion and fill)."""
+        where, klass = pool.where, pool.klass
         for rid in arrived:
             wid = where.get(rid)
             if wid is not None and klass(self._size(pool, rid)) == L:
                 self._op(pool, self._follow_large, wid)
-        # 4. Our addition: repair workers that growth, relief or a budget-cut operation left
-        #    under-full (Depart repairs only the workers a departure touched).
+
+    def _repair_underfull(self, pool: _Pool) -> None:
+        """Step 4 (ours): repair workers that growth, relief or a budget-cut operation left
+        under-full (Depart repairs only the workers a departure touched)."""
         for wid in self._repair_candidates(pool)[: self.repairs_per_epoch]:
             self._op(pool, self._repair, wid)
-        # 5. Ours: consolidation, a worker freed by moving all its requests into others' gaps.
-        receivers: set[str] = set()
+
+    def _consolidate_pool(self, pool: _Pool) -> None:
+        """Step 5 (ours): when the pool is fragmented, free workers by moving all their
+        requests into the others' gaps, emptiest first."""
         caps, used = pool.caps, pool.used
-        if self.consolidate and len(pool.items) > math.ceil(
+        if not self.consolidate or len(pool.items) <= math.ceil(
             sum(used.values()) / max(1, pool.capacity) * (1.0 + self.consolidate_slack)
         ):
-            under = [w for w in pool.items if used[w] < FULL * caps[w]]
-            under.sort(key=lambda w: (used[w] / caps[w], w))  # emptiest first
-            freed = 0
-            for wid in under[: self.consolidate_tries]:
-                if self._op(pool, self._consolidate, wid, receivers):
-                    freed += 1
-                    if freed >= self.consolidate:
-                        break
+            return
+        receivers: set[str] = set()
+        under = [w for w in pool.items if used[w] < FULL * caps[w]]
+        under.sort(key=lambda w: (used[w] / caps[w], w))  # emptiest first
+        freed = 0
+        for wid in under[: self.consolidate_tries]:
+            if self._op(pool, self._consolidate, wid, receivers):
+                freed += 1
+                if freed >= self.consolidate:
+                    break
 
+    def _planned_moves(self, model: str, pool: _Pool) -> list[Move]:
+        """The moves from the truth to the plan; remembers the plan as the next epoch's
+        `seen` (where and how large every request was) and `planned`."""
+        where = pool.where
         sizes: dict[str, int] = {}
         for items in pool.items.values():
             sizes.update(items)
@@ -336,9 +335,12 @@ class Mell(MellOperations):
         self._planned[model] = {m.request_id: m.dst for m in moves}
         return moves
 
-    def _op(self, pool: _Pool, fn, *args):  # type: ignore[no-untyped-def]
+    def _op(
+        self, pool: _Pool, fn: Callable[Concatenate[_Pool, _P], _R], *args: _P.args, **kw: _P.kwargs
+    ) -> _R:
+        """Run one operation under the per-operation move cap; counts its moves."""
         pool.moves_left = self.max_moves_per_op
-        out = fn(pool, *args)
+        out = fn(pool, *args, **kw)
         used = self.max_moves_per_op - pool.moves_left
         pool.op_moves.append(used)
         self.moves_by_op[fn.__name__] = self.moves_by_op.get(fn.__name__, 0) + used
@@ -350,3 +352,49 @@ def _roomiest(pool: _Pool, blocks: int) -> str | None:
     ignored): the last resort of `Mell.place`."""
     wid = max(pool.view_free, key=pool.view_free.__getitem__, default=None)
     return wid if wid is not None and pool.view_free[wid] >= blocks else None
+
+
+def _still_growing(pool: _Pool, born: dict[str, int], least: int) -> dict[str, int]:
+    """Of the requests placed by us at `born` blocks, those still in the plan that have grown
+    by fewer than `least` blocks; adds them to `pool.young` (settled or gone: forgotten)."""
+    still: dict[str, int] = {}
+    slow, where, items = pool.young.add, pool.where, pool.items
+    for rid, b0 in born.items():
+        wid = where.get(rid)
+        if wid is not None and items[wid][rid] - b0 < least:
+            still[rid] = b0
+            slow(rid)
+    return still
+
+
+def _overloaded(pool: _Pool) -> list[str]:
+    """Workers that cannot absorb one more epoch of growth (`Packing.overloaded`, inlined:
+    this runs on every worker every epoch)."""
+    growth, caps, used, ceil = pool.growth, pool.caps, pool.used, math.ceil
+    return [
+        w for w, its in pool.items.items() if used[w] + ceil(growth * len(its)) + len(its) > caps[w]
+    ]
+
+
+def _class_changes(pool: _Pool, seen_size: dict[str, int]) -> list[tuple[str, int]]:
+    """(request, new class) of the requests whose class grew into S, M or L since the last
+    epoch (T and tiny count as one class). A worker labelled T holds nothing above T (labels
+    are the largest class): none of its requests can have grown into S, M or L."""
+    table = pool.class_table()
+    top = len(table)
+    grown: list[tuple[str, int]] = []
+    old_size, labels = seen_size.get, pool.labels
+    for wid, items in list(pool.items.items()):
+        if labels[wid] <= T:
+            continue
+        for rid, b in items.items():
+            old = old_size(rid)
+            if old is None or old == b:
+                continue
+            new = table[b] if b < top else L
+            if new <= T:
+                continue
+            was = table[old] if old < top else L
+            if new != (was if was > T else T):
+                grown.append((rid, new))
+    return grown

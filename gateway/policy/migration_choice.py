@@ -17,11 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 from mell.gateway.policy.base import Move
 
 Transfer = Literal["kv", "tokens"]  # the kinds a move is chosen as
+
+
+class Fractions(TypedDict, total=False):
+    """The optional float settings of `TransferModel`, by name (for `TransferModel.uniform`)."""
+
+    comm_fraction: float
+    prefill_fraction: float
+    latency_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +59,7 @@ class TransferModel:
         bytes_per_s: float,
         prefill_tokens_per_s: float,
         epoch_s: float,
-        **kwargs: float,
+        **kwargs: Unpack[Fractions],
     ) -> TransferModel:
         """One bandwidth for every pair of workers and one re-prefill speed for every
         destination (a single machine, or before the workers' boundaries are measured)."""

@@ -150,6 +150,12 @@ class Packing:
 
     # -- the packing ------------------------------------------------------------------------
 
+    def class_table(self) -> list[int]:
+        """The class of every size from 0 to `capacity` blocks (index: blocks), built for the
+        current capacity; a size above it is L."""
+        self.klass(0)
+        return self._classes
+
     def klass(self, blocks: int) -> int:
         table = self._classes
         if len(table) != self.capacity + 1:

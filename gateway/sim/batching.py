@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import math
 from bisect import insort
+from typing import Any
 
 import numpy as np
 
 from mell.gateway.sim.profile import Profile
 
 # A queued prompt: [request, ready at, tokens left, context tokens (float), context tokens
-# (int), KV blocks as policies size it]. Only the tokens left change while it waits.
+# (int), KV blocks as policies size it]. Only the tokens left change while it waits. A list
+# (of ints and floats), not a class: the epoch loop unpacks it, and few are queued at a time.
+Prompt = list[Any]
 _REQ, _READY, _LEFT, _CTX, _CONTEXT, _BLOCKS = range(6)
 
 
-def _fcfs(rec: list) -> tuple[float, int]:
+def _fcfs(rec: Prompt) -> tuple[float, int]:
     return rec[_READY], rec[_REQ]
 
 
@@ -38,7 +41,7 @@ class PrefillQueues:
     def __init__(self, profile: Profile, first_token: np.ndarray, decode_from: np.ndarray):
         self.profile = profile
         self.first_token, self.decode_from = first_token, decode_from
-        self.by_worker: dict[int, list[list]] = {}
+        self.by_worker: dict[int, list[Prompt]] = {}
         self.where: dict[int, int] = {}  # request -> worker
         self.kv = 0  # KV blocks (as policies size them) of the queued requests, last epoch
 
@@ -57,7 +60,7 @@ class PrefillQueues:
         self.where[i] = worker
         self.decode_from[i] = math.inf
 
-    def remove(self, i: int) -> list | None:
+    def remove(self, i: int) -> Prompt | None:
         """Take request i out of its queue (preempted, or migrated by token transfer)."""
         worker = self.where.pop(i, None)
         if worker is None:
@@ -83,7 +86,8 @@ class PrefillQueues:
         worker = self.where.get(i)
         if worker is None:
             return 0
-        return next(r[_LEFT] for r in self.by_worker[worker] if r[_REQ] == i)
+        left: int = next(r[_LEFT] for r in self.by_worker[worker] if r[_REQ] == i)
+        return left
 
     def run(
         self, t: float, t_end: float, batch: np.ndarray, ctx_sum: np.ndarray, rate: np.ndarray

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from mell.gateway.sim.result import SimResult
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 COLUMNS = (
     ("policy", "{}"),
@@ -83,23 +86,53 @@ def peak_over_bound_lines(results: Sequence[SimResult]) -> list[str]:
 
 
 def plot(results: Sequence[SimResult], path: str, title: str) -> None:
-    """PNG of active workers over time, one line per policy (matplotlib, Agg backend)."""
+    """PNG of active workers over time: one panel per policy (shared axes), the worker count
+    drawn as the step function it is (held from one epoch's count to the next, so an idle gap
+    stays at zero), and the fluid lower bound as a dashed line (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
-    for r in results:
-        ax.plot(r.times, r.active, label=f"{r.policy} (peak {r.peak_active})", linewidth=1.0)
-    ax.set_xlabel("simulated time (s)")
-    ax.set_ylabel("active workers")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    fig, axes = plt.subplots(
+        len(results),
+        1,
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        figsize=(10, 1.2 + 2.0 * len(results)),
+        dpi=120,
+    )
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (ax, r) in enumerate(zip(axes[:, 0], results, strict=True)):
+        _panel(ax, r, colors[k % len(colors)])
+    axes[0, 0].legend(loc="upper left", fontsize=8)
+    axes[-1, 0].set_xlabel("simulated time (s)")
+    axes[0, 0].set_ylim(bottom=0)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _panel(ax: Axes, r: SimResult, color: str) -> None:
+    """One policy's active workers (steps) against the fluid lower bound (a line)."""
+    ax.step(r.times, r.active, where="post", color=color, linewidth=1.0, label="active workers")
+    ax.axhline(
+        r.lower_bound,
+        color="black",
+        linestyle="--",
+        linewidth=0.9,
+        label=f"fluid lower bound ({r.lower_bound}, the same for every policy)",
+    )
+    ax.set_title(
+        f"{r.policy}: peak {r.peak_active} ({r.peak_over_lb:.2f} x bound), "
+        f"average {r.avg_active:.1f}, {r.migrations_per_s:.2f} migrations/s",
+        loc="left",
+        fontsize=10,
+    )
+    ax.set_ylabel("workers")
+    ax.grid(alpha=0.3)
 
 
 def progress_bar(label: str, stream: TextIO | None = None) -> Callable[[float], None]:

@@ -49,7 +49,7 @@ class SimResult:
     def peak_over_repack(self) -> float:
         return self.peak_active / self.peak_repack if self.peak_repack else float("nan")
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, object]:
         out = {k: getattr(self, k) for k in self.__slots__ if k not in ("times", "active")}
         out["migrations_per_s"] = self.migrations_per_s
         out["peak_over_lb"] = self.peak_over_lb

@@ -35,8 +35,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from mell.gateway.policy.base import (
     Arrival,
@@ -50,8 +52,14 @@ from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
 from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.repack import first_fit_decreasing
 from mell.gateway.sim.result import SimResult
+from mell.gateway.sim.tally import Tally
 from mell.gateway.sim.traces import Trace
 from mell.gateway.sim.view import SimView, transfer_model
+
+IntArray = npt.NDArray[np.int64]
+Floats = npt.NDArray[np.float64]
+Counts = npt.NDArray[np.intp]  # what np.bincount returns
+BoolArray = npt.NDArray[np.bool_]
 
 WAITING, RUNNING, DONE, REJECTED = 0, 1, 2, 3
 PLACE_EPOCHS = 4.0  # placements leave room for this many epochs of growth (every policy)
@@ -107,84 +115,75 @@ class Simulator:
     # -- one run ----------------------------------------------------------------------------
 
     def run(self) -> SimResult:
+        """Replay the whole trace, epoch by epoch (the module doc's steps), and report."""
         wall = time.perf_counter()
+        tally = Tally(self.trace.models, self.profile.capacity_blocks, self.sample_series)
+        t_first, t_last = self._run_epochs(tally)
+        return self._result(tally, max(self.epoch_s, t_last - t_first), wall)
+
+    def _run_epochs(self, tally: Tally) -> tuple[float, float]:
+        """Run epochs until every request has arrived and left; (first epoch, end of last)."""
         trace, dt = self.trace, self.epoch_s
         n = len(trace)
         nxt = 0
         t = float(trace.arrival_s[0]) if n else 0.0
         t = math.floor(t / dt) * dt
-        times: list[float] = []
-        active: list[int] = []
-        peak_model = dict.fromkeys(trace.models, 0)
-        peak = lb_peak = 0
-        own_prefilling = peak_kv = peak_prefilling = 0.0
-        peak_sizes: dict[str, list[int]] = {}
-        busy_time = util_sum = 0.0
-        util_epochs = 0
         t_first = t
-        bs = self.profile.block_size
-        cap = self.profile.capacity_blocks
         last_progress = -1.0
         while nxt < n or self.live or self.n_waiting:
             if not self.live and not self.n_waiting and trace.arrival_s[nxt] >= t + dt:
                 t = math.floor(trace.arrival_s[nxt] / dt) * dt  # idle: jump ahead
             t_end = t + dt
-            stop = int(np.searchsorted(trace.arrival_s, t_end, side="left"))
-            for i in range(nxt, stop):
-                self._place(i, float(trace.arrival_s[i]))
-            nxt = stop
-            per_model, used_model = self._decode(t, t_end)
-            per_model = self._migrate(self.policy.plan_epoch(self.view, t_end), t_end, per_model)
-            # Metrics where MELL's Algorithm 1 counts GPUs: after the slot's departures, updates,
-            # arrivals and moves, once empty workers are released (the same for every policy).
-            count = sum(per_model.values())
-            if count > peak:  # the KV behind the peak: ideal or not, packed or not (fig11)
-                peak, peak_kv = count, sum(used_model.values()) / cap
-                peak_prefilling = self.prefill.kv / cap
-                peak_sizes = self._sizes_by_model()
-            for m, c in per_model.items():
-                peak_model[m] = max(peak_model[m], c)
-            own = sum(-(-u // cap) for u in used_model.values())
-            if own > lb_peak:
-                lb_peak, own_prefilling = own, self.prefill.kv / cap
-            if count:
-                busy_time += count * dt
-                util_sum += self.mem_in_use / (count * cap)
-                util_epochs += 1
-            if self.sample_series:
-                times.append(t_end)
-                active.append(count)
+            nxt = self._arrive(nxt, t_end)
+            busy, kv = self._decode(t, t_end)
+            busy = self._migrate(self.policy.plan_epoch(self.view, t_end), t_end, busy)
+            tally.epoch(t_end, dt, busy, kv, self.prefill.kv, self.mem_in_use, self._sizes_by_model)
             t = t_end
-            if self.progress is not None and n:
-                frac = nxt / n
-                if frac - last_progress >= 0.01:
-                    self.progress(frac)
-                    last_progress = frac
+            last_progress = self._report_progress(nxt, last_progress)
         if self.progress is not None:
             self.progress(1.0)
-        span = max(dt, t - t_first)
+        return t_first, t
+
+    def _arrive(self, nxt: int, t_end: float) -> int:
+        """Place the requests from `nxt` that arrive before `t_end`; the next one's index."""
+        arrival_s = self.trace.arrival_s
+        stop = int(np.searchsorted(arrival_s, t_end, side="left"))
+        for i in range(nxt, stop):
+            self._place(i, float(arrival_s[i]))
+        return stop
+
+    def _report_progress(self, nxt: int, last: float) -> float:
+        """Call `progress` with the fraction of requests arrived, every 1%; the last reported."""
+        n = len(self.trace)
+        if self.progress is not None and n:
+            frac = nxt / n
+            if frac - last >= 0.01:
+                self.progress(frac)
+                return frac
+        return last
+
+    def _result(self, tally: Tally, span: float, wall: float) -> SimResult:
+        """The run's report; `span` is the simulated time, `wall` when the run started."""
+        trace, st, cap = self.trace, self.stats, self.profile.capacity_blocks
         done = self.state == DONE
         ttft = (self.first_token - trace.arrival_s)[done]
         out_tok = np.maximum(1, trace.output[done] - 1)
         tpot = (self.finish[done] - self.first_token[done]) / out_tok
-        st = self.stats
-        events = n + int(done.sum()) + st["preempt"] + st["mig"]
-        del bs
         return SimResult(
             policy=self.policy.name,
-            requests=n,
+            requests=len(trace),
             rejected=st["rejected"],
             preemptions=st["preempt"],
-            peak_active=peak,
-            avg_active=busy_time / span,
+            peak_active=tally.peak,
+            avg_active=tally.busy_time / span,
             lower_bound=self.bound.workers,
             lower_bound_prefilling=self.bound.prefilling,
-            own_bound=lb_peak,
-            own_bound_prefilling=own_prefilling,
-            peak_kv=peak_kv,
-            peak_prefilling=peak_prefilling,
-            peak_repack=sum(first_fit_decreasing(v, cap) for v in peak_sizes.values()),
-            mem_util=util_sum / util_epochs if util_epochs else 0.0,
+            own_bound=tally.own_bound,
+            own_bound_prefilling=tally.own_prefilling,
+            peak_kv=tally.peak_kv,
+            peak_prefilling=tally.peak_prefilling,
+            peak_repack=sum(first_fit_decreasing(v, cap) for v in tally.peak_sizes.values()),
+            mem_util=tally.mem_util,
             migrations=st["mig"],
             kv_migrations=st["kv"],
             token_migrations=st["tok"],
@@ -196,10 +195,10 @@ class Simulator:
             tpot_mean_ms=float(tpot.mean() * 1000) if len(tpot) else 0.0,
             tpot_p99_ms=float(np.percentile(tpot, 99) * 1000) if len(tpot) else 0.0,
             wall_s=time.perf_counter() - wall,
-            events=events,
-            peak_by_model=peak_model,
-            times=times,
-            active=active,
+            events=len(trace) + int(done.sum()) + st["preempt"] + st["mig"],
+            peak_by_model=tally.peak_model,
+            times=tally.times,
+            active=tally.active,
         )
 
     def _sizes_by_model(self) -> dict[str, list[int]]:
@@ -251,57 +250,93 @@ class Simulator:
         """
         if not self.live:
             return self._preempt_and_resume(t_end, None)
-        p, step = self.profile, self.profile.step
-        live, rids, view = self.live, self.rids, self.view
-        idx = np.fromiter(live, dtype=np.int64, count=len(live))
+        idx = np.fromiter(self.live, dtype=np.int64, count=len(self.live))
         w = self.worker[idx]
-        prompt = self.prompt[idx]
-        gen = self.gen[idx]
         nw = int(w.max()) + 1
-        ctx = prompt + gen
+        gen = self.gen[idx]
+        batch, ctx_sum, rate = self._decode_rates(self.prompt[idx] + gen, w, nw)
+        held_back = self._run_prefills(t, t_end, batch, ctx_sum, rate)
+        rw = rate[w]
+        gen = self._decode_tokens(idx, gen, rw, t, t_end)
+        keep = self._depart_finished(idx, gen, rw, t_end)
+        if keep is not None:
+            idx, gen, w = idx[keep], gen[keep], w[keep]
+        used = self._grow_kv(idx, w, gen, nw, held_back)
+        return self._preempt_and_resume(t_end, used)
+
+    def _decode_rates(self, ctx: Floats, w: IntArray, nw: int) -> tuple[Counts, Floats, Floats]:
+        """Per worker slot (of `nw`), from the context tokens `ctx` of the running requests on
+        slots `w`: its running requests, their context tokens, and its decode tokens per
+        second (the profile's plain decode step)."""
+        step = self.profile.step
         batch = np.bincount(w, minlength=nw)
-        ctx_sum = np.bincount(w, weights=ctx, minlength=nw)
+        # weighted, bincount counts in float64 (the stubs say intp): no copy is made
+        ctx_sum = np.bincount(w, weights=ctx, minlength=nw).astype(np.float64, copy=False)
         decode_s = (
             step.decode_base_ms
             + step.decode_per_seq_ms * batch
             + step.decode_per_kv_token_ms * ctx_sum
         ) / 1000.0
-        rate = 1.0 / decode_s  # decode tokens per second of each worker
-        held_back = 0  # blocks of the prompts not computed yet (not in memory)
-        if self.prefill:
-            firsts, held_back = self.prefill.run(t, t_end, batch, ctx_sum, rate)
-            self.untimed -= firsts
-        else:
+        return batch, ctx_sum, 1.0 / decode_s
+
+    def _run_prefills(
+        self, t: float, t_end: float, batch: Counts, ctx_sum: Floats, rate: Floats
+    ) -> int:
+        """Run the epoch's chunked prefills; the blocks of prompts not computed yet."""
+        if not self.prefill:
             self.prefill.kv = 0
-        begin = np.maximum(self.decode_from[idx], t)  # when each request starts decoding
-        rw = rate[w]
+            return 0
+        firsts, held_back = self.prefill.run(t, t_end, batch, ctx_sum, rate)
+        self.untimed -= firsts
+        return held_back
+
+    def _decode_tokens(
+        self, idx: IntArray, gen: Floats, rw: Floats, t: float, t_end: float
+    ) -> Floats:
+        """Advance the requests `idx` (`gen` tokens generated) at their workers' rates `rw`
+        from when each may decode (after its prefill, after a KV migration's downtime); their
+        tokens generated now."""
+        begin = np.maximum(self.decode_from[idx], t)
         gen = gen + np.maximum(t_end - begin, 0.0) * rw
         self.gen[idx] = gen
+        return gen
+
+    def _depart_finished(
+        self, idx: IntArray, gen: Floats, rw: Floats, t_end: float
+    ) -> BoolArray | None:
+        """The requests that generated their output leave, finishing within the epoch at
+        their rate; the mask of those that stay (None when none left)."""
         output = self.trace.output[idx]
         finished = gen >= output
-        if finished.any():
-            fin = idx[finished]
-            self.finish[fin] = t_end - (gen[finished] - output[finished]) / rw[finished]
-            self.state[fin] = DONE
-            emptied, loads = self.emptied, view.loads
-            for i in fin.tolist():
-                wid = live.pop(i)
-                del loads[wid][rids[i]]
-                emptied.add(wid)
-            keep = ~finished
-            idx, gen, prompt, output, w = idx[keep], gen[keep], prompt[keep], output[keep], w[keep]
+        if not finished.any():
+            return None
+        fin = idx[finished]
+        self.finish[fin] = t_end - (gen[finished] - output[finished]) / rw[finished]
+        self.state[fin] = DONE
+        live, rids, emptied, loads = self.live, self.rids, self.emptied, self.view.loads
+        for i in fin.tolist():
+            wid = live.pop(i)
+            del loads[wid][rids[i]]
+            emptied.add(wid)
+        return ~finished
+
+    def _grow_kv(
+        self, idx: IntArray, w: IntArray, gen: Floats, nw: int, held_back: int
+    ) -> list[int]:
+        """The running requests' KV grows to their context (prompt and tokens generated); the
+        view's loads follow. Returns each worker slot's KV blocks."""
         # gen >= 0, so truncation is floor; (x + bs - 1) // bs is the ceiling for x >= 0
-        bs = p.block_size
-        tokens = prompt + np.minimum(gen.astype(np.int64) + 1, output)
+        bs = self.profile.block_size
+        tokens = self.prompt[idx] + np.minimum(gen.astype(np.int64) + 1, self.trace.output[idx])
         blocks = (tokens + (bs - 1)) // bs
         self.mem_in_use = int(blocks.sum()) - held_back
         changed = blocks != self.blocks[idx]
         self.blocks[idx] = blocks
-        loads = view.loads
+        loads, live, rids = self.view.loads, self.live, self.rids
         for i, b in zip(idx[changed].tolist(), blocks[changed].tolist(), strict=True):
             loads[live[i]][rids[i]] = b
-        used = np.bincount(w, weights=blocks, minlength=nw).astype(np.int64).tolist()
-        return self._preempt_and_resume(t_end, used)
+        used: list[int] = np.bincount(w, weights=blocks, minlength=nw).astype(np.int64).tolist()
+        return used
 
     def _preempt_and_resume(
         self, t_end: float, used_at: list[int] | None
@@ -389,7 +424,7 @@ class Simulator:
         they fill and empty."""
         if not moves:
             return busy
-        view, bs = self.view, self.profile.block_size
+        view = self.view
         valid = [
             m
             for m in moves
@@ -398,39 +433,49 @@ class Simulator:
         touched = {m.src for m in valid} | {m.dst for m in valid}
         before = {w: bool(view.loads[w]) for w in touched}
         self.stats["skipped"] += len(moves) - len(valid)
+        bs = self.profile.block_size
         context = {m.request_id: int(view.loads[m.src][m.request_id]) * bs for m in valid}
         plan = choose_transfers(valid, context, self.transfers)
         self.stats["deferred"] += len(plan.deferred)
-        pending = plan.chosen
-        cap = self.profile.capacity_blocks
-        used = {w: sum(view.loads[w].values()) for w in {m.dst for m in pending}}
-        for _ in range(3):  # moves may free the room later ones need: retry a few passes
-            later = []
-            for m in pending:
-                i = int(m.request_id)
-                blocks = view.loads[m.src].get(m.request_id)
-                if blocks is None:
-                    continue
-                if used.get(m.dst, 0) + blocks > cap:
-                    later.append(m)
-                    continue
-                self._execute(m, i, blocks, now)
-                used[m.dst] = used.get(m.dst, 0) + blocks
-                if m.src in used:
-                    used[m.src] -= blocks
-            if len(later) == len(pending):
-                break
-            pending = later
-        self.stats["skipped"] += len(pending)
+        self.stats["skipped"] += len(self._run_moves(plan.chosen, now))
         for wid in sorted({m.src for m in moves if m.src in view.loads}):
             view.refresh(wid)
             view.release_if_empty(wid)
         for wid, was in before.items():
             now_busy = bool(view.loads.get(wid))
             if now_busy != was:
-                model = view.model_of[wid]
-                busy[model] += 1 if now_busy else -1
+                busy[view.model_of[wid]] += 1 if now_busy else -1
         return busy
+
+    def _run_moves(self, pending: list[Move], now: float) -> list[Move]:
+        """Run the chosen moves whose destination has room; moves may free the room later
+        ones need, so a few passes are made. Returns the moves that never found room."""
+        loads = self.view.loads
+        used = {w: sum(loads[w].values()) for w in {m.dst for m in pending}}
+        for _ in range(3):
+            later = self._run_pass(pending, used, now)
+            if len(later) == len(pending):
+                break
+            pending = later
+        return pending
+
+    def _run_pass(self, pending: list[Move], used: dict[str, int], now: float) -> list[Move]:
+        """One pass over `pending` (`used`: KV blocks of the destinations, kept up to date);
+        returns the moves that did not fit (a request that left is dropped)."""
+        cap, loads = self.profile.capacity_blocks, self.view.loads
+        later = []
+        for m in pending:
+            blocks = loads[m.src].get(m.request_id)
+            if blocks is None:
+                continue
+            if used.get(m.dst, 0) + blocks > cap:
+                later.append(m)
+                continue
+            self._execute(m, int(m.request_id), blocks, now)
+            used[m.dst] = used.get(m.dst, 0) + blocks
+            if m.src in used:
+                used[m.src] -= blocks
+        return later
 
     def _execute(self, m: Move, i: int, blocks: int, now: float) -> None:
         view, t = self.view, self.transfers
@@ -464,7 +509,7 @@ def headroom_tokens(profile: Profile, epoch_s: float) -> int:
 
 
 def sim_policy(
-    name: str, profile: Profile, epoch_s: float, *, headroom: bool = True, **mell_options
+    name: str, profile: Profile, epoch_s: float, *, headroom: bool = True, **mell_options: Any
 ) -> Policy:
     """A registry policy configured for the simulated epoch. With `headroom` every policy that
     places keeps the same growth reserve as MELL (one epoch of decoding, see
@@ -480,5 +525,5 @@ def sim_policy(
     return make_policy(name)
 
 
-def simulate(trace: Trace, profile: Profile, policy: Policy, **kwargs) -> SimResult:
+def simulate(trace: Trace, profile: Profile, policy: Policy, **kwargs: Any) -> SimResult:
     return Simulator(trace, profile, policy, **kwargs).run()

@@ -15,6 +15,8 @@ import numpy as np
 
 from mell.common.errors import ConfigError
 
+Row = tuple[float, int, int]  # one request of a file: (arrival s, prompt tokens, output tokens)
+
 
 class TraceError(ConfigError):
     """A trace file that cannot be read; the message names the file and line."""
@@ -37,7 +39,7 @@ class Trace:
         return float(self.arrival_s[-1] - self.arrival_s[0]) if len(self) else 0.0
 
 
-def read_trace(path: str | Path, *, rate: float = 1.0, seed: int = 0) -> tuple[list, str]:
+def read_trace(path: str | Path, *, rate: float = 1.0, seed: int = 0) -> tuple[list[Row], str]:
     """Rows (arrival_s absolute, prompt, output) of one file, and its format name."""
     path = Path(path)
     try:
@@ -68,8 +70,8 @@ def _positive_ints(path: Path, lineno: int, *values: str) -> list[int]:
     return out
 
 
-def _azure(path: Path, lines: list[str]) -> list:
-    rows = []
+def _azure(path: Path, lines: list[str]) -> list[Row]:
+    rows: list[Row] = []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -87,8 +89,8 @@ def _azure(path: Path, lines: list[str]) -> list:
     return rows
 
 
-def _mooncake(path: Path, lines: list[str]) -> list:
-    rows = []
+def _mooncake(path: Path, lines: list[str]) -> list[Row]:
+    rows: list[Row] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -104,7 +106,7 @@ def _mooncake(path: Path, lines: list[str]) -> list:
     return rows
 
 
-def _sharegpt(path: Path, lines: list[str], rate: float, seed: int) -> list:
+def _sharegpt(path: Path, lines: list[str], rate: float, seed: int) -> list[Row]:
     lengths = []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():

@@ -131,7 +131,7 @@ def transfer_model(profile: Profile, view: SimView, epoch_s: float) -> TransferM
         a, b = view.index.get(src, 0) // per_machine, view.index.get(dst, 0) // per_machine
         return f"intra:{a}" if a == b else f"inter:{a}>{b}"
 
-    class _Bandwidth(dict):
+    class _Bandwidth(dict[str, float]):
         def __missing__(self, key: str) -> float:
             gbps = links.inter_gbps if key.startswith("inter") else links.intra_gbps
             return gbps * 1e9

@@ -94,9 +94,9 @@ def test_a_partly_flushed_record_is_completed_by_the_next_write(tmp_path: Path) 
     with Journal.open(tmp_path, SMALL) as journal:
         journal.append(b"one")
         journal.flush()
-        with journal._io_lock:
+        with journal._flusher.lock:
             journal._buf += b"\x89MJR\x10"  # the start of a record, as if cut by a GIL switch
-            journal._drain()
+            journal._flusher.drain()
         assert payloads(tmp_path) == [b"one"]  # torn tail ignored, nothing raised
     with Journal.open(tmp_path, SMALL) as journal:  # start-up truncates it
         assert journal.truncated is not None

@@ -110,6 +110,17 @@ def test_mellctl_simulate_json_and_plot(tmp_path: Path, capsys) -> None:
     assert out["lower_bound"] > 0 and png.stat().st_size > 1000
 
 
+def test_mellctl_simulate_plot_into_a_missing_folder_fails_first(tmp_path: Path, capsys) -> None:
+    trace = azure_file(tmp_path, "conv", 100)
+    png = tmp_path / "missing" / "active.png"
+    assert mellctl(["simulate", "--trace", str(trace), "--plot", str(png)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the run: no table
+    assert captured.err == f"mellctl: error: --plot {png}: folder {png.parent} does not exist\n"
+    assert mellctl(["simulate", "--trace", str(trace), "--plot", str(tmp_path)]) == 1
+    assert "a folder" in capsys.readouterr().err
+
+
 def test_mellctl_simulate_table_and_errors(tmp_path: Path, capsys) -> None:
     trace = azure_file(tmp_path, "conv", 100)
     assert mellctl(["simulate", "--trace", str(trace), "--policy", "mell,lb"]) == 0
