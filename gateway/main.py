@@ -29,19 +29,19 @@ from mell.common.config import GatewayConfig, load_config
 from mell.common.errors import JournalError, MellError
 from mell.common.logging import configure_logging
 from mell.common.notify import Notifier
-from mell.gateway.admin_api import build_admin_app
-from mell.gateway.admin_token import ensure_token, write_url
+from mell.gateway.admin.event_feed import EventFeed
+from mell.gateway.admin.routes import build_admin_app
+from mell.gateway.admin.token import ensure_token, write_url
+from mell.gateway.api.served_models import ModelRegistry, ServedModel
 from mell.gateway.app import build_app
-from mell.gateway.cluster_state import ClusterState
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.recovery import JournalKeeper, recover
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.context import GatewayContext
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.event_feed import EventFeed
-from mell.gateway.metrics import Metrics
-from mell.gateway.migrator import Migrator
-from mell.gateway.models import ModelRegistry, ServedModel
 from mell.gateway.policy.base import WorkerStatus, make_policy
-from mell.gateway.recovery import JournalKeeper, recover
-from mell.gateway.worker_link import WorkerLink
 
 log = structlog.get_logger("mell.gateway")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mell.common.errors import MellError
-from mell.gateway.admin_token import TOKEN_FILE, read_token, read_url
+from mell.gateway.admin.token import TOKEN_FILE, read_token, read_url
 
 PREFIX = "/admin/v1"
 DEFAULT_DATA_DIRS = (".mell", "/var/lib/mell")

@@ -26,7 +26,7 @@ import msgspec
 
 from mell.common.errors import JournalError
 from mell.common.events import EventEnvelope
-from mell.gateway.event_feed import matches
+from mell.gateway.admin.event_feed import matches
 from mell.gateway.journal.codec import decode
 from mell.gateway.journal.format import Record
 from mell.gateway.journal.reader import read_records

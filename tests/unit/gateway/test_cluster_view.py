@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mell.common import events as ev
-from mell.common.errors import InvalidRequest, NoCapacity, Overloaded, WorkerLost
+from mell.common.errors import InvalidRequest, NoCapacity, Overloaded, WorkerLostError
 from mell.common.messages import (
     AbortRequest,
     AddRequest,
@@ -18,12 +18,12 @@ from mell.common.messages import (
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView, RequestState
-from mell.gateway.dispatcher import Dispatcher, Job
-from mell.gateway.metrics import Metrics
+from mell.gateway.cluster.dispatcher import Dispatcher, Job
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.recovery import reconcile_after_restart
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView, RequestState
 from mell.gateway.policy.base import WorkerStatus, make_policy
-from mell.gateway.recovery import reconcile_after_restart
 
 
 def joined(wid: str, model: str = "m", blocks: int = 10) -> ev.WorkerJoined:
@@ -223,12 +223,12 @@ async def test_worker_loss_fails_its_streams() -> None:
     d, _, _ = make_dispatcher()
     s = d.submit(job("a", prompt=10))
     d.on_worker_lost(s.worker_id, "silent")
-    with pytest.raises(WorkerLost):
+    with pytest.raises(WorkerLostError):
         await asyncio.wait_for(s.next(1.0), 1.0)
 
 
 async def test_request_is_placed_again_when_its_worker_dies_before_the_first_token() -> None:
-    from mell.gateway.generation import _start
+    from mell.gateway.api.generation import _start
 
     d, link, state = make_dispatcher()
     starting = asyncio.create_task(_start(d, job("a", prompt=10), 5.0))

@@ -18,13 +18,13 @@ from mell.common.messages import (
     TokenBatch,
     TokenOutput,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView, RequestState
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.metrics import Metrics
-from mell.gateway.migrator import Migrator
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.stream import RequestStream
+from mell.gateway.cluster.view import ClusterView, RequestState
 from mell.gateway.policy.base import Move, make_policy
-from mell.gateway.stream import RequestStream
 from mell.transport.rpc import CallTimeout
 
 

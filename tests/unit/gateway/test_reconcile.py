@@ -19,13 +19,13 @@ from mell.common.messages import (
     Welcome,
     WorkerMessage,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.metrics import Metrics
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.recovery import RESTART_REASON, reconcile_after_restart
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.policy.base import WorkerStatus, make_policy
-from mell.gateway.recovery import RESTART_REASON, reconcile_after_restart
-from mell.gateway.worker_link import WorkerLink
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
 

@@ -13,10 +13,10 @@ from mell.common import events as ev
 from mell.common.config import GatewayConfig, JournalConfig
 from mell.common.errors import JournalError
 from mell.common.messages import RequestLoad
-from mell.gateway.cluster_state import ClusterState
+from mell.gateway.cluster.recovery import JournalKeeper, journal_directory, recover
+from mell.gateway.cluster.state import ClusterState
 from mell.gateway.journal import CorruptRecord, read_records
 from mell.gateway.journal.format import iter_frames, list_segments
-from mell.gateway.recovery import JournalKeeper, journal_directory, recover
 
 MODELS = ["m"]
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from mell.common import events as ev
 from mell.common.messages import RequestLoad
-from mell.gateway.cluster_view import ClusterView, ViewSnapshot
+from mell.gateway.cluster.view import ClusterView, ViewSnapshot
 from mell.gateway.journal import Journal, JournalConfig
 from mell.gateway.journal.codec import encode, read_envelopes
 from mell.gateway.policy.base import WorkerStatus

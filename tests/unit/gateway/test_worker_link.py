@@ -22,10 +22,10 @@ from mell.common.messages import (
     Welcome,
     WorkerMessage,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.policy.base import WorkerStatus
-from mell.gateway.worker_link import WorkerLink
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
 

@@ -12,9 +12,9 @@ import pytest
 from mell.common.config import EngineConfig
 from mell.common.messages import BoundariesReport, PeerAddress, Probe, ProbeAck
 from mell.common.tiny_model import write_tiny_model
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
-from mell.gateway.migrator import Migrator
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
 from mell.gateway.policy.base import Move
 from mell.gateway.policy.migration_choice import choose_transfers
 from mell.workerd.boundaries import Boundaries, kv_bytes_per_token, measure_prefill_tokens_per_s

@@ -9,8 +9,8 @@ import pytest
 
 from mell.common import events as ev
 from mell.common.messages import RequestLoad
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
 from mell.gateway.journal import CorruptRecord, Journal, JournalConfig
 from mell.gateway.journal.codec import journal_hook, read_envelopes
 from mell.gateway.mellctl.main import main as mellctl

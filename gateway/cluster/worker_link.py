@@ -58,10 +58,10 @@ from mell.common.messages import (
     WorkerFailed,
     WorkerMessage,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.dispatcher import Dispatcher
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.recovery import RESTART_REASON
+from mell.gateway.cluster.state import ClusterState
 from mell.gateway.policy.base import WorkerStatus
-from mell.gateway.recovery import RESTART_REASON
 from mell.transport.channel import PeerUnreachable, RouterChannel
 from mell.transport.codec import Codec
 from mell.transport.rpc import PendingCalls
@@ -84,7 +84,7 @@ class WorkerLink:
         self.endpoint = self.channel.endpoint
         self.calls = PendingCalls()
         self.dispatcher: Dispatcher | None = None
-        self.migrator: Any = None  # mell.gateway.migrator.Migrator: migration outcomes
+        self.migrator: Any = None  # mell.gateway.cluster.migrator.Migrator: migration outcomes
         self._last_seen: dict[str, float] = {}
         self._greeted: set[str] = set()  # workers that said hello to this process
         self._rejoin_sent: dict[str, float] = {}

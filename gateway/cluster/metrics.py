@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.cluster.view import ClusterView
 from mell.gateway.policy.base import WorkerStatus
 
 TTFT_BUCKETS = (

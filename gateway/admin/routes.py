@@ -31,11 +31,10 @@ from aiohttp import web
 
 from mell.common.errors import InvalidRequest, MellError, NotFound, Unauthorized
 from mell.common.events import EventEnvelope
-from mell.gateway.app import errors_middleware
-from mell.gateway.cluster_view import RequestRow, WorkerRow
+from mell.gateway.admin.event_feed import Subscription, event_json, matches
+from mell.gateway.api.error_body import error_response, errors_middleware
+from mell.gateway.cluster.view import RequestRow, WorkerRow
 from mell.gateway.context import CONTEXT, GatewayContext
-from mell.gateway.errors import error_response
-from mell.gateway.event_feed import Subscription, event_json, matches
 from mell.gateway.policy.base import Move
 from mell.transport.rpc import CallTimeout
 

@@ -14,12 +14,7 @@ from aiohttp import web
 
 from mell.common.errors import InvalidRequest
 from mell.common.ids import new_request_id
-from mell.gateway.chunks import ChatFormat, CompletionFormat
-from mell.gateway.context import CONTEXT, GatewayContext
-from mell.gateway.dispatcher import Job
-from mell.gateway.generation import respond
-from mell.gateway.models import ServedModel, check_token_ids
-from mell.gateway.protocol import (
+from mell.gateway.api.bodies import (
     ChatCompletionRequest,
     ChatMessage,
     chat_logprobs,
@@ -30,6 +25,11 @@ from mell.gateway.protocol import (
     stop_strings,
     to_sampling,
 )
+from mell.gateway.api.chunks import ChatFormat, CompletionFormat
+from mell.gateway.api.generation import respond
+from mell.gateway.api.served_models import ServedModel, check_token_ids
+from mell.gateway.cluster.dispatcher import Job
+from mell.gateway.context import CONTEXT, GatewayContext
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -22,13 +22,11 @@ from mell.common.errors import (
     MellError,
     NoCapacity,
     Overloaded,
+    RequestAbortedError,
+    WorkerLostError,
+)
+from mell.common.events import (
     RequestAborted,
-    WorkerLost,
-)
-from mell.common.events import (
-    RequestAborted as RequestAbortedEvent,
-)
-from mell.common.events import (
     RequestAdmitted,
     RequestFinished,
     RequestPlaced,
@@ -41,17 +39,17 @@ from mell.common.messages import (
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.metrics import Metrics
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.stream import RequestStream
 from mell.gateway.policy.base import Arrival, Policy, Rejection, blocks_for_tokens
-from mell.gateway.stream import RequestStream
 
 log = structlog.get_logger("mell.gateway")
 
 _ERRORS: dict[str, type[MellError]] = {
     ErrorCode.INVALID_REQUEST.value: InvalidRequest,
     ErrorCode.NO_CAPACITY.value: NoCapacity,
-    ErrorCode.ABORTED.value: RequestAborted,
+    ErrorCode.ABORTED.value: RequestAbortedError,
 }
 
 
@@ -81,7 +79,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.streams: dict[str, RequestStream] = {}
-        self.migrator: Any = None  # mell.gateway.migrator.Migrator, told about lost workers
+        self.migrator: Any = None  # mell.gateway.cluster.migrator.Migrator, told about lost workers
 
     # ------------------------------------------------------------ requests
 
@@ -126,7 +124,7 @@ class Dispatcher:
         if not self._send(
             worker.worker_id, AddRequest(job.request_id, job.prompt_token_ids, job.sampling)
         ):
-            stream.fail(WorkerLost(f"worker {worker.worker_id} is unreachable"))
+            stream.fail(WorkerLostError(f"worker {worker.worker_id} is unreachable"))
         return stream
 
     def release(
@@ -163,7 +161,7 @@ class Dispatcher:
             )
         else:
             self.state.record(
-                RequestAbortedEvent(
+                RequestAborted(
                     request_id=stream.request_id, worker_id=stream.worker_id, reason=reason
                 )
             )
@@ -226,7 +224,7 @@ class Dispatcher:
     def on_request_failed(self, worker_id: str, msg: RequestFailed) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is not None and stream.worker_id == worker_id:
-            stream.fail(_ERRORS.get(msg.code, WorkerLost)(msg.message))
+            stream.fail(_ERRORS.get(msg.code, WorkerLostError)(msg.message))
 
     def on_worker_lost(self, worker_id: str, reason: str) -> None:
         """Every request on a lost worker ends with an error (its client sees an error event)."""
@@ -234,8 +232,8 @@ class Dispatcher:
             self.migrator.on_worker_lost(worker_id)
         for stream in self.streams.values():
             if stream.worker_id == worker_id:
-                stream.fail(WorkerLost(f"worker {worker_id} was lost: {reason}"))
+                stream.fail(WorkerLostError(f"worker {worker_id} was lost: {reason}"))
 
     def abort_all(self, reason: str) -> None:
         for stream in list(self.streams.values()):
-            stream.fail(RequestAborted(reason))
+            stream.fail(RequestAbortedError(reason))

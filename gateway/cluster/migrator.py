@@ -40,7 +40,7 @@ from mell.common.messages import (
     MigrationEnded,
     StartMigration,
 )
-from mell.gateway.cluster_state import ClusterState
+from mell.gateway.cluster.state import ClusterState
 from mell.gateway.policy.base import Move, WorkerStatus
 from mell.gateway.policy.migration_choice import TransferModel, choose_transfers
 from mell.transport.rpc import CallTimeout

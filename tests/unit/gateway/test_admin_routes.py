@@ -16,19 +16,19 @@ from aiohttp.test_utils import TestClient, TestServer
 from mell.common import events as ev
 from mell.common.config import GatewayConfig
 from mell.common.messages import RequestLoad
-from mell.gateway.admin_api import build_admin_app
-from mell.gateway.admin_token import ensure_token, read_url, write_url
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.admin.event_feed import EventFeed
+from mell.gateway.admin.routes import build_admin_app
+from mell.gateway.admin.token import ensure_token, read_url, write_url
+from mell.gateway.api.served_models import ModelRegistry
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.context import GatewayContext
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.event_feed import EventFeed
 from mell.gateway.mellctl.admin import render_requests, render_status
 from mell.gateway.mellctl.client import Unreachable, resolve
-from mell.gateway.metrics import Metrics
-from mell.gateway.models import ModelRegistry
 from mell.gateway.policy.base import make_policy
-from mell.gateway.worker_link import WorkerLink
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 TOKEN = "t0ken"

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from mell.common.messages import MeasurePeers, PeerAddress
-from mell.gateway.cluster_view import ClusterView, RequestState
+from mell.gateway.cluster.view import ClusterView, RequestState
 from mell.gateway.policy.base import Arrival, Move, Placement, Policy, WorkerStatus
 from mell.gateway.policy.migration_choice import choose_transfers
 
