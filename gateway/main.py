@@ -40,6 +40,7 @@ from mell.gateway.cluster.migrator import Migrator
 from mell.gateway.cluster.recovery import JournalKeeper, recover
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.context import GatewayContext
 from mell.gateway.policy.base import WorkerStatus, make_policy
 
@@ -101,13 +102,13 @@ def build_context(config: GatewayConfig) -> GatewayContext:
     keeper = JournalKeeper(state, recovered.journal, config)  # appends before the fold
     feed = EventFeed(recent=recovered.recent)
     state.add_append_hook(feed.publish)
-    link = WorkerLink(config, state, config.worker_endpoint)
+    # In dependency order: each component gets its collaborators in its constructor.
+    port = WorkerPort(config.worker_endpoint)
     policy = make_policy(config.policy)
     metrics = Metrics(view)
-    dispatcher = Dispatcher(state, policy, link.send, metrics, config.max_queued_requests)
-    link.dispatcher = dispatcher
-    migrator = Migrator(state, link, dispatcher, epoch_s=config.epoch_s)
-    link.migrator = dispatcher.migrator = migrator
+    dispatcher = Dispatcher(state, policy, port.send, metrics, config.max_queued_requests)
+    migrator = Migrator(state, port, dispatcher, metrics, epoch_s=config.epoch_s)
+    link = WorkerLink(config, state, port, dispatcher, migrator)
     known = [w.worker_id for w in view.worker_rows.values() if w.status != WorkerStatus.LOST]
     link.expect_rejoin(known, config.reconcile_timeout_s)
     log.info(

@@ -33,6 +33,7 @@ from mell.common.errors import InvalidRequest, MellError, NotFound, Unauthorized
 from mell.common.events import EventEnvelope
 from mell.gateway.admin.event_feed import Subscription, event_json, matches
 from mell.gateway.api.error_body import error_response, errors_middleware
+from mell.gateway.cluster.migrator import move_kind
 from mell.gateway.cluster.view import RequestRow, WorkerRow
 from mell.gateway.context import CONTEXT, GatewayContext
 from mell.gateway.policy.base import Move
@@ -283,7 +284,7 @@ async def migrate(request: web.Request) -> web.Response:
     if row is None or ctx.migrator is None:
         raise NotFound(f"no request {request_id!r} in flight", param="request_id")
     src = row.worker_id  # the row follows the request: read it before it moves
-    outcome = await ctx.migrator.migrate(Move(request_id, src, body.to, body.kind))
+    outcome = await ctx.migrator.migrate(Move(request_id, src, body.to, move_kind(body.kind)))
     return _json(
         {
             "migration_id": outcome.migration_id,

@@ -5,6 +5,9 @@ state before `AddRequest` leaves, so back-to-back requests see each other. Token
 workers are fanned out to the per-request streams in one pass. `release` is the one place a
 request ends: it aborts the request on its worker if the worker has not finished it, records
 `RequestFinished` or `RequestAborted`, and writes the request's one lifecycle log line.
+
+It sends through a `Send` callable (the worker port's `send`) given at construction; it hears
+from workers through the link, which holds it as its `RequestListener`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -34,6 +36,7 @@ from mell.common.events import (
 from mell.common.messages import (
     AbortRequest,
     AddRequest,
+    GatewayMessage,
     RequestFailed,
     TokenBatch,
     TokenOutput,
@@ -45,6 +48,7 @@ from mell.gateway.cluster.stream import RequestStream
 from mell.gateway.policy.base import Arrival, Policy, Rejection, blocks_for_tokens
 
 log = structlog.get_logger("mell.gateway")
+Send = Callable[[str, GatewayMessage], bool]  # (worker id, message) -> delivered
 
 _ERRORS: dict[str, type[MellError]] = {
     ErrorCode.INVALID_REQUEST.value: InvalidRequest,
@@ -69,17 +73,16 @@ class Dispatcher:
         self,
         state: ClusterState,
         policy: Policy,
-        send: Callable[[str, Any], bool],
+        send: Send,
         metrics: Metrics,
         max_in_flight: int,
     ) -> None:
         self.state = state
         self.policy = policy
-        self._send = send  # (worker id, message) -> delivered
+        self._send = send
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.streams: dict[str, RequestStream] = {}
-        self.migrator: Any = None  # mell.gateway.cluster.migrator.Migrator, told about lost workers
 
     # ------------------------------------------------------------ requests
 
@@ -221,6 +224,11 @@ class Dispatcher:
         if stream is not None and output_token_ids:
             stream.push(TokenOutput(request_id, 0, output_token_ids, None, None, num_prompt_tokens))
 
+    def worker_of(self, request_id: str) -> str | None:
+        """The worker the request's stream reads from; None when no stream reads it."""
+        stream = self.streams.get(request_id)
+        return stream.worker_id if stream is not None else None
+
     def on_request_failed(self, worker_id: str, msg: RequestFailed) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is not None and stream.worker_id == worker_id:
@@ -228,8 +236,6 @@ class Dispatcher:
 
     def on_worker_lost(self, worker_id: str, reason: str) -> None:
         """Every request on a lost worker ends with an error (its client sees an error event)."""
-        if self.migrator is not None:
-            self.migrator.on_worker_lost(worker_id)
         for stream in self.streams.values():
             if stream.worker_id == worker_id:
                 stream.fail(WorkerLostError(f"worker {worker_id} was lost: {reason}"))

@@ -25,6 +25,7 @@ from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.context import GatewayContext
 from mell.gateway.mellctl.admin import render_requests, render_status
 from mell.gateway.mellctl.client import Unreachable, resolve
@@ -46,7 +47,7 @@ async def client() -> AsyncIterator[tuple[TestClient, GatewayContext]]:
     state = ClusterState(ClusterView(["mell-tiny"]))
     feed = EventFeed()
     state.add_append_hook(feed.publish)
-    link = WorkerLink(config, state, "tcp://127.0.0.1:0")
+    link = WorkerLink(config, state, WorkerPort("tcp://127.0.0.1:0"))
     policy = make_policy("least-loaded")
     dispatcher = Dispatcher(state, policy, link.send, Metrics(state.view), 10)
     ctx = GatewayContext(config, ModelRegistry([]), state, link, dispatcher,

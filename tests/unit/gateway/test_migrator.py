@@ -79,11 +79,11 @@ def world(timeout_s: float = 5.0) -> tuple[Migrator, Dispatcher, FakeLink, Reque
     )
     state.record(ev.RequestAdmitted(request_id="r", worker_id="w0"))
     link = FakeLink()
-    dispatcher = Dispatcher(state, make_policy("least-loaded"), link.send, Metrics(state.view), 8)
+    metrics = Metrics(state.view)
+    dispatcher = Dispatcher(state, make_policy("least-loaded"), link.send, metrics, 8)
     stream = RequestStream("r", "m", "w0", 4, 8, 0.0)
     dispatcher.streams["r"] = stream
-    migrator = Migrator(state, link, dispatcher, timeout_s=timeout_s)
-    dispatcher.migrator = migrator
+    migrator = Migrator(state, link, dispatcher, metrics, timeout_s=timeout_s)
     return migrator, dispatcher, link, stream
 
 
@@ -179,6 +179,7 @@ async def test_source_resuming_after_commit_is_aborted_there() -> None:
 async def test_destination_lost_cancels_at_the_source() -> None:
     migrator, dispatcher, link, stream = world()
     task, mid = await started(migrator)
+    migrator.on_worker_lost("w1")  # the link tells the migrator first, then the dispatcher
     dispatcher.on_worker_lost("w1", "silent")
     assert link.of(CancelMigration) == [("w0", CancelMigration(mid))]
     outcome = await task

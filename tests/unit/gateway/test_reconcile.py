@@ -25,6 +25,7 @@ from mell.gateway.cluster.recovery import RESTART_REASON, reconcile_after_restar
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.policy.base import WorkerStatus, make_policy
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
@@ -66,10 +67,9 @@ async def test_hello_after_a_restart_aborts_what_no_client_reads() -> None:
     recorded: list[ev.EventEnvelope] = []
     state.add_append_hook(recorded.append)
     config = GatewayConfig(worker_timeout_s=0.5, reconcile_timeout_s=1.0)
-    link = WorkerLink(config, state, "tcp://127.0.0.1:0")
-    link.dispatcher = Dispatcher(
-        state, make_policy("least-loaded"), link.send, Metrics(state.view), 10
-    )
+    port = WorkerPort("tcp://127.0.0.1:0")
+    dispatcher = Dispatcher(state, make_policy("least-loaded"), port.send, Metrics(state.view), 10)
+    link = WorkerLink(config, state, port, dispatcher)
     link.expect_rejoin(["w0", "w1"], config.reconcile_timeout_s)
     tasks = [asyncio.create_task(link.receive_forever()), asyncio.create_task(link.watch_forever())]
     ctx = zmq.Context()

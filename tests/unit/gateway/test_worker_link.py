@@ -25,6 +25,7 @@ from mell.common.messages import (
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.policy.base import WorkerStatus
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
@@ -61,7 +62,9 @@ async def _until(predicate: Any, timeout_s: float = 3.0) -> None:
 
 async def test_worker_lifecycle_over_the_link() -> None:
     state = ClusterState(ClusterView(["m"]))
-    link = WorkerLink(GatewayConfig(worker_timeout_s=0.6, epoch_s=0.1), state, "tcp://127.0.0.1:0")
+    link = WorkerLink(
+        GatewayConfig(worker_timeout_s=0.6, epoch_s=0.1), state, WorkerPort("tcp://127.0.0.1:0")
+    )
     tasks = [asyncio.create_task(link.receive_forever()), asyncio.create_task(link.watch_forever())]
     ctx = zmq.Context()
     dealer: DealerChannel[GatewayMessage] = DealerChannel(
@@ -105,7 +108,9 @@ async def test_worker_lifecycle_over_the_link() -> None:
 
 
 async def test_send_to_unknown_worker_is_reported_not_raised() -> None:
-    link = WorkerLink(GatewayConfig(), ClusterState(ClusterView(["m"])), "tcp://127.0.0.1:0")
+    link = WorkerLink(
+        GatewayConfig(), ClusterState(ClusterView(["m"])), WorkerPort("tcp://127.0.0.1:0")
+    )
     try:
         assert link.send("ghost", Ping(call_id=1)) is False
     finally:

@@ -84,7 +84,7 @@ def test_bandwidth_probe_between_two_data_planes() -> None:
 
 
 def test_adaptive_choice_uses_the_measured_boundaries() -> None:
-    migrator = Migrator(ClusterState(ClusterView(["m"])), None, None, epoch_s=1.0)
+    migrator = Migrator(ClusterState(ClusterView(["m"])), None, None, None, epoch_s=1.0)
     moves = [Move("r", "a", "b", "auto")]
     tokens = {"r": 1000}
     # Before any report: profile constants (a fast link: KV transfer).
