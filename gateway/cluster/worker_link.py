@@ -252,37 +252,27 @@ class WorkerLink:
                 assert_never(message)
 
     def _hello(self, peer: str, hello: Hello) -> None:
-        if peer != hello.worker_id:
+        identity = hello.identity
+        if peer != identity.worker_id:
             log.warning(
                 "hello_dropped",
                 peer=peer,
-                worker_id=hello.worker_id,
+                worker_id=identity.worker_id,
                 reason="identity and worker id differ",
             )
             return
         row = self.view.worker_rows.get(peer)
-        known = row is not None and row.boot_id == hello.boot_id
+        known = row is not None and row.boot_id == identity.boot_id
         if row is not None and not known:
             self.lose(peer, "restarted")
         if not known or row.status == WorkerStatus.LOST:
-            self.state.record(
-                WorkerJoined(
-                    worker_id=peer,
-                    boot_id=hello.boot_id,
-                    model=hello.model,
-                    capacity_blocks=hello.capacity_blocks,
-                    block_size=hello.block_size,
-                    max_model_len=hello.max_model_len,
-                    data_address=hello.data_address,
-                ),
-                source=peer,
-            )
+            self.state.record(WorkerJoined(identity=hello.identity), source=peer)
             log.info(
                 "worker_joined",
                 worker_id=peer,
-                model=hello.model,
-                capacity_blocks=hello.capacity_blocks,
-                block_size=hello.block_size,
+                model=identity.model,
+                capacity_blocks=identity.capacity_blocks,
+                block_size=identity.block_size,
             )
         self._last_seen[peer] = time.monotonic()
         self._greeted.add(peer)
@@ -319,18 +309,7 @@ class WorkerLink:
             self.state.record(WorkerActivated(worker_id=peer), source=peer)
         elif report.draining and status == WorkerStatus.ACTIVE:
             self.state.record(WorkerDrainStarted(worker_id=peer), source=peer)
-        self.state.record(
-            LoadReported(
-                worker_id=peer,
-                num_running=report.num_running,
-                num_waiting=report.num_waiting,
-                num_total_blocks=report.num_total_blocks,
-                num_free_blocks=report.num_free_blocks,
-                num_preemptions_total=report.num_preemptions_total,
-                requests=report.requests,
-            ),
-            source=peer,
-        )
+        self.state.record(LoadReported(worker_id=peer, load=report.load), source=peer)
 
     def _drained(self, peer: str, exiting: bool) -> None:
         log.info("worker_drained", worker_id=peer, exiting=exiting)

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mell.common import events as ev
 from mell.common.config import GatewayConfig
-from mell.common.messages import RequestLoad
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
 from mell.gateway.admin.event_feed import EventFeed
 from mell.gateway.admin.routes import build_admin_app
 from mell.gateway.admin.token import ensure_token, read_url, write_url
@@ -37,8 +37,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def joined(wid: str) -> ev.WorkerJoined:
-    return ev.WorkerJoined(worker_id=wid, boot_id="b", model="mell-tiny", capacity_blocks=64,
-                           block_size=16, max_model_len=256, data_address="")  # fmt: skip
+    return ev.WorkerJoined(
+        identity=WorkerIdentity(
+            worker_id=wid,
+            boot_id="b",
+            model="mell-tiny",
+            capacity_blocks=64,
+            block_size=16,
+            max_model_len=256,
+            data_address="",
+        )
+    )
 
 
 @pytest.fixture
@@ -57,9 +66,20 @@ async def client() -> AsyncIterator[tuple[TestClient, GatewayContext]]:
         state.record(ev.WorkerActivated(worker_id=wid), source=wid)
     state.record(ev.RequestPlaced(request_id="r1", model="mell-tiny", worker_id="w0",
                                   num_prompt_tokens=30, max_tokens=50, num_blocks=2))  # fmt: skip
-    state.record(ev.LoadReported(worker_id="w0", num_running=1, num_waiting=0,
-                                 num_total_blocks=64, num_free_blocks=61, num_preemptions_total=0,
-                                 requests=[RequestLoad("r1", 3, 40)]), source="w0")  # fmt: skip
+    state.record(
+        ev.LoadReported(
+            worker_id="w0",
+            load=WorkerLoad(
+                num_running=1,
+                num_waiting=0,
+                num_total_blocks=64,
+                num_free_blocks=61,
+                num_preemptions_total=0,
+                requests=[RequestLoad("r1", 3, 40)],
+            ),
+        ),
+        source="w0",
+    )
     async with TestClient(TestServer(build_admin_app(ctx, TOKEN))) as c:
         yield c, ctx
     link.close()

@@ -18,6 +18,7 @@ from mell.common.messages import (
     TokenBatch,
     TokenOutput,
 )
+from mell.common.workers import WorkerIdentity
 from mell.gateway.cluster.dispatcher import Dispatcher
 from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.migrator import Migrator
@@ -56,13 +57,15 @@ def world(timeout_s: float = 5.0) -> tuple[Migrator, Dispatcher, FakeLink, Reque
     for wid in ("w0", "w1"):
         state.record(
             ev.WorkerJoined(
-                worker_id=wid,
-                boot_id="b",
-                model="m",
-                capacity_blocks=10,
-                block_size=16,
-                max_model_len=256,
-                data_address=f"tcp://{wid}",
+                identity=WorkerIdentity(
+                    worker_id=wid,
+                    boot_id="b",
+                    model="m",
+                    capacity_blocks=10,
+                    block_size=16,
+                    max_model_len=256,
+                    data_address=f"tcp://{wid}",
+                )
             ),
             source=wid,
         )

@@ -19,6 +19,7 @@ from mell.common.messages import (
     Welcome,
     WorkerMessage,
 )
+from mell.common.workers import WorkerIdentity
 from mell.gateway.cluster.dispatcher import Dispatcher
 from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.recovery import RESTART_REASON, reconcile_after_restart
@@ -31,8 +32,18 @@ from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-HELLO = Hello(worker_id="w0", boot_id="boot-1", model="m", capacity_blocks=64, block_size=16,
-              max_model_len=256, data_address="", request_ids=["r1", "ghost"])  # fmt: skip
+HELLO = Hello(
+    identity=WorkerIdentity(
+        worker_id="w0",
+        boot_id="boot-1",
+        model="m",
+        capacity_blocks=64,
+        block_size=16,
+        max_model_len=256,
+        data_address="",
+    ),
+    request_ids=["r1", "ghost"],
+)
 
 
 def recovered_view() -> ClusterView:
@@ -40,9 +51,22 @@ def recovered_view() -> ClusterView:
     view = ClusterView(["m"])
     history: list[tuple[str, Any]] = []
     for wid in ("w0", "w1"):
-        history.append((wid, ev.WorkerJoined(worker_id=wid, boot_id="boot-1", model="m",
-                       capacity_blocks=64, block_size=16, max_model_len=256,
-                       data_address="")))  # fmt: skip
+        history.append(
+            (
+                wid,
+                ev.WorkerJoined(
+                    identity=WorkerIdentity(
+                        worker_id=wid,
+                        boot_id="boot-1",
+                        model="m",
+                        capacity_blocks=64,
+                        block_size=16,
+                        max_model_len=256,
+                        data_address="",
+                    )
+                ),
+            )
+        )
         history.append((wid, ev.WorkerActivated(worker_id=wid)))
     for rid, wid in (("r1", "w0"), ("r2", "w1")):
         history.append(("gateway", ev.RequestPlaced(request_id=rid, model="m", worker_id=wid,

@@ -22,6 +22,7 @@ from mell.common.messages import (
     Welcome,
     WorkerMessage,
 )
+from mell.common.workers import WorkerIdentity, WorkerLoad
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.cluster.worker_link import WorkerLink
@@ -31,16 +32,24 @@ from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
 
 HELLO = Hello(
-    worker_id="w0",
-    boot_id="boot-1",
-    model="m",
-    capacity_blocks=64,
-    block_size=16,
-    max_model_len=256,
-    data_address="tcp://127.0.0.1:9",
+    identity=WorkerIdentity(
+        worker_id="w0",
+        boot_id="boot-1",
+        model="m",
+        capacity_blocks=64,
+        block_size=16,
+        max_model_len=256,
+        data_address="tcp://127.0.0.1:9",
+    )
 )
 LOAD = LoadReport(
-    num_running=0, num_waiting=0, num_total_blocks=64, num_free_blocks=64, num_preemptions_total=0
+    load=WorkerLoad(
+        num_running=0,
+        num_waiting=0,
+        num_total_blocks=64,
+        num_free_blocks=64,
+        num_preemptions_total=0,
+    )
 )
 
 
