@@ -129,3 +129,19 @@ def test_event_names_are_past_tense() -> None:
     for cls in ev.Event.__args__:  # type: ignore[attr-defined]
         name = cls.__name__
         assert name.endswith(("ed", "Lost")), name
+
+
+def test_a_flat_event_from_before_the_shared_structs_does_not_decode() -> None:
+    """Journals written before `WorkerIdentity` was embedded fail loudly, never misread."""
+    flat = {
+        "type": "WorkerJoined",
+        "worker_id": "w0",
+        "boot_id": "b",
+        "model": "m",
+        "capacity_blocks": 4,
+        "block_size": 16,
+        "max_model_len": 64,
+        "data_address": "",
+    }
+    with pytest.raises(msgspec.ValidationError, match="identity"):
+        ev.decode_envelope(msgspec.msgpack.encode(["w0", 1, 1.0, flat]))
