@@ -53,7 +53,7 @@ def build_app(ctx: GatewayContext) -> web.Application:
 
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
-    tasks = [
+    tasks: list[asyncio.Task[object]] = [
         asyncio.create_task(ctx.link.receive_forever(), name="worker-receive"),
         asyncio.create_task(ctx.link.watch_forever(), name="worker-watch"),
         asyncio.create_task(
@@ -97,7 +97,7 @@ def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamRe
 
 async def list_models(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    data = [
+    data: list[dict[str, object]] = [
         {
             "id": m.name,
             "object": "model",

@@ -59,11 +59,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = NotFound(exc.reason) if exc.status == 404 else InvalidRequest(exc.reason)
-        return error_response(err, exc.status)
+        refused = NotFound(exc.reason) if exc.status == 404 else InvalidRequest(exc.reason)
+        return error_response(refused, exc.status)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
         log.exception("handler_failed", path=request.path)
-        err = MellError("internal error; see the gateway log")
-        return error_response(err, 500)
+        return error_response(MellError("internal error; see the gateway log"), 500)

@@ -265,7 +265,7 @@ class WorkerLink:
         known = row is not None and row.boot_id == identity.boot_id
         if row is not None and not known:
             self.lose(peer, "restarted")
-        if not known or row.status == WorkerStatus.LOST:
+        if row is None or not known or row.status == WorkerStatus.LOST:
             self.state.record(WorkerJoined(identity=hello.identity), source=peer)
             log.info(
                 "worker_joined",
