@@ -3,6 +3,9 @@
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /version, /load,
 /metrics. Every error leaves as OpenAI error JSON; an unexpected exception is a 500 with the
 request id logged, never a traceback to the client.
+
+Part of the wiring at the top of the gateway: it joins the handlers of `api/` with the
+cluster's background tasks (the link's loops, the epoch loop, the journal keeper).
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Everything a gateway handler may need, built once at start and stored in the app."""
+"""Everything a gateway handler may need, built once at start (`main.build_context`) and stored
+in the app.
+
+Part of the wiring at the top of the gateway, not of a room: it names components of every room,
+and the handlers of `api/` and `admin/` read it (the one top-level module the rooms import).
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ and offset. Once listening it prints one JSON line on stdout with the actual add
 launchers such as `mellctl up`, leaves the admin URL in DATA_DIR/admin.json (the token is in
 DATA_DIR/admin.token) and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen,
 2 bad configuration, 3 journal damaged.
+
+`build_context` is the gateway's wiring: it builds every component once, in dependency order
+(port, dispatcher, migrator, link), each with its collaborators in its constructor.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Request histograms and counters are updated by the dispatcher; gauges (running, waiting, KV
 usage, active workers, per-worker KV) are computed from the cluster view at scrape time.
+It lives in `cluster/` because the dispatcher and the migrator count into it and it reads the
+view; `app` only serves `render()` at /metrics.
 """
 
 from __future__ import annotations
