@@ -65,7 +65,6 @@ from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.cluster.worker_port import MakeMessage, WorkerPort
 from mell.gateway.policy.base import WorkerStatus
-from mell.transport.channel import PeerUnreachable
 
 log = structlog.get_logger("mell.gateway")
 _REJOIN_EVERY_S = 0.5
@@ -125,12 +124,10 @@ class WorkerLink:
 
     def send(self, worker_id: str, message: GatewayMessage) -> bool:
         """Send without blocking; a worker that cannot be reached is declared lost."""
-        try:
-            self.port.channel.send(worker_id, message)
+        if self.port.try_send(worker_id, message):
             return True
-        except PeerUnreachable:
-            self.lose(worker_id, "unreachable")
-            return False
+        self.lose(worker_id, "unreachable")
+        return False
 
     async def call(self, worker_id: str, make: MakeMessage, timeout_s: float = 5.0) -> None:
         await self.port.call(worker_id, make, timeout_s)

@@ -48,11 +48,17 @@ class WorkerPort:
 
     def send(self, worker_id: str, message: GatewayMessage) -> bool:
         """Send without blocking; False (and the worker queued as unreachable) if it is gone."""
+        if self.try_send(worker_id, message):
+            return True
+        self.unreachable.put_nowait(worker_id)
+        return False
+
+    def try_send(self, worker_id: str, message: GatewayMessage) -> bool:
+        """Send without blocking; False if the worker is gone (its loss is the caller's)."""
         try:
             self.channel.send(worker_id, message)
             return True
         except PeerUnreachable:
-            self.unreachable.put_nowait(worker_id)
             return False
 
     def send_quietly(self, worker_id: str, message: GatewayMessage) -> None:
