@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from mell.common.config import GatewayConfig
+from mell.common.events import WorkerJoined
 from mell.common.messages import (
     Drain,
     GatewayMessage,
@@ -123,6 +124,25 @@ async def test_send_to_unknown_worker_is_reported_not_raised() -> None:
     try:
         assert link.send("ghost", Ping(call_id=1)) is False
     finally:
+        link.close()
+
+
+async def test_a_worker_the_port_cannot_reach_is_declared_lost_by_the_link() -> None:
+    """Senders built before the link (the dispatcher, the migrator) send through the port; the
+    link's watch loop declares the workers they found unreachable lost."""
+    state = ClusterState(ClusterView(["m"]))
+    state.record(WorkerJoined(identity=HELLO.identity), source="w0")  # never connected
+    port = WorkerPort("tcp://127.0.0.1:0")
+    link = WorkerLink(GatewayConfig(worker_timeout_s=60), state, port)
+    watch = asyncio.create_task(link.watch_forever())
+    try:
+        assert port.send("w0", Ping(call_id=1)) is False
+        await _until(lambda: state.view.worker_rows["w0"].status == WorkerStatus.LOST)
+        assert state.view.worker_rows["w0"].lost_reason == "unreachable"
+        assert port.try_send("w0", Ping(call_id=2)) is False and port.unreachable.empty()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
         link.close()
 
 
