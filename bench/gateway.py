@@ -52,8 +52,8 @@ def limit_server_main(data_dir: str) -> None:
     from aiohttp import web
     from tokenizers import Tokenizer
 
-    from mell.gateway.chunks import DONE, CompletionFormat
-    from mell.gateway.detokenizer import Detokenizer
+    from mell.gateway.api.chunks import DONE, CompletionFormat
+    from mell.gateway.api.detokenizer import Detokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(data_dir) / "models/mell-tiny/tokenizer.json"))
     ids = tokenizer.encode(PROMPT).ids

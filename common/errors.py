@@ -1,5 +1,8 @@
 """The one exception family of mell, with stable codes and HTTP statuses.
 
+An error class is named `...Error` where an event (common.events) names the same fact:
+`WorkerLostError` is what a client sees, `WorkerLost` what the cluster records.
+
 Errors cross process boundaries as data (code + message), never as tracebacks.
 """
 
@@ -73,14 +76,14 @@ class NoCapacity(MellError):
     http_status = 503
 
 
-class WorkerLost(MellError):
+class WorkerLostError(MellError):
     """The worker serving a request died or stopped answering."""
 
     code = ErrorCode.WORKER_LOST
     http_status = 502
 
 
-class RequestAborted(MellError):
+class RequestAbortedError(MellError):
     """The request was aborted (client gone, shutdown, operator)."""
 
     code = ErrorCode.ABORTED

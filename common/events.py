@@ -4,68 +4,70 @@ An event is a frozen msgspec Struct tagged by its class name; `EventEnvelope` wr
 source (who produced the fact: "gateway" or a worker id), a per-source sequence number and a
 wall-clock timestamp. `ClusterView.apply` folds envelopes into the view; the journal stores them
 as MessagePack (`encode_envelope` / `decode_envelope`).
+
+A worker's identity and load are the shared structs of `mell.common.workers`, embedded as they
+came in `Hello` and `LoadReport`. The events encode as maps of their field names: a journal
+written before these structs were embedded (flat `WorkerJoined` / `LoadReported` fields) does not
+decode (a missing field), and start-up stops naming the record instead of misreading it.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-from mell.common.messages import RequestLoad
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
 
 
 class _Event(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     pass
 
 
-class WorkerJoined(_Event):
-    worker_id: str
-    boot_id: str
-    model: str
-    capacity_blocks: int
-    block_size: int
-    max_model_len: int
-    data_address: str
+class WorkerJoined(_Event, frozen=True):
+    identity: WorkerIdentity
+
+    @property
+    def worker_id(self) -> str:
+        return self.identity.worker_id
 
 
-class WorkerActivated(_Event):
+class WorkerActivated(_Event, frozen=True):
     """The worker's first load report arrived: it accepts placements."""
 
     worker_id: str
 
 
-class LoadReported(_Event):
+class LoadReported(_Event, frozen=True):
     """A worker's load for one epoch (coalesced: one per worker per epoch)."""
 
     worker_id: str
-    num_running: int
-    num_waiting: int
-    num_total_blocks: int
-    num_free_blocks: int
-    num_preemptions_total: int
-    requests: list[RequestLoad] = []
+    load: WorkerLoad
+
+    @property
+    def requests(self) -> list[RequestLoad]:
+        return self.load.requests
 
 
-class WorkerDrainStarted(_Event):
+class WorkerDrainStarted(_Event, frozen=True):
     worker_id: str
 
 
-class WorkerUndrained(_Event):
+class WorkerUndrained(_Event, frozen=True):
     worker_id: str
 
 
-class WorkerDrained(_Event):
+class WorkerDrained(_Event, frozen=True):
     """The worker finished draining; `exiting` when it left the cluster for good."""
 
     worker_id: str
     exiting: bool
 
 
-class WorkerLost(_Event):
+class WorkerLost(_Event, frozen=True):
     worker_id: str
     reason: str
 
 
-class RequestPlaced(_Event):
+class RequestPlaced(_Event, frozen=True):
     request_id: str
     model: str
     worker_id: str
@@ -74,14 +76,14 @@ class RequestPlaced(_Event):
     num_blocks: int  # estimate until the worker reports
 
 
-class RequestAdmitted(_Event):
+class RequestAdmitted(_Event, frozen=True):
     """The request's first tokens arrived from its worker."""
 
     request_id: str
     worker_id: str
 
 
-class RequestFinished(_Event):
+class RequestFinished(_Event, frozen=True):
     request_id: str
     worker_id: str
     finish_reason: str  # "stop", "length", "abort" or "error"
@@ -89,13 +91,13 @@ class RequestFinished(_Event):
     num_generated_tokens: int
 
 
-class RequestAborted(_Event):
+class RequestAborted(_Event, frozen=True):
     request_id: str
     worker_id: str
     reason: str  # "client disconnected", "stop string", "worker lost", ...
 
 
-class MigrationStarted(_Event):
+class MigrationStarted(_Event, frozen=True):
     migration_id: str
     request_id: str
     src: str
@@ -103,7 +105,7 @@ class MigrationStarted(_Event):
     kind: str  # "kv" or "tokens"
 
 
-class MigrationCommitted(_Event):
+class MigrationCommitted(_Event, frozen=True):
     migration_id: str
     request_id: str
     src: str
@@ -111,7 +113,7 @@ class MigrationCommitted(_Event):
     kind: str
 
 
-class MigrationAborted(_Event):
+class MigrationAborted(_Event, frozen=True):
     migration_id: str
     request_id: str
     src: str

@@ -13,6 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from mell.common.sampling import SamplingParams, TokenLogprobs
+from mell.common.workers import WorkerIdentity, WorkerLoad
 
 
 class FrameRef(msgspec.Struct, frozen=True, array_like=True):
@@ -29,13 +30,7 @@ class FrameRef(msgspec.Struct, frozen=True, array_like=True):
 class Hello(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="hello"):
     """A worker announces itself; sent on start and until the gateway answers `Welcome`."""
 
-    worker_id: str
-    boot_id: str  # new every process start: tells a restart from a reconnect
-    model: str  # served model name
-    capacity_blocks: int
-    block_size: int
-    max_model_len: int
-    data_address: str  # where peers reach this worker's data plane (migration)
+    identity: WorkerIdentity
     request_ids: list[str] = []  # requests it still holds (after a gateway restart)
 
 
@@ -63,24 +58,11 @@ class TokenBatch(msgspec.Struct, frozen=True, array_like=True, tag="tok"):
     outputs: list[TokenOutput]
 
 
-class RequestLoad(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """KV blocks and tokens of one request held by a worker."""
-
-    request_id: str
-    num_blocks: int
-    num_tokens: int  # prompt + generated so far
-
-
 class LoadReport(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="load"):
     """A worker's load, once per epoch."""
 
-    num_running: int
-    num_waiting: int
-    num_total_blocks: int
-    num_free_blocks: int
-    num_preemptions_total: int
+    load: WorkerLoad
     draining: bool = False
-    requests: list[RequestLoad] = []
 
 
 class RequestFailed(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="rfail"):

@@ -3,6 +3,9 @@
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /version, /load,
 /metrics. Every error leaves as OpenAI error JSON; an unexpected exception is a 500 with the
 request id logged, never a traceback to the client.
+
+Part of the wiring at the top of the gateway: it joins the handlers of `api/` with the
+cluster's background tasks (the link's loops, the epoch loop, the journal keeper).
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from mell.common.errors import InvalidRequest, MellError, NotFound, Unauthorized
+from mell.common.errors import Unauthorized
+from mell.gateway.api.error_body import error_response, errors_middleware
+from mell.gateway.api.routes import chat_completions, completions
+from mell.gateway.cluster.epoch import run_epochs
+from mell.gateway.cluster.metrics import CONTENT_TYPE
+from mell.gateway.cluster.recovery import reconcile_after_restart
 from mell.gateway.context import CONTEXT, GatewayContext
-from mell.gateway.epoch import run_epochs
-from mell.gateway.errors import error_response
-from mell.gateway.metrics import CONTENT_TYPE
-from mell.gateway.openai_api import chat_completions, completions
 from mell.gateway.policy.base import WorkerStatus
-from mell.gateway.recovery import reconcile_after_restart
 
 log = structlog.get_logger("mell.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,7 +56,7 @@ def build_app(ctx: GatewayContext) -> web.Application:
 
 async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     ctx = app[CONTEXT]
-    tasks = [
+    tasks: list[asyncio.Task[object]] = [
         asyncio.create_task(ctx.link.receive_forever(), name="worker-receive"),
         asyncio.create_task(ctx.link.watch_forever(), name="worker-watch"),
         asyncio.create_task(
@@ -81,25 +84,6 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except MellError as err:
-        return error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        err = NotFound(exc.reason) if exc.status == 404 else InvalidRequest(exc.reason)
-        return error_response(err, exc.status)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("handler_failed", path=request.path)
-        err = MellError("internal error; see the gateway log")
-        return error_response(err, 500)
-
-
 def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
     keys = [k.encode() for k in api_keys]
 
@@ -116,7 +100,7 @@ def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamRe
 
 async def list_models(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    data = [
+    data: list[dict[str, object]] = [
         {
             "id": m.name,
             "object": "model",

@@ -1,4 +1,9 @@
-"""Everything a gateway handler may need, built once at start and stored in the app."""
+"""Everything a gateway handler may need, built once at start (`main.build_context`) and stored
+in the app.
+
+Part of the wiring at the top of the gateway, not of a room: it names components of every room,
+and the handlers of `api/` and `admin/` read it (the one top-level module the rooms import).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,15 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from mell.common.config import GatewayConfig
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.event_feed import EventFeed
-from mell.gateway.metrics import Metrics
-from mell.gateway.migrator import Migrator
-from mell.gateway.models import ModelRegistry
+from mell.gateway.admin.event_feed import EventFeed
+from mell.gateway.api.served_models import ModelRegistry
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.recovery import JournalKeeper
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.policy.base import Policy
-from mell.gateway.recovery import JournalKeeper
-from mell.gateway.worker_link import WorkerLink
 
 
 @dataclass(slots=True)

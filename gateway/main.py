@@ -10,6 +10,9 @@ and offset. Once listening it prints one JSON line on stdout with the actual add
 launchers such as `mellctl up`, leaves the admin URL in DATA_DIR/admin.json (the token is in
 DATA_DIR/admin.token) and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen,
 2 bad configuration, 3 journal damaged.
+
+`build_context` is the gateway's wiring: it builds every component once, in dependency order
+(port, dispatcher, migrator, link), each with its collaborators in its constructor.
 """
 
 from __future__ import annotations
@@ -29,19 +32,20 @@ from mell.common.config import GatewayConfig, load_config
 from mell.common.errors import JournalError, MellError
 from mell.common.logging import configure_logging
 from mell.common.notify import Notifier
-from mell.gateway.admin_api import build_admin_app
-from mell.gateway.admin_token import ensure_token, write_url
+from mell.gateway.admin.event_feed import EventFeed
+from mell.gateway.admin.routes import build_admin_app
+from mell.gateway.admin.token import ensure_token, write_url
+from mell.gateway.api.served_models import ModelRegistry, ServedModel
 from mell.gateway.app import build_app
-from mell.gateway.cluster_state import ClusterState
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.recovery import JournalKeeper, recover
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.context import GatewayContext
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.event_feed import EventFeed
-from mell.gateway.metrics import Metrics
-from mell.gateway.migrator import Migrator
-from mell.gateway.models import ModelRegistry, ServedModel
 from mell.gateway.policy.base import WorkerStatus, make_policy
-from mell.gateway.recovery import JournalKeeper, recover
-from mell.gateway.worker_link import WorkerLink
 
 log = structlog.get_logger("mell.gateway")
 
@@ -101,13 +105,13 @@ def build_context(config: GatewayConfig) -> GatewayContext:
     keeper = JournalKeeper(state, recovered.journal, config)  # appends before the fold
     feed = EventFeed(recent=recovered.recent)
     state.add_append_hook(feed.publish)
-    link = WorkerLink(config, state, config.worker_endpoint)
+    # In dependency order: each component gets its collaborators in its constructor.
+    port = WorkerPort(config.worker_endpoint)
     policy = make_policy(config.policy)
     metrics = Metrics(view)
-    dispatcher = Dispatcher(state, policy, link.send, metrics, config.max_queued_requests)
-    link.dispatcher = dispatcher
-    migrator = Migrator(state, link, dispatcher, epoch_s=config.epoch_s)
-    link.migrator = dispatcher.migrator = migrator
+    dispatcher = Dispatcher(state, policy, port.send, metrics, config.max_queued_requests)
+    migrator = Migrator(state, port, dispatcher, metrics, epoch_s=config.epoch_s)
+    link = WorkerLink(config, state, port, dispatcher, migrator)
     known = [w.worker_id for w in view.worker_rows.values() if w.status != WorkerStatus.LOST]
     link.expect_rejoin(known, config.reconcile_timeout_s)
     log.info(

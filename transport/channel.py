@@ -7,6 +7,7 @@ received frames alias ZeroMQ's buffers until the caller drops them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -37,7 +38,7 @@ class RouterChannel(Generic[T]):
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.bind(endpoint)
-        self.endpoint: str = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     async def recv(self) -> tuple[str, T, list[memoryview]]:
         """The next well-formed message: (peer identity, message, raw frames)."""
@@ -57,7 +58,9 @@ class RouterChannel(Generic[T]):
         # With NOBLOCK the asyncio socket sends at once and returns a finished future; it also
         # re-arms its readers (ZeroMQ's FD is edge-triggered: a send can consume the edge that
         # a waiting recv needs, so sends must go through this socket, not a shadow of it).
-        sent = self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        sent = asyncio.ensure_future(  # the Future itself (typed as a mere Awaitable)
+            self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        )
         err = sent.exception() if sent.done() else None
         if isinstance(err, zmq.ZMQError) and err.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
             raise PeerUnreachable(peer)
@@ -71,7 +74,9 @@ class RouterChannel(Generic[T]):
 class DealerChannel(Generic[T]):
     """Worker end: connects to the gateway with its identity. Use from one thread only."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, identity: str, codec: Codec[T]) -> None:
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: str, codec: Codec[T]
+    ) -> None:
         self._codec = codec
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, identity.encode())

@@ -37,7 +37,6 @@ from mell.common.messages import (
     Rejoin,
     Reply,
     RequestFailed,
-    RequestLoad,
     StartMigration,
     TokenBatch,
     TokenOutput,
@@ -47,6 +46,7 @@ from mell.common.messages import (
     WorkerMessage,
 )
 from mell.common.notify import Notifier
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
 from mell.transport.codec import Buffer
 from mell.workerd.engine.contract import MigratableEngine, ServingEngine
 from mell.workerd.io import PeerInput
@@ -185,7 +185,7 @@ class Worker:
 
     def _hello(self) -> Hello:
         stats = self.engine.stats()
-        return Hello(
+        identity = WorkerIdentity(
             worker_id=self.config.worker_id,
             boot_id=self.boot_id,
             model=self.model_name,
@@ -193,8 +193,8 @@ class Worker:
             block_size=stats.block_size,
             max_model_len=self.engine.max_model_len,
             data_address=self.link.data_address,
-            request_ids=list(self._tokens),
         )
+        return Hello(identity=identity, request_ids=list(self._tokens))
 
     def _finished(self) -> bool:
         if self.stop_deadline is None:
@@ -377,18 +377,18 @@ class Worker:
 
     def _load_report(self) -> LoadReport:
         stats = self.engine.stats()
-        return LoadReport(
+        load = WorkerLoad(
             num_running=stats.num_running,
             num_waiting=stats.num_waiting,
             num_total_blocks=stats.num_total_blocks,
             num_free_blocks=stats.num_free_blocks,
             num_preemptions_total=stats.num_preemptions_total,
-            draining=self.draining,
             requests=[
                 RequestLoad(rid, stats.request_blocks.get(rid, 0), num_tokens)
                 for rid, num_tokens in self._tokens.items()
             ],
         )
+        return LoadReport(load=load, draining=self.draining)
 
     def _report_drained(self, exiting: bool) -> None:
         if not self._drain_reported:

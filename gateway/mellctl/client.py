@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mell.common.errors import MellError
-from mell.gateway.admin_token import TOKEN_FILE, read_token, read_url
+from mell.gateway.admin.token import TOKEN_FILE, read_token, read_url
 from mell.gateway.mellctl.running import running_data_dir
 
 PREFIX = "/admin/v1"

@@ -22,11 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from mell.common.errors import JournalError
 from mell.common.events import EventEnvelope
-from mell.gateway.event_feed import matches
+from mell.gateway.admin.event_feed import event_fields, matches
 from mell.gateway.journal.codec import decode
 from mell.gateway.journal.format import Record
 from mell.gateway.journal.reader import read_records
@@ -114,7 +112,7 @@ def _matches(envelope: EventEnvelope | None, request: str | None, worker: str | 
 
 
 def _fields(envelope: EventEnvelope) -> dict[str, Any]:
-    return msgspec.to_builtins(envelope.event)
+    return event_fields(envelope.event)
 
 
 def _as_json(record: Record, envelope: EventEnvelope | None) -> dict[str, Any]:

@@ -30,9 +30,9 @@ import aiohttp
 import pytest
 from mell_cluster import MELLCTL, get_json, wait_until
 
-from mell.gateway.admin_token import read_token
+from mell.gateway.admin.token import read_token
+from mell.gateway.cluster.recovery import RESTART_REASON
 from mell.gateway.mellctl.main import main as mellctl
-from mell.gateway.recovery import RESTART_REASON
 
 pytestmark = pytest.mark.slow
 RECONCILE_S = 3.0

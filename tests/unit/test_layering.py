@@ -1,5 +1,7 @@
-"""The dependency rules of DESIGN.md: common ← transport ← {gateway, workerd}; inside workerd,
-the block manager and the runner stay behind the engine contract."""
+"""The dependency rules of ARCHITECTURE.md: common ← transport ← {gateway, workerd}; inside the
+gateway, the rooms of `mell.gateway`'s docstring: cluster ← api ← admin, the wiring (context,
+app, main) above; inside workerd, the block manager and the runner stay behind the engine
+contract."""
 
 from __future__ import annotations
 
@@ -40,6 +42,49 @@ def test_package_respects_dependency_rule(package: str) -> None:
             if name.startswith(FORBIDDEN[package]):
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not bad, bad
+
+
+_WIRING = ("mell.gateway.app", "mell.gateway.main")
+# gateway room -> mell modules it must not import (the rule in gateway/__init__.py)
+ROOMS = {
+    "cluster": ("mell.gateway.api", "mell.gateway.admin", "mell.gateway.context", *_WIRING),
+    "api": ("mell.gateway.admin", *_WIRING),
+    "admin": _WIRING,
+    "policy": ("mell.gateway.cluster", "mell.gateway.api", "mell.gateway.admin"),
+    "sim": ("mell.gateway.cluster", "mell.gateway.api", "mell.gateway.admin"),
+    "journal": ("mell.gateway.cluster", "mell.gateway.api", "mell.gateway.admin"),
+}
+
+
+@pytest.mark.parametrize("room", sorted(ROOMS))
+def test_gateway_room_respects_dependency_rule(room: str) -> None:
+    paths = sorted((ROOT / "gateway" / room).rglob("*.py"))
+    assert paths, f"no room gateway/{room}"
+    bad = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in paths
+        for name in _imports(path)
+        if name == "mell.gateway"
+        or name.startswith(tuple(f"{m}." for m in ROOMS[room]))
+        or name in ROOMS[room]
+    ]
+    assert not bad, bad
+
+
+def test_cluster_room_serves_no_http() -> None:
+    """The cluster's state and mechanisms know nothing of aiohttp (handlers live in api/admin)."""
+    bad = [
+        f"{p.relative_to(ROOT)} imports {n}"
+        for p in (ROOT / "gateway" / "cluster").rglob("*.py")
+        for n in _imports(p)
+        if n.split(".")[0] == "aiohttp"
+    ]
+    assert not bad, bad
+
+
+def test_gateway_has_no_flat_modules_but_the_wiring() -> None:
+    flat = {p.stem for p in (ROOT / "gateway").glob("*.py")}
+    assert flat == {"__init__", "app", "context", "main"}, flat
 
 
 def test_common_and_transport_never_import_heavy_libraries() -> None:

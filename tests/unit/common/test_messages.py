@@ -8,17 +8,20 @@ import pytest
 from mell.common import events as ev
 from mell.common import messages as m
 from mell.common.sampling import SamplingParams, TokenLogprobs
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
 from mell.transport.codec import Codec
 
 WORKER_MESSAGES = [
     m.Hello(
-        worker_id="w0",
-        boot_id="b",
-        model="mell-tiny",
-        capacity_blocks=10,
-        block_size=16,
-        max_model_len=2048,
-        data_address="tcp://127.0.0.1:1",
+        identity=WorkerIdentity(
+            worker_id="w0",
+            boot_id="b",
+            model="mell-tiny",
+            capacity_blocks=10,
+            block_size=16,
+            max_model_len=2048,
+            data_address="tcp://127.0.0.1:1",
+        ),
         request_ids=["r1"],
     ),
     m.Heartbeat(3),
@@ -36,12 +39,14 @@ WORKER_MESSAGES = [
         ],
     ),
     m.LoadReport(
-        num_running=1,
-        num_waiting=0,
-        num_total_blocks=10,
-        num_free_blocks=8,
-        num_preemptions_total=0,
-        requests=[m.RequestLoad("r1", 2, 20)],
+        load=WorkerLoad(
+            num_running=1,
+            num_waiting=0,
+            num_total_blocks=10,
+            num_free_blocks=8,
+            num_preemptions_total=0,
+            requests=[RequestLoad("r1", 2, 20)],
+        )
     ),
     m.RequestFailed(request_id="r1", code="BadRequestError", message="too long"),
     m.WorkerFailed(code="InternalServerError", message="boom"),
@@ -82,22 +87,26 @@ def test_token_batch_is_compact() -> None:
 def test_event_envelopes_round_trip() -> None:
     events = [
         ev.WorkerJoined(
-            worker_id="w0",
-            boot_id="b",
-            model="m",
-            capacity_blocks=4,
-            block_size=16,
-            max_model_len=64,
-            data_address="tcp://x:1",
+            identity=WorkerIdentity(
+                worker_id="w0",
+                boot_id="b",
+                model="m",
+                capacity_blocks=4,
+                block_size=16,
+                max_model_len=64,
+                data_address="tcp://x:1",
+            )
         ),
         ev.LoadReported(
             worker_id="w0",
-            num_running=1,
-            num_waiting=0,
-            num_total_blocks=4,
-            num_free_blocks=3,
-            num_preemptions_total=0,
-            requests=[m.RequestLoad("r", 1, 5)],
+            load=WorkerLoad(
+                num_running=1,
+                num_waiting=0,
+                num_total_blocks=4,
+                num_free_blocks=3,
+                num_preemptions_total=0,
+                requests=[RequestLoad("r", 1, 5)],
+            ),
         ),
         ev.RequestPlaced(
             request_id="r",
@@ -120,3 +129,19 @@ def test_event_names_are_past_tense() -> None:
     for cls in ev.Event.__args__:  # type: ignore[attr-defined]
         name = cls.__name__
         assert name.endswith(("ed", "Lost")), name
+
+
+def test_a_flat_event_from_before_the_shared_structs_does_not_decode() -> None:
+    """Journals written before `WorkerIdentity` was embedded fail loudly, never misread."""
+    flat = {
+        "type": "WorkerJoined",
+        "worker_id": "w0",
+        "boot_id": "b",
+        "model": "m",
+        "capacity_blocks": 4,
+        "block_size": 16,
+        "max_model_len": 64,
+        "data_address": "",
+    }
+    with pytest.raises(msgspec.ValidationError, match="identity"):
+        ev.decode_envelope(msgspec.msgpack.encode(["w0", 1, 1.0, flat]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mell.common.errors import InvalidRequest
-from mell.gateway.chat_template import ChatTemplate
+from mell.gateway.api.chat_template import ChatTemplate
 
 
 def test_tiny_model_chatml(tiny_dir: Path) -> None:

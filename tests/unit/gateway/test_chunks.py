@@ -7,7 +7,7 @@ import json
 from tokenizers import Tokenizer
 
 from mell.common.sampling import TokenLogprobs
-from mell.gateway.chunks import DONE, ChatFormat, CompletionFormat
+from mell.gateway.api.chunks import DONE, ChatFormat, CompletionFormat
 
 
 def test_chat_stream_chunks_exact(tokenizer: Tokenizer) -> None:

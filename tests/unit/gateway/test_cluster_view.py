@@ -8,33 +8,35 @@ from typing import Any
 import pytest
 
 from mell.common import events as ev
-from mell.common.errors import InvalidRequest, NoCapacity, Overloaded, WorkerLost
+from mell.common.errors import InvalidRequest, NoCapacity, Overloaded, WorkerLostError
 from mell.common.messages import (
     AbortRequest,
     AddRequest,
     RequestFailed,
-    RequestLoad,
     TokenBatch,
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView, RequestState
-from mell.gateway.dispatcher import Dispatcher, Job
-from mell.gateway.metrics import Metrics
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
+from mell.gateway.cluster.dispatcher import Dispatcher, Job
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.recovery import reconcile_after_restart
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView, RequestState
 from mell.gateway.policy.base import WorkerStatus, make_policy
-from mell.gateway.recovery import reconcile_after_restart
 
 
 def joined(wid: str, model: str = "m", blocks: int = 10) -> ev.WorkerJoined:
     return ev.WorkerJoined(
-        worker_id=wid,
-        boot_id="b-" + wid,
-        model=model,
-        capacity_blocks=blocks,
-        block_size=16,
-        max_model_len=256,
-        data_address="",
+        identity=WorkerIdentity(
+            worker_id=wid,
+            boot_id="b-" + wid,
+            model=model,
+            capacity_blocks=blocks,
+            block_size=16,
+            max_model_len=256,
+            data_address="",
+        )
     )
 
 
@@ -56,12 +58,14 @@ HISTORY = [
     ev.RequestAdmitted(request_id="r1", worker_id="w0"),
     ev.LoadReported(
         worker_id="w0",
-        num_running=1,
-        num_waiting=0,
-        num_total_blocks=10,
-        num_free_blocks=7,
-        num_preemptions_total=0,
-        requests=[RequestLoad("r1", 3, 40)],
+        load=WorkerLoad(
+            num_running=1,
+            num_waiting=0,
+            num_total_blocks=10,
+            num_free_blocks=7,
+            num_preemptions_total=0,
+            requests=[RequestLoad("r1", 3, 40)],
+        ),
     ),
     ev.RequestPlaced(
         request_id="r2", model="m", worker_id="w1", num_prompt_tokens=5, max_tokens=8, num_blocks=1
@@ -119,9 +123,16 @@ def test_requests_gone_with_their_worker_are_tombstones_until_the_horizon() -> N
     assert view.worker_rows["w1"].request_blocks == {}
     seq = len(HISTORY) + 1
     report = ev.LoadReported(
-        worker_id="w0", num_running=1, num_waiting=0, num_total_blocks=10, num_free_blocks=7,
-        num_preemptions_total=0, requests=[RequestLoad("r1", 3, 40)],
-    )  # fmt: skip
+        worker_id="w0",
+        load=WorkerLoad(
+            num_running=1,
+            num_waiting=0,
+            num_total_blocks=10,
+            num_free_blocks=7,
+            num_preemptions_total=0,
+            requests=[RequestLoad("r1", 3, 40)],
+        ),
+    )
     for n in range(1, 257):  # the view prunes every 256 load reports
         view.apply(ev.EventEnvelope("test", seq + n, 1000.0 + n, report))
     assert set(view.snapshot().requests) == {"r1"} and set(view.requests) == {"r1"}
@@ -223,12 +234,12 @@ async def test_worker_loss_fails_its_streams() -> None:
     d, _, _ = make_dispatcher()
     s = d.submit(job("a", prompt=10))
     d.on_worker_lost(s.worker_id, "silent")
-    with pytest.raises(WorkerLost):
+    with pytest.raises(WorkerLostError):
         await asyncio.wait_for(s.next(1.0), 1.0)
 
 
 async def test_request_is_placed_again_when_its_worker_dies_before_the_first_token() -> None:
-    from mell.gateway.generation import _start
+    from mell.gateway.api.generation import _start
 
     d, link, state = make_dispatcher()
     starting = asyncio.create_task(_start(d, job("a", prompt=10), 5.0))

@@ -18,13 +18,14 @@ from mell.common.messages import (
     TokenBatch,
     TokenOutput,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView, RequestState
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.metrics import Metrics
-from mell.gateway.migrator import Migrator
+from mell.common.workers import WorkerIdentity
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.stream import RequestStream
+from mell.gateway.cluster.view import ClusterView, RequestState
 from mell.gateway.policy.base import Move, make_policy
-from mell.gateway.stream import RequestStream
 from mell.transport.rpc import CallTimeout
 
 
@@ -56,13 +57,15 @@ def world(timeout_s: float = 5.0) -> tuple[Migrator, Dispatcher, FakeLink, Reque
     for wid in ("w0", "w1"):
         state.record(
             ev.WorkerJoined(
-                worker_id=wid,
-                boot_id="b",
-                model="m",
-                capacity_blocks=10,
-                block_size=16,
-                max_model_len=256,
-                data_address=f"tcp://{wid}",
+                identity=WorkerIdentity(
+                    worker_id=wid,
+                    boot_id="b",
+                    model="m",
+                    capacity_blocks=10,
+                    block_size=16,
+                    max_model_len=256,
+                    data_address=f"tcp://{wid}",
+                )
             ),
             source=wid,
         )
@@ -79,11 +82,11 @@ def world(timeout_s: float = 5.0) -> tuple[Migrator, Dispatcher, FakeLink, Reque
     )
     state.record(ev.RequestAdmitted(request_id="r", worker_id="w0"))
     link = FakeLink()
-    dispatcher = Dispatcher(state, make_policy("least-loaded"), link.send, Metrics(state.view), 8)
+    metrics = Metrics(state.view)
+    dispatcher = Dispatcher(state, make_policy("least-loaded"), link.send, metrics, 8)
     stream = RequestStream("r", "m", "w0", 4, 8, 0.0)
     dispatcher.streams["r"] = stream
-    migrator = Migrator(state, link, dispatcher, timeout_s=timeout_s)
-    dispatcher.migrator = migrator
+    migrator = Migrator(state, link, dispatcher, metrics, timeout_s=timeout_s)
     return migrator, dispatcher, link, stream
 
 
@@ -179,6 +182,7 @@ async def test_source_resuming_after_commit_is_aborted_there() -> None:
 async def test_destination_lost_cancels_at_the_source() -> None:
     migrator, dispatcher, link, stream = world()
     task, mid = await started(migrator)
+    migrator.on_worker_lost("w1")  # the link tells the migrator first, then the dispatcher
     dispatcher.on_worker_lost("w1", "silent")
     assert link.of(CancelMigration) == [("w0", CancelMigration(mid))]
     outcome = await task

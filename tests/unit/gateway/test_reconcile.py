@@ -19,19 +19,31 @@ from mell.common.messages import (
     Welcome,
     WorkerMessage,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.metrics import Metrics
+from mell.common.workers import WorkerIdentity
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.recovery import RESTART_REASON, reconcile_after_restart
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.policy.base import WorkerStatus, make_policy
-from mell.gateway.recovery import RESTART_REASON, reconcile_after_restart
-from mell.gateway.worker_link import WorkerLink
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-HELLO = Hello(worker_id="w0", boot_id="boot-1", model="m", capacity_blocks=64, block_size=16,
-              max_model_len=256, data_address="", request_ids=["r1", "ghost"])  # fmt: skip
+HELLO = Hello(
+    identity=WorkerIdentity(
+        worker_id="w0",
+        boot_id="boot-1",
+        model="m",
+        capacity_blocks=64,
+        block_size=16,
+        max_model_len=256,
+        data_address="",
+    ),
+    request_ids=["r1", "ghost"],
+)
 
 
 def recovered_view() -> ClusterView:
@@ -39,9 +51,22 @@ def recovered_view() -> ClusterView:
     view = ClusterView(["m"])
     history: list[tuple[str, Any]] = []
     for wid in ("w0", "w1"):
-        history.append((wid, ev.WorkerJoined(worker_id=wid, boot_id="boot-1", model="m",
-                       capacity_blocks=64, block_size=16, max_model_len=256,
-                       data_address="")))  # fmt: skip
+        history.append(
+            (
+                wid,
+                ev.WorkerJoined(
+                    identity=WorkerIdentity(
+                        worker_id=wid,
+                        boot_id="boot-1",
+                        model="m",
+                        capacity_blocks=64,
+                        block_size=16,
+                        max_model_len=256,
+                        data_address="",
+                    )
+                ),
+            )
+        )
         history.append((wid, ev.WorkerActivated(worker_id=wid)))
     for rid, wid in (("r1", "w0"), ("r2", "w1")):
         history.append(("gateway", ev.RequestPlaced(request_id=rid, model="m", worker_id=wid,
@@ -66,10 +91,9 @@ async def test_hello_after_a_restart_aborts_what_no_client_reads() -> None:
     recorded: list[ev.EventEnvelope] = []
     state.add_append_hook(recorded.append)
     config = GatewayConfig(worker_timeout_s=0.5, reconcile_timeout_s=1.0)
-    link = WorkerLink(config, state, "tcp://127.0.0.1:0")
-    link.dispatcher = Dispatcher(
-        state, make_policy("least-loaded"), link.send, Metrics(state.view), 10
-    )
+    port = WorkerPort("tcp://127.0.0.1:0")
+    dispatcher = Dispatcher(state, make_policy("least-loaded"), port.send, Metrics(state.view), 10)
+    link = WorkerLink(config, state, port, dispatcher)
     link.expect_rejoin(["w0", "w1"], config.reconcile_timeout_s)
     tasks = [asyncio.create_task(link.receive_forever()), asyncio.create_task(link.watch_forever())]
     ctx = zmq.Context()

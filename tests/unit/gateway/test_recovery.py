@@ -12,11 +12,11 @@ import pytest
 from mell.common import events as ev
 from mell.common.config import GatewayConfig, JournalConfig
 from mell.common.errors import JournalError
-from mell.common.messages import RequestLoad
-from mell.gateway.cluster_state import ClusterState
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
+from mell.gateway.cluster.recovery import JournalKeeper, journal_directory, recover
+from mell.gateway.cluster.state import ClusterState
 from mell.gateway.journal import CorruptRecord, read_records
 from mell.gateway.journal.format import iter_frames, list_segments
-from mell.gateway.recovery import JournalKeeper, journal_directory, recover
 
 MODELS = ["m"]
 
@@ -26,8 +26,17 @@ def config(tmp_path: Path) -> GatewayConfig:
 
 
 def joined(wid: str) -> ev.WorkerJoined:
-    return ev.WorkerJoined(worker_id=wid, boot_id="b-" + wid, model="m", capacity_blocks=32,
-                           block_size=16, max_model_len=256, data_address="")  # fmt: skip
+    return ev.WorkerJoined(
+        identity=WorkerIdentity(
+            worker_id=wid,
+            boot_id="b-" + wid,
+            model="m",
+            capacity_blocks=32,
+            block_size=16,
+            max_model_len=256,
+            data_address="",
+        )
+    )
 
 
 def placed(rid: str, wid: str) -> ev.RequestPlaced:
@@ -36,10 +45,17 @@ def placed(rid: str, wid: str) -> ev.RequestPlaced:
 
 
 def load(wid: str, rids: list[str]) -> ev.LoadReported:
-    return ev.LoadReported(worker_id=wid, num_running=len(rids), num_waiting=0,
-                           num_total_blocks=32, num_free_blocks=32 - 3 * len(rids),
-                           num_preemptions_total=0,
-                           requests=[RequestLoad(r, 3, 40) for r in rids])  # fmt: skip
+    return ev.LoadReported(
+        worker_id=wid,
+        load=WorkerLoad(
+            num_running=len(rids),
+            num_waiting=0,
+            num_total_blocks=32,
+            num_free_blocks=32 - 3 * len(rids),
+            num_preemptions_total=0,
+            requests=[RequestLoad(r, 3, 40) for r in rids],
+        ),
+    )
 
 
 def start(tmp_path: Path) -> tuple[ClusterState, JournalKeeper]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from mell.common.messages import TokenOutput
-from mell.gateway.chunks import DONE, CompletionFormat
-from mell.gateway.generation import HIGH_WATER, SseWriter, TextOutput
-from mell.gateway.stream import RequestStream
+from mell.gateway.api.chunks import DONE, CompletionFormat
+from mell.gateway.api.generation import HIGH_WATER, SseWriter, TextOutput
+from mell.gateway.cluster.stream import RequestStream
 
 
 class FakeTransport:

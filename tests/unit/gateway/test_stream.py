@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from mell.common.errors import WorkerLost
+from mell.common.errors import WorkerLostError
 from mell.common.messages import TokenOutput
-from mell.gateway.stream import RequestStream, StreamTimeout
+from mell.gateway.cluster.stream import RequestStream, StreamTimeout
 
 
 def out(first: int, ids: list[int], finish: str | None = None) -> TokenOutput:
@@ -33,8 +33,8 @@ async def test_waiting_consumer_is_woken_and_errors_raise() -> None:
     await asyncio.sleep(0)
     s.push(out(0, [7]))
     assert (await waiter)[0].token_ids == [7]
-    s.fail(WorkerLost("gone"))
-    with pytest.raises(WorkerLost):
+    s.fail(WorkerLostError("gone"))
+    with pytest.raises(WorkerLostError):
         await s.next(1.0)
     with pytest.raises(StreamTimeout):
         await RequestStream("q", "m", "w", 1, 1, 0.0).next(0.01)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from mell.gateway.detokenizer import Detokenizer
-from mell.gateway.stop_strings import StopMatcher
+from mell.gateway.api.detokenizer import Detokenizer
+from mell.gateway.api.stop_strings import StopMatcher
 
 TEXTS = ["héllo wörld", "你好，世界", "emoji 🎉🚀 ok", "plain ascii text", "mixé 日本 🎉 end"]
 

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mell.common import events as ev
-from mell.common.messages import RequestLoad
-from mell.gateway.cluster_view import ClusterView, ViewSnapshot
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
+from mell.gateway.cluster.view import ClusterView, ViewSnapshot
 from mell.gateway.journal import Journal, JournalConfig
 from mell.gateway.journal.codec import encode, read_envelopes
 from mell.gateway.policy.base import WorkerStatus
@@ -67,13 +67,15 @@ def simulate(rng: random.Random, steps: int) -> list[ev.EventEnvelope]:
             workers[wid] = {"model": model, "status": "joining", "requests": {}}
             emit(
                 ev.WorkerJoined(
-                    worker_id=wid,
-                    boot_id=f"boot-{wid}",
-                    model=model,
-                    capacity_blocks=64,
-                    block_size=16,
-                    max_model_len=1024,
-                    data_address=f"tcp://127.0.0.1:{7200 + len(workers)}",
+                    identity=WorkerIdentity(
+                        worker_id=wid,
+                        boot_id=f"boot-{wid}",
+                        model=model,
+                        capacity_blocks=64,
+                        block_size=16,
+                        max_model_len=1024,
+                        data_address=f"tcp://127.0.0.1:{7200 + len(workers)}",
+                    )
                 ),
                 wid,
             )
@@ -108,12 +110,14 @@ def simulate(rng: random.Random, steps: int) -> list[ev.EventEnvelope]:
             emit(
                 ev.LoadReported(
                     worker_id=wid,
-                    num_running=len(held),
-                    num_waiting=0,
-                    num_total_blocks=64,
-                    num_free_blocks=64 - sum(held.values()),
-                    num_preemptions_total=0,
-                    requests=[RequestLoad(r, b, b * 16) for r, b in sorted(held.items())],
+                    load=WorkerLoad(
+                        num_running=len(held),
+                        num_waiting=0,
+                        num_total_blocks=64,
+                        num_free_blocks=64 - sum(held.values()),
+                        num_preemptions_total=0,
+                        requests=[RequestLoad(r, b, b * 16) for r, b in sorted(held.items())],
+                    ),
                 ),
                 wid,
             )
@@ -288,17 +292,30 @@ def _placed(rid: str = "r1", wid: str = "w0", blocks: int = 2) -> ev.RequestPlac
 
 def _joined(wid: str = "w0") -> ev.WorkerJoined:
     return ev.WorkerJoined(
-        worker_id=wid, boot_id="b", model="m1", capacity_blocks=64, block_size=16,
-        max_model_len=1024, data_address="",
-    )  # fmt: skip
+        identity=WorkerIdentity(
+            worker_id=wid,
+            boot_id="b",
+            model="m1",
+            capacity_blocks=64,
+            block_size=16,
+            max_model_len=1024,
+            data_address="",
+        )
+    )
 
 
 def _load(wid: str = "w0", blocks: int = 3) -> ev.LoadReported:
     return ev.LoadReported(
-        worker_id=wid, num_running=1, num_waiting=0, num_total_blocks=64,
-        num_free_blocks=64 - blocks, num_preemptions_total=0,
-        requests=[RequestLoad("r1", blocks, 40)],
-    )  # fmt: skip
+        worker_id=wid,
+        load=WorkerLoad(
+            num_running=1,
+            num_waiting=0,
+            num_total_blocks=64,
+            num_free_blocks=64 - blocks,
+            num_preemptions_total=0,
+            requests=[RequestLoad("r1", blocks, 40)],
+        ),
+    )
 
 
 def test_counterexample_load_report_before_placement() -> None:

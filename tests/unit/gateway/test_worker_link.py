@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from mell.common.config import GatewayConfig
+from mell.common.events import WorkerJoined
 from mell.common.messages import (
     Drain,
     GatewayMessage,
@@ -22,24 +23,34 @@ from mell.common.messages import (
     Welcome,
     WorkerMessage,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
+from mell.common.workers import WorkerIdentity, WorkerLoad
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.policy.base import WorkerStatus
-from mell.gateway.worker_link import WorkerLink
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
 
 HELLO = Hello(
-    worker_id="w0",
-    boot_id="boot-1",
-    model="m",
-    capacity_blocks=64,
-    block_size=16,
-    max_model_len=256,
-    data_address="tcp://127.0.0.1:9",
+    identity=WorkerIdentity(
+        worker_id="w0",
+        boot_id="boot-1",
+        model="m",
+        capacity_blocks=64,
+        block_size=16,
+        max_model_len=256,
+        data_address="tcp://127.0.0.1:9",
+    )
 )
 LOAD = LoadReport(
-    num_running=0, num_waiting=0, num_total_blocks=64, num_free_blocks=64, num_preemptions_total=0
+    load=WorkerLoad(
+        num_running=0,
+        num_waiting=0,
+        num_total_blocks=64,
+        num_free_blocks=64,
+        num_preemptions_total=0,
+    )
 )
 
 
@@ -61,7 +72,9 @@ async def _until(predicate: Any, timeout_s: float = 3.0) -> None:
 
 async def test_worker_lifecycle_over_the_link() -> None:
     state = ClusterState(ClusterView(["m"]))
-    link = WorkerLink(GatewayConfig(worker_timeout_s=0.6, epoch_s=0.1), state, "tcp://127.0.0.1:0")
+    link = WorkerLink(
+        GatewayConfig(worker_timeout_s=0.6, epoch_s=0.1), state, WorkerPort("tcp://127.0.0.1:0")
+    )
     tasks = [asyncio.create_task(link.receive_forever()), asyncio.create_task(link.watch_forever())]
     ctx = zmq.Context()
     dealer: DealerChannel[GatewayMessage] = DealerChannel(
@@ -105,10 +118,31 @@ async def test_worker_lifecycle_over_the_link() -> None:
 
 
 async def test_send_to_unknown_worker_is_reported_not_raised() -> None:
-    link = WorkerLink(GatewayConfig(), ClusterState(ClusterView(["m"])), "tcp://127.0.0.1:0")
+    link = WorkerLink(
+        GatewayConfig(), ClusterState(ClusterView(["m"])), WorkerPort("tcp://127.0.0.1:0")
+    )
     try:
         assert link.send("ghost", Ping(call_id=1)) is False
     finally:
+        link.close()
+
+
+async def test_a_worker_the_port_cannot_reach_is_declared_lost_by_the_link() -> None:
+    """Senders built before the link (the dispatcher, the migrator) send through the port; the
+    link's watch loop declares the workers they found unreachable lost."""
+    state = ClusterState(ClusterView(["m"]))
+    state.record(WorkerJoined(identity=HELLO.identity), source="w0")  # never connected
+    port = WorkerPort("tcp://127.0.0.1:0")
+    link = WorkerLink(GatewayConfig(worker_timeout_s=60), state, port)
+    watch = asyncio.create_task(link.watch_forever())
+    try:
+        assert port.send("w0", Ping(call_id=1)) is False
+        await _until(lambda: state.view.worker_rows["w0"].status == WorkerStatus.LOST)
+        assert state.view.worker_rows["w0"].lost_reason == "unreachable"
+        assert port.try_send("w0", Ping(call_id=2)) is False and port.unreachable.empty()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
         link.close()
 
 

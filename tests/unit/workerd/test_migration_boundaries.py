@@ -12,9 +12,9 @@ import pytest
 from mell.common.config import EngineConfig
 from mell.common.messages import BoundariesReport, PeerAddress, Probe, ProbeAck
 from mell.common.tiny_model import write_tiny_model
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
-from mell.gateway.migrator import Migrator
+from mell.gateway.cluster.migrator import Migrator
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
 from mell.gateway.policy.base import Move
 from mell.gateway.policy.migration_choice import choose_transfers
 from mell.workerd.engine.engine import Engine
@@ -88,7 +88,7 @@ def test_bandwidth_probe_between_two_data_planes() -> None:
 
 
 def test_adaptive_choice_uses_the_measured_boundaries() -> None:
-    migrator = Migrator(ClusterState(ClusterView(["m"])), None, None, epoch_s=1.0)
+    migrator = Migrator(ClusterState(ClusterView(["m"])), None, None, None, epoch_s=1.0)
     moves = [Move("r", "a", "b", "auto")]
     tokens = {"r": 1000}
     # Before any report: profile constants (a fast link: KV transfer).

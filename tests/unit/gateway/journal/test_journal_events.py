@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mell.common import events as ev
-from mell.common.messages import RequestLoad
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
 from mell.gateway.journal import CorruptRecord, Journal, JournalConfig
 from mell.gateway.journal.codec import journal_hook, read_envelopes
 from mell.gateway.mellctl.main import main as mellctl
@@ -20,13 +20,15 @@ def _history(state: ClusterState) -> None:
     for wid in ("w0", "w1"):
         state.record(
             ev.WorkerJoined(
-                worker_id=wid,
-                boot_id="boot-" + wid,
-                model="mell-tiny",
-                capacity_blocks=64,
-                block_size=16,
-                max_model_len=1024,
-                data_address="tcp://127.0.0.1:7201",
+                identity=WorkerIdentity(
+                    worker_id=wid,
+                    boot_id="boot-" + wid,
+                    model="mell-tiny",
+                    capacity_blocks=64,
+                    block_size=16,
+                    max_model_len=1024,
+                    data_address="tcp://127.0.0.1:7201",
+                )
             ),
             source=wid,
         )
@@ -43,12 +45,14 @@ def _history(state: ClusterState) -> None:
     state.record(
         ev.LoadReported(
             worker_id="w0",
-            num_running=1,
-            num_waiting=0,
-            num_total_blocks=64,
-            num_free_blocks=61,
-            num_preemptions_total=0,
-            requests=[RequestLoad("r1", 3, 40)],
+            load=WorkerLoad(
+                num_running=1,
+                num_waiting=0,
+                num_total_blocks=64,
+                num_free_blocks=61,
+                num_preemptions_total=0,
+                requests=[RequestLoad("r1", 3, 40)],
+            ),
         ),
         source="w0",
     )

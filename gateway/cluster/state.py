@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from mell.common.events import Event, EventEnvelope
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.cluster.view import ClusterView
 
 GATEWAY = "gateway"
 AppendHook = Callable[[EventEnvelope], object]

@@ -5,6 +5,9 @@ state before `AddRequest` leaves, so back-to-back requests see each other. Token
 workers are fanned out to the per-request streams in one pass. `release` is the one place a
 request ends: it aborts the request on its worker if the worker has not finished it, records
 `RequestFinished` or `RequestAborted`, and writes the request's one lifecycle log line.
+
+It sends through a `Send` callable (the worker port's `send`) given at construction; it hears
+from workers through the link, which holds it as its `RequestListener`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -22,13 +24,11 @@ from mell.common.errors import (
     MellError,
     NoCapacity,
     Overloaded,
+    RequestAbortedError,
+    WorkerLostError,
+)
+from mell.common.events import (
     RequestAborted,
-    WorkerLost,
-)
-from mell.common.events import (
-    RequestAborted as RequestAbortedEvent,
-)
-from mell.common.events import (
     RequestAdmitted,
     RequestFinished,
     RequestPlaced,
@@ -36,22 +36,24 @@ from mell.common.events import (
 from mell.common.messages import (
     AbortRequest,
     AddRequest,
+    GatewayMessage,
     RequestFailed,
     TokenBatch,
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.metrics import Metrics
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.stream import RequestStream
 from mell.gateway.policy.base import Arrival, Policy, Rejection, blocks_for_tokens
-from mell.gateway.stream import RequestStream
 
 log = structlog.get_logger("mell.gateway")
+Send = Callable[[str, GatewayMessage], bool]  # (worker id, message) -> delivered
 
 _ERRORS: dict[str, type[MellError]] = {
     ErrorCode.INVALID_REQUEST.value: InvalidRequest,
     ErrorCode.NO_CAPACITY.value: NoCapacity,
-    ErrorCode.ABORTED.value: RequestAborted,
+    ErrorCode.ABORTED.value: RequestAbortedError,
 }
 
 
@@ -71,17 +73,16 @@ class Dispatcher:
         self,
         state: ClusterState,
         policy: Policy,
-        send: Callable[[str, Any], bool],
+        send: Send,
         metrics: Metrics,
         max_in_flight: int,
     ) -> None:
         self.state = state
         self.policy = policy
-        self._send = send  # (worker id, message) -> delivered
+        self._send = send
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.streams: dict[str, RequestStream] = {}
-        self.migrator: Any = None  # mell.gateway.migrator.Migrator, told about lost workers
 
     # ------------------------------------------------------------ requests
 
@@ -126,7 +127,7 @@ class Dispatcher:
         if not self._send(
             worker.worker_id, AddRequest(job.request_id, job.prompt_token_ids, job.sampling)
         ):
-            stream.fail(WorkerLost(f"worker {worker.worker_id} is unreachable"))
+            stream.fail(WorkerLostError(f"worker {worker.worker_id} is unreachable"))
         return stream
 
     def release(
@@ -163,7 +164,7 @@ class Dispatcher:
             )
         else:
             self.state.record(
-                RequestAbortedEvent(
+                RequestAborted(
                     request_id=stream.request_id, worker_id=stream.worker_id, reason=reason
                 )
             )
@@ -223,19 +224,22 @@ class Dispatcher:
         if stream is not None and output_token_ids:
             stream.push(TokenOutput(request_id, 0, output_token_ids, None, None, num_prompt_tokens))
 
+    def worker_of(self, request_id: str) -> str | None:
+        """The worker the request's stream reads from; None when no stream reads it."""
+        stream = self.streams.get(request_id)
+        return stream.worker_id if stream is not None else None
+
     def on_request_failed(self, worker_id: str, msg: RequestFailed) -> None:
         stream = self.streams.get(msg.request_id)
         if stream is not None and stream.worker_id == worker_id:
-            stream.fail(_ERRORS.get(msg.code, WorkerLost)(msg.message))
+            stream.fail(_ERRORS.get(msg.code, WorkerLostError)(msg.message))
 
     def on_worker_lost(self, worker_id: str, reason: str) -> None:
         """Every request on a lost worker ends with an error (its client sees an error event)."""
-        if self.migrator is not None:
-            self.migrator.on_worker_lost(worker_id)
         for stream in self.streams.values():
             if stream.worker_id == worker_id:
-                stream.fail(WorkerLost(f"worker {worker_id} was lost: {reason}"))
+                stream.fail(WorkerLostError(f"worker {worker_id} was lost: {reason}"))
 
     def abort_all(self, reason: str) -> None:
         for stream in list(self.streams.values()):
-            stream.fail(RequestAborted(reason))
+            stream.fail(RequestAbortedError(reason))

@@ -8,6 +8,8 @@ requests already migrating, or touching a worker at its migration limit, wait fo
 the chosen moves start as background migrations (owned by this loop's task group, bounded by the
 migrator's per-worker limit). A draining worker's requests are moved away too: the policy's
 `place` picks each one's destination, so that a drained worker empties with nothing lost.
+
+Without a migrator (`EpochMigrations`) the loop only logs what the policy planned.
 """
 
 from __future__ import annotations
@@ -15,22 +17,43 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from collections.abc import Container
+from typing import Protocol
 
 import structlog
 
 from mell.common.messages import MeasurePeers, PeerAddress
-from mell.gateway.cluster_view import ClusterView, RequestState
+from mell.gateway.cluster.view import ClusterView, RequestState
+from mell.gateway.cluster.worker_port import Outbox
 from mell.gateway.policy.base import Arrival, Move, Placement, Policy, WorkerStatus
-from mell.gateway.policy.migration_choice import choose_transfers
+from mell.gateway.policy.migration_choice import TransferModel, choose_transfers
 
 log = structlog.get_logger("mell.gateway")
 
 
+class EpochMigrations(Protocol):
+    """What the epoch loop needs of the migrator."""
+
+    @property
+    def by_request(self) -> Container[str]: ...
+
+    @property
+    def max_per_worker(self) -> int: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    def busy(self, worker_id: str) -> bool: ...
+
+    def transfer_model(self) -> TransferModel: ...
+
+    async def migrate(self, move: Move) -> object: ...
+
+
 async def run_epochs(
-    policy: Policy, view: ClusterView, epoch_s: float, migrator: Any = None
+    policy: Policy, view: ClusterView, epoch_s: float, migrator: EpochMigrations | None = None
 ) -> None:
-    tasks: set[asyncio.Task[Any]] = set()
+    tasks: set[asyncio.Task[None]] = set()
     members: frozenset[str] = frozenset()
     try:
         while True:
@@ -61,7 +84,7 @@ async def run_epochs(
                 await task
 
 
-def runnable(moves: list[Move], view: ClusterView, migrator: Any) -> list[Move]:
+def runnable(moves: list[Move], view: ClusterView, migrator: EpochMigrations) -> list[Move]:
     """The moves that can start now, with their kinds resolved. A `Move.group` larger than
     the per-worker limit starts in parts over several epochs (the policy re-plans the rest);
     the part that can start goes whole or waits."""
@@ -92,7 +115,7 @@ def runnable(moves: list[Move], view: ClusterView, migrator: Any) -> list[Move]:
     return plan.chosen
 
 
-def drain_moves(policy: Policy, view: ClusterView, migrator: Any) -> list[Move]:
+def drain_moves(policy: Policy, view: ClusterView, migrator: EpochMigrations) -> list[Move]:
     """Move the requests of draining workers to where the policy would place them now."""
     moves = []
     for row in view.worker_rows.values():
@@ -109,18 +132,20 @@ def drain_moves(policy: Policy, view: ClusterView, migrator: Any) -> list[Move]:
     return moves
 
 
-async def _run(migrator: Any, move: Move) -> None:
+async def _run(migrator: EpochMigrations, move: Move) -> None:
     try:
         await migrator.migrate(move)
     except Exception as err:  # refused before it started (raced with the request's end)
         log.info("migration_skipped", request_id=move.request_id, reason=str(err))
 
 
-def _measure_if_changed(view: ClusterView, migrator: Any, members: frozenset[str]) -> frozenset:
+def _measure_if_changed(
+    view: ClusterView, migrator: EpochMigrations, members: frozenset[str]
+) -> frozenset[str]:
     live = [w for w in view.worker_rows.values() if w.status == WorkerStatus.ACTIVE]
     now = frozenset(w.worker_id for w in live)
     if now != members and len(live) > 1:
         peers = [PeerAddress(w.worker_id, w.data_address) for w in live]
         for w in live:
-            migrator.link.send_quietly(w.worker_id, MeasurePeers(peers))
+            migrator.outbox.send_quietly(w.worker_id, MeasurePeers(peers))
     return now

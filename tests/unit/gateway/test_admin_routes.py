@@ -15,20 +15,21 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from mell.common import events as ev
 from mell.common.config import GatewayConfig
-from mell.common.messages import RequestLoad
-from mell.gateway.admin_api import build_admin_app
-from mell.gateway.admin_token import ensure_token, read_url, write_url
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView
+from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
+from mell.gateway.admin.event_feed import EventFeed
+from mell.gateway.admin.routes import build_admin_app
+from mell.gateway.admin.token import ensure_token, read_url, write_url
+from mell.gateway.api.served_models import ModelRegistry
+from mell.gateway.cluster.dispatcher import Dispatcher
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_link import WorkerLink
+from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.context import GatewayContext
-from mell.gateway.dispatcher import Dispatcher
-from mell.gateway.event_feed import EventFeed
 from mell.gateway.mellctl.admin import render_requests, render_status
 from mell.gateway.mellctl.client import Unreachable, resolve
-from mell.gateway.metrics import Metrics
-from mell.gateway.models import ModelRegistry
 from mell.gateway.policy.base import make_policy
-from mell.gateway.worker_link import WorkerLink
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 TOKEN = "t0ken"
@@ -36,8 +37,17 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def joined(wid: str) -> ev.WorkerJoined:
-    return ev.WorkerJoined(worker_id=wid, boot_id="b", model="mell-tiny", capacity_blocks=64,
-                           block_size=16, max_model_len=256, data_address="")  # fmt: skip
+    return ev.WorkerJoined(
+        identity=WorkerIdentity(
+            worker_id=wid,
+            boot_id="b",
+            model="mell-tiny",
+            capacity_blocks=64,
+            block_size=16,
+            max_model_len=256,
+            data_address="",
+        )
+    )
 
 
 @pytest.fixture
@@ -46,7 +56,7 @@ async def client() -> AsyncIterator[tuple[TestClient, GatewayContext]]:
     state = ClusterState(ClusterView(["mell-tiny"]))
     feed = EventFeed()
     state.add_append_hook(feed.publish)
-    link = WorkerLink(config, state, "tcp://127.0.0.1:0")
+    link = WorkerLink(config, state, WorkerPort("tcp://127.0.0.1:0"))
     policy = make_policy("least-loaded")
     dispatcher = Dispatcher(state, policy, link.send, Metrics(state.view), 10)
     ctx = GatewayContext(config, ModelRegistry([]), state, link, dispatcher,
@@ -56,9 +66,20 @@ async def client() -> AsyncIterator[tuple[TestClient, GatewayContext]]:
         state.record(ev.WorkerActivated(worker_id=wid), source=wid)
     state.record(ev.RequestPlaced(request_id="r1", model="mell-tiny", worker_id="w0",
                                   num_prompt_tokens=30, max_tokens=50, num_blocks=2))  # fmt: skip
-    state.record(ev.LoadReported(worker_id="w0", num_running=1, num_waiting=0,
-                                 num_total_blocks=64, num_free_blocks=61, num_preemptions_total=0,
-                                 requests=[RequestLoad("r1", 3, 40)]), source="w0")  # fmt: skip
+    state.record(
+        ev.LoadReported(
+            worker_id="w0",
+            load=WorkerLoad(
+                num_running=1,
+                num_waiting=0,
+                num_total_blocks=64,
+                num_free_blocks=61,
+                num_preemptions_total=0,
+                requests=[RequestLoad("r1", 3, 40)],
+            ),
+        ),
+        source="w0",
+    )
     async with TestClient(TestServer(build_admin_app(ctx, TOKEN))) as c:
         yield c, ctx
     link.close()

@@ -11,21 +11,23 @@ Reconciling on hello: a worker's `Hello` lists the requests it holds. Any of the
 stream of this gateway reads (their clients were connected to a previous gateway process), and
 any request the view places on the worker that no stream reads, is aborted on the worker and
 recorded `RequestAborted`: no KV stays held for a dead request.
+
+Collaborators come through the constructor: the `WorkerPort` it receives from and sends
+through, the `RequestListener` (the dispatcher) and the `MigrationListener` (the migrator) it
+hands messages and losses to. Both listeners are built before the link, from the port, so no
+component is wired after construction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Callable
-from typing import Any, assert_never
+from typing import Protocol, assert_never
 
 import structlog
-import zmq.asyncio
 
 from mell.common.config import GatewayConfig
-from mell.common.errors import MellError, NotFound
+from mell.common.errors import NotFound
 from mell.common.events import (
     LoadReported,
     RequestAborted,
@@ -58,60 +60,77 @@ from mell.common.messages import (
     WorkerFailed,
     WorkerMessage,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.dispatcher import Dispatcher
+from mell.gateway.cluster.recovery import RESTART_REASON
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.worker_port import MakeMessage, WorkerPort
 from mell.gateway.policy.base import WorkerStatus
-from mell.gateway.recovery import RESTART_REASON
-from mell.transport.channel import PeerUnreachable, RouterChannel
-from mell.transport.codec import Codec
-from mell.transport.rpc import PendingCalls
 
 log = structlog.get_logger("mell.gateway")
 _REJOIN_EVERY_S = 0.5
 
 
-class WorkerLink:
-    """Owns the ROUTER socket and the liveness clock of every worker."""
+MigrationMessage = MigratedIn | MigrationEnded | BoundariesReport
 
-    def __init__(self, config: GatewayConfig, state: ClusterState, endpoint: str) -> None:
+
+class RequestListener(Protocol):
+    """The link's view of the dispatcher: requests' outputs and failures, workers lost."""
+
+    def on_token_batch(self, worker_id: str, batch: TokenBatch) -> None: ...
+
+    def on_request_failed(self, worker_id: str, msg: RequestFailed) -> None: ...
+
+    def on_worker_lost(self, worker_id: str, reason: str) -> None: ...
+
+    def worker_of(self, request_id: str) -> str | None:
+        """The worker a live stream of this gateway reads the request from, if any."""
+        ...
+
+
+class MigrationListener(Protocol):
+    """The link's view of the migrator: migration outcomes, boundaries, workers lost."""
+
+    def on_message(self, worker_id: str, message: MigrationMessage) -> None: ...
+
+    def on_worker_lost(self, worker_id: str) -> None: ...
+
+
+class WorkerLink:
+    """Owns the liveness clock of every worker; receives through the port."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        state: ClusterState,
+        port: WorkerPort,
+        requests: RequestListener | None = None,
+        migrations: MigrationListener | None = None,
+    ) -> None:
+        """Without `requests` (tests of the link alone) only unknown ids are reconciled."""
         self.config = config
         self.state = state
+        self.port = port
+        self.requests = requests
+        self.migrations = migrations
         self.boot_id = new_boot_id()
-        self._ctx = zmq.asyncio.Context()
-        self.channel: RouterChannel[WorkerMessage] = RouterChannel(
-            self._ctx, endpoint, Codec(WorkerMessage)
-        )
-        self.endpoint = self.channel.endpoint
-        self.calls = PendingCalls()
-        self.dispatcher: Dispatcher | None = None
-        self.migrator: Any = None  # mell.gateway.migrator.Migrator: migration outcomes
+        self.endpoint = port.endpoint
         self._last_seen: dict[str, float] = {}
         self._greeted: set[str] = set()  # workers that said hello to this process
         self._rejoin_sent: dict[str, float] = {}
 
     @property
-    def view(self) -> Any:
+    def view(self) -> ClusterView:
         return self.state.view
 
     def send(self, worker_id: str, message: GatewayMessage) -> bool:
         """Send without blocking; a worker that cannot be reached is declared lost."""
-        try:
-            self.channel.send(worker_id, message)
+        if self.port.try_send(worker_id, message):
             return True
-        except PeerUnreachable:
-            self.lose(worker_id, "unreachable")
-            return False
+        self.lose(worker_id, "unreachable")
+        return False
 
-    async def call(
-        self, worker_id: str, make: Callable[[int], GatewayMessage], timeout_s: float = 5.0
-    ) -> None:
-        """Send `make(call_id)` and wait for the worker's reply; CallTimeout, or MellError when
-        the worker answers with an error."""
-        error = await self.calls.call(
-            lambda call_id: self.channel.send(worker_id, make(call_id)), timeout_s
-        )
-        if error is not None:
-            raise MellError(f"worker {worker_id}: {error}")
+    async def call(self, worker_id: str, make: MakeMessage, timeout_s: float = 5.0) -> None:
+        await self.port.call(worker_id, make, timeout_s)
 
     async def drain(self, worker_id: str, timeout_s: float = 5.0) -> None:
         """Stop placing on the worker and tell it to stop admitting (it finishes what runs)."""
@@ -151,22 +170,37 @@ class WorkerLink:
         )
         self._last_seen.pop(worker_id, None)
         self._greeted.discard(worker_id)
-        if self.dispatcher is not None:
-            self.dispatcher.on_worker_lost(worker_id, reason)
+        self._tell_lost(worker_id, reason)
         self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
 
     # ------------------------------------------------------------ tasks
 
+    def _tell_lost(self, worker_id: str, reason: str) -> None:
+        """The migrator first (its migrations abort), then the dispatcher (streams fail)."""
+        if self.migrations is not None:
+            self.migrations.on_worker_lost(worker_id)
+        if self.requests is not None:
+            self.requests.on_worker_lost(worker_id, reason)
+
     async def receive_forever(self) -> None:
         while True:
-            peer, message, _frames = await self.channel.recv()
+            peer, message, _frames = await self.port.channel.recv()
             try:
                 self._handle(peer, message)
             except Exception:  # a handler bug must not stop the receive loop
                 log.exception("worker_message_failed", peer=peer, kind=type(message).__name__)
 
     async def watch_forever(self) -> None:
-        """Declare silent workers lost."""
+        """Declare silent workers lost, and those the port found unreachable."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch_silence())
+            group.create_task(self._watch_unreachable())
+
+    async def _watch_unreachable(self) -> None:
+        while True:
+            self.lose(await self.port.unreachable.get(), "unreachable")
+
+    async def _watch_silence(self) -> None:
         period = min(0.25, self.config.worker_timeout_s / 4)
         while True:
             await asyncio.sleep(period)
@@ -176,8 +210,7 @@ class WorkerLink:
                     self.lose(worker_id, f"silent for {self.config.worker_timeout_s} s")
 
     def close(self) -> None:
-        self.channel.close()
-        self._ctx.term()
+        self.port.close()
 
     # ------------------------------------------------------------ messages
 
@@ -192,61 +225,51 @@ class WorkerLink:
         self._last_seen[peer] = time.monotonic()
         match message:
             case TokenBatch():
-                if self.dispatcher is not None:
-                    self.dispatcher.on_token_batch(peer, message)
+                if self.requests is not None:
+                    self.requests.on_token_batch(peer, message)
             case Heartbeat():
                 pass
             case LoadReport():
                 self._load(peer, row.status, message)
             case RequestFailed():
-                if self.dispatcher is not None:
-                    self.dispatcher.on_request_failed(peer, message)
+                if self.requests is not None:
+                    self.requests.on_request_failed(peer, message)
             case WorkerFailed(message=text):
                 self.lose(peer, f"worker failed: {text}")
             case DrainCompleted(exiting=exiting):
                 self._drained(peer, exiting)
             case Reply(call_id=call_id, error=error):
-                self.calls.resolve(call_id, error)
+                self.port.calls.resolve(call_id, error)
             case MigratedIn() | MigrationEnded() | BoundariesReport():
-                if self.migrator is not None:
-                    self.migrator.on_message(peer, message)
+                if self.migrations is not None:
+                    self.migrations.on_message(peer, message)
             case Hello():
                 pass
             case _:
                 assert_never(message)
 
     def _hello(self, peer: str, hello: Hello) -> None:
-        if peer != hello.worker_id:
+        identity = hello.identity
+        if peer != identity.worker_id:
             log.warning(
                 "hello_dropped",
                 peer=peer,
-                worker_id=hello.worker_id,
+                worker_id=identity.worker_id,
                 reason="identity and worker id differ",
             )
             return
         row = self.view.worker_rows.get(peer)
-        known = row is not None and row.boot_id == hello.boot_id
+        known = row is not None and row.boot_id == identity.boot_id
         if row is not None and not known:
             self.lose(peer, "restarted")
-        if not known or row.status == WorkerStatus.LOST:
-            self.state.record(
-                WorkerJoined(
-                    worker_id=peer,
-                    boot_id=hello.boot_id,
-                    model=hello.model,
-                    capacity_blocks=hello.capacity_blocks,
-                    block_size=hello.block_size,
-                    max_model_len=hello.max_model_len,
-                    data_address=hello.data_address,
-                ),
-                source=peer,
-            )
+        if row is None or not known or row.status == WorkerStatus.LOST:
+            self.state.record(WorkerJoined(identity=hello.identity), source=peer)
             log.info(
                 "worker_joined",
                 worker_id=peer,
-                model=hello.model,
-                capacity_blocks=hello.capacity_blocks,
-                block_size=hello.block_size,
+                model=identity.model,
+                capacity_blocks=identity.capacity_blocks,
+                block_size=identity.block_size,
             )
         self._last_seen[peer] = time.monotonic()
         self._greeted.add(peer)
@@ -255,14 +278,14 @@ class WorkerLink:
 
     def _reconcile(self, peer: str, held: list[str]) -> None:
         """Abort what the worker holds, or the view places on it, that no stream reads."""
-        streams = self.dispatcher.streams if self.dispatcher is not None else None
+        streams = self.requests
         if streams is None:  # no dispatcher (tests of the link alone): only unknown ids
             requests = self.view.requests
             orphans = [r for r in held if r not in requests or requests[r].worker_id != peer]
         else:
-            orphans = [r for r in held if r not in streams or streams[r].worker_id != peer]
+            orphans = [r for r in held if streams.worker_of(r) != peer]
             for rid in self.view.requests_on(peer):
-                if rid not in streams:  # its client died with an earlier gateway
+                if streams.worker_of(rid) is None:  # its client died with an earlier gateway
                     self.state.record(
                         RequestAborted(request_id=rid, worker_id=peer, reason=RESTART_REASON)
                     )
@@ -283,27 +306,14 @@ class WorkerLink:
             self.state.record(WorkerActivated(worker_id=peer), source=peer)
         elif report.draining and status == WorkerStatus.ACTIVE:
             self.state.record(WorkerDrainStarted(worker_id=peer), source=peer)
-        self.state.record(
-            LoadReported(
-                worker_id=peer,
-                num_running=report.num_running,
-                num_waiting=report.num_waiting,
-                num_total_blocks=report.num_total_blocks,
-                num_free_blocks=report.num_free_blocks,
-                num_preemptions_total=report.num_preemptions_total,
-                requests=report.requests,
-            ),
-            source=peer,
-        )
+        self.state.record(LoadReported(worker_id=peer, load=report.load), source=peer)
 
     def _drained(self, peer: str, exiting: bool) -> None:
         log.info("worker_drained", worker_id=peer, exiting=exiting)
         if exiting:
             self._last_seen.pop(peer, None)
-            if self.dispatcher is not None:
-                self.dispatcher.on_worker_lost(peer, "worker shut down")
+            self._tell_lost(peer, "worker shut down")
         self.state.record(WorkerDrained(worker_id=peer, exiting=exiting), source=peer)
 
     def send_quietly(self, peer: str, message: GatewayMessage) -> None:
-        with contextlib.suppress(PeerUnreachable):
-            self.channel.send(peer, message)
+        self.port.send_quietly(peer, message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mell.common.errors import InvalidRequest
-from mell.gateway.protocol import (
+from mell.gateway.api.bodies import (
     chat_logprobs,
     decode_chat,
     decode_completion,

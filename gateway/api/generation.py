@@ -18,14 +18,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from mell.common.errors import MellError, RequestAborted, WorkerLost
+from mell.common.errors import MellError, RequestAbortedError, WorkerLostError
 from mell.common.messages import TokenOutput
-from mell.gateway.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
-from mell.gateway.detokenizer import Detokenizer
-from mell.gateway.dispatcher import Dispatcher, Job
-from mell.gateway.errors import error_event
-from mell.gateway.stop_strings import StopMatcher
-from mell.gateway.stream import RequestStream, StreamTimeout
+from mell.gateway.api.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
+from mell.gateway.api.detokenizer import Detokenizer
+from mell.gateway.api.error_body import error_event
+from mell.gateway.api.stop_strings import StopMatcher
+from mell.gateway.cluster.dispatcher import Dispatcher, Job
+from mell.gateway.cluster.stream import RequestStream, StreamTimeout
 
 log = structlog.get_logger("mell.gateway")
 Format = ChatFormat | CompletionFormat
@@ -119,7 +119,7 @@ async def _start(
         stream = dispatcher.submit(job)
         try:
             return stream, await _next(stream, timeout_s)
-        except WorkerLost as err:
+        except WorkerLostError as err:
             dispatcher.release(stream, None, err.message, 0)
             if attempt == MAX_PLACEMENTS:
                 raise
@@ -141,7 +141,7 @@ async def _next(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
         except StreamTimeout:
             idle = time.monotonic() - max(stream.last_token_at, stream.arrival)
             if idle >= timeout_s:
-                raise RequestAborted(f"no output from the worker for {timeout_s} s") from None
+                raise RequestAbortedError(f"no output from the worker for {timeout_s} s") from None
 
 
 class SseWriter:

@@ -4,7 +4,8 @@ The gateway adds `EventFeed.publish` as an append hook of `ClusterState`, so the
 event the journal sees, in the same order. The admin API serves the tail (`recent`) and follows
 new events (`subscribe`); a subscriber that falls more than its queue behind is dropped (its
 stream ends with a line saying so) rather than slowing the gateway. The full history is the
-journal (`mellctl events --journal DIR`). `matches` and `event_json` are shared with `mellctl`.
+journal (`mellctl events --journal DIR`). `matches`, `event_json` and `event_fields` are
+shared with `mellctl`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import msgspec
 
-from mell.common.events import EventEnvelope
+from mell.common.events import Event, EventEnvelope
 
 _WORKER_FIELDS = ("worker_id", "src", "dst")
+_EMBEDDED = ("identity", "load")  # event fields holding a `mell.common.workers` struct
 
 
 def matches(event: Any, request: str | None = None, worker: str | None = None) -> bool:
@@ -36,11 +38,24 @@ def _about_request(event: Any, request: str) -> bool:
 
 
 def event_json(envelope: EventEnvelope) -> dict[str, Any]:
-    """{"type", "source", "source_seq", "ts", then the event's fields}."""
-    fields = msgspec.to_builtins(envelope.event)
+    """{"type", "source", "source_seq", "ts", then the event's fields}; the fields of an
+    embedded shared struct (a worker's identity or load) are spread in its place, as flat as
+    the event was before it embedded them."""
+    fields = event_fields(envelope.event)
     kind = fields.pop("type")
     return {"type": kind, "source": envelope.source, "source_seq": envelope.seq,
             "ts": envelope.ts, **fields}  # fmt: skip
+
+
+def event_fields(event: Event) -> dict[str, Any]:
+    """{"type", then the event's fields}, embedded shared structs spread in their place."""
+    flat: dict[str, Any] = {}
+    for name, value in msgspec.to_builtins(event).items():
+        if name in _EMBEDDED:
+            flat.update(value)
+        else:
+            flat[name] = value
+    return flat
 
 
 class Subscription:

@@ -16,7 +16,7 @@
 
 Reads come from the cluster view (the fold of the journal's events); drain and undrain go through
 the worker link, which records the events. Errors are `{"error": {"message", "type", "code"}}`.
-The token lives in DATA_DIR/admin.token (0600, created at first start: `admin_token`).
+The token lives in DATA_DIR/admin.token (0600, created at first start: `admin.token`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from aiohttp import web
 
 from mell.common.errors import InvalidRequest, MellError, NotFound, Unauthorized
 from mell.common.events import EventEnvelope
-from mell.gateway.app import errors_middleware
-from mell.gateway.cluster_view import RequestRow, WorkerRow
+from mell.gateway.admin.event_feed import Subscription, event_json, matches
+from mell.gateway.api.error_body import error_response, errors_middleware
+from mell.gateway.cluster.migrator import move_kind
+from mell.gateway.cluster.view import RequestRow, WorkerRow
 from mell.gateway.context import CONTEXT, GatewayContext
-from mell.gateway.errors import error_response
-from mell.gateway.event_feed import Subscription, event_json, matches
-from mell.gateway.policy.base import Move
+from mell.gateway.policy.base import Move, WorkerStatus
 from mell.transport.rpc import CallTimeout
 
 PREFIX = "/admin/v1"
@@ -129,7 +129,7 @@ def request_json(row: RequestRow, streaming: bool) -> dict[str, Any]:
 def status_json(ctx: GatewayContext) -> dict[str, Any]:
     view = ctx.state.view
     rows = sorted(view.worker_rows.values(), key=lambda w: w.worker_id)
-    live = [w for w in rows if w.status.name != "LOST"]
+    live = [w for w in rows if w.status != WorkerStatus.LOST]
     models = []
     for name in view.model_names:
         pool = [w for w in live if w.model == name]
@@ -139,7 +139,7 @@ def status_json(ctx: GatewayContext) -> dict[str, Any]:
             {
                 "model": name,
                 "workers": len(pool),
-                "active": sum(w.status.name == "ACTIVE" for w in pool),
+                "active": sum(w.status == WorkerStatus.ACTIVE for w in pool),
                 "releasable": sum(w.releasable for w in pool),
                 "capacity_blocks": capacity,
                 "used_blocks": used,
@@ -163,7 +163,7 @@ def status_json(ctx: GatewayContext) -> dict[str, Any]:
         "migrations": [msgspec.to_builtins(m) for m in view.migrations.values()],
         "totals": {
             "workers": len(live),
-            "active": sum(w.status.name == "ACTIVE" for w in live),
+            "active": sum(w.status == WorkerStatus.ACTIVE for w in live),
             "lost": len(rows) - len(live),
             "capacity_blocks": capacity,
             "used_blocks": used,
@@ -284,7 +284,7 @@ async def migrate(request: web.Request) -> web.Response:
     if row is None or ctx.migrator is None:
         raise NotFound(f"no request {request_id!r} in flight", param="request_id")
     src = row.worker_id  # the row follows the request: read it before it moves
-    outcome = await ctx.migrator.migrate(Move(request_id, src, body.to, body.kind))
+    outcome = await ctx.migrator.migrate(Move(request_id, src, body.to, move_kind(body.kind)))
     return _json(
         {
             "migration_id": outcome.migration_id,

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from mell.common.errors import InvalidRequest, NotFound
 from mell.common.model_spec import model_name, resolve_model_dir
-from mell.gateway.chat_template import ChatTemplate
+from mell.gateway.api.chat_template import ChatTemplate
 
 
 @dataclass(slots=True)

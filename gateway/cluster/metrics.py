@@ -2,6 +2,8 @@
 
 Request histograms and counters are updated by the dispatcher; gauges (running, waiting, KV
 usage, active workers, per-worker KV) are computed from the cluster view at scrape time.
+It lives in `cluster/` because the dispatcher and the migrator count into it and it reads the
+view; `app` only serves `render()` at /metrics.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mell.gateway.cluster_view import ClusterView
+from mell.gateway.cluster.view import ClusterView
 from mell.gateway.policy.base import WorkerStatus
 
 TTFT_BUCKETS = (

@@ -14,6 +14,10 @@ committing after the gateway recorded an abort has its copy aborted, a source re
 gateway recorded a commit has its copy aborted. Tokens are numbered, so the stream delivers every
 index once whichever copy sent it.
 
+Collaborators come through the constructor: the worker port (an `Outbox`) it sends through,
+the request streams (`StreamRoutes`, the dispatcher) that follow a committed move, and the
+metrics it counts migrations in. The link hands it the workers' words (`on_message`).
+
 "auto" moves get their kind from the adaptive choice (`migration_choice.choose_transfers`) over
 the boundaries the workers measured (`BoundariesReport`), or profile constants until they have.
 """
@@ -24,7 +28,8 @@ import asyncio
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Protocol
 
 import msgspec
 import structlog
@@ -40,8 +45,10 @@ from mell.common.messages import (
     MigrationEnded,
     StartMigration,
 )
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.policy.base import Move, WorkerStatus
+from mell.gateway.cluster.metrics import Metrics
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.worker_port import Outbox
+from mell.gateway.policy.base import Move, MoveKind, WorkerStatus
 from mell.gateway.policy.migration_choice import TransferModel, choose_transfers
 from mell.transport.rpc import CallTimeout
 
@@ -52,6 +59,37 @@ DEFAULT_PREFILL_TPS = 5000.0
 KV_BYTES_PER_TOKEN = 4096  # until known per model; only the KV/tokens ratio matters
 
 
+class Decision(StrEnum):
+    """What the gateway decided about a migration (once decided, never changed)."""
+
+    UNDECIDED = ""
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+class StreamRoutes(Protocol):
+    """The migrator's view of the request streams (the dispatcher)."""
+
+    def worker_of(self, request_id: str) -> str | None: ...
+
+    def migrated(self, request_id: str, src: str, dst: str) -> None: ...
+
+    def fill(
+        self, request_id: str, output_token_ids: list[int], num_prompt_tokens: int
+    ) -> None: ...
+
+
+_KINDS: dict[str, MoveKind] = {"kv": "kv", "tokens": "tokens", "auto": "auto"}
+
+
+def move_kind(kind: str) -> MoveKind:
+    """`kind` as a move's kind; InvalidRequest when it is none of them."""
+    known = _KINDS.get(kind)
+    if known is None:
+        raise InvalidRequest(f"unknown migration kind {kind!r}", param="kind")
+    return known
+
+
 @dataclass(slots=True)
 class Migration:
     migration_id: str
@@ -60,7 +98,7 @@ class Migration:
     dst: str
     kind: str
     done: asyncio.Future[str] = field(default_factory=lambda: _future())
-    decided: str = ""  # "" | "committed" | "aborted"
+    decided: Decision = Decision.UNDECIDED
     reason: str = ""
     ended: MigrationEnded | None = None  # the source's last word
 
@@ -78,15 +116,16 @@ class Migrator:
     def __init__(
         self,
         state: ClusterState,
-        link: Any,
-        dispatcher: Any,
+        outbox: Outbox,
+        streams: StreamRoutes,
+        metrics: Metrics,
         *,
         max_per_worker: int = 2,
         start_timeout_s: float = 5.0,
         timeout_s: float = 60.0,
         epoch_s: float = 0.25,
     ) -> None:
-        self.state, self.link, self.dispatcher = state, link, dispatcher
+        self.state, self.outbox, self.streams, self.metrics = state, outbox, streams, metrics
         self.max_per_worker = max_per_worker
         self.start_timeout_s, self.timeout_s, self.epoch_s = start_timeout_s, timeout_s, epoch_s
         self.active: dict[str, Migration] = {}
@@ -118,8 +157,7 @@ class Migrator:
             raise NotFound(f"no active worker {move.dst!r}", param="to")
         if dst.model != req.model:
             raise InvalidRequest(f"worker {move.dst!r} serves {dst.model}, not {req.model}")
-        if move.kind not in ("kv", "tokens", "auto"):
-            raise InvalidRequest(f"unknown migration kind {move.kind!r}", param="kind")
+        move_kind(move.kind)
         if self.busy(move.src) or self.busy(move.dst):
             raise NoCapacity(f"too many migrations in flight on {move.src} or {move.dst}")
 
@@ -141,20 +179,20 @@ class Migrator:
             kind=kind,
         )
         try:
-            await self.link.call(
+            await self.outbox.call(
                 m.src,
                 lambda call_id: msgspec_replace(start, call_id),
                 self.start_timeout_s,
             )
             reason = await asyncio.wait_for(asyncio.shield(m.done), self.timeout_s)
         except (CallTimeout, TimeoutError):
-            self.link.send_quietly(m.src, CancelMigration(m.migration_id))
-            self._decide(m, "aborted", "no outcome in time")
+            self.outbox.send_quietly(m.src, CancelMigration(m.migration_id))
+            self._decide(m, Decision.ABORTED, "no outcome in time")
             reason = m.reason
         except MellError as err:  # the source refused
-            self._decide(m, "aborted", err.message)
+            self._decide(m, Decision.ABORTED, err.message)
             reason = m.reason
-        return Outcome(m.migration_id, m.decided == "committed", kind, reason, m.ended)
+        return Outcome(m.migration_id, m.decided == Decision.COMMITTED, kind, reason, m.ended)
 
     def choose_kind(self, move: Move) -> str:
         req = self.state.view.requests.get(move.request_id)
@@ -191,7 +229,9 @@ class Migrator:
 
     # ------------------------------------------------------------ from workers
 
-    def on_message(self, worker_id: str, message: Any) -> None:
+    def on_message(
+        self, worker_id: str, message: MigratedIn | MigrationEnded | BoundariesReport
+    ) -> None:
         match message:
             case MigratedIn():
                 self._migrated_in(worker_id, message)
@@ -210,26 +250,26 @@ class Migrator:
         self.boundaries.pop(worker_id, None)
         for m in list(self.active.values()):
             if m.dst == worker_id and not m.decided:
-                self.link.send_quietly(m.src, CancelMigration(m.migration_id))
-                self._decide(m, "aborted", f"destination {worker_id} lost")
+                self.outbox.send_quietly(m.src, CancelMigration(m.migration_id))
+                self._decide(m, Decision.ABORTED, f"destination {worker_id} lost")
             elif m.src == worker_id:
-                self._decide(m, "aborted", f"source {worker_id} lost")
+                self._decide(m, Decision.ABORTED, f"source {worker_id} lost")
                 self._finish(m)
 
     def _migrated_in(self, dst: str, msg: MigratedIn) -> None:
         m = self.active.get(msg.migration_id)
-        stream = self.dispatcher.streams.get(msg.request_id)
-        if m is None and stream is not None and stream.worker_id == dst:
+        reader = self.streams.worker_of(msg.request_id)
+        if m is None and reader == dst:
             # Committed already on the source's word (it can overtake this one): fill in.
-            self.dispatcher.fill(msg.request_id, msg.output_token_ids, msg.num_prompt_tokens)
+            self.streams.fill(msg.request_id, msg.output_token_ids, msg.num_prompt_tokens)
             return
-        if m is None or m.decided == "aborted" or stream is None:
+        if m is None or m.decided == Decision.ABORTED or reader is None:
             # Nobody reads it there (aborted, or the client left): drop that copy.
-            self.link.send_quietly(dst, AbortRequest([msg.request_id]))
+            self.outbox.send_quietly(dst, AbortRequest([msg.request_id]))
             return
         if not m.decided:
-            self._decide(m, "committed")
-        self.dispatcher.fill(msg.request_id, msg.output_token_ids, msg.num_prompt_tokens)
+            self._decide(m, Decision.COMMITTED)
+        self.streams.fill(msg.request_id, msg.output_token_ids, msg.num_prompt_tokens)
 
     def _ended(self, src: str, msg: MigrationEnded) -> None:
         m = self.active.get(msg.migration_id)
@@ -238,13 +278,13 @@ class Migrator:
         m.ended = msg
         if msg.committed:
             if not m.decided:
-                self._decide(m, "committed")
-        elif m.decided == "committed":
+                self._decide(m, Decision.COMMITTED)
+        elif m.decided == Decision.COMMITTED:
             # The source gave up waiting for the commit's answer and resumed, but the
             # destination committed: the destination's copy is the one the stream follows.
-            self.link.send_quietly(src, AbortRequest([msg.request_id]))
+            self.outbox.send_quietly(src, AbortRequest([msg.request_id]))
         elif not m.decided:
-            self._decide(m, "aborted", msg.reason)
+            self._decide(m, Decision.ABORTED, msg.reason)
         self._finish(m)
 
     # ------------------------------------------------------------ bookkeeping
@@ -258,19 +298,19 @@ class Migrator:
         self.state.record(MigrationStarted(**fields))
         log.info("migration_started", **fields)
 
-    def _decide(self, m: Migration, outcome: str, reason: str = "") -> None:
+    def _decide(self, m: Migration, outcome: Decision, reason: str = "") -> None:
         if m.decided:
             return
         m.decided, m.reason = outcome, reason
         fields = _fields(m)
-        if outcome == "committed":
-            self.dispatcher.migrated(m.request_id, m.src, m.dst)
+        if outcome == Decision.COMMITTED:
+            self.streams.migrated(m.request_id, m.src, m.dst)
             self.state.record(MigrationCommitted(**fields))
-            self.dispatcher.metrics.migrations.labels(m.kind).inc()
+            self.metrics.migrations.labels(m.kind).inc()
         else:
             self.state.record(MigrationAborted(**fields, reason=reason))
-        log.info("migration_" + outcome, **fields, reason=reason or None)
-        if outcome == "aborted":
+        log.info("migration_" + outcome.value, **fields, reason=reason or None)
+        if outcome == Decision.ABORTED:
             self._finish(m)
 
     def _finish(self, m: Migration) -> None:

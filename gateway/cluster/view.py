@@ -56,6 +56,7 @@ from mell.common.events import (
     WorkerLost,
     WorkerUndrained,
 )
+from mell.common.workers import WorkerIdentity, WorkerLoad
 from mell.gateway.policy.base import WorkerInfo, WorkerStatus
 
 Stamp = tuple[float, str, int]  # (ts, source, seq) of an envelope: a total order of the history
@@ -71,22 +72,60 @@ class RequestState(StrEnum):
 
 @dataclass(slots=True)
 class WorkerRow:
-    worker_id: str
-    boot_id: str
-    model: str
+    """One worker as the view sees it: its identity as it joined, its load as last reported
+    (idle before the first report and once lost), and what the view derives."""
+
+    identity: WorkerIdentity
     status: WorkerStatus
-    capacity_blocks: int
-    block_size: int
-    max_model_len: int
-    data_address: str
     joined_at: float
-    num_free_blocks: int
-    num_running: int = 0
-    num_waiting: int = 0
-    num_preemptions_total: int = 0
+    load: WorkerLoad
     drained: bool = False  # reported empty after a drain: idle and releasable
     lost_reason: str = ""
     request_blocks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def worker_id(self) -> str:
+        return self.identity.worker_id
+
+    @property
+    def boot_id(self) -> str:
+        return self.identity.boot_id
+
+    @property
+    def model(self) -> str:
+        return self.identity.model
+
+    @property
+    def block_size(self) -> int:
+        return self.identity.block_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self.identity.max_model_len
+
+    @property
+    def data_address(self) -> str:
+        return self.identity.data_address
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.load.num_total_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.load.num_free_blocks
+
+    @property
+    def num_running(self) -> int:
+        return self.load.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.load.num_waiting
+
+    @property
+    def num_preemptions_total(self) -> int:
+        return self.load.num_preemptions_total
 
     @property
     def num_used_blocks(self) -> int:
@@ -148,13 +187,13 @@ class Totals:
 class WorkerRegisters(msgspec.Struct, kw_only=True):
     """Everything folded about one worker id; its `WorkerRow` is derived from these."""
 
-    joined: WorkerJoined | None = None
+    joined: WorkerIdentity | None = None
     joined_stamp: Stamp = NEVER
     status: int = WorkerStatus.JOINING
     drained: bool = False
     lost_reason: str = ""
     status_stamp: Stamp = NEVER
-    load: LoadReported | None = None  # the newest since the join
+    load: WorkerLoad | None = None  # the newest since the join
     gone: Stamp = NEVER  # last loss or exit: requests that came to it before are not live
     exited: Stamp = NEVER  # last exiting drain: the row is gone unless it joined again since
 
@@ -277,11 +316,12 @@ class ClusterView:
         return self._regs.setdefault(worker_id, WorkerRegisters())
 
     def _joined(self, e: WorkerJoined, stamp: Stamp) -> None:
-        regs = self._registers(e.worker_id)
-        regs.joined, regs.joined_stamp, regs.load = e, stamp, None
-        self._status(e.worker_id, stamp, WorkerStatus.JOINING)
-        if e.model not in self.model_names:
-            extra = {m for m in self.model_names if m not in self._configured} | {e.model}
+        identity = e.identity
+        regs = self._registers(identity.worker_id)
+        regs.joined, regs.joined_stamp, regs.load = identity, stamp, None
+        self._status(identity.worker_id, stamp, WorkerStatus.JOINING)
+        if identity.model not in self.model_names:
+            extra = {m for m in self.model_names if m not in self._configured} | {identity.model}
             self.model_names = self._configured + sorted(extra)
 
     def _status(
@@ -318,9 +358,9 @@ class ClusterView:
     def _load(self, e: LoadReported, stamp: Stamp) -> None:
         regs = self._registers(e.worker_id)
         if stamp > regs.joined_stamp:
-            regs.load = e
+            regs.load = e.load
         reported = self._reported
-        for load in e.requests:
+        for load in e.load.requests:
             rid = load.request_id
             known = reported.get(rid)
             if known is None or stamp > known[0]:
@@ -345,31 +385,23 @@ class ClusterView:
         row.status = WorkerStatus(regs.status)
         row.drained, row.lost_reason = regs.drained, regs.lost_reason
         load = regs.load
-        row.capacity_blocks = load.num_total_blocks if load else joined.capacity_blocks
-        row.num_preemptions_total = load.num_preemptions_total if load else 0
-        if load is None or row.status == WorkerStatus.LOST:
-            row.num_running = row.num_waiting = 0
-            row.num_free_blocks = row.capacity_blocks
+        if load is None:
+            row.load = WorkerLoad.idle(joined.capacity_blocks)
+        elif row.status == WorkerStatus.LOST:
+            row.load = WorkerLoad.idle(load.num_total_blocks, load.num_preemptions_total)
         else:
-            row.num_running, row.num_waiting = load.num_running, load.num_waiting
-            row.num_free_blocks = load.num_free_blocks
+            row.load = load
 
-    def _new_row(self, e: WorkerJoined, joined_at: float) -> WorkerRow:
+    def _new_row(self, identity: WorkerIdentity, joined_at: float) -> WorkerRow:
         return WorkerRow(
-            worker_id=e.worker_id,
-            boot_id=e.boot_id,
-            model=e.model,
+            identity=identity,
             status=WorkerStatus.JOINING,
-            capacity_blocks=e.capacity_blocks,
-            block_size=e.block_size,
-            max_model_len=e.max_model_len,
-            data_address=e.data_address,
             joined_at=joined_at,
-            num_free_blocks=e.capacity_blocks,
+            load=WorkerLoad.idle(identity.capacity_blocks),
             request_blocks={
                 r.request_id: r.num_blocks
                 for r in self.requests.values()
-                if r.worker_id == e.worker_id
+                if r.worker_id == identity.worker_id
             },
         )
 

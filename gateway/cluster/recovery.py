@@ -26,8 +26,8 @@ from mell.common.config import GatewayConfig
 from mell.common.errors import JournalError
 from mell.common.events import EventEnvelope, RequestAborted
 from mell.common.messages import AbortRequest, GatewayMessage
-from mell.gateway.cluster_state import ClusterState
-from mell.gateway.cluster_view import ClusterView, ViewSnapshot
+from mell.gateway.cluster.state import ClusterState
+from mell.gateway.cluster.view import ClusterView, ViewSnapshot
 from mell.gateway.journal import CorruptRecord, Journal, Record, replay
 from mell.gateway.journal.codec import decode, journal_hook
 

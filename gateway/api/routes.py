@@ -14,14 +14,10 @@ from aiohttp import web
 
 from mell.common.errors import InvalidRequest
 from mell.common.ids import new_request_id
-from mell.gateway.chunks import ChatFormat, CompletionFormat
-from mell.gateway.context import CONTEXT, GatewayContext
-from mell.gateway.dispatcher import Job
-from mell.gateway.generation import respond
-from mell.gateway.models import ServedModel, check_token_ids
-from mell.gateway.protocol import (
+from mell.gateway.api.bodies import (
     ChatCompletionRequest,
     ChatMessage,
+    CompletionRequest,
     chat_logprobs,
     check_top_logprobs,
     decode_chat,
@@ -30,6 +26,11 @@ from mell.gateway.protocol import (
     stop_strings,
     to_sampling,
 )
+from mell.gateway.api.chunks import ChatFormat, CompletionFormat
+from mell.gateway.api.generation import Format, respond
+from mell.gateway.api.served_models import ServedModel, check_token_ids
+from mell.gateway.cluster.dispatcher import Job
+from mell.gateway.context import CONTEXT, GatewayContext
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -65,7 +66,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _respond(
-    request: web.Request, ctx: GatewayContext, job: Job, fmt: Any, body: Any, want_logprobs: bool
+    request: web.Request,
+    ctx: GatewayContext,
+    job: Job,
+    fmt: Format,
+    body: CompletionRequest | ChatCompletionRequest,
+    want_logprobs: bool,
 ) -> web.StreamResponse:
     with structlog.contextvars.bound_contextvars(request_id=job.request_id):
         return await respond(

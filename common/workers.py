@@ -1,0 +1,53 @@
+"""What a worker is and what it holds: structs shared by the messages, the events and the view.
+
+`WorkerIdentity` is said once in `Hello`, recorded in `WorkerJoined` and kept in the view's
+worker row; `WorkerLoad` is measured by the worker, sent in `LoadReport`, recorded in
+`LoadReported` and kept in the row. Each is defined once here and embedded, never copied field
+by field. They encode as maps (field names), so the journal's events stay self-describing.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a worker is and what it serves, fixed for one process (one boot id)."""
+
+    worker_id: str
+    boot_id: str  # new every process start: tells a restart from a reconnect
+    model: str  # served model name
+    capacity_blocks: int
+    block_size: int
+    max_model_len: int
+    data_address: str  # where peers reach this worker's data plane (migration)
+
+
+class RequestLoad(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """KV blocks and tokens of one request held by a worker."""
+
+    request_id: str
+    num_blocks: int
+    num_tokens: int  # prompt + generated so far
+
+
+class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's load at one moment: its engine's queues and KV blocks, and its requests."""
+
+    num_running: int
+    num_waiting: int
+    num_total_blocks: int
+    num_free_blocks: int
+    num_preemptions_total: int
+    requests: list[RequestLoad] = []
+
+    @classmethod
+    def idle(cls, num_total_blocks: int, num_preemptions_total: int = 0) -> WorkerLoad:
+        """Nothing running, every block free (before the first report, or once lost)."""
+        return cls(
+            num_running=0,
+            num_waiting=0,
+            num_total_blocks=num_total_blocks,
+            num_free_blocks=num_total_blocks,
+            num_preemptions_total=num_preemptions_total,
+        )

@@ -1,0 +1,1 @@
+"""The operator's surface: admin routes, their token, the event feed; imports `cluster`, `api`."""
