@@ -52,16 +52,22 @@ def _case(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed=0):
     return cache, batch, q, torch.stack(k_new), torch.stack(v_new)
 
 
-def _both(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed=0):
+def _both(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed=0, layers=()):
+    """Both backends' outputs; with `layers` (LayerAttention kinds), one pair per kind."""
     from mell.workerd.model.attention_flashinfer import FlashInferAttention
 
     shape = AttentionShape(heads, kv_heads, head_dim, dtype, torch.device("cuda"))
     cache, batch, q, k, v = _case(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed)
     outs = []
     for backend in (TorchAttention(shape), FlashInferAttention(shape)):
+        if layers:
+            backend.use_layers(layers)
         backend.begin_step()
         plan = backend.plan(batch)
-        outs.append(backend.forward(plan, q, k, v, cache).float())
+        kinds = layers or [None]
+        outs.append(
+            torch.cat([backend.forward(plan, q, k, v, cache, kind).float() for kind in kinds])
+        )
     return outs
 
 
@@ -91,6 +97,27 @@ def test_mixed_batch_matches_torch(dtype) -> None:
     q_lens = [1, 1, 1, 17, 128, 5]
     kv_lens = [9, 260, 700, 17, 200, 45]
     ref, got = _both(q_lens, kv_lens, 8, 2, 64, dtype, seed=2)
+    torch.testing.assert_close(got, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (8, 4, 256)])
+def test_layer_kinds_match_torch(dtype, heads, kv_heads, head_dim) -> None:
+    """Sliding windows (window_left), soft-capping (logits_soft_cap) and a softmax scale of
+    its own (Gemma's query_pre_attn_scalar), planned together in one step, in a mixed batch."""
+    from mell.workerd.model.attention import LayerAttention
+
+    scale = 144**-0.5
+    layers = [
+        LayerAttention(head_dim**-0.5),
+        LayerAttention(scale, window=48, soft_cap=50.0),
+        LayerAttention(scale, window=None, soft_cap=50.0),
+        LayerAttention(scale, window=100),
+        LayerAttention(scale, window=1, soft_cap=5.0),
+    ]
+    q_lens = [1, 1, 1, 17, 128, 5, 300]
+    kv_lens = [9, 260, 700, 17, 200, 45, 300]
+    ref, got = _both(q_lens, kv_lens, heads, kv_heads, head_dim, dtype, seed=3, layers=layers)
     torch.testing.assert_close(got, ref, atol=TOL[dtype], rtol=TOL[dtype])
 
 

@@ -310,6 +310,8 @@ def _sliding_layers(
     raw: dict[str, Any], model_type: str, num_layers: int, source: str
 ) -> tuple[int | None, tuple[bool, ...]]:
     """The sliding window and which layers it applies to, as transformers decides them."""
+    if raw.get("use_bidirectional_attention"):
+        raise ModelError(f"{source}: use_bidirectional_attention is not supported")
     window = raw.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not raw.get("use_sliding_window", False):
         window = None
@@ -317,8 +319,6 @@ def _sliding_layers(
         return None, ()
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         raise ModelError(f"{source}: sliding_window must be a positive integer, got {window!r}")
-    if raw.get("use_bidirectional_attention"):
-        raise ModelError(f"{source}: use_bidirectional_attention is not supported")
     if model_type in ("mistral", "phi3"):  # every layer (transformers ignores layer_types)
         return window, (True,) * num_layers
     types = raw.get("layer_types")

@@ -81,11 +81,10 @@ class LlamaModel:
         )
 
     def _table(self, rope: RopeConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.embed
-        context = self.cfg.max_model_len
-        return cos_sin_table(
-            rope, self.cfg.head_dim, max_len, e.dtype, e.device, context_len=context
-        )
+        """cos/sin rows for every position a request can reach (below max_model_len)."""
+        e, context = self.embed, self.cfg.max_model_len
+        rows = min(max_len, context)
+        return cos_sin_table(rope, self.cfg.head_dim, rows, e.dtype, e.device, context_len=context)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
