@@ -12,7 +12,7 @@ VOCAB = 384
 
 def make_checkpoint(directory: Path, kind: str, seed: int = 0) -> Path:
     """A random float32 checkpoint: "llama", "llama-gqa-llama3", "mistral", "qwen2", "qwen3",
-    "gemma2", "gemma3" or "phi3"."""
+    "gemma2", "gemma3", "gemma3-multimodal" or "phi3"."""
     import transformers
 
     torch.manual_seed(seed)
@@ -96,8 +96,10 @@ def _qwen3(transformers: Any, common: dict[str, Any]) -> Any:
     return model
 
 
-def _gemma_norms(model: Any) -> None:
-    for layer in model.model.layers:
+def _gemma_norms(model: Any, decoder: Any = None) -> None:
+    """Random norm weights, and smaller tied embeddings (`decoder`: the one with the layers)."""
+    decoder = decoder or model.model
+    for layer in decoder.layers:
         norms = [
             layer.input_layernorm,
             layer.post_attention_layernorm,
@@ -108,9 +110,9 @@ def _gemma_norms(model: Any) -> None:
             getattr(layer.self_attn, n) for n in ("q_norm", "k_norm") if hasattr(layer.self_attn, n)
         ]
         _randomize(*(n.weight for n in norms))
-    _randomize(model.model.norm.weight)
+    _randomize(decoder.norm.weight)
     with torch.no_grad():  # the tied embeddings, scaled by sqrt(64), would drown the layers
-        model.model.embed_tokens.weight.mul_(0.125)
+        decoder.embed_tokens.weight.mul_(0.125)
 
 
 def _gemma2(transformers: Any, common: dict[str, Any]) -> Any:
@@ -133,11 +135,37 @@ def _gemma2(transformers: Any, common: dict[str, Any]) -> Any:
 
 def _gemma3(transformers: Any, common: dict[str, Any]) -> Any:
     """Sliding (48 tokens) and global layers with different RoPE (linear-scaled global)."""
+    model = transformers.Gemma3ForCausalLM(_gemma3_text_config(transformers, common))
+    _gemma_norms(model)
+    return model
+
+
+def _gemma3_multimodal(transformers: Any, common: dict[str, Any]) -> Any:
+    """Gemma 3 with a (tiny) vision tower: the engine runs its text model."""
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = transformers.Gemma3Config(
+        text_config=_gemma3_text_config(transformers, common),
+        vision_config=vision,
+        mm_tokens_per_image=4,
+    )
+    model = transformers.Gemma3ForConditionalGeneration(cfg)
+    _gemma_norms(model, model.model.language_model)
+    return model
+
+
+def _gemma3_text_config(transformers: Any, common: dict[str, Any]) -> Any:
     rope = {
         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
     }
-    cfg = transformers.Gemma3TextConfig(
+    return transformers.Gemma3TextConfig(
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
@@ -147,9 +175,6 @@ def _gemma3(transformers: Any, common: dict[str, Any]) -> Any:
         rope_parameters=rope,
         **{**common, "num_hidden_layers": 3},
     )
-    model = transformers.Gemma3ForCausalLM(cfg)
-    _gemma_norms(model)
-    return model
 
 
 PHI3_ORIGINAL_LEN = 512
@@ -176,7 +201,13 @@ def _phi3(transformers: Any, common: dict[str, Any]) -> Any:
     return transformers.Phi3ForCausalLM(cfg)
 
 
-NEW_KINDS = {"qwen3": _qwen3, "gemma2": _gemma2, "gemma3": _gemma3, "phi3": _phi3}
+NEW_KINDS = {
+    "qwen3": _qwen3,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "gemma3-multimodal": _gemma3_multimodal,
+    "phi3": _phi3,
+}
 
 
 def reference_greedy(

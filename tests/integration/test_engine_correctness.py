@@ -177,3 +177,14 @@ def test_phi3_long_prompts_use_long_factors(tmp_path) -> None:
     run = run_engine(directory, prompts, max_new, max_num_batched_tokens=256)
     assert run.engine.max_model_len == 1024
     assert run.tokens == _expected(reference)
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path) -> None:
+    """Gemma3ForConditionalGeneration: the engine reads text_config and the language_model.
+    tensors (the vision tower is left alone); text-only greedy tokens equal transformers'."""
+    directory = make_checkpoint(tmp_path / "gemma3mm", "gemma3-multimodal")
+    prompts, max_new = _workload(seed=21)
+    prompts, max_new = prompts[:8], max_new[:8]
+    reference = reference_greedy(directory, prompts, max_new)
+    run = run_engine(directory, prompts, max_new, max_num_batched_tokens=128)
+    assert run.tokens == _expected(reference)

@@ -11,6 +11,8 @@ Supported architectures (`architectures[0]` in config.json):
   soft-capping, sliding-window layers alternating with global ones)
 - Gemma3ForCausalLM (the Gemma 3 text model: as Gemma 2 without soft-capping, plus q/k norms,
   and its own RoPE for the sliding layers: `rope_local_base_freq` / `rope_parameters`)
+- Gemma3ForConditionalGeneration (Gemma 3 4B/12B/27B: its text model only, read from
+  `text_config` and the `language_model.` tensors; images are not supported)
 - Phi3ForCausalLM (fused `qkv_proj` and `gate_up_proj`, LongRoPE ("longrope" / "su") scaling)
 
 Accepts the transformers v4 and v5 spellings: `rope_theta`/`rope_scaling` or `rope_parameters`
@@ -37,7 +39,28 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
+    "Gemma3ForConditionalGeneration": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
+}
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "language_model."}  # text model's tensor prefix
+# Gemma3TextConfig's defaults: a multimodal config.json written by transformers 4.x leaves out
+# every text_config value equal to them.
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "tie_word_embeddings": True,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -91,6 +114,7 @@ class ModelConfig:
     gemma_norms: bool = False  # RMSNorm scales by (1 + weight) in float32; embeddings * sqrt(h);
     # norms after attention and before/after the MLP (Gemma 2 and 3)
     fused_checkpoint: bool = False  # the checkpoint stores qkv_proj and gate_up_proj (Phi-3)
+    weight_prefix: str = ""  # before the tensor names (a multimodal checkpoint's text model)
 
     @property
     def q_size(self) -> int:
@@ -137,6 +161,8 @@ def parse_model_config(
     arch = _architecture(raw, source)
     model_type = SUPPORTED_ARCHITECTURES[arch]
     _refuse_quantized(raw, source)
+    if arch in MULTIMODAL:
+        raw = _text_config(raw, source)
     gemma = model_type in GEMMA
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
     if act not in SUPPORTED_ACTIVATIONS:
@@ -191,6 +217,7 @@ def parse_model_config(
         qk_norm=model_type in ("qwen3", "gemma3_text"),
         gemma_norms=gemma,
         fused_checkpoint=model_type == "phi3",
+        weight_prefix=MULTIMODAL.get(arch, ""),
     )
 
 
@@ -200,12 +227,25 @@ def _architecture(raw: dict[str, Any], source: str) -> str:
         if arch in SUPPORTED_ARCHITECTURES:
             return str(arch)
     if not archs:
-        by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+        by_type: dict[str, str] = {}
+        for name, model_type in SUPPORTED_ARCHITECTURES.items():
+            by_type.setdefault(model_type, name)
         if raw.get("model_type") in by_type:
             return by_type[raw["model_type"]]
     named = ", ".join(archs) or f"model_type {raw.get('model_type')!r}"
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
     raise ModelError(f"{source}: unsupported architecture {named} (supported: {supported})")
+
+
+def _text_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """A multimodal config's text model: its `text_config` over the text defaults, with the
+    outer dtype and EOS ids where the text config has none."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise ModelError(f"{source}: {raw['architectures'][0]} without a text_config")
+    _refuse_quantized(text, source)
+    outer = {k: raw[k] for k in ("dtype", "torch_dtype", "eos_token_id") if raw.get(k) is not None}
+    return {**GEMMA3_TEXT_DEFAULTS, **outer, **text}
 
 
 def _refuse_quantized(raw: dict[str, Any], source: str) -> None:
@@ -329,7 +369,7 @@ def _sliding_layers(
     if model_type == "gemma2":
         return window, tuple(bool((i + 1) % 2) for i in range(num_layers))
     if model_type == "gemma3_text":
-        pattern = int(raw.get("sliding_window_pattern", 6))
+        pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
         return window, tuple(bool((i + 1) % pattern) for i in range(num_layers))
     first = int(raw.get("max_window_layers", 28))  # Qwen2/Qwen3
     return window, tuple(i >= first for i in range(num_layers))

@@ -91,11 +91,13 @@ def weight_files(directory: Path) -> dict[str, Path]:
 def load_weights(
     directory: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Load and check every tensor of `expected_shapes(cfg)`; other tensors are ignored."""
+    """Load and check every tensor of `expected_shapes(cfg)`; other tensors are ignored. Names
+    in the files carry `cfg.weight_prefix`; the returned ones do not."""
     from safetensors import safe_open
 
     directory = Path(directory)
-    shapes = expected_shapes(cfg)
+    prefix = cfg.weight_prefix
+    shapes = {prefix + name: shape for name, shape in expected_shapes(cfg).items()}
     where = weight_files(directory)
     missing = [name for name in shapes if name not in where]
     if missing:
@@ -125,7 +127,7 @@ def load_weights(
                         f"{file}: tensor {name} has shape {list(shape)}, "
                         f"expected {list(shapes[name])}"
                     )
-                out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                out[name.removeprefix(prefix)] = f.get_tensor(name).to(device=device, dtype=dtype)
     return out
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from mell.common.errors import ModelError
-from mell.workerd.model.config import load_model_config, parse_model_config
+from mell.workerd.model.config import RopeConfig, load_model_config, parse_model_config
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],
@@ -134,6 +134,34 @@ def test_gemma3_v4_spelling() -> None:
     assert cfg.qk_norm and cfg.attn_logit_softcap is None and cfg.final_logit_softcap is None
     assert cfg.layer_rope(5).type == "linear" and cfg.layer_rope(5).theta == 1e6
     assert cfg.layer_rope(0).type == "default" and cfg.layer_rope(0).theta == 1e4
+
+
+def test_gemma3_multimodal_reads_the_sparse_text_config() -> None:
+    """As transformers 4.x wrote Gemma 3 4B's config: text_config holds only non-defaults."""
+    cfg = parse_model_config(
+        {
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "eos_token_id": [1, 106],
+            "torch_dtype": "bfloat16",
+            "text_config": {
+                "hidden_size": 2560,
+                "intermediate_size": 10240,
+                "model_type": "gemma3_text",
+                "num_hidden_layers": 34,
+                "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                "sliding_window": 1024,
+            },
+            "vision_config": {"model_type": "siglip_vision_model"},
+        }
+    )
+    assert cfg.weight_prefix == "language_model." and cfg.dtype == "bfloat16"
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (8, 4, 256, 262208)
+    assert cfg.eos_token_ids == [1, 106] and cfg.tie_word_embeddings
+    assert [i for i in range(34) if cfg.layer_window(i) is None] == [5, 11, 17, 23, 29]
+    assert cfg.layer_window(0) == 1024 and cfg.attention_scale == 256**-0.5
+    assert cfg.layer_rope(5) == RopeConfig(theta=1e6, type="linear", factor=8.0)
+    assert cfg.layer_rope(0) == RopeConfig(theta=1e4)
 
 
 def test_phi3_su_scaling_is_longrope() -> None:
