@@ -1,7 +1,11 @@
 """Greedy outputs of the engine equal transformers `generate`, token for token.
 
 Tiny random checkpoints written by transformers itself (float32): Llama with full MHA, Llama
-with GQA and llama3 RoPE scaling, Qwen2 with q/k/v biases and tied embeddings, Mistral (GQA). 20
+with GQA and llama3 RoPE scaling, Qwen2 with q/k/v biases and tied embeddings, Mistral (GQA, a
+40-token sliding window), Qwen3 (q/k norms), Gemma 2 (soft-capping, sliding layers between
+global ones, query_pre_attn_scalar, GELU-tanh, Gemma norms), Gemma 3 (q/k norms, its own RoPE
+on the sliding layers), Phi-3 (fused projections, LongRoPE: short factors when served at the
+original 512 tokens, long ones past it). The norms' weights are random too. 20
 requests submitted at once with prompts of 1..300 tokens, chunked prefill forced on by a step
 budget below the longest prompt: once with a roomy KV pool (at least 16 requests running at
 the same time) and once with a pool so small that requests are preempted and recomputed.
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from engine_models import VOCAB, make_checkpoint, reference_greedy
+from engine_models import PHI3_ORIGINAL_LEN, VOCAB, make_checkpoint, reference_greedy
 
 from mell.common.config import EngineConfig
 from mell.common.sampling import FinishReason, SamplingParams
@@ -23,7 +27,10 @@ from mell.workerd.engine.engine import Engine
 
 pytestmark = pytest.mark.slow
 
-KINDS = ["llama", "llama-gqa-llama3", "qwen2", "mistral"]
+KINDS = ["llama", "llama-gqa-llama3", "qwen2", "mistral", "qwen3", "gemma2", "gemma3", "phi3"]
+# Phi-3 served at its original length uses LongRoPE's short factors, as transformers does for
+# sequences that fit in it (test_phi3_long_prompts_use_long_factors covers the long ones).
+OPTIONS = {"phi3": {"max_model_len": PHI3_ORIGINAL_LEN}}
 NUM_REQUESTS = 20
 
 
@@ -39,7 +46,8 @@ def _workload(seed: int) -> tuple[list[list[int]], list[int]]:
 def case(request, tmp_path_factory):
     directory = make_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
     prompts, max_new = _workload(seed=KINDS.index(request.param))
-    return directory, prompts, max_new, reference_greedy(directory, prompts, max_new)
+    reference = reference_greedy(directory, prompts, max_new)
+    return directory, prompts, max_new, reference, OPTIONS.get(request.param, {})
 
 
 @dataclass
@@ -80,8 +88,10 @@ def _expected(reference: list[list[int]]) -> dict[str, list[int]]:
 
 
 def test_greedy_matches_transformers_with_chunked_prefill(case) -> None:
-    directory, prompts, max_new, reference = case
-    run = run_engine(directory, prompts, max_new, max_num_batched_tokens=256, max_num_seqs=32)
+    directory, prompts, max_new, reference, options = case
+    run = run_engine(
+        directory, prompts, max_new, max_num_batched_tokens=256, max_num_seqs=32, **options
+    )
     assert run.peak_running >= 16
     assert run.tokens == _expected(reference)
     for i, ids in enumerate(reference):  # token 1 is EOS in these checkpoints
@@ -89,17 +99,23 @@ def test_greedy_matches_transformers_with_chunked_prefill(case) -> None:
 
 
 def test_greedy_matches_transformers_under_preemption(case) -> None:
-    directory, prompts, max_new, reference = case
+    directory, prompts, max_new, reference, options = case
     # 48 blocks of 16 tokens: the longest request alone needs 22 of them.
     run = run_engine(
-        directory, prompts, max_new, max_num_batched_tokens=128, max_num_seqs=32, num_kv_blocks=48
+        directory,
+        prompts,
+        max_new,
+        max_num_batched_tokens=128,
+        max_num_seqs=32,
+        num_kv_blocks=48,
+        **options,
     )
     assert run.engine.stats().num_preemptions_total > 0
     assert run.tokens == _expected(reference)
 
 
 def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:
-    directory, prompts, max_new, reference = case
+    directory, prompts, max_new, reference, options = case
     import torch
     import transformers
 
@@ -107,7 +123,7 @@ def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    run = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512)
+    run = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512, **options)
     assert run.tokens == _expected(reference[:6])
 
 
@@ -126,19 +142,49 @@ def test_mell_tiny_matches_transformers(tmp_path) -> None:
 
 def test_transformers_v4_config_spelling_gives_the_same_tokens(case, tmp_path) -> None:
     """The checkpoint's config rewritten the v4 way (rope_theta/rope_scaling with "type",
-    torch_dtype): the engine reads the same model."""
+    Gemma 3's rope_local_base_freq and sliding_window_pattern instead of per-layer-type RoPE
+    and layer_types, torch_dtype): the engine reads the same model."""
     import json
     import shutil
 
-    directory, prompts, max_new, reference = case
+    directory, prompts, max_new, reference, options = case
     for f in directory.iterdir():
         shutil.copy(f, tmp_path / f.name)
     config = json.loads((tmp_path / "config.json").read_text())
     rope = dict(config.pop("rope_parameters"))
+    if "sliding_attention" in rope:  # Gemma 3 (its tiny layers: sliding, full, sliding)
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        config["sliding_window_pattern"] = 2
+        rope = dict(rope["full_attention"])
+    config.pop("layer_types", None)
     config["rope_theta"] = rope.pop("rope_theta")
     kind = rope.pop("rope_type")
     config["rope_scaling"] = None if kind == "default" else {"type": kind, **rope}
     config["torch_dtype"] = config.pop("dtype", "float32")
     (tmp_path / "config.json").write_text(json.dumps(config))
-    run = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512)
+    run = run_engine(tmp_path, prompts[:6], max_new[:6], max_num_batched_tokens=512, **options)
     assert run.tokens == _expected(reference[:6])
+
+
+def test_phi3_long_prompts_use_long_factors(tmp_path) -> None:
+    """Served past its original length (max_model_len 1024 > 512), Phi-3 uses LongRoPE's long
+    factors: the same tokens as transformers for prompts longer than 512 tokens."""
+    directory = make_checkpoint(tmp_path / "phi3", "phi3")
+    rng = random.Random(11)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (513, 600, 777)]
+    max_new = [16, 9, 24]
+    reference = reference_greedy(directory, prompts, max_new)
+    run = run_engine(directory, prompts, max_new, max_num_batched_tokens=256)
+    assert run.engine.max_model_len == 1024
+    assert run.tokens == _expected(reference)
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path) -> None:
+    """Gemma3ForConditionalGeneration: the engine reads text_config and the language_model.
+    tensors (the vision tower is left alone); text-only greedy tokens equal transformers'."""
+    directory = make_checkpoint(tmp_path / "gemma3mm", "gemma3-multimodal")
+    prompts, max_new = _workload(seed=21)
+    prompts, max_new = prompts[:8], max_new[:8]
+    reference = reference_greedy(directory, prompts, max_new)
+    run = run_engine(directory, prompts, max_new, max_num_batched_tokens=128)
+    assert run.tokens == _expected(reference)

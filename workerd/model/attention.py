@@ -8,12 +8,17 @@ tokens are already written into the paged cache when `forward` runs.
 
 KV cache of one layer: `[num_pages, 2, page_size, num_kv_heads, head_dim]` (FlashInfer NHD),
 `[:, 0]` is K and `[:, 1]` is V.
+
+Layers may attend differently (a `LayerAttention`: softmax scale, sliding window, logit
+soft-cap). The model tells the backend the distinct kinds once (`use_layers`), each plan covers
+all of them, and each per-layer call names its kind.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +50,17 @@ class AttentionShape:
         return math.pow(self.head_dim, -0.5)  # (as head_dim**-0.5, typed)
 
 
+@dataclass(frozen=True, slots=True)
+class LayerAttention:
+    """How one layer attends. A query at position p sees keys at positions k <= p, and with a
+    `window` only p - window < k (transformers' sliding window). With a `soft_cap` the scores
+    (already scaled) become soft_cap * tanh(score / soft_cap) before the softmax."""
+
+    scale: float
+    window: int | None = None
+    soft_cap: float | None = None
+
+
 class AttentionBackend(ABC):
     """Paged attention over the cache: plan once per step, run per layer."""
 
@@ -52,6 +68,15 @@ class AttentionBackend(ABC):
 
     def __init__(self, shape: AttentionShape) -> None:
         self.shape = shape
+        self.layers: tuple[LayerAttention, ...] = (LayerAttention(shape.scale),)
+
+    @property
+    def default_layer(self) -> LayerAttention:
+        return self.layers[0]
+
+    def use_layers(self, layers: Sequence[LayerAttention]) -> None:
+        """The ways the model's layers attend (before the first plan); plans cover each."""
+        self.layers = tuple(dict.fromkeys(layers)) or self.layers
 
     def begin_step(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Called once before the step's plans (backends that pool per-plan state reset it)."""
@@ -68,11 +93,13 @@ class AttentionBackend(ABC):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: torch.Tensor,
+        layer: LayerAttention | None = None,
     ) -> torch.Tensor:
         """q [tokens, num_heads, head_dim] → output of the same shape.
 
         k, v [tokens, num_kv_heads, head_dim] are this step's new keys and values, already
         written into `kv_cache`; a backend may use them directly (e.g. for fresh prompts).
+        `layer` is one of `use_layers`' kinds (None: the first).
         """
 
 

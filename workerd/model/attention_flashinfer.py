@@ -5,6 +5,10 @@ Decode requests go to `BatchDecodeWithPagedKVCacheWrapper`, prefill chunks to
 Both are planned once per step and run once per layer. Works with flashinfer-python 0.5.3 and
 0.7.x: every `plan()` argument after `page_size` is passed by keyword, and the data types go
 through `q_data_type` / `kv_data_type`.
+
+Each kind of layer (`LayerAttention`) gets its own pair of planned wrappers: the softmax scale
+goes to `sm_scale`, a sliding window of w tokens to `window_left=w - 1` (FlashInfer's query at
+p sees keys p - window_left..p), a soft-cap to `logits_soft_cap`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,12 @@ from typing import Any, Protocol
 
 import torch
 
-from mell.workerd.model.attention import AttentionBackend, AttentionBatch, AttentionShape
+from mell.workerd.model.attention import (
+    AttentionBackend,
+    AttentionBatch,
+    AttentionShape,
+    LayerAttention,
+)
 
 WORKSPACE_BYTES = 128 * 1024 * 1024
 
@@ -26,10 +35,17 @@ class PagedAttention(Protocol):
 
 
 @dataclass(slots=True)
-class FlashInferPlan:
-    num_decode: int
+class KindPlan:
+    """The planned wrappers of one kind of layer."""
+
     decode: PagedAttention | None
     prefill: PagedAttention | None
+
+
+@dataclass(slots=True)
+class FlashInferPlan:
+    num_decode: int
+    kinds: dict[LayerAttention, KindPlan]
     keep: tuple[torch.Tensor, ...]  # index tensors the plans read
 
 
@@ -41,59 +57,97 @@ class FlashInferAttention(AttentionBackend):
         import flashinfer  # lazily: only ever on a CUDA machine
 
         self._fi = flashinfer
-        self._pairs: list[tuple[Any, Any]] = []  # (decode, prefill) wrappers, one per plan
+        self._pairs: list[tuple[Any, Any]] = []  # (decode, prefill) wrappers, per plan and kind
         self._next = 0
 
     def begin_step(self) -> None:
         self._next = 0
 
     def plan(self, batch: AttentionBatch) -> FlashInferPlan:
-        decode_w, prefill_w = self._wrappers()
         nd, n = batch.num_decode, len(batch.q_lens)
         s = self.shape
         keep: list[torch.Tensor] = []
-        decode = prefill = None
+        decode_csr = prefill_csr = None
+        qo_indptr = None
         if nd:
-            indptr, indices, last = self._page_csr(batch, 0, nd)
-            decode_w.plan(
-                indptr,
-                indices,
-                last,
-                s.num_heads,
-                s.num_kv_heads,
-                s.head_dim,
-                batch.block_size,
-                pos_encoding_mode="NONE",
-                sm_scale=s.scale,
-                q_data_type=s.dtype,
-                kv_data_type=s.dtype,
-            )
-            decode = decode_w
-            keep += [indptr, indices, last]
+            decode_csr = self._page_csr(batch, 0, nd)
+            keep += decode_csr
         if nd < n:
-            indptr, indices, last = self._page_csr(batch, nd, n)
+            prefill_csr = self._page_csr(batch, nd, n)
             qo = [0]
             for q_len in batch.q_lens[nd:]:
                 qo.append(qo[-1] + q_len)
             qo_indptr = torch.tensor(qo, dtype=torch.int32, device=s.device)
-            prefill_w.plan(
-                qo_indptr,
-                indptr,
-                indices,
-                last,
-                s.num_heads,
-                s.num_kv_heads,
-                s.head_dim,
-                batch.block_size,
-                causal=True,
-                pos_encoding_mode="NONE",
-                sm_scale=s.scale,
-                q_data_type=s.dtype,
-                kv_data_type=s.dtype,
-            )
-            prefill = prefill_w
-            keep += [qo_indptr, indptr, indices, last]
-        return FlashInferPlan(nd, decode, prefill, tuple(keep))
+            keep += [qo_indptr, *prefill_csr]
+        kinds = {}
+        for layer in self.layers:
+            decode_w, prefill_w = self._wrappers()
+            decode = prefill = None
+            if decode_csr is not None:
+                decode = self._plan_decode(decode_w, decode_csr, batch.block_size, layer)
+            if prefill_csr is not None and qo_indptr is not None:
+                prefill = self._plan_prefill(
+                    prefill_w, qo_indptr, prefill_csr, batch.block_size, layer
+                )
+            kinds[layer] = KindPlan(decode, prefill)
+        return FlashInferPlan(nd, kinds, tuple(keep))
+
+    def _plan_decode(
+        self,
+        decode_w: Any,
+        csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        block_size: int,
+        layer: LayerAttention,
+    ) -> PagedAttention:
+        s = self.shape
+        indptr, indices, last = csr
+        decode_w.plan(
+            indptr,
+            indices,
+            last,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            block_size,
+            pos_encoding_mode="NONE",
+            window_left=_window_left(layer),
+            logits_soft_cap=layer.soft_cap,
+            sm_scale=layer.scale,
+            q_data_type=s.dtype,
+            kv_data_type=s.dtype,
+        )
+        planned: PagedAttention = decode_w
+        return planned
+
+    def _plan_prefill(
+        self,
+        prefill_w: Any,
+        qo_indptr: torch.Tensor,
+        csr: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        block_size: int,
+        layer: LayerAttention,
+    ) -> PagedAttention:
+        s = self.shape
+        indptr, indices, last = csr
+        prefill_w.plan(
+            qo_indptr,
+            indptr,
+            indices,
+            last,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            block_size,
+            causal=True,
+            pos_encoding_mode="NONE",
+            window_left=_window_left(layer),
+            logits_soft_cap=layer.soft_cap,
+            sm_scale=layer.scale,
+            q_data_type=s.dtype,
+            kv_data_type=s.dtype,
+        )
+        planned: PagedAttention = prefill_w
+        return planned
 
     def forward(
         self,
@@ -102,11 +156,13 @@ class FlashInferAttention(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: torch.Tensor,
+        layer: LayerAttention | None = None,
     ) -> torch.Tensor:
         assert isinstance(plan, FlashInferPlan)
         nd = plan.num_decode
         q = q.contiguous()  # the model hands a view into its fused q/k/v projection
-        decode, prefill = plan.decode, plan.prefill
+        kind = plan.kinds[layer or self.default_layer]
+        decode, prefill = kind.decode, kind.prefill
         if decode is None or prefill is None:
             only = decode if prefill is None else prefill
             assert only is not None  # a plan covers at least one request
@@ -150,3 +206,7 @@ class FlashInferAttention(AttentionBackend):
             torch.tensor(indices, dtype=torch.int32, device=dev),
             torch.tensor(last, dtype=torch.int32, device=dev),
         )
+
+
+def _window_left(layer: LayerAttention) -> int:
+    return -1 if layer.window is None else layer.window - 1

@@ -6,6 +6,10 @@ padded page table and mask once; per layer, K and V pages are gathered with one 
 each and `scaled_dot_product_attention` does the rest (GQA by `enable_gqa`). A query at absolute
 position p sees cache positions 0..p. A group of fresh prompts (nothing cached before this
 step) attends to its own new K/V directly, without gathering pages.
+
+Each group has one mask per sliding window the model uses (a plain causal group without a
+window needs none). Layers with a logit soft-cap run an eager attention (matmul, cap, masked
+softmax in float32), since `scaled_dot_product_attention` cannot cap scores.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mell.workerd.model.attention import AttentionBackend, AttentionBatch, AttentionShape
+from mell.workerd.model.attention import (
+    AttentionBackend,
+    AttentionBatch,
+    AttentionShape,
+    LayerAttention,
+)
 
 # Fixed cost of one more group (a few op launches), in (query, key) pairs of a model with
 # num_kv_heads * head_dim == 64: a split must save more than this; wider models split sooner.
@@ -29,7 +38,8 @@ class _Group:
     end: int
     pages: torch.Tensor | None  # [B * max_pages] page ids (padded with page 0); None: fresh
     width: int  # max pages (0 when fresh)
-    mask: torch.Tensor | None  # [B, 1, Q, T] bool, True where allowed; None: plain causal
+    masks: dict[int | None, torch.Tensor | None]  # by window: [B, 1, Q, T] bool, True where
+    # allowed; None: plain causal
     q_index: torch.Tensor | None  # [B, Q] flat rows of the queries (None: decode, Q == 1)
     q_valid: torch.Tensor | None  # [B, Q] bool
 
@@ -67,9 +77,11 @@ class TorchAttention(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         kv_cache: torch.Tensor,
+        layer: LayerAttention | None = None,
     ) -> torch.Tensor:
         assert isinstance(plan, TorchPlan)
-        parts = [self._run_group(g, q, k, v, kv_cache) for g in plan.groups]
+        layer = layer or self.default_layer
+        parts = [self._run_group(g, q, k, v, kv_cache, layer) for g in plan.groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     # -- planning ---------------------------------------------------------------------------
@@ -84,8 +96,11 @@ class TorchAttention(AttentionBackend):
         pages, width = self._pages(batch.block_tables[lo:hi])
         kv_lens = torch.tensor(batch.kv_lens[lo:hi], dtype=torch.long, device=dev)
         span = torch.arange(width * batch.block_size, device=dev)
-        mask = (span[None, :] < kv_lens[:, None])[:, None, None, :]
-        return _Group(lo, hi, pages, width, mask, None, None)
+        q_pos = (kv_lens - 1)[:, None]  # [B, 1]: one query each, the last position
+        masks: dict[int | None, torch.Tensor | None] = {
+            w: self._mask(span, q_pos, w)[:, None, :, :] for w in self._windows()
+        }
+        return _Group(lo, hi, pages, width, masks, None, None)
 
     def _prefill_group(self, batch: AttentionBatch, lo: int, hi: int, starts: list[int]) -> _Group:
         dev = self.shape.device
@@ -98,24 +113,39 @@ class TorchAttention(AttentionBackend):
             rows.append(list(range(start, start + q_len)) + [start + q_len - 1] * pad)
             positions.append(list(range(kv_len - q_len, kv_len)) + [kv_len - 1] * pad)
             valid.append([True] * q_len + [False] * pad)
+        q_pos = torch.tensor(positions, dtype=torch.long, device=dev)
         if fresh:
             # Query i sees keys 0..i: plain causal attention. Padding sits at the end, where
             # only padded queries (whose outputs are dropped) could see it.
-            pages, page_width, mask = None, 0, None
+            pages, page_width = None, 0
+            span = torch.arange(width, device=dev)  # the new keys are positions 0..width-1
         else:
             pages, page_width = self._pages(batch.block_tables[lo:hi])
             span = torch.arange(page_width * batch.block_size, device=dev)
-            q_pos = torch.tensor(positions, dtype=torch.long, device=dev)
-            mask = (span[None, None, :] <= q_pos[:, :, None])[:, None, :, :]
+        masks: dict[int | None, torch.Tensor | None] = {
+            w: None if fresh and w is None else self._mask(span, q_pos, w)[:, None, :, :]
+            for w in self._windows()
+        }
         return _Group(
             starts[lo],
             starts[hi],
             pages,
             page_width,
-            mask,
+            masks,
             torch.tensor(rows, dtype=torch.long, device=dev),
             torch.tensor(valid, dtype=torch.bool, device=dev),
         )
+
+    def _windows(self) -> list[int | None]:
+        return list(dict.fromkeys(layer.window for layer in self.layers))
+
+    @staticmethod
+    def _mask(span: torch.Tensor, q_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """[B, Q, T]: key position t is visible from query position p (q_pos [B, Q])."""
+        allowed = span[None, None, :] <= q_pos[:, :, None]
+        if window is not None:
+            allowed &= span[None, None, :] > q_pos[:, :, None] - window
+        return allowed
 
     # -- running ----------------------------------------------------------------------------
 
@@ -126,6 +156,7 @@ class TorchAttention(AttentionBackend):
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         kv_cache: torch.Tensor,
+        layer: LayerAttention,
     ) -> torch.Tensor:
         if g.pages is None:  # fresh prompts: their own K/V are all there is
             assert g.q_index is not None
@@ -144,15 +175,13 @@ class TorchAttention(AttentionBackend):
             qg = q[g.start : g.end].unsqueeze(2)  # [B, H, 1, D]
         else:
             qg = _rows(q, g.q_index).transpose(1, 2)  # [B, H, Q, D]
-        out = F.scaled_dot_product_attention(
-            qg,
-            k,
-            v,
-            attn_mask=g.mask,
-            is_causal=g.mask is None,
-            scale=self.shape.scale,
-            enable_gqa=True,
-        )
+        mask = g.masks[layer.window]
+        if layer.soft_cap is not None:
+            out = _soft_capped(qg, k, v, mask, layer.scale, layer.soft_cap)
+        else:
+            out = F.scaled_dot_product_attention(
+                qg, k, v, attn_mask=mask, is_causal=mask is None, scale=layer.scale, enable_gqa=True
+            )
         if g.q_valid is None:
             return out.squeeze(2)
         return out.transpose(1, 2)[g.q_valid]
@@ -166,6 +195,31 @@ class TorchAttention(AttentionBackend):
             self._k_buf = torch.empty((size, *page), dtype=dtype, device=device)
             self._v_buf = torch.empty((size, *page), dtype=dtype, device=device)
         return self._k_buf[:n], self._v_buf[:n]
+
+
+def _soft_capped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    cap: float,
+) -> torch.Tensor:
+    """Attention with capped scores, as transformers' eager attention computes it.
+
+    q [B, H, Q, D], k/v [B, Hkv, T, D] (query head h reads K/V head h // (H / Hkv)), mask
+    [B, 1, Q, T] or None for plain causal (then T == Q)."""
+    b, h, nq, d = q.shape
+    kv_heads, t = k.shape[1], k.shape[2]
+    grouped = q.reshape(b, kv_heads, h // kv_heads * nq, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(b, h, nq, t) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        mask = torch.ones(nq, t, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(b, kv_heads, h // kv_heads * nq, t), v)
+    return out.view(b, h, nq, d)
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

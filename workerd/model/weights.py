@@ -2,7 +2,8 @@
 
 `load_weights` returns exactly the tensors the model needs, checked by name and shape against
 the ModelConfig, converted to the target dtype and device. A missing or mis-shaped tensor is a
-ModelError naming it and the file it was looked for in.
+ModelError naming it and the file it was looked for in; so is a tensor stored in a type other
+than float32/bfloat16/float16 (float8 or integer weights of a quantized checkpoint).
 """
 
 from __future__ import annotations
@@ -21,25 +22,38 @@ if TYPE_CHECKING:
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors' names
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor name the model reads, with its shape (HF Llama-family naming)."""
     h, q, kv, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if cfg.gemma_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        for norm in norms:
+            shapes[f"{p}{norm}.weight"] = (h,)
+        if cfg.fused_checkpoint:
+            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
         for name, out in (("q", q), ("k", kv), ("v", kv)):
-            shapes[f"{p}self_attn.{name}_proj.weight"] = (out, h)
+            if not cfg.fused_checkpoint:
+                shapes[f"{p}self_attn.{name}_proj.weight"] = (out, h)
             if cfg.qkv_bias:
                 shapes[f"{p}self_attn.{name}_proj.bias"] = (out,)
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        if cfg.fused_checkpoint:
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+            shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)
         if cfg.mlp_bias:
             shapes[p + "mlp.gate_proj.bias"] = (inter,)
@@ -77,11 +91,13 @@ def weight_files(directory: Path) -> dict[str, Path]:
 def load_weights(
     directory: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Load and check every tensor of `expected_shapes(cfg)`; other tensors are ignored."""
+    """Load and check every tensor of `expected_shapes(cfg)`; other tensors are ignored. Names
+    in the files carry `cfg.weight_prefix`; the returned ones do not."""
     from safetensors import safe_open
 
     directory = Path(directory)
-    shapes = expected_shapes(cfg)
+    prefix = cfg.weight_prefix
+    shapes = {prefix + name: shape for name, shape in expected_shapes(cfg).items()}
     where = weight_files(directory)
     missing = [name for name in shapes if name not in where]
     if missing:
@@ -99,13 +115,19 @@ def load_weights(
             for name in names:
                 if name not in present:
                     raise ModelError(f"{file}: missing tensor {name}")
-                shape = tuple(f.get_slice(name).get_shape())
+                info = f.get_slice(name)
+                if info.get_dtype() not in FLOAT_DTYPES:
+                    raise ModelError(
+                        f"{file}: tensor {name} is stored as {info.get_dtype()} (a quantized "
+                        "checkpoint?); only float32, bfloat16 and float16 weights are supported"
+                    )
+                shape = tuple(info.get_shape())
                 if shape != shapes[name]:
                     raise ModelError(
                         f"{file}: tensor {name} has shape {list(shape)}, "
                         f"expected {list(shapes[name])}"
                     )
-                out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                out[name.removeprefix(prefix)] = f.get_tensor(name).to(device=device, dtype=dtype)
     return out
 
 

@@ -1,4 +1,5 @@
-"""The torch paged attention equals dense causal attention on the same K/V (GQA, mixed batch)."""
+"""The torch paged attention equals dense causal attention on the same K/V (GQA, mixed batch),
+also with sliding windows, soft-capped scores and a scale of its own, per layer kind."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mell.workerd.model import attention_torch
-from mell.workerd.model.attention import AttentionBatch, AttentionShape
+from mell.workerd.model.attention import AttentionBatch, AttentionShape, LayerAttention
 from mell.workerd.model.attention_torch import TorchAttention
 
 HQ, HKV, D, PAGE, PAGES = 8, 2, 16, 4, 256
@@ -81,6 +82,50 @@ def test_very_different_lengths_are_split_into_groups(monkeypatch) -> None:
     kv_lens = [1, 2, 2, 3, 3, 4, 4, 5, 200, 210, 220, 230, 2, 40]
     plan = run(q_lens, kv_lens, seed=3)
     assert len(plan.groups) >= 3
+
+
+def eager_reference(q_all, k_all, v_all, q_lens, kv_lens, layer):
+    """Per request, written out: scaled scores, capped, windowed causal mask, softmax."""
+    outs, row = [], 0
+    for q_len, kv_len, k, v in zip(q_lens, kv_lens, k_all, v_all, strict=True):
+        q = q_all[row : row + q_len].transpose(0, 1)  # [H, Q, D]
+        kk = k.transpose(0, 1).repeat_interleave(HQ // HKV, 0)
+        vv = v.transpose(0, 1).repeat_interleave(HQ // HKV, 0)
+        scores = q @ kk.transpose(1, 2) * layer.scale
+        if layer.soft_cap is not None:
+            scores = layer.soft_cap * torch.tanh(scores / layer.soft_cap)
+        pos_q = torch.arange(kv_len - q_len, kv_len)[:, None]
+        pos_k = torch.arange(kv_len)[None, :]
+        allowed = pos_k <= pos_q
+        if layer.window is not None:
+            allowed &= pos_k > pos_q - layer.window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append((scores.softmax(-1) @ vv).transpose(0, 1))
+        row += q_len
+    return torch.cat(outs)
+
+
+def test_layer_kinds_windows_soft_caps_and_scales_match_eager() -> None:
+    layers = [
+        LayerAttention(D**-0.5),
+        LayerAttention(0.1, window=6),
+        LayerAttention(0.3, soft_cap=2.0),
+        LayerAttention(0.3, window=1, soft_cap=2.0),
+        LayerAttention(0.2, window=11, soft_cap=3.0),
+    ]
+    backend = TorchAttention(AttentionShape(HQ, HKV, D, torch.float32, torch.device("cpu")))
+    backend.use_layers(layers)
+    cases = [
+        ([1, 1, 1, 1, 5, 13, 9], [1, 1, 7, 30, 5, 13, 20]),  # mixed, chunks with history
+        ([2, 7, 8], [2, 7, 8]),  # fresh prompts
+    ]
+    for q_lens, kv_lens in cases:
+        cache, batch, q, ks, vs, k_new, v_new = make_case(q_lens, kv_lens, seed=4)
+        plan = backend.plan(batch)
+        for layer in layers:
+            out = backend.forward(plan, q, k_new, v_new, cache, layer)
+            ref = eager_reference(q, ks, vs, q_lens, kv_lens, layer)
+            torch.testing.assert_close(out, ref, msg=lambda m, layer=layer: f"{layer}: {m}")
 
 
 def test_backend_choice_on_cpu() -> None:

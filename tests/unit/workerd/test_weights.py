@@ -74,3 +74,22 @@ def test_tied_checkpoint_needs_no_lm_head(tiny, tmp_path) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     weights = load_weights(d, load_model_config(d), torch.float32, torch.device("cpu"))
     assert "lm_head.weight" not in weights
+
+
+def test_float8_tensor_is_refused_by_name(tiny, tmp_path) -> None:
+    d = _copy(tiny, tmp_path)
+    tensors = load_file(d / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"q_proj\.weight is stored as F8_E4M3"):
+        load_weights(d, load_model_config(d), torch.float32, torch.device("cpu"))
+
+
+def test_fp8_config_is_refused_before_loading(tiny, tmp_path) -> None:
+    d = _copy(tiny, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"quantized checkpoint .*'fp8'"):
+        load_model_config(d)
