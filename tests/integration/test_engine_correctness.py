@@ -90,12 +90,21 @@ def test_greedy_matches_transformers_with_chunked_prefill(case) -> None:
 
 def test_greedy_matches_transformers_under_preemption(case) -> None:
     directory, prompts, max_new, reference = case
-    # 48 blocks of 16 tokens: the longest request alone needs 22 of them.
-    run = run_engine(
-        directory, prompts, max_new, max_num_batched_tokens=128, max_num_seqs=32, num_kv_blocks=48
-    )
-    assert run.engine.stats().num_preemptions_total > 0
-    assert run.tokens == _expected(reference)
+    # 48 blocks of 16 tokens: the longest request alone needs 22 of them. The old admission
+    # rule (blocks for the first chunk only) preempts; the whole-prompt rule must give the same.
+    for admission in ("chunk", "whole"):
+        run = run_engine(
+            directory,
+            prompts,
+            max_new,
+            max_num_batched_tokens=128,
+            max_num_seqs=32,
+            num_kv_blocks=48,
+            admission=admission,
+        )
+        if admission == "chunk":
+            assert run.engine.stats().num_preemptions_total > 0
+        assert run.tokens == _expected(reference)
 
 
 def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:

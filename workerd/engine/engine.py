@@ -73,6 +73,7 @@ class Engine:
             self.blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            admission=config.admission,
         )
         self._seqs: dict[str, Sequence] = {}
 

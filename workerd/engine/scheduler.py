@@ -7,6 +7,11 @@ request is preempted: its blocks are freed and it goes back to the head of the w
 to be recomputed later from its tokens (nothing it already emitted is emitted again). Waiting
 requests are admitted in order while the budget, `max_num_seqs` and the pool allow; a step
 that had to preempt admits nobody.
+
+Admission rule (`admission`): "whole" admits a waiting request only when blocks for all its
+tokens are free, and reserves them all at once, so that a chunked prefill never runs out of
+blocks half way (and never preempts itself); "chunk" (the old rule) reserves only the first
+chunk's blocks and grows them chunk by chunk.
 """
 
 from __future__ import annotations
@@ -41,13 +46,18 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        admission: str = "whole",
     ) -> None:
+        if admission not in ("whole", "chunk"):
+            raise ValueError(f"unknown admission rule {admission!r}")
         self.blocks = blocks
+        self.whole_prompt = admission == "whole"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions_total = 0
+        self.num_tokens_recomputed_total = 0  # computed tokens thrown away by preemptions
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -123,19 +133,30 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_append(seq.request_id, seq.num_computed + n):
+            reserve = seq.num_tokens if self.whole_prompt else seq.num_computed + n
+            if not self._fits(seq, reserve):
                 break
             self.waiting.popleft()
-            self.blocks.append(seq.request_id, seq.num_computed + n)
+            self.blocks.append(seq.request_id, reserve)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
 
+    def _fits(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` of `seq` are free; under the whole-prompt rule also a block
+        of headroom per running request (each may start a new block within block_size steps,
+        and the newcomer, admitted last, would be their first victim)."""
+        if not self.whole_prompt:
+            return self.blocks.can_append(seq.request_id, num_tokens)
+        need = self.blocks.blocks_needed(seq.request_id, num_tokens)
+        return need + len(self.running) <= self.blocks.num_free()
+
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
+        self.num_tokens_recomputed_total += seq.num_computed
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
