@@ -33,6 +33,7 @@ __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
 CPU_KV_CACHE_LIMIT_BYTES = 1 << 30
 CUDA_KV_CACHE_FRACTION = 0.85  # of the free device memory after loading the weights
+IDLE_COPY_WAIT_S = 0.0005
 
 
 class Engine:
@@ -135,6 +136,8 @@ class Engine:
             tier.poll()
         batch = self.scheduler.schedule()
         if not batch:
+            if tier is not None and tier.in_flight():
+                time.sleep(IDLE_COPY_WAIT_S)  # nothing to run until copies land: don't spin
             return []
         hooks = None
         if tier is not None and (batch.staged or tier.loading):
@@ -195,6 +198,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         sch, tier = self.scheduler, self.tier
+        if tier is not None:
+            tier.poll()  # (blocks whose copies have landed count as free)
         host = tier.blocks if tier is not None else None
         moved = tier.copies.bytes_moved if tier is not None else {D2H: 0, H2D: 0}
         return EngineStats(

@@ -95,8 +95,8 @@ class ModelRunner:
         order = sorted(
             range(len(batch.seqs)),
             key=lambda i: (
-                batch.num_tokens[i] != 1,
                 id(batch.seqs[i]) in staged,
+                batch.num_tokens[i] != 1,
                 batch.seqs[i].num_computed + batch.num_tokens[i],
             ),
         )
@@ -132,10 +132,10 @@ class ModelRunner:
         samplers: list[Sequence] = []
         kv_lens: list[int] = []
         num_decode = 0
-        for seq, n in zip(seqs, counts, strict=True):
+        for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
             start = seq.num_computed
             end = start + n
-            if n == 1:
+            if n == 1 and i < num_paged:  # (a staged 1-token prompt is a fresh prefill)
                 num_decode += 1
                 tokens.append(seq.token_ids[start])
                 positions.append(start)
