@@ -217,16 +217,18 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            reserve = seq.num_tokens if self.whole_prompt else seq.num_computed + n
             if self._may_stage(seq, batch):
                 self._stage(seq, batch)
-                return
-            if self.hosted or (self.offload.force and self.offload.layerwise):
-                return  # older requests on the host come back first
-            if not self._fits(seq, reserve) or (n > 1 and not self._prefill_fits(batch, n)):
+                continue
+            n = min(seq.num_uncomputed, budget)
+            reserve = seq.num_tokens if self.whole_prompt else seq.num_computed + n
+            if budget <= 0 or batch.staged or (self.offload.force and self.offload.layerwise):
+                return  # (a paged prefill never shares a step with staged prompts)
+            if not self._fits(seq, reserve, self._reload_reserve()):
+                return  # (older requests on the host come back first)
+            if n > 1 and not self._prefill_fits(batch, n):
                 return
             self.waiting.popleft()
             self.blocks.append(seq.request_id, reserve)
@@ -240,13 +242,22 @@ class Scheduler:
 
     def _may_stage(self, seq: Sequence, batch: ScheduledBatch) -> bool:
         """Prefill this prompt straight to the host: layerwise, a fresh prompt that does not
-        fit on the device (or a forced test), room on the host, no other prefill this step."""
+        fit on the device (or a forced test), room on the host; staged prompts share a step
+        only with decodes and each other, up to the token budget (the first one may be
+        longer: it goes in one pass)."""
         tier, policy = self.tier, self.offload
         if tier is None or not policy.layerwise or seq.num_computed > 0:
             return False
-        if not (policy.force or self.hosted or not self._fits(seq, seq.num_tokens)):
+        if not (policy.force or not self._fits(seq, seq.num_tokens, self._reload_reserve())):
             return False
-        if batch.staged or any(n > 1 for n in batch.num_tokens):
+        staged = sum(s.num_tokens for s in batch.staged)
+        if staged and staged + seq.num_tokens > self.max_num_batched_tokens:
+            return False
+        if any(
+            n > 1
+            for s, n in zip(batch.seqs, batch.num_tokens, strict=True)
+            if s not in batch.staged
+        ):
             return False
         return tier.has_room(seq.num_tokens) and self._prefill_fits(batch, seq.num_tokens)
 
@@ -293,14 +304,21 @@ class Scheduler:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _fits(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for `num_tokens` of `seq` are free; under the whole-prompt rule also a block
-        of headroom per running request (each may start a new block within block_size steps,
-        and the newcomer, admitted last, would be their first victim)."""
+    def _fits(self, seq: Sequence, num_tokens: int, reserved: int = 0) -> bool:
+        """Blocks for `num_tokens` of `seq` are free, beyond `reserved` ones; under the
+        whole-prompt rule also a block of headroom per running request (each may start a new
+        block within block_size steps, and the newcomer, admitted last, would be their first
+        victim)."""
         if not self.whole_prompt:
-            return self.blocks.can_append(seq.request_id, num_tokens)
+            need = self.blocks.blocks_needed(seq.request_id, num_tokens)
+            return need + reserved <= self.blocks.num_free()
         need = self.blocks.blocks_needed(seq.request_id, num_tokens)
-        return need + len(self.running) <= self.blocks.num_free()
+        return need + reserved + len(self.running) <= self.blocks.num_free()
+
+    def _reload_reserve(self) -> int:
+        """Blocks the oldest request on the host needs to come back (a new prompt may only
+        take blocks beyond these)."""
+        return self.blocks.blocks_for(self.hosted[0].num_tokens) if self.hosted else 0
 
     def _prefill_fits(self, batch: ScheduledBatch, n: int) -> bool:
         """SLO-aware admission: the time `n` more prefill tokens add to this step fits in the

@@ -1,0 +1,271 @@
+"""LayerKV in the worker: a burst of long prompts while many requests decode on a fixed
+device KV pool, on mell-tiny (CPU), four engines in one process, runs interleaved:
+
+  (A) today's engine: admission reserves the first chunk only; preemption recomputes
+  (B) whole-prompt admission (the fixed baseline); preemption recomputes
+  (C) B + swap preemption to a host tier
+  (D) B + layerwise offload (long prompts prefilled straight to the host, parked, reloaded)
+      + SLO-aware admission (tpot_slo_s)
+
+Workload (arrival times from the start of a run): 10 decoders (32-token prompts, 160 tokens
+out) in the first 0.1 s and 50 more per second for 0.8 s (their KV holds most of the pool); three 1,500-token
+prompts (16 out) at `--burst-at`; 6 short prompts (32 in, 32 out), one every 50 ms from then. Pool: 128 blocks x 16 tokens. The CPU copy engine emulates a
+host link of `--link-gbps`. TPOT SLO: `--tpot-slo-x` (10) times the median decode-only step time
+measured in a warm-up. Then the same workload without pressure (a pool of 2,048 blocks) for
+offload off vs layerwise: output tok/s must be equal.
+
+    python bench/layerkv.py [--rounds 2] [--scheduler]
+
+`--scheduler` also prints the scheduler-only burst (the real BlockManager and Scheduler, no
+model: preemptions, tokens recomputed, first-token steps for "chunk" and "whole" admission).
+The last line is `RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mell.common.config import EngineConfig
+from mell.common.sampling import SamplingParams
+from mell.common.tiny_model import write_tiny_model
+from mell.workerd.engine.engine import Engine
+
+NUM_BLOCKS = 128
+BLOCK = 16
+HOST_BYTES = 64 << 20
+DECODE_OUT = 160  # tokens per decoder
+DECODER_RATE = 50.0  # decoders arriving per second, for DECODERS_FOR_S seconds
+DECODERS_FOR_S = 0.8
+
+
+@dataclass
+class Req:
+    rid: str
+    kind: str  # "decoder", "long", "short"
+    at: float
+    prompt: list[int]
+    max_tokens: int
+    times: list[float] = field(default_factory=list)
+
+
+def workload(burst_at: float) -> list[Req]:
+    def p(n: int, s: int) -> list[int]:
+        return [(s * 31 + 7 * i) % 500 + 3 for i in range(n)]
+
+    reqs = [Req(f"d{i}", "decoder", 0.01 * i, p(32, i), DECODE_OUT) for i in range(10)]
+    reqs += [
+        Req(f"d{10 + i}", "decoder", 0.1 + i / DECODER_RATE, p(32, 10 + i), DECODE_OUT)
+        for i in range(int(DECODERS_FOR_S * DECODER_RATE))
+    ]
+    reqs += [Req(f"L{i}", "long", burst_at, p(1500, 50 + i), 16) for i in range(3)]
+    reqs += [Req(f"s{i}", "short", burst_at + 0.05 * i, p(32, 80 + i), 32) for i in range(6)]
+    return reqs
+
+
+def run(eng: Engine, reqs: list[Req]) -> dict[str, float]:
+    """Arrivals on the wall clock; every output token's time per request."""
+    pending = sorted(reqs, key=lambda r: r.at)
+    by_id = {r.rid: r for r in reqs}
+    for r in reqs:
+        r.times = []
+    before = eng.stats()
+    start = time.monotonic()
+    steps = 0
+    while pending or eng.has_unfinished():
+        now = time.monotonic() - start
+        while pending and pending[0].at <= now:
+            r = pending.pop(0)
+            sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+            eng.add_request(r.rid, r.prompt, sp)
+        if not eng.has_unfinished():
+            time.sleep(min(0.001, max(0.0, pending[0].at - now)))
+            continue
+        outs = eng.step()
+        steps += 1
+        t = time.monotonic() - start
+        for o in outs:
+            by_id[o.request_id].times += [t] * len(o.new_token_ids)
+    makespan = time.monotonic() - start
+    after = eng.stats()
+    return metrics(reqs, makespan, before, after, steps)
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def metrics(reqs: list[Req], makespan: float, before, after, steps: int) -> dict[str, float]:
+    ttft = {k: [r.times[0] - r.at for r in reqs if r.kind == k] for k in ("long", "short")}
+    tpot = [(r.times[-1] - r.times[0]) / (len(r.times) - 1) for r in reqs if len(r.times) > 1]
+    gaps = [b - a for r in reqs for a, b in zip(r.times, r.times[1:], strict=False)]
+    out_tokens = sum(len(r.times) for r in reqs)
+    moved_before = sum(before.offload_bytes_total.values())
+    return {
+        "ttft_long_p50": pct(ttft["long"], 0.5),
+        "ttft_long_p99": pct(ttft["long"], 0.99),
+        "ttft_short_p50": pct(ttft["short"], 0.5),
+        "ttft_short_p99": pct(ttft["short"], 0.99),
+        "tpot_p99": pct(tpot, 0.99),
+        "max_gap": max(gaps),
+        "e2e_p99": pct([r.times[-1] - r.at for r in reqs], 0.99),
+        "tok_s": out_tokens / makespan,
+        "recomputed": after.num_tokens_recomputed_total - before.num_tokens_recomputed_total,
+        "bytes_moved": sum(after.offload_bytes_total.values()) - moved_before,
+        "swaps": after.num_swaps_total - before.num_swaps_total,
+        "parked": after.num_parked_total - before.num_parked_total,
+        "preemptions": after.num_preemptions_total - before.num_preemptions_total,
+        "steps": steps,
+    }
+
+
+def decode_step_s(model: Path) -> float:
+    """Median step time of 12 decoding requests (no pressure), after a warm-up."""
+    eng = Engine(EngineConfig(model=str(model), num_kv_blocks=1024, max_model_len=2048))
+    for r in workload(0.0)[:12]:
+        eng.add_request(r.rid, r.prompt, SamplingParams(max_tokens=64, ignore_eos=True))
+    eng.step()
+    times = []
+    while eng.has_unfinished():
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def engines(model: Path, link: float, slo: float, num_blocks: int) -> dict[str, Engine]:
+    base = {"model": str(model), "num_kv_blocks": num_blocks, "max_model_len": 2048}
+    host = {"host_kv_bytes": HOST_BYTES, "kv_link_bytes_per_s": link}
+    return {
+        "A": Engine(EngineConfig(admission="chunk", **base)),
+        "B": Engine(EngineConfig(admission="whole", **base)),
+        "C": Engine(EngineConfig(kv_offload="swap", **host, **base)),
+        "D": Engine(EngineConfig(kv_offload="layerwise", tpot_slo_s=slo, **host, **base)),
+    }
+
+
+def show(name: str, m: dict[str, float]) -> None:
+    print(
+        f"  {name}: TTFT long p50/p99 {m['ttft_long_p50']:.3f}/{m['ttft_long_p99']:.3f} s"
+        f"  short p50/p99 {m['ttft_short_p50']:.3f}/{m['ttft_short_p99']:.3f} s"
+        f"  TPOT p99 {m['tpot_p99'] * 1e3:.1f} ms  max gap {m['max_gap'] * 1e3:.0f} ms"
+        f"  e2e p99 {m['e2e_p99']:.2f} s  {m['tok_s']:.0f} tok/s"
+        f"  recomputed {m['recomputed']}  moved {m['bytes_moved'] / 1e6:.1f} MB"
+        f"  swaps {m['swaps']} parked {m['parked']} preemptions {m['preemptions']}",
+        flush=True,
+    )
+
+
+def scheduler_only() -> None:
+    """The issue's measurement: the real BlockManager and Scheduler, no model."""
+    from mell.workerd.engine.block_manager import BlockManager
+    from mell.workerd.engine.scheduler import Scheduler
+    from mell.workerd.engine.sequence import Sequence
+
+    for admission in ("chunk", "whole"):
+        sch = Scheduler(
+            BlockManager(128, 16, 2),
+            max_num_seqs=64,
+            max_num_batched_tokens=512,
+            admission=admission,
+        )
+        endless = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        decoders = [Sequence(f"d{i}", [3] * 32, endless, []) for i in range(12)]
+        longs = [
+            Sequence(f"L{i}", [4] * 1500, SamplingParams(max_tokens=1, ignore_eos=True), [])
+            for i in range(3)
+        ]
+        for s in decoders:
+            sch.add(s)
+        first: dict[str, int] = {}
+        for t in range(2000):
+            if t == 3:
+                for s in longs:
+                    sch.add(s)
+            batch = sch.schedule()
+            for s, n in zip(batch.seqs, batch.num_tokens, strict=True):
+                s.num_computed += n
+                if s.num_computed == s.num_tokens:
+                    s.append_token(5, 1 << 30)
+            for s in [*decoders, *longs]:
+                if s.output_token_ids and s.request_id.startswith("L"):
+                    first.setdefault(s.request_id, t - 3)
+                if (s.is_finished or len(s.output_token_ids) >= 100) and s in sch.running:
+                    sch.remove(s)
+            if len(first) == 3:
+                break
+        print(
+            f"scheduler only, admission {admission!r}: {sch.num_preemptions_total} preemptions, "
+            f"{sch.num_tokens_recomputed_total} tokens recomputed (useful: 3 x 1500 + decodes), "
+            f"first tokens {sorted(first.values())} steps after arrival",
+            flush=True,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--burst-at", type=float, default=0.3)
+    ap.add_argument("--link-gbps", type=float, default=8.0, help="emulated host link, GB/s")
+    ap.add_argument("--tpot-slo-x", type=float, default=10.0)
+    ap.add_argument("--scheduler", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(1)  # (steady timings on a shared machine; the copy thread is extra)
+    if a.scheduler:
+        scheduler_only()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_model(Path(tmp) / "tiny")
+        step = decode_step_s(model)
+        slo = a.tpot_slo_x * step
+        print(f"decode step (12 requests) {step * 1e3:.2f} ms; TPOT SLO {slo * 1e3:.2f} ms")
+        reqs = workload(a.burst_at)
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in "ABCD"}
+        engs = engines(model, a.link_gbps * 1e9, slo, NUM_BLOCKS)
+        for rnd in range(a.rounds):
+            print(f"round {rnd + 1} (pressure: {NUM_BLOCKS} blocks x {BLOCK} tokens)")
+            for name, eng in engs.items():
+                results[name].append(run(eng, reqs))
+                show(name, results[name][-1])
+        free = engines(model, a.link_gbps * 1e9, 0.0, 2048)  # (D without an SLO: offload only)
+        roomy: dict[str, list[float]] = {"B": [], "D": []}
+        for rnd in range(a.rounds):
+            print(f"round {rnd + 1} (no pressure: 2048 blocks; D without SLO admission)")
+            for name in ("B", "D"):
+                m = run(free[name], reqs)
+                roomy[name].append(m["tok_s"])
+                show(name, m)
+        for eng in [*engs.values(), *free.values()]:
+            eng.close()
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(m[key] for m in results[name])
+
+    print("medians over rounds:")
+    for name in "ABCD":
+        print(
+            f"  {name}: TTFT long p99 {med(name, 'ttft_long_p99'):.3f} s, short p99 "
+            f"{med(name, 'ttft_short_p99'):.3f} s, TPOT p99 {med(name, 'tpot_p99') * 1e3:.1f} ms, "
+            f"max gap {med(name, 'max_gap') * 1e3:.0f} ms, {med(name, 'tok_s'):.0f} tok/s"
+        )
+    no_pressure = statistics.median(roomy["D"]) / statistics.median(roomy["B"])
+    print(f"no pressure: layerwise / off output tok/s = {no_pressure:.3f}")
+    result = {
+        "ttft_p99_ratio_b_over_d": med("B", "ttft_long_p99") / med("D", "ttft_long_p99"),
+        "tpot_p99_d_s": med("D", "tpot_p99"),
+        "tpot_slo_s": slo,
+        "throughput_ratio_d_over_b": med("D", "tok_s") / med("B", "tok_s"),
+        "no_pressure_throughput_ratio_layerwise_over_off": no_pressure,
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
