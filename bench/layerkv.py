@@ -8,10 +8,11 @@ device KV pool, on mell-tiny (CPU), four engines in one process, runs interleave
       + SLO-aware admission (tpot_slo_s)
 
 Workload (arrival times from the start of a run): 10 decoders (32-token prompts, 160 tokens
-out) in the first 0.1 s and 50 more per second for 0.8 s (their KV holds most of the pool); three 1,500-token
-prompts (16 out) at `--burst-at`; 6 short prompts (32 in, 32 out), one every 50 ms from then. Pool: 128 blocks x 16 tokens. The CPU copy engine emulates a
-host link of `--link-gbps`. TPOT SLO: `--tpot-slo-x` (10) times the median decode-only step time
-measured in a warm-up. Then the same workload without pressure (a pool of 2,048 blocks) for
+out) in the first 0.1 s and 50 more per second for 0.8 s (their KV holds most of the pool);
+three 1,500-token prompts (16 out) at `--burst-at`; 6 short prompts (32 in, 32 out), one every
+50 ms from then. Pool: 128 blocks x 16 tokens. The CPU copy engine emulates a host link of
+`--link-gbps`. TPOT SLO: `--tpot-slo-x` (10) times the median decode-only step time measured
+in a warm-up. Then the same workload without pressure (a pool of 2,048 blocks) for
 offload off vs layerwise: output tok/s must be equal.
 
     python bench/layerkv.py [--rounds 2] [--scheduler]
