@@ -15,11 +15,11 @@ three 1,500-token prompts (16 out) at `--burst-at`; 6 short prompts (32 in, 32 o
 in a warm-up. Then the same workload without pressure (a pool of 2,048 blocks) for
 offload off vs layerwise: output tok/s must be equal.
 
-    python bench/layerkv.py [--rounds 2] [--scheduler]
+    python bench/layerkv.py [--rounds 3]
 
-`--scheduler` also prints the scheduler-only burst (the real BlockManager and Scheduler, no
-model: preemptions, tokens recomputed, first-token steps for "chunk" and "whole" admission).
-The last line is `RESULT {json}`.
+(The scheduler-only burst of the issue, on the real BlockManager and Scheduler without a model,
+is tests/unit/workerd/test_scheduler.py; `pytest -s` prints its figures.) The last line is
+`RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -165,63 +165,14 @@ def show(name: str, m: dict[str, float]) -> None:
     )
 
 
-def scheduler_only() -> None:
-    """The issue's measurement: the real BlockManager and Scheduler, no model."""
-    from mell.workerd.engine.block_manager import BlockManager
-    from mell.workerd.engine.scheduler import Scheduler
-    from mell.workerd.engine.sequence import Sequence
-
-    for admission in ("chunk", "whole"):
-        sch = Scheduler(
-            BlockManager(128, 16, 2),
-            max_num_seqs=64,
-            max_num_batched_tokens=512,
-            admission=admission,
-        )
-        endless = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-        decoders = [Sequence(f"d{i}", [3] * 32, endless, []) for i in range(12)]
-        longs = [
-            Sequence(f"L{i}", [4] * 1500, SamplingParams(max_tokens=1, ignore_eos=True), [])
-            for i in range(3)
-        ]
-        for s in decoders:
-            sch.add(s)
-        first: dict[str, int] = {}
-        for t in range(2000):
-            if t == 3:
-                for s in longs:
-                    sch.add(s)
-            batch = sch.schedule()
-            for s, n in zip(batch.seqs, batch.num_tokens, strict=True):
-                s.num_computed += n
-                if s.num_computed == s.num_tokens:
-                    s.append_token(5, 1 << 30)
-            for s in [*decoders, *longs]:
-                if s.output_token_ids and s.request_id.startswith("L"):
-                    first.setdefault(s.request_id, t - 3)
-                if (s.is_finished or len(s.output_token_ids) >= 100) and s in sch.running:
-                    sch.remove(s)
-            if len(first) == 3:
-                break
-        print(
-            f"scheduler only, admission {admission!r}: {sch.num_preemptions_total} preemptions, "
-            f"{sch.num_tokens_recomputed_total} tokens recomputed (useful: 3 x 1500 + decodes), "
-            f"first tokens {sorted(first.values())} steps after arrival",
-            flush=True,
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--burst-at", type=float, default=0.3)
     ap.add_argument("--link-gbps", type=float, default=8.0, help="emulated host link, GB/s")
     ap.add_argument("--tpot-slo-x", type=float, default=10.0)
-    ap.add_argument("--scheduler", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)  # (steady timings on a shared machine; the copy thread is extra)
-    if a.scheduler:
-        scheduler_only()
     with tempfile.TemporaryDirectory() as tmp:
         model = write_tiny_model(Path(tmp) / "tiny")
         step = decode_step_s(model)

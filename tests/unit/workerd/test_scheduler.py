@@ -47,6 +47,12 @@ def burst(admission: str) -> tuple[Scheduler, dict[str, int]]:
 def test_whole_prompt_admission_never_preempts_a_prompt_half_way() -> None:
     old, old_first = burst("chunk")
     new, new_first = burst("whole")
+    for name, sch, first in (("chunk", old, old_first), ("whole", new, new_first)):
+        print(
+            f"admission {name!r}: {sch.num_preemptions_total} preemptions, "
+            f"{sch.num_tokens_recomputed_total} tokens recomputed, first tokens "
+            f"{sorted(first.values())} steps after arrival"
+        )
     assert old.num_preemptions_total > 10 and old.num_tokens_recomputed_total > 10_000
     assert new.num_preemptions_total == 0 and new.num_tokens_recomputed_total == 0
     assert max(new_first.values()) <= max(old_first.values())
