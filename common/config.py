@@ -35,6 +35,26 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_num_batched_tokens: int = 512  # chunked-prefill token budget per step
     max_model_len: int = 0  # 0: the model's max_position_embeddings (or its sliding window)
     seed: int = 0
+    # "whole": a waiting prompt is admitted when blocks for all its tokens fit (reserved at
+    # once); "chunk": blocks for its first chunk only (the old rule: a long prompt can run out
+    # of blocks half way and be preempted and recomputed).
+    admission: Literal["whole", "chunk"] = "whole"
+    # The host KV tier (LayerKV): "off"; "swap": preemption moves a victim's KV to host memory
+    # when that is cheaper than recomputing it; "layerwise": swap, and a prompt whose KV does
+    # not fit in device blocks is prefilled layer by layer straight into host blocks, parked
+    # there and reloaded when device blocks free up.
+    kv_offload: Literal["off", "swap", "layerwise"] = "off"
+    host_kv_bytes: int = 0  # host tier size, all layers (pinned on CUDA); needed unless "off"
+    # Benchmarks: the CPU copy engine paces copies to this many bytes/s (0: as fast as memcpy).
+    # Also the cost model's link speed before one is measured.
+    kv_link_bytes_per_s: float = 0.0
+    # Tests only: park every prompt on the host after its prefill (layerwise) and swap a
+    # running request out at random every few steps (swap, layerwise), seeded by `seed`.
+    kv_offload_force: bool = False
+    # SLO-aware admission (0: off): a prefill joins a step only while every running request's
+    # time-per-output-token slack allows it, from a step-time model fitted to measured steps.
+    ttft_slo_s: float = 0.0
+    tpot_slo_s: float = 0.0
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-host", help="address peers reach this worker's data plane on")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks (0: from memory)")
     p.add_argument("--block-size", type=int, help="tokens per KV block")
+    p.add_argument("--host-kv-bytes", type=int, help="host KV tier size in bytes (LayerKV)")
+    p.add_argument(
+        "--kv-offload", choices=["off", "swap", "layerwise"], help="what the host KV tier is for"
+    )
     p.add_argument("--max-model-len", type=int, help="context length limit")
     p.add_argument("--drain-grace", type=float, help="seconds SIGTERM waits for requests")
     p.add_argument(
@@ -75,6 +79,8 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
         num_kv_blocks="num_kv_blocks",
         block_size="block_size",
         max_model_len="max_model_len",
+        host_kv_bytes="host_kv_bytes",
+        kv_offload="kv_offload",
     )
     if device:
         engine["device"] = device

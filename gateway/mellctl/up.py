@@ -54,6 +54,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="worker device (auto, cpu, cuda)")
     p.add_argument("--api-key", action="append", help="require this API key; repeat")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: memory)")
+    p.add_argument("--host-kv-bytes", type=int, help="host KV tier per worker (with --kv-offload)")
+    p.add_argument("--kv-offload", choices=["off", "swap", "layerwise"], help="host KV tier use")
     p.add_argument("--fake-token-rate", type=float, help="benchmarks only: workers without model")
     p.add_argument(
         "--min-step-ms", type=float, help="benchmarks only: workers' steps last at least this long"
@@ -202,6 +204,10 @@ class Cluster:
             cmd += ["--num-kv-blocks", str(a.num_kv_blocks)]
         if a.min_step_ms:
             cmd += ["--min-step-ms", str(a.min_step_ms)]
+        if a.host_kv_bytes:
+            cmd += ["--host-kv-bytes", str(a.host_kv_bytes)]
+        if a.kv_offload:
+            cmd += ["--kv-offload", a.kv_offload]
         return cmd
 
     def _spawn(self, name: str, cmd: list[str], capture_stdout: bool = False) -> Child:

@@ -65,7 +65,7 @@ def run_engine(directory: Path, prompts: list[list[int]], max_new: list[int], **
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     reasons: dict[str, FinishReason] = {}
     peak = 0
-    for _ in range(10_000):
+    for _ in range(200_000):  # (steps only wait while host-tier copies land)
         if not eng.has_unfinished():
             break
         outputs = eng.step()
@@ -100,7 +100,29 @@ def test_greedy_matches_transformers_with_chunked_prefill(case) -> None:
 
 def test_greedy_matches_transformers_under_preemption(case) -> None:
     directory, prompts, max_new, reference, options = case
-    # 48 blocks of 16 tokens: the longest request alone needs 22 of them.
+    # 48 blocks of 16 tokens: the longest request alone needs 22 of them. The old admission
+    # rule (blocks for the first chunk only) preempts; the whole-prompt rule must give the same.
+    for admission in ("chunk", "whole"):
+        run = run_engine(
+            directory,
+            prompts,
+            max_new,
+            max_num_batched_tokens=128,
+            max_num_seqs=32,
+            num_kv_blocks=48,
+            admission=admission,
+            **options,
+        )
+        if admission == "chunk":
+            assert run.engine.stats().num_preemptions_total > 0
+        assert run.tokens == _expected(reference)
+
+
+@pytest.mark.parametrize("offload", ["swap", "layerwise"])
+def test_greedy_matches_transformers_with_the_host_kv_tier(case, offload) -> None:
+    """Forced: every prompt parks on the host after its prefill (layerwise) and running
+    requests are swapped out at random; tokens must not change, and nothing leaks."""
+    directory, prompts, max_new, reference, options = case
     run = run_engine(
         directory,
         prompts,
@@ -108,10 +130,18 @@ def test_greedy_matches_transformers_under_preemption(case) -> None:
         max_num_batched_tokens=128,
         max_num_seqs=32,
         num_kv_blocks=48,
+        kv_offload=offload,
+        host_kv_bytes=1 << 24,
+        kv_offload_force=True,
         **options,
     )
-    assert run.engine.stats().num_preemptions_total > 0
+    stats = run.engine.stats()
+    assert stats.num_swaps_total > 0
+    if offload == "layerwise":
+        assert stats.num_parked_total >= len(prompts)
+    assert stats.num_host_free_blocks == stats.num_host_total_blocks
     assert run.tokens == _expected(reference)
+    run.engine.close()
 
 
 def test_sharded_checkpoint_gives_the_same_tokens(case, tmp_path) -> None:

@@ -4,7 +4,10 @@ Each layer has its own pool of `num_blocks` pages (its own KV tensor), its own f
 reference counts, and each request has one block table per layer. Operations default to all
 layers, in lockstep, so that all of a request's tables are normally equal (`is_uniform`); a
 subset of layers can be given, so that later work (LayerKV) can hold some layers of a request
-elsewhere. Invariant, per layer, at all times: free + used == total.
+elsewhere. A block a copy still reads or writes is *fenced* when its request lets go of it
+(`fence`): out of use but not yet free, until the copy is done (`unfence`). The host tier of
+LayerKV is a second BlockManager. Invariant, per layer, at all times:
+free + used + fenced == total.
 
 The block manager only counts; it never touches tensors.
 """
@@ -21,11 +24,12 @@ class OutOfBlocks(MellError):
 
 
 class _LayerPool:
-    __slots__ = ("free", "refs")
+    __slots__ = ("fenced", "free", "refs")
 
     def __init__(self, num_blocks: int) -> None:
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
         self.refs = [0] * num_blocks
+        self.fenced: set[int] = set()
 
     def take(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -36,14 +40,28 @@ class _LayerPool:
             self.refs[b] = 1
         return blocks
 
-    def release(self, blocks: Sequence[int]) -> None:
+    def release(self, blocks: Sequence[int], fence: bool = False) -> list[int]:
+        """Drop one reference to each block; those nobody holds any more go back to the free
+        list, or (fence) to the fenced set. Returns the blocks that left use."""
         # Pushed last block first, so the next `take` pops them in their old order: a request
         # placed after one that left gets runs of consecutive blocks again (a migration sends
         # a frame per run).
+        gone = []
         for b in reversed(blocks):
             self.refs[b] -= 1
             if self.refs[b] == 0:
-                self.free.append(b)
+                gone.append(b)
+        if fence:
+            self.fenced.update(gone)
+        else:
+            self.free.extend(gone)
+        gone.reverse()
+        return gone
+
+    def unfence(self, blocks: Sequence[int]) -> None:
+        for b in reversed(blocks):
+            self.fenced.remove(b)  # (KeyError: a block unfenced twice, or never fenced)
+            self.free.append(b)
 
 
 class BlockManager:
@@ -70,6 +88,12 @@ class BlockManager:
 
     def num_used(self, layer: int) -> int:
         return sum(1 for r in self._pools[layer].refs if r > 0)
+
+    def num_fenced(self, layer: int | None = None) -> int:
+        """Blocks out of use whose copies are still in flight (the most over all layers)."""
+        if layer is not None:
+            return len(self._pools[layer].fenced)
+        return max(len(p.fenced) for p in self._pools)
 
     def ref_count(self, layer: int, block: int) -> int:
         return self._pools[layer].refs[block]
@@ -166,6 +190,21 @@ class BlockManager:
         for pool, table in zip(self._pools, tables, strict=True):
             pool.release(table)
         return max(len(t) for t in tables)
+
+    def fence(self, request_id: str) -> list[list[int]]:
+        """Like `free`, but the blocks that leave use are fenced (a copy still touches them)
+        until `unfence`; returns them, per layer ([] per layer for an unknown request)."""
+        tables = self._tables.pop(request_id, None)
+        self._uniform.pop(request_id, None)
+        if tables is None:
+            return [[] for _ in range(self.num_layers)]
+        return [
+            pool.release(table, fence=True) for pool, table in zip(self._pools, tables, strict=True)
+        ]
+
+    def unfence(self, layer: int, blocks: Sequence[int]) -> None:
+        """The copy touching these fenced blocks of `layer` is done: they are free."""
+        self._pools[layer].unfence(blocks)
 
     def rename(self, old: str, new: str) -> None:
         """Hand `old`'s blocks to `new` (a migrated-in reservation becomes its request)."""

@@ -7,6 +7,7 @@ their new tokens. The worker daemon wraps this; nothing here does I/O.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -18,17 +19,21 @@ from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.contract import Frame, KVLayout, MigratableEngine, RequestState
+from mell.workerd.engine.copy_engine import D2H, H2D, make_copy_engine
+from mell.workerd.engine.host_tier import HostTier
 from mell.workerd.engine.kv_cache import KVCache, kv_bytes_per_block
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
-from mell.workerd.engine.runner import ModelRunner, resolve_device, resolve_dtype
-from mell.workerd.engine.scheduler import Scheduler
+from mell.workerd.engine.runner import ModelRunner, StagedRows, resolve_device, resolve_dtype
+from mell.workerd.engine.scheduler import OffloadPolicy, ScheduledBatch, Scheduler
 from mell.workerd.engine.sequence import Sequence, SequenceStatus
+from mell.workerd.engine.step_model import StepTimeModel
 from mell.workerd.model.config import ModelConfig, load_model_config
 
 __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
 CPU_KV_CACHE_LIMIT_BYTES = 1 << 30
 CUDA_KV_CACHE_FRACTION = 0.85  # of the free device memory after loading the weights
+IDLE_COPY_WAIT_S = 0.0005
 
 
 class Engine:
@@ -69,12 +74,26 @@ class Engine:
         capacity = num_blocks * config.block_size
         self.model_config: ModelConfig = checkpoint.with_max_model_len(min(max_len, capacity))
         self.blocks = BlockManager(num_blocks, config.block_size, checkpoint.num_layers)
+        self.tier = self._host_tier(checkpoint, device, dtype)
+        self.step_model = StepTimeModel()
         self.scheduler = Scheduler(
             self.blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            admission=config.admission,
+            tier=self.tier,
+            offload=OffloadPolicy(
+                layerwise=config.kv_offload == "layerwise",
+                block_bytes=kv_bytes_per_block(checkpoint, config.block_size, dtype),
+                link_bytes_per_s=config.kv_link_bytes_per_s,
+                force=config.kv_offload_force,
+                seed=config.seed,
+            ),
+            step_model=self.step_model,
+            tpot_slo_s=config.tpot_slo_s,
         )
         self._seqs: dict[str, Sequence] = {}
+        self.slo_violations = {"ttft": 0, "tpot": 0}
 
     # -- contract A -------------------------------------------------------------------------
 
@@ -112,10 +131,21 @@ class Engine:
         return True
 
     def step(self) -> list[RequestOutput]:
+        tier = self.tier
+        if tier is not None:
+            tier.poll()
         batch = self.scheduler.schedule()
         if not batch:
+            if tier is not None and tier.in_flight():
+                time.sleep(IDLE_COPY_WAIT_S)  # nothing to run until copies land: don't spin
             return []
-        samples = self.runner.execute(batch, self.kv.tensors)
+        hooks = None
+        if tier is not None and (batch.staged or tier.loading):
+            hooks = _TierHooksMaker(tier, batch)
+        started = time.monotonic()
+        samples = self.runner.execute(batch, self.kv.tensors, hooks)
+        now = time.monotonic()
+        self.step_model.record(sum(batch.num_tokens), now - started)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
         outputs = []
@@ -124,6 +154,10 @@ class Engine:
             seq = s.seq
             first = len(seq.output_token_ids)
             seq.append_token(s.token_id, max_len)
+            if first == 0:
+                seq.first_token_at = now
+            if seq.is_finished:
+                self._count_slo(seq, now)
             outputs.append(
                 RequestOutput(
                     request_id=seq.request_id,
@@ -137,7 +171,20 @@ class Engine:
             if seq.is_finished:
                 self.scheduler.remove(seq)
                 del self._seqs[seq.request_id]
+        for seq in batch.staged:
+            if not seq.is_finished:
+                self.scheduler.park(seq)
         return outputs
+
+    def _count_slo(self, seq: Sequence, now: float) -> None:
+        """SLO violations of a finished request (TTFT from when it was added)."""
+        c = self.config
+        if c.ttft_slo_s > 0 and seq.first_token_at - seq.added_at > c.ttft_slo_s:
+            self.slo_violations["ttft"] += 1
+        decoded = len(seq.output_token_ids) - 1
+        tpot = (now - seq.first_token_at) / decoded if decoded > 0 else 0.0
+        if c.tpot_slo_s > 0 and tpot > c.tpot_slo_s:
+            self.slo_violations["tpot"] += 1
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -150,14 +197,28 @@ class Engine:
         return self
 
     def stats(self) -> EngineStats:
+        sch, tier = self.scheduler, self.tier
+        if tier is not None:
+            tier.poll()  # (blocks whose copies have landed count as free)
+        host = tier.blocks if tier is not None else None
+        moved = tier.copies.bytes_moved if tier is not None else {D2H: 0, H2D: 0}
         return EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(sch.running),
+            num_waiting=len(sch.waiting),
             num_total_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free(),
             block_size=self.blocks.block_size,
-            num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_preemptions_total=sch.num_preemptions_total,
             request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
+            num_host_total_blocks=host.num_blocks if host is not None else 0,
+            num_host_free_blocks=host.num_free() if host is not None else 0,
+            num_fenced_blocks=self.blocks.num_fenced() + (host.num_fenced() if host else 0),
+            num_swapped=len(sch.hosted),
+            num_swaps_total=sch.num_swaps_total,
+            num_parked_total=sch.num_parked_total,
+            num_tokens_recomputed_total=sch.num_tokens_recomputed_total,
+            offload_bytes_total={"d2h": moved[D2H], "h2d": moved[H2D]},
+            slo_violations_total=dict(self.slo_violations),
         )
 
     # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
@@ -258,6 +319,34 @@ class Engine:
 
     # -- extras -----------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stop the copy engine's thread (if any), after the copies in flight."""
+        if self.tier is not None:
+            self.tier.copies.close()
+
+    def _host_tier(
+        self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype
+    ) -> HostTier | None:
+        c = self.config
+        if c.kv_offload == "off":
+            return None
+        per_block = kv_bytes_per_block(cfg, c.block_size, dtype)
+        num_blocks = c.host_kv_bytes // per_block
+        if num_blocks < 1:
+            raise ConfigError(
+                f"kv_offload {c.kv_offload!r} needs host_kv_bytes of at least one block "
+                f"({per_block} bytes), got {c.host_kv_bytes}"
+            )
+        if c.kv_offload == "layerwise" and self.runner.attention.name != "torch":
+            raise ConfigError(
+                "kv_offload 'layerwise' needs the torch attention backend for now (a prompt "
+                "staged to the host attends to its own K/V; FlashInfer's ragged prefill is "
+                "not wired yet); use 'swap'"
+            )
+        return HostTier(
+            self.kv.tensors, num_blocks, make_copy_engine(device, c.kv_link_bytes_per_s)
+        )
+
     @property
     def num_total_blocks(self) -> int:
         return self.blocks.num_blocks
@@ -280,10 +369,36 @@ class Engine:
         return n
 
 
+class _TierHooksMaker:
+    """The step's per-layer hooks (model/llama.py LayerHooks), once the runner has laid out the
+    rows of the staged prompts: wait for a loading request's layer before the layer, send a
+    staged prompt's K/V of the layer to the host after it."""
+
+    def __init__(self, tier: HostTier, batch: ScheduledBatch) -> None:
+        self.tier = tier
+        self.loading = [s.request_id for s in batch.seqs if s.request_id in tier.loading]
+        self.staged: list[StagedRows] = []
+
+    def __call__(self, staged: list[StagedRows]) -> _TierHooksMaker:
+        self.staged = staged
+        return self
+
+    def before_layer(self, layer: int) -> None:
+        for request_id in self.loading:
+            self.tier.wait_layer(request_id, layer)
+
+    def after_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for request_id, lo, hi in self.staged:
+            self.tier.stage_layer(request_id, layer, k[lo:hi], v[lo:hi])
+
+
 def _check_config(c: EngineConfig) -> None:
     for key in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(c, key) < 1:
             raise ConfigError(f"engine.{key} must be at least 1, got {getattr(c, key)}")
-    for key in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len"):
+    for key in ("num_kv_blocks", "kv_cache_memory_bytes", "max_model_len", "host_kv_bytes"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"engine.{key} must be >= 0, got {getattr(c, key)}")
+    for key in ("kv_link_bytes_per_s", "ttft_slo_s", "tpot_slo_s"):
         if getattr(c, key) < 0:
             raise ConfigError(f"engine.{key} must be >= 0, got {getattr(c, key)}")

@@ -28,3 +28,13 @@ class EngineStats:
     block_size: int
     num_preemptions_total: int
     request_blocks: dict[str, int] = field(default_factory=dict)
+    # The host KV tier (LayerKV; zeros when kv_offload is "off").
+    num_host_total_blocks: int = 0
+    num_host_free_blocks: int = 0
+    num_fenced_blocks: int = 0  # both tiers: out of use, a copy still in flight
+    num_swapped: int = 0  # requests whose KV waits on the host (swapped out or parked)
+    num_swaps_total: int = 0  # preemptions that moved KV to the host instead of dropping it
+    num_parked_total: int = 0  # prompts prefilled straight to the host
+    num_tokens_recomputed_total: int = 0  # computed tokens thrown away by preemptions
+    offload_bytes_total: dict[str, int] = field(default_factory=dict)  # "d2h", "h2d"
+    slo_violations_total: dict[str, int] = field(default_factory=dict)  # "ttft", "tpot"

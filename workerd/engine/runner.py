@@ -1,7 +1,8 @@
 """The model runner: owns the weights and the attention backend, turns a scheduled batch into
 flat tensors, runs the model against the KV tensors it is given and samples.
 
-The batch is laid out decode-first (requests computing one token), then prefill chunks.
+The batch is laid out decode-first (requests computing one token), then prefill chunks, then
+prompts staged to the host tier (their K/V skip the paged cache; `make_hooks` gets their rows).
 Block tables come with the batch, per layer (the scheduler's output); when every request's
 layers share one table (the normal case) the attention plan and the K/V slots are computed
 once for all layers.
@@ -9,6 +10,7 @@ once for all layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from mell.workerd.engine.scheduler import ScheduledBatch
 from mell.workerd.engine.sequence import Sequence
 from mell.workerd.model.attention import AttentionBatch, AttentionShape, make_attention_backend
 from mell.workerd.model.config import ModelConfig
-from mell.workerd.model.llama import ForwardBatch, LlamaModel
+from mell.workerd.model.llama import ForwardBatch, LayerHooks, LlamaModel
 from mell.workerd.model.sampler import Sampler
 from mell.workerd.model.weights import load_weights
 
@@ -79,20 +81,33 @@ class ModelRunner:
         self.model = LlamaModel(cfg, weights, self.attention, cfg.max_position_embeddings)
         self.sampler = Sampler(seed)
 
-    def execute(self, batch: ScheduledBatch, kv_caches: list[torch.Tensor]) -> list[Sample]:
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        kv_caches: list[torch.Tensor],
+        make_hooks: Callable[[list[StagedRows]], LayerHooks | None] | None = None,
+    ) -> list[Sample]:
         """Run one scheduled batch against the KV tensors (one per layer); the sampled tokens
-        of the requests whose last token was computed."""
-        # decode first, then prefill; each part by context length (see attention.py)
+        of the requests whose last token was computed. `make_hooks`, given the rows of the
+        staged prompts, makes the step's per-layer hooks."""
+        # decode first, then prefill, then staged; each part by context length (attention.py)
+        staged = {id(s) for s in batch.staged}
         order = sorted(
             range(len(batch.seqs)),
             key=lambda i: (
+                id(batch.seqs[i]) in staged,
                 batch.num_tokens[i] != 1,
                 batch.seqs[i].num_computed + batch.num_tokens[i],
             ),
         )
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
-        fwd, samplers = self._prepare(seqs, counts, _reordered(batch.layer_tables, order))
+        num_paged = len(seqs) - len(staged)
+        fwd, samplers = self._prepare(
+            seqs, counts, _reordered(batch.layer_tables, order), num_paged
+        )
+        if make_hooks is not None:
+            fwd.hooks = make_hooks(_staged_rows(seqs, counts, num_paged))
         logits = self.model.forward(fwd, kv_caches)
         if not samplers:
             return []
@@ -105,7 +120,11 @@ class ModelRunner:
         ]
 
     def _prepare(
-        self, seqs: list[Sequence], counts: list[int], layer_tables: list[list[list[int]]]
+        self,
+        seqs: list[Sequence],
+        counts: list[int],
+        layer_tables: list[list[list[int]]],
+        num_paged: int,
     ) -> tuple[ForwardBatch, list[Sequence]]:
         tokens: list[int] = []
         positions: list[int] = []
@@ -113,10 +132,10 @@ class ModelRunner:
         samplers: list[Sequence] = []
         kv_lens: list[int] = []
         num_decode = 0
-        for seq, n in zip(seqs, counts, strict=True):
+        for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
             start = seq.num_computed
             end = start + n
-            if n == 1:
+            if n == 1 and i < num_paged:  # (a staged 1-token prompt is a fresh prefill)
                 num_decode += 1
                 tokens.append(seq.token_ids[start])
                 positions.append(start)
@@ -138,14 +157,15 @@ class ModelRunner:
             key = id(tables)
             if key not in plans:
                 batch = AttentionBatch(num_decode, q_lens, kv_lens, tables, self.block_size)
-                plans[key] = (self.attention.plan(batch), self._slot_pages(tables, seqs, counts))
+                pages = self._slot_pages(tables[:num_paged], seqs, counts)
+                plans[key] = (self.attention.plan(batch), pages)
             attn_plans.append(plans[key][0])
             slot_pages.append(plans[key][1])
         fwd = ForwardBatch(
             token_ids=torch.tensor(tokens, dtype=torch.long, device=dev),
             positions=positions_t,
             slot_pages=slot_pages,
-            slot_offsets=positions_t % self.block_size,
+            slot_offsets=positions_t[: sum(counts[:num_paged])] % self.block_size,
             attn_plans=attn_plans,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
         )
@@ -156,7 +176,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         size = self.block_size
         pages: list[int] = []
-        for table, seq, n in zip(tables, seqs, counts, strict=True):
+        for table, seq, n in zip(tables, seqs, counts, strict=False):  # (staged ones: none)
             start = seq.num_computed
             if n == 1:
                 pages.append(table[start // size])
@@ -165,6 +185,18 @@ class ModelRunner:
             for j in range(start // size, (end - 1) // size + 1):  # per page, not per token
                 pages.extend([table[j]] * (min(end, (j + 1) * size) - max(start, j * size)))
         return torch.tensor(pages, dtype=torch.long, device=self.device)
+
+
+StagedRows = tuple[str, int, int]  # request id, first row, end row of a staged prompt
+
+
+def _staged_rows(seqs: list[Sequence], counts: list[int], num_paged: int) -> list[StagedRows]:
+    start = sum(counts[:num_paged])
+    rows = []
+    for seq, n in zip(seqs[num_paged:], counts[num_paged:], strict=True):
+        rows.append((seq.request_id, start, start + n))
+        start += n
+    return rows
 
 
 def _reordered(layer_tables: list[list[list[int]]], order: list[int]) -> list[list[list[int]]]:

@@ -3,23 +3,32 @@ its sampling state."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from enum import Enum
 
 import torch
 
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
 
+_arrivals = itertools.count()
+
 
 class SequenceStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PAUSED = "paused"  # held out of the batch while it migrates away (blocks kept)
+    STAGING = "staging"  # its prompt is prefilled this step straight to the host tier
+    HOSTED = "hosted"  # its KV is on the host tier (swapped out or parked), to be reloaded
     FINISHED = "finished"
 
 
 class Sequence:
     __slots__ = (
+        "added_at",
+        "arrival",
         "finish_reason",
+        "first_token_at",
         "generator",
         "new_logprobs",
         "new_tokens",
@@ -42,6 +51,9 @@ class Sequence:
         eos_token_ids: list[int],
     ) -> None:
         self.request_id = request_id
+        self.added_at = time.monotonic()
+        self.arrival = next(_arrivals)  # order of arrival (who is reloaded first)
+        self.first_token_at = 0.0  # monotonic time of the first output token (0: none yet)
         self.token_ids = list(prompt_token_ids)  # prompt, then everything generated
         self.num_prompt_tokens = len(prompt_token_ids)
         self.output_token_ids: list[int] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +45,29 @@ class LayerWeights:
     rope: int  # index of the layer's cos/sin table
 
 
+class LayerHooks(Protocol):
+    """Per-layer calls around the KV of a step (the engine's host tier, LayerKV)."""
+
+    def before_layer(self, layer: int) -> None:
+        """Before the layer writes or reads its KV cache (a reload of it may be landing)."""
+
+    def after_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The layer's new K/V rows [N, kv heads, head dim] (rows past the paged ones go to
+        the host tier from here)."""
+
+
 @dataclass(slots=True)
 class ForwardBatch:
-    """One step's flat batch, built by the runner."""
+    """One step's flat batch, built by the runner. The K/V of the first len(slot_offsets)
+    rows go into the paged cache; rows after them (prompts staged to the host) do not."""
 
     token_ids: torch.Tensor  # [N] long
     positions: torch.Tensor  # [N] long
-    slot_pages: list[torch.Tensor]  # per layer: [N] page of each new token's K/V
-    slot_offsets: torch.Tensor  # [N] offset inside the page
+    slot_pages: list[torch.Tensor]  # per layer: [P] page of each paged row's K/V
+    slot_offsets: torch.Tensor  # [P] offset inside the page (P <= N)
     attn_plans: list[object]  # per layer: the backend's plan (shared between equal tables)
     logit_rows: torch.Tensor  # [R] rows whose next-token logits are wanted
+    hooks: LayerHooks | None = None
 
 
 class LlamaModel:
@@ -101,7 +115,9 @@ class LlamaModel:
             for cos, sin in self.rope_tables
         ]
         n = x.shape[0]
+        paged = batch.slot_offsets.shape[0]
         heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+        hooks = batch.hooks
         for i, w in enumerate(self.layers):
             h = norm(x, w.input_norm, eps)
             qkv = F.linear(h, w.qkv, w.qkv_bias).view(n, heads + 2 * kv_heads, cfg.head_dim)
@@ -113,8 +129,13 @@ class LlamaModel:
             qk = apply_rope(qk, *rope[w.rope])  # q and k in one go
             q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
             cache = kv_caches[i]
-            cache[batch.slot_pages[i], :, batch.slot_offsets] = torch.stack((k, v), dim=1)
+            if hooks is not None:
+                hooks.before_layer(i)
+            kp, vp = (k, v) if paged == n else (k[:paged], v[:paged])
+            cache[batch.slot_pages[i], :, batch.slot_offsets] = torch.stack((kp, vp), dim=1)
             o = self.attention.forward(batch.attn_plans[i], q, k, v, cache, w.attention)
+            if hooks is not None:
+                hooks.after_layer(i, k, v)
             o = F.linear(o.reshape(n, cfg.q_size), w.o, w.o_bias)
             x = x + (o if w.attn_out_norm is None else norm(o, w.attn_out_norm, eps))
             h = norm(x, w.mlp_norm, eps)
