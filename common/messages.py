@@ -108,11 +108,14 @@ class Rejoin(msgspec.Struct, frozen=True, array_like=True, tag="rejoin"):
 
 
 class AddRequest(msgspec.Struct, frozen=True, array_like=True, tag="add"):
-    """Start generating for a request the gateway placed on this worker."""
+    """Start generating for a request the gateway placed on this worker. `output_token_ids`:
+    what it already produced on a worker that was lost (it resumes here: re-prefilled, its
+    next token numbered len(output_token_ids))."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    output_token_ids: list[int] = []
 
 
 class AbortRequest(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
@@ -229,7 +232,7 @@ class MigratedRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True
     output_token_ids: list[int]
     sampling: SamplingParams
     num_computed: int  # tokens whose K/V travelled (0 for a token transfer: re-prefill)
-    generator_state: bytes | None  # the seeded sampler's torch.Generator state
+    generator_state: bytes | None = None  # unused: seeded randomness is f(seed, index)
 
 
 class MigrateReserve(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mres"):

@@ -310,7 +310,10 @@ class Worker:
             return
         try:
             self.engine.add_request(
-                message.request_id, message.prompt_token_ids, message.sampling.validate()
+                message.request_id,
+                message.prompt_token_ids,
+                message.sampling.validate(),
+                message.output_token_ids,
             )
         except MellError as err:
             self._fail(message.request_id, err.code, err.message)
@@ -319,7 +322,15 @@ class Worker:
             log.exception("add_request_failed", request_id=message.request_id)
             self._fail(message.request_id, ErrorCode.INTERNAL, f"cannot start request: {err!r}")
             return
-        self._tokens[message.request_id] = len(message.prompt_token_ids)
+        self._tokens[message.request_id] = len(message.prompt_token_ids) + len(
+            message.output_token_ids
+        )
+        if message.output_token_ids:
+            log.info(
+                "request_resumed",
+                request_id=message.request_id,
+                num_output_tokens=len(message.output_token_ids),
+            )
 
     def _reply(self, call_id: int) -> None:
         if call_id:
