@@ -170,17 +170,15 @@ class WorkerLink:
         )
         self._last_seen.pop(worker_id, None)
         self._greeted.discard(worker_id)
-        self._tell_lost(worker_id, reason)
-        self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
-
-    # ------------------------------------------------------------ tasks
-
-    def _tell_lost(self, worker_id: str, reason: str) -> None:
-        """The migrator first (its migrations abort), then the dispatcher (streams fail)."""
+        # The migrator first (its migrations abort), then the view (no placement on it any
+        # more), then the dispatcher (its requests resume elsewhere, or their streams fail).
         if self.migrations is not None:
             self.migrations.on_worker_lost(worker_id)
+        self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
         if self.requests is not None:
             self.requests.on_worker_lost(worker_id, reason)
+
+    # ------------------------------------------------------------ tasks
 
     async def receive_forever(self) -> None:
         while True:
