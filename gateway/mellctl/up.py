@@ -29,6 +29,7 @@ from typing import Any
 from mell.common.errors import MellError
 from mell.common.model_spec import TINY, model_name, resolve_model_dir
 from mell.gateway.mellctl import running
+from mell.transport.secret import SECRET_FILE
 
 
 class StartFailed(MellError):
@@ -193,6 +194,8 @@ class Cluster:
             worker_id,
             "--data-dir",
             str(self.data_dir),
+            "--cluster-secret-file",
+            str(self.data_dir / SECRET_FILE),
             "--device",
             a.device,
         ]
