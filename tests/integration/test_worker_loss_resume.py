@@ -5,12 +5,18 @@ temperature 0.9) run once undisturbed, then again while the worker holding most 
 killed mid-stream: each of its requests resumes on another worker from its tokens (prompt and
 the tokens already delivered, prefilled again), and every client gets exactly the output of
 the undisturbed run, with no error event, gap or duplicate.
+
+Before that, two intruders try to join the same cluster as real processes: one with another
+cluster's secret, one with the id of a live worker. Each exits 2 with one error line, and the
+cluster is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -19,7 +25,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from mell_cluster import LocalCluster, metric, start_cluster
+from mell_cluster import LocalCluster, get_json, metric, start_cluster
+
+from mell.transport.secret import ClusterSecret
 
 pytestmark = pytest.mark.slow
 NUM_STREAMS = 12
@@ -41,6 +49,33 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     )
     yield c
     c.stop()
+
+
+def _intrude(cluster: LocalCluster, worker_id: str, secret_file: str) -> tuple[int, list[str]]:
+    """Run a worker process against the cluster; its exit code and its error lines."""
+    [endpoint] = [e["workers"] for e in cluster.gateway_log() if "workers" in e][-1:]
+    cmd = [sys.executable, "-m", "mell.workerd.main", "--gateway", endpoint]
+    cmd += ["--worker-id", worker_id, "--data-dir", str(cluster.data_dir), "--device", "cpu"]
+    cmd += ["--cluster-secret-file", secret_file, "--num-kv-blocks", "64"]
+    done = subprocess.run(cmd, capture_output=True, timeout=120)
+    errors = [line for line in done.stderr.decode().splitlines() if '"error"' in line]
+    return done.returncode, errors
+
+
+def test_intruders_are_refused_and_exit_2(cluster: LocalCluster, tmp_path) -> None:
+    wrong = tmp_path / "other.secret"
+    ClusterSecret.create_or_load(wrong)
+    assert wrong.stat().st_mode & 0o777 == 0o600
+    assert (cluster.data_dir / "cluster.secret").stat().st_mode & 0o777 == 0o600
+    code, errors = _intrude(cluster, "intruder", str(wrong))
+    assert code == 2 and len(errors) == 1 and "secret" in errors[0], errors
+    code, errors = _intrude(cluster, "w0", str(cluster.data_dir / "cluster.secret"))
+    assert code == 2 and len(errors) == 1 and "held by a live worker" in errors[0], errors
+    refused = [e for e in cluster.gateway_log() if e["event"] == "worker_refused"]
+    assert [e["worker_id"] for e in refused] == ["intruder", "w0"]
+    status, health = get_json(cluster.url + "/health")
+    assert status == 200 and health["models"]["mell-tiny"]["active"] == 3
+    assert health["lost_workers"] == []
 
 
 def _body(i: int) -> dict[str, Any]:
