@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -136,12 +137,14 @@ async def _open(session: aiohttp.ClientSession, url: str, i: int) -> Reader:
 Outcome = tuple[str, str | None, int]  # text, finish reason, completion tokens
 
 
-async def _run(cluster: LocalCluster, kill: bool) -> tuple[list[Outcome], set[str]]:
-    """The 12 streams' outcomes; with `kill`, the ids of the requests the victim held."""
+async def _run(cluster: LocalCluster, kill: bool) -> tuple[list[Outcome], set[str], float]:
+    """The 12 streams' outcomes; with `kill`, the ids of the requests the victim held and
+    when it was killed (unix s)."""
     timeout = aiohttp.ClientTimeout(total=240)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         readers = await asyncio.gather(*(_open(session, cluster.url, i) for i in range(12)))
         doomed: set[str] = set()
+        killed_at = 0.0
         if kill:
             await asyncio.gather(*(r.read(until_chunks=3) for r in readers))
             placed = {
@@ -153,17 +156,18 @@ async def _run(cluster: LocalCluster, kill: bool) -> tuple[list[Outcome], set[st
             victim = held.most_common(1)[0][0]
             assert all(not r.done for r in readers)  # all mid-stream
             cluster.kill_child(f"worker {victim}")  # SIGKILL
+            killed_at = time.time()
             doomed = {r.request_id for r in readers if placed[r.request_id] == victim}
         await asyncio.gather(*(r.read() for r in readers))
-    return [r.outcome() for r in readers], doomed
+    return [r.outcome() for r in readers], doomed, killed_at
 
 
 def test_kill_9_of_a_worker_loses_no_stream(cluster: LocalCluster) -> None:
-    reference, _ = asyncio.run(asyncio.wait_for(_run(cluster, kill=False), 240))
+    reference, _, _ = asyncio.run(asyncio.wait_for(_run(cluster, kill=False), 240))
     assert all(r[1] == "length" and r[2] == MAX_TOKENS for r in reference)
     assert len({r[0] for r in reference}) > NUM_STREAMS // 2  # seeds and prompts differ
     killed_at = time.monotonic()
-    outcomes, doomed = asyncio.run(asyncio.wait_for(_run(cluster, kill=True), 240))
+    outcomes, doomed, killed_at_unix = asyncio.run(asyncio.wait_for(_run(cluster, kill=True), 240))
     assert outcomes == reference  # same text, finish reason and token count, for every client
     log = cluster.gateway_log()
     resumed = [e for e in log if e["event"] == "request_resumed"]
@@ -172,6 +176,8 @@ def test_kill_9_of_a_worker_loses_no_stream(cluster: LocalCluster) -> None:
     assert all(e["num_output_tokens"] >= 3 for e in resumed)
     lost = [e for e in log if e["event"] == "worker_lost" and e["worker_id"] == victim]
     assert [e["reason"] for e in lost] == ["connection closed"]  # not the 10 s silence
+    seen_at = datetime.fromisoformat(lost[0]["timestamp"]).timestamp()
+    assert seen_at - killed_at_unix < 0.5  # a fraction of a second
     with urllib.request.urlopen(cluster.url + "/metrics") as r:
         text = r.read().decode()
     assert metric(text, "mell:requests_resumed_total", model_name="mell-tiny") == len(resumed)
