@@ -63,6 +63,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     gateway: str = "tcp://127.0.0.1:7100"
     worker_id: str = ""  # empty: derived from host name, device and pid
     data_dir: str = ".mell"  # where "mell-tiny" is created on first use
+    cluster_secret_file: str = ""  # empty: DATA_DIR/cluster.secret (made by the gateway)
     data_host: str = "127.0.0.1"  # address other workers reach this worker's data port on
     data_port: int = 0  # 0: an ephemeral port
     heartbeat_interval_s: float = 0.5
@@ -99,6 +100,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     admin_host: str = "127.0.0.1"
     admin_port: int = 8001
     data_dir: str = ".mell"
+    cluster_secret_file: str = ""  # empty: DATA_DIR/cluster.secret, created at first start
     api_keys: list[str] = msgspec.field(default_factory=list)
     models: list[str] = msgspec.field(default_factory=lambda: ["mell-tiny"])  # dirs or mell-tiny
     max_queued_requests: int = 1024

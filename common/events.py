@@ -76,6 +76,20 @@ class RequestPlaced(_Event, frozen=True):
     num_blocks: int  # estimate until the worker reports
 
 
+class RequestResumed(_Event, frozen=True):
+    """The request's worker was lost; it continues on `worker_id` from its tokens (the prompt
+    and the `num_output_tokens` already delivered, prefilled again there)."""
+
+    request_id: str
+    model: str
+    lost_worker_id: str
+    worker_id: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    max_tokens: int
+    num_blocks: int  # estimate until the worker reports
+
+
 class RequestAdmitted(_Event, frozen=True):
     """The request's first tokens arrived from its worker."""
 
@@ -131,6 +145,7 @@ Event = (
     | WorkerDrained
     | WorkerLost
     | RequestPlaced
+    | RequestResumed
     | RequestAdmitted
     | RequestFinished
     | RequestAborted

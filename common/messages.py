@@ -10,10 +10,15 @@ Messages that expect an answer carry `call_id` (> 0); the answer is a `Reply` wi
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import msgspec
 
 from mell.common.sampling import SamplingParams, TokenLogprobs
 from mell.common.workers import WorkerIdentity, WorkerLoad
+
+_encoder = msgspec.msgpack.Encoder()
 
 
 class FrameRef(msgspec.Struct, frozen=True, array_like=True):
@@ -28,10 +33,22 @@ class FrameRef(msgspec.Struct, frozen=True, array_like=True):
 
 
 class Hello(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="hello"):
-    """A worker announces itself; sent on start and until the gateway answers `Welcome`."""
+    """A worker announces itself; sent on start and until the gateway answers `Welcome` (or
+    `Refused`). `mac` proves the sender holds the cluster secret: the HMAC of `signed_parts`
+    (its connection's route, its identity and `signed_at`, unix s)."""
 
     identity: WorkerIdentity
     request_ids: list[str] = []  # requests it still holds (after a gateway restart)
+    signed_at: float = 0.0
+    mac: bytes = b""
+
+    def signed_parts(self, route: str) -> tuple[bytes, bytes, bytes]:
+        return route.encode(), _encoder.encode(self.identity), repr(self.signed_at).encode()
+
+    def signed(self, route: str, sign: Callable[..., bytes]) -> Hello:
+        """This hello signed now, for the connection `route`, by `sign` (the secret's)."""
+        unsigned = msgspec.structs.replace(self, signed_at=time.time(), mac=b"")
+        return msgspec.structs.replace(unsigned, mac=sign(*unsigned.signed_parts(route)))
 
 
 class Heartbeat(msgspec.Struct, frozen=True, array_like=True, tag="hb"):
@@ -107,12 +124,22 @@ class Rejoin(msgspec.Struct, frozen=True, array_like=True, tag="rejoin"):
     """The gateway does not know this worker (it restarted): send `Hello` again."""
 
 
+class Refused(msgspec.Struct, frozen=True, array_like=True, tag="refused"):
+    """The gateway will not take this worker (its hello is not signed with the cluster's
+    secret, or its worker id belongs to another live worker): it exits."""
+
+    reason: str
+
+
 class AddRequest(msgspec.Struct, frozen=True, array_like=True, tag="add"):
-    """Start generating for a request the gateway placed on this worker."""
+    """Start generating for a request the gateway placed on this worker. `output_token_ids`:
+    what it already produced on a worker that was lost (it resumes here: re-prefilled, its
+    next token numbered len(output_token_ids))."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    output_token_ids: list[int] = []
 
 
 class AbortRequest(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
@@ -171,6 +198,7 @@ class MeasurePeers(msgspec.Struct, frozen=True, array_like=True, tag="measure"):
 GatewayMessage = (
     Welcome
     | Rejoin
+    | Refused
     | AddRequest
     | AbortRequest
     | Drain
@@ -229,7 +257,7 @@ class MigratedRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True
     output_token_ids: list[int]
     sampling: SamplingParams
     num_computed: int  # tokens whose K/V travelled (0 for a token transfer: re-prefill)
-    generator_state: bytes | None  # the seeded sampler's torch.Generator state
+    generator_state: bytes | None = None  # unused: seeded randomness is f(seed, index)
 
 
 class MigrateReserve(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mres"):

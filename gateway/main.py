@@ -8,7 +8,9 @@ view (see `recovery`); a corrupt record stops it with exit code 3 and one line n
 and offset. Once listening it prints one JSON line on stdout with the actual addresses,
 {"http": "http://HOST:PORT", "admin": "http://HOST:PORT", "workers": "tcp://HOST:PORT"}, for
 launchers such as `mellctl up`, leaves the admin URL in DATA_DIR/admin.json (the token is in
-DATA_DIR/admin.token) and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen,
+DATA_DIR/admin.token), creates the cluster secret workers must sign with in
+DATA_DIR/cluster.secret (mode 0600; --cluster-secret-file names another) if it is not there,
+and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen,
 2 bad configuration, 3 journal damaged.
 
 `build_context` is the gateway's wiring: it builds every component once, in dependency order
@@ -22,6 +24,7 @@ import asyncio
 import json
 import signal
 import sys
+from pathlib import Path
 
 import msgspec
 import structlog
@@ -46,6 +49,7 @@ from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.context import GatewayContext
 from mell.gateway.policy.base import WorkerStatus, make_policy
+from mell.transport.secret import SECRET_FILE, ClusterSecret
 
 log = structlog.get_logger("mell.gateway")
 
@@ -60,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-endpoint", help="ZeroMQ address workers connect to")
     p.add_argument("--model", action="append", help='model spec (dir or "mell-tiny"); repeat')
     p.add_argument("--data-dir")
+    p.add_argument(
+        "--cluster-secret-file",
+        help="the secret workers sign with (default DATA_DIR/cluster.secret, made if absent)",
+    )
     p.add_argument("--policy", help="placement policy (least-loaded, mell, ...)")
     p.add_argument("--api-key", action="append", help="accepted API key; repeat")
     p.add_argument("--max-queued-requests", type=int)
@@ -85,6 +93,7 @@ def make_config(args: argparse.Namespace) -> GatewayConfig:
         "worker_endpoint": args.worker_endpoint,
         "models": args.model,
         "data_dir": args.data_dir,
+        "cluster_secret_file": args.cluster_secret_file,
         "policy": args.policy,
         "api_keys": args.api_key,
         "max_queued_requests": args.max_queued_requests,
@@ -106,7 +115,8 @@ def build_context(config: GatewayConfig) -> GatewayContext:
     feed = EventFeed(recent=recovered.recent)
     state.add_append_hook(feed.publish)
     # In dependency order: each component gets its collaborators in its constructor.
-    port = WorkerPort(config.worker_endpoint)
+    secret_file = config.cluster_secret_file or str(Path(config.data_dir) / SECRET_FILE)
+    port = WorkerPort(config.worker_endpoint, ClusterSecret.create_or_load(secret_file))
     policy = make_policy(config.policy)
     metrics = Metrics(view)
     dispatcher = Dispatcher(state, policy, port.send, metrics, config.max_queued_requests)

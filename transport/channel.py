@@ -1,6 +1,9 @@
 """Channels: the gateway's ROUTER (asyncio, binds) and a worker's DEALER (blocking, connects).
 
-The gateway side knows each worker by its ZeroMQ identity (the worker id). Receive loops never
+The gateway side knows each connection by its ZeroMQ identity (a worker's route: its worker id
+and a random suffix, new for every process). It watches its connections: `disconnected` tells
+the route whose TCP connection just closed (a socket monitor), so a dead worker is known at
+once, not after a heartbeat timeout. Receive loops never
 stop on a bad frame: it is logged with its peer and dropped. Frames are sent without copying;
 received frames alias ZeroMQ's buffers until the caller drops them.
 """
@@ -14,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from mell.common.errors import ProtocolError
 from mell.transport.codec import Buffer, Codec
@@ -39,12 +43,15 @@ class RouterChannel(Generic[T]):
         self.socket.setsockopt(zmq.RCVHWM, 0)
         self.socket.bind(endpoint)
         self.endpoint: str = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._route_of_fd: dict[int, str] = {}  # the connection each route last spoke on
 
     async def recv(self) -> tuple[str, T, list[memoryview]]:
         """The next well-formed message: (peer identity, message, raw frames)."""
         while True:
             frames = await self.socket.recv_multipart(copy=False)
             peer = bytes(frames[0].buffer).decode(errors="replace")
+            self._route_of_fd[frames[0].get(zmq.SRCFD)] = peer
             try:
                 message, raw = self._codec.decode([f.buffer for f in frames[1:]])
             except ProtocolError as err:
@@ -67,7 +74,18 @@ class RouterChannel(Generic[T]):
         if err is not None:
             raise err
 
+    async def disconnected(self) -> str:
+        """The route of the next connection that closes (after it has sent something)."""
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                route = self._route_of_fd.pop(int(event["value"]), None)
+                if route is not None:
+                    return route
+
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)
 
 

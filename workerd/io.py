@@ -6,16 +6,23 @@ and reads `inbox` (a queue.Queue of decoded gateway messages and `PeerInput`s). 
 that `take_on_io_thread` accepts (KV blocks, written into the cache as they arrive) is handled
 there and not queued; everything after it on the same socket is queued after it is done.
 The I/O thread owns the DEALER to the gateway, the data-plane ROUTER (peers connect to it) and
-one DEALER per peer it sends to (connected on first use). Frames are never copied on the way
-out; received KV frames are handed on as views of ZeroMQ's buffers.
+DEALERs to the peers it sends to (connected on first use, at most `MAX_PEER_SOCKETS`: the
+least recently used is closed past that). Frames are never copied on the way out; received KV
+frames are handed on as views of ZeroMQ's buffers.
+
+Its connection to the gateway has a route of its own, the worker id and a random suffix (new
+for every process), which its hello signs (`sign`). Data-port messages are signed with the
+cluster secret both ways (`SignedCodec`): a forged or unsigned one is dropped on arrival.
 """
 
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,13 +30,15 @@ import structlog
 import zmq
 
 from mell.common.errors import ProtocolError
-from mell.common.messages import GatewayMessage, PeerMessage, WorkerMessage
+from mell.common.messages import GatewayMessage, Hello, PeerMessage, WorkerMessage
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Buffer, Codec
+from mell.transport.secret import ClusterSecret, SignedCodec
 
 log = structlog.get_logger("mell.workerd.io")
 _STOP = b""  # an empty single frame on the pipe: flush and stop
 _GATEWAY = b"g"  # route frame: to the gateway; b"p" + address: to a peer's data plane
+MAX_PEER_SOCKETS = 64  # peers' data planes connected at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +53,18 @@ class PeerInput:
 class WorkerIO:
     """Gateway link of one worker: `send` from the engine thread, `inbox` to read."""
 
-    def __init__(self, gateway: str, identity: str, data_endpoint: str) -> None:
+    def __init__(
+        self, gateway: str, worker_id: str, data_endpoint: str, secret: ClusterSecret
+    ) -> None:
         self.inbox: queue.Queue[GatewayMessage | PeerInput] = queue.Queue()
         # (message, frames, received_at) -> handled here; set before peers send anything
         self.take_on_io_thread: Callable[[PeerMessage, list[memoryview], float], bool] | None = None
         self._ctx = zmq.Context()
         self._codec: Codec[WorkerMessage] = Codec(WorkerMessage)
-        self._peer_codec: Codec[PeerMessage] = Codec(PeerMessage)
-        self._peers: dict[bytes, zmq.Socket[bytes]] = {}  # I/O thread only
+        self._peer_codec: Codec[PeerMessage] = SignedCodec(PeerMessage, secret)
+        self._secret = secret
+        self._peers: OrderedDict[bytes, zmq.Socket[bytes]] = OrderedDict()  # I/O thread only
+        self.route = f"{worker_id}/{secrets.token_hex(8)}"
         pipe = f"inproc://mell-io-{uuid.uuid4().hex}"
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(pipe)
@@ -63,7 +76,7 @@ class WorkerIO:
         self._data.bind(data_endpoint)
         self.data_address: str = self._data.getsockopt_string(zmq.LAST_ENDPOINT)
         self._gateway: DealerChannel[GatewayMessage] = DealerChannel(
-            self._ctx, gateway, identity, Codec(GatewayMessage)
+            self._ctx, gateway, self.route, Codec(GatewayMessage)
         )
         self._thread = threading.Thread(target=self._run, name="mell-io", daemon=True)
         self._thread.start()
@@ -71,6 +84,10 @@ class WorkerIO:
     def send(self, message: WorkerMessage, buffers: Sequence[Buffer] = ()) -> None:
         """Queue a message to the gateway. Call from the engine thread only."""
         self._push.send_multipart([_GATEWAY, *self._codec.encode(message, buffers)], copy=False)
+
+    def sign(self, hello: Hello) -> Hello:
+        """The hello signed for this connection, now."""
+        return hello.signed(self.route, self._secret.sign)
 
     def send_peer(self, address: str, message: PeerMessage, buffers: Sequence[Buffer] = ()) -> None:
         """Queue a message to another worker's data plane (frames uncopied). Engine thread."""
@@ -123,12 +140,17 @@ class WorkerIO:
 
     def _peer(self, address: bytes) -> zmq.Socket[bytes]:
         sock = self._peers.get(address)
-        if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address.decode())
-            self._peers[address] = sock
+        if sock is not None:
+            self._peers.move_to_end(address)
+            return sock
+        if len(self._peers) >= MAX_PEER_SOCKETS:
+            _, oldest = self._peers.popitem(last=False)
+            oldest.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address.decode())
+        self._peers[address] = sock
         return sock
 
     def _receive(self) -> None:

@@ -2,7 +2,12 @@
 
     mell-workerd --gateway tcp://HOST:PORT --model DIR|mell-tiny [--device cuda:0] ...
 
-Exit codes: 0 after a drain (SIGTERM), 1 on a fatal error, 2 on bad flags or config.
+The cluster secret is read from --cluster-secret-file (default DATA_DIR/cluster.secret, the
+file the gateway creates in its data dir; systemd passes it as a credential).
+
+Exit codes: 0 after a drain (SIGTERM), 1 on a fatal error, 2 on bad flags or config, or when
+the gateway refuses this worker (a wrong cluster secret, or its worker id is held by a live
+worker).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import msgspec
 import structlog
 
 from mell.common.config import WorkerConfig, load_config
-from mell.common.errors import MellError
+from mell.common.errors import ConfigError, MellError
 from mell.common.logging import configure_logging
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.common.notify import Notifier
@@ -36,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="systemd instance: the device index (cuda:N when numeric)")
     p.add_argument("--worker-id", help="unique worker id (default: host name and pid)")
     p.add_argument("--data-dir", help="where mell-tiny is created on first use")
+    p.add_argument(
+        "--cluster-secret-file", help="the cluster secret (default DATA_DIR/cluster.secret)"
+    )
     p.add_argument("--data-host", help="address peers reach this worker's data plane on")
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks (0: from memory)")
     p.add_argument("--block-size", type=int, help="tokens per KV block")
@@ -67,6 +75,7 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
         gateway="gateway",
         worker_id="worker_id",
         data_dir="data_dir",
+        cluster_secret_file="cluster_secret_file",
         data_host="data_host",
         drain_grace_s="drain_grace",
         fake_token_rate="fake_token_rate",
@@ -117,14 +126,19 @@ def build_engine(config: WorkerConfig) -> ServingEngine:
 
 
 def run(config: WorkerConfig) -> int:
+    from mell.transport.secret import SECRET_FILE, ClusterSecret
     from mell.workerd.heap import keep_large_buffers
     from mell.workerd.io import WorkerIO
     from mell.workerd.worker import Worker
 
     structlog.contextvars.bind_contextvars(worker_id=config.worker_id)
+    secret = ClusterSecret.load(
+        config.cluster_secret_file or os.path.join(config.data_dir, SECRET_FILE)
+    )
     heap_tuned = keep_large_buffers()
     engine = build_engine(config)
-    io = WorkerIO(config.gateway, config.worker_id, f"tcp://{config.data_host}:{config.data_port}")
+    data_endpoint = f"tcp://{config.data_host}:{config.data_port}"
+    io = WorkerIO(config.gateway, config.worker_id, data_endpoint, secret)
     worker = Worker(config, engine, io, model_name(config.engine.model), Notifier())
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())
     signal.signal(signal.SIGINT, lambda *_: worker.request_stop())
@@ -154,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(config)
+    except ConfigError as err:
+        log.error("worker_start_failed", error=err.message)
+        return 2
     except MellError as err:
         log.error("worker_start_failed", error=err.message)
         return 1

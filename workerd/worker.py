@@ -34,6 +34,7 @@ from mell.common.messages import (
     Ping,
     Probe,
     ProbeAck,
+    Refused,
     Rejoin,
     Reply,
     RequestFailed,
@@ -69,6 +70,10 @@ class Link(Protocol):
     take_on_io_thread: Callable[[PeerMessage, list[memoryview], float], bool] | None
 
     def send(self, message: WorkerMessage) -> None: ...
+
+    def sign(self, hello: Hello) -> Hello:
+        """The hello signed with the cluster secret for this connection."""
+        ...
 
     def send_peer(
         self, address: str, message: PeerMessage, buffers: Sequence[Buffer] = ()
@@ -108,6 +113,7 @@ class Worker:
         self.notifier = notifier or Notifier()
         self.boot_id = new_boot_id()
         self.welcomed = False
+        self.refused: str | None = None  # why the gateway will not take this worker
         self.draining = False
         self.stop_deadline: float | None = None  # set by SIGTERM: drain, then exit by this time
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens
@@ -147,6 +153,9 @@ class Worker:
         if self.boundaries is not None:
             self.boundaries.prefill_tokens_per_s = measure_prefill_tokens_per_s(self.engine)
         if not self._join():
+            if self.refused is not None:
+                log.error("worker_refused", gateway=self.config.gateway, reason=self.refused)
+                return 2
             log.error("gateway_unreachable", gateway=self.config.gateway)
             return 1
         self.notifier.ready(f"serving {self.model_name}")
@@ -163,6 +172,9 @@ class Worker:
             self.link.send(WorkerFailed(code=ErrorCode.INTERNAL.value, message=repr(err)))
             return 1
         self.notifier.stopping()
+        if self.refused is not None:
+            log.error("worker_refused", gateway=self.config.gateway, reason=self.refused)
+            return 2
         return 0
 
     def request_stop(self) -> None:
@@ -179,6 +191,8 @@ class Worker:
         while not self.welcomed:
             if time.monotonic() > deadline or self.stop_deadline is not None:
                 return False
+            if self.refused is not None:
+                return False
             self.link.send(self._hello())
             self._receive(block=True, timeout_s=1.0)
         return True
@@ -194,9 +208,12 @@ class Worker:
             max_model_len=self.engine.max_model_len,
             data_address=self.link.data_address,
         )
-        return Hello(identity=identity, request_ids=list(self._tokens))
+        return self.link.sign(Hello(identity=identity, request_ids=list(self._tokens)))
 
     def _finished(self) -> bool:
+        if self.refused is not None:
+            self._abort_all("the gateway refused this worker")
+            return True
         if self.stop_deadline is None:
             return False
         if not self._tokens:
@@ -262,6 +279,8 @@ class Worker:
                 self._next_load = 0.0  # report at once: the report activates this worker
             case Rejoin():
                 self.link.send(self._hello())
+            case Refused(reason=reason):
+                self.refused = reason
             case StartMigration():
                 self._start_migration(message)
             case CancelMigration(migration_id=mid):
@@ -310,7 +329,10 @@ class Worker:
             return
         try:
             self.engine.add_request(
-                message.request_id, message.prompt_token_ids, message.sampling.validate()
+                message.request_id,
+                message.prompt_token_ids,
+                message.sampling.validate(),
+                message.output_token_ids,
             )
         except MellError as err:
             self._fail(message.request_id, err.code, err.message)
@@ -319,7 +341,15 @@ class Worker:
             log.exception("add_request_failed", request_id=message.request_id)
             self._fail(message.request_id, ErrorCode.INTERNAL, f"cannot start request: {err!r}")
             return
-        self._tokens[message.request_id] = len(message.prompt_token_ids)
+        self._tokens[message.request_id] = len(message.prompt_token_ids) + len(
+            message.output_token_ids
+        )
+        if message.output_token_ids:
+            log.info(
+                "request_resumed",
+                request_id=message.request_id,
+                num_output_tokens=len(message.output_token_ids),
+            )
 
     def _reply(self, call_id: int) -> None:
         if call_id:

@@ -174,6 +174,7 @@ def status_json(ctx: GatewayContext) -> dict[str, Any]:
             "aborted": totals.num_aborted,
             "migrations": dict(totals.num_migrations),
             "migrations_aborted": totals.num_migrations_aborted,
+            "resumed": totals.num_resumed,
         },
     }
 

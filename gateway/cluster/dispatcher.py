@@ -6,6 +6,12 @@ workers are fanned out to the per-request streams in one pass. `release` is the 
 request ends: it aborts the request on its worker if the worker has not finished it, records
 `RequestFinished` or `RequestAborted`, and writes the request's one lifecycle log line.
 
+When a worker is lost, each of its unfinished requests resumes on another worker of its model
+(`_resume`): the prompt and the tokens its stream already holds travel in `AddRequest`, are
+prefilled again there, and the stream reads on from the next index (`RequestResumed`). Seeded
+sampling continues exactly (the worker's randomness is a function of seed and token index).
+Only when no worker can take it does its client see an error.
+
 It sends through a `Send` callable (the worker port's `send`) given at construction; it hears
 from workers through the link, which holds it as its `RequestListener`.
 """
@@ -32,6 +38,7 @@ from mell.common.events import (
     RequestAdmitted,
     RequestFinished,
     RequestPlaced,
+    RequestResumed,
 )
 from mell.common.messages import (
     AbortRequest,
@@ -83,6 +90,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_in_flight = max_in_flight
         self.streams: dict[str, RequestStream] = {}
+        self.jobs: dict[str, Job] = {}  # what each stream's request was submitted with
 
     # ------------------------------------------------------------ requests
 
@@ -105,6 +113,7 @@ class Dispatcher:
             job.arrival,
         )
         self.streams[job.request_id] = stream
+        self.jobs[job.request_id] = job
         self.state.record(
             RequestPlaced(
                 request_id=job.request_id,
@@ -136,6 +145,7 @@ class Dispatcher:
         """End a request: abort it on its worker if still running, record how it ended."""
         if self.streams.pop(stream.request_id, None) is None:
             return
+        self.jobs.pop(stream.request_id, None)
         if not stream.done:
             self._send(stream.worker_id, AbortRequest([stream.request_id]))
         elapsed = time.monotonic() - stream.arrival
@@ -235,10 +245,56 @@ class Dispatcher:
             stream.fail(_ERRORS.get(msg.code, WorkerLostError)(msg.message))
 
     def on_worker_lost(self, worker_id: str, reason: str) -> None:
-        """Every request on a lost worker ends with an error (its client sees an error event)."""
-        for stream in self.streams.values():
-            if stream.worker_id == worker_id:
-                stream.fail(WorkerLostError(f"worker {worker_id} was lost: {reason}"))
+        """Every unfinished request of a lost worker (already recorded lost in the view)
+        resumes on another worker of its model; those that none can take end with an error
+        (their clients see an error event)."""
+        for stream in list(self.streams.values()):
+            if stream.worker_id != worker_id or stream.done:
+                continue
+            why = self._resume(stream)
+            if why is not None:
+                stream.fail(WorkerLostError(f"worker {worker_id} was lost: {reason}; {why}"))
+
+    def _resume(self, stream: RequestStream) -> str | None:
+        """Place the request again with the tokens its stream holds; None when it runs on,
+        else why it cannot."""
+        job = self.jobs.get(stream.request_id)
+        if job is None:
+            return "nothing to resume it from"
+        outputs = list(stream.token_ids)
+        remaining = job.sampling.max_tokens - len(outputs)
+        arrival = Arrival(
+            job.request_id, job.model, stream.num_prompt_tokens + len(outputs), remaining
+        )
+        decision = self.policy.place(self.state.view, arrival)
+        if isinstance(decision, Rejection):
+            return f"no worker can resume it: {decision.reason}"
+        worker = self.state.view.worker_rows[decision.worker_id]
+        lost, stream.worker_id, stream.prev_worker_id = stream.worker_id, worker.worker_id, ""
+        self.state.record(
+            RequestResumed(
+                request_id=job.request_id,
+                model=job.model,
+                lost_worker_id=lost,
+                worker_id=worker.worker_id,
+                num_prompt_tokens=stream.num_prompt_tokens,
+                num_output_tokens=len(outputs),
+                max_tokens=job.sampling.max_tokens,
+                num_blocks=blocks_for_tokens(arrival.num_prompt_tokens + 1, worker.block_size),
+            )
+        )
+        log.info(
+            "request_resumed",
+            request_id=job.request_id,
+            lost_worker_id=lost,
+            worker_id=worker.worker_id,
+            num_output_tokens=len(outputs),
+        )
+        self.metrics.model(job.model).resumed.inc()
+        message = AddRequest(job.request_id, job.prompt_token_ids, job.sampling, outputs)
+        if not self._send(worker.worker_id, message):
+            return f"worker {worker.worker_id} is unreachable too"
+        return None
 
     def abort_all(self, reason: str) -> None:
         for stream in list(self.streams.values()):

@@ -97,6 +97,7 @@ class ModelMetrics:
         self.e2e = m.e2e.labels(model)
         self.prompt_tokens = m.prompt_tokens.labels(model)
         self.generation_tokens = m.generation_tokens.labels(model)
+        self.resumed = m.requests_resumed.labels(model)
         self._success = m.request_success
         self._model = model
 
@@ -139,6 +140,12 @@ class Metrics:
             "mell:request_success",
             "Finished requests.",
             ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.requests_resumed = Counter(
+            "mell:requests_resumed",
+            "Requests that continued on another worker after theirs was lost.",
+            ["model_name"],
             registry=r,
         )
         self.migrations = Counter("mell:migrations", "Committed migrations.", ["kind"], registry=r)

@@ -44,6 +44,7 @@ class RequestStream:
         "prev_worker_id",
         "request_id",
         "sink",
+        "token_ids",
         "worker_id",
     )
 
@@ -64,6 +65,7 @@ class RequestStream:
         self.max_tokens = max_tokens
         self.arrival = arrival
         self.next_index = 0  # == tokens delivered so far
+        self.token_ids: list[int] = []  # those tokens (to resume the request elsewhere)
         self.finish_reason: str | None = None  # set by the worker's last output
         self.error: MellError | None = None
         self.first_token_at = 0.0
@@ -87,6 +89,7 @@ class RequestStream:
                 return False
             out = _trimmed(out, skip)
         self.next_index += len(out.token_ids)
+        self.token_ids += out.token_ids
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
         if self.sink is not None and not self._pending and self._to_sink(out):

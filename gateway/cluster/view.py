@@ -49,6 +49,7 @@ from mell.common.events import (
     RequestAdmitted,
     RequestFinished,
     RequestPlaced,
+    RequestResumed,
     WorkerActivated,
     WorkerDrained,
     WorkerDrainStarted,
@@ -182,6 +183,7 @@ class Totals:
     num_aborted: int = 0
     num_migrations: dict[str, int] = field(default_factory=lambda: {"kv": 0, "tokens": 0})
     num_migrations_aborted: int = 0
+    num_resumed: int = 0  # requests that continued elsewhere after their worker was lost
 
 
 class WorkerRegisters(msgspec.Struct, kw_only=True):
@@ -288,6 +290,9 @@ class ClusterView:
                 self._gone(wid, stamp)
             case RequestPlaced():
                 self._placed(event, envelope.ts, stamp)
+            case RequestResumed():
+                self.totals.num_resumed += 1
+                self._resumed(event, envelope.ts, stamp)
             case RequestAdmitted(request_id=rid):
                 if (req := self._rows.get(rid)) is not None:
                     req.state = RequestState.RUNNING
@@ -420,6 +425,26 @@ class ClusterView:
             num_blocks=e.num_blocks,
             num_tokens=e.num_prompt_tokens,
             placed_at=ts,
+            moved_stamp=stamp,
+            size_stamp=stamp,
+        )
+        self._resize(req)
+        self._sync(req)
+
+    def _resumed(self, e: RequestResumed, ts: float, stamp: Stamp) -> None:
+        old = self._rows.get(e.request_id)
+        if old is not None:
+            self._detach(old)
+        req = self._rows[e.request_id] = RequestRow(
+            request_id=e.request_id,
+            model=e.model,
+            worker_id=e.worker_id,
+            state=RequestState.RUNNING if e.num_output_tokens else RequestState.PLACED,
+            num_prompt_tokens=e.num_prompt_tokens,
+            max_tokens=e.max_tokens,
+            num_blocks=e.num_blocks,
+            num_tokens=e.num_prompt_tokens + e.num_output_tokens,
+            placed_at=old.placed_at if old is not None else ts,
             moved_stamp=stamp,
             size_stamp=stamp,
         )

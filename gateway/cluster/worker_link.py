@@ -1,11 +1,17 @@
 """The gateway's side of the worker channel: membership, liveness, and message routing.
 
-Workers connect to the gateway's ROUTER and say `Hello`; the link records `WorkerJoined`,
+Workers connect to the gateway's ROUTER and say `Hello`, signed with the cluster secret; the
+link binds the connection's route to the worker id (`WorkerPort.bind`), records `WorkerJoined`,
 answers `Welcome`, turns load reports into `LoadReported` events (the first one activates the
-worker), hands token batches to the dispatcher, and declares a worker lost when it falls silent
-for `worker_timeout_s`, fails, or cannot be sent to. A message from a worker that has not said
-hello to this gateway process (one it does not know, or one it knows from the journal after a
-restart) gets `Rejoin`, at most one per `_REJOIN_EVERY_S`.
+worker), hands token batches to the dispatcher, and declares a worker lost when its connection
+closes (at once), it falls silent for `worker_timeout_s`, fails, or cannot be sent to. A message
+from a connection no hello was accepted from (a worker it does not know, or one it knows from
+the journal after a restart) gets `Rejoin`, at most one per `_REJOIN_EVERY_S`.
+
+Who may join: a hello that is not signed with the cluster secret gets `Refused`. A hello for a
+worker id another connection holds is checked against the holder: if the holder answers a ping
+within a second the newcomer is refused (two processes with one id), else the holder is lost and
+the newcomer (a restart) joins in its place.
 
 Reconciling on hello: a worker's `Hello` lists the requests it holds. Any of them that no live
 stream of this gateway reads (their clients were connected to a previous gateway process), and
@@ -51,6 +57,7 @@ from mell.common.messages import (
     MigratedIn,
     MigrationEnded,
     Ping,
+    Refused,
     Rejoin,
     Reply,
     RequestFailed,
@@ -115,8 +122,9 @@ class WorkerLink:
         self.boot_id = new_boot_id()
         self.endpoint = port.endpoint
         self._last_seen: dict[str, float] = {}
-        self._greeted: set[str] = set()  # workers that said hello to this process
-        self._rejoin_sent: dict[str, float] = {}
+        self._rejoin_sent: dict[str, float] = {}  # route -> when
+        self._contests: dict[str, tuple[str, Hello]] = {}  # worker id -> newcomer route, hello
+        self._checks: set[asyncio.Task[None]] = set()
 
     @property
     def view(self) -> ClusterView:
@@ -169,18 +177,16 @@ class WorkerLink:
             "worker_lost", worker_id=worker_id, reason=reason, num_requests=len(row.request_blocks)
         )
         self._last_seen.pop(worker_id, None)
-        self._greeted.discard(worker_id)
-        self._tell_lost(worker_id, reason)
-        self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
-
-    # ------------------------------------------------------------ tasks
-
-    def _tell_lost(self, worker_id: str, reason: str) -> None:
-        """The migrator first (its migrations abort), then the dispatcher (streams fail)."""
+        self.port.unbind(worker_id)
+        # The migrator first (its migrations abort), then the view (no placement on it any
+        # more), then the dispatcher (its requests resume elsewhere, or their streams fail).
         if self.migrations is not None:
             self.migrations.on_worker_lost(worker_id)
+        self.state.record(WorkerLost(worker_id=worker_id, reason=reason))
         if self.requests is not None:
             self.requests.on_worker_lost(worker_id, reason)
+
+    # ------------------------------------------------------------ tasks
 
     async def receive_forever(self) -> None:
         while True:
@@ -195,6 +201,11 @@ class WorkerLink:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._watch_silence())
             group.create_task(self._watch_unreachable())
+            group.create_task(self._watch_disconnects())
+
+    async def _watch_disconnects(self) -> None:
+        while True:
+            self.lose(await self.port.disconnected(), "connection closed")
 
     async def _watch_unreachable(self) -> None:
         while True:
@@ -210,17 +221,20 @@ class WorkerLink:
                     self.lose(worker_id, f"silent for {self.config.worker_timeout_s} s")
 
     def close(self) -> None:
+        for task in self._checks:
+            task.cancel()
         self.port.close()
 
     # ------------------------------------------------------------ messages
 
-    def _handle(self, peer: str, message: WorkerMessage) -> None:
+    def _handle(self, route: str, message: WorkerMessage) -> None:
         if isinstance(message, Hello):
-            self._hello(peer, message)
+            self._hello(route, message)
             return
-        row = self.view.worker_rows.get(peer)
-        if row is None or row.status == WorkerStatus.LOST or peer not in self._greeted:
-            self._ask_rejoin(peer)
+        peer = self.port.worker_at(route)
+        row = self.view.worker_rows.get(peer) if peer is not None else None
+        if peer is None or row is None or row.status == WorkerStatus.LOST:
+            self._ask_rejoin(route)
             return
         self._last_seen[peer] = time.monotonic()
         match message:
@@ -248,15 +262,15 @@ class WorkerLink:
             case _:
                 assert_never(message)
 
-    def _hello(self, peer: str, hello: Hello) -> None:
+    def _hello(self, route: str, hello: Hello) -> None:
         identity = hello.identity
-        if peer != identity.worker_id:
-            log.warning(
-                "hello_dropped",
-                peer=peer,
-                worker_id=identity.worker_id,
-                reason="identity and worker id differ",
-            )
+        peer = identity.worker_id
+        if not self.port.authentic(route, hello):
+            self._refuse(route, peer, "its hello is not signed with this cluster's secret")
+            return
+        holder = self.port.route_of(peer)
+        if holder is not None and holder != route:
+            self._contest(peer, route, hello)
             return
         row = self.view.worker_rows.get(peer)
         known = row is not None and row.boot_id == identity.boot_id
@@ -272,7 +286,7 @@ class WorkerLink:
                 block_size=identity.block_size,
             )
         self._last_seen[peer] = time.monotonic()
-        self._greeted.add(peer)
+        self.port.bind(peer, route)
         self.send(peer, Welcome(gateway_boot_id=self.boot_id, epoch_s=self.config.epoch_s))
         self._reconcile(peer, hello.request_ids)
 
@@ -295,11 +309,41 @@ class WorkerLink:
             log.info("worker_reconciled", worker_id=peer, aborted=len(orphans))
             self.send(peer, AbortRequest(orphans))
 
-    def _ask_rejoin(self, peer: str) -> None:
+    def _contest(self, worker_id: str, route: str, hello: Hello) -> None:
+        """A second connection says hello as `worker_id`: ping the holder, then decide."""
+        first = worker_id not in self._contests
+        self._contests[worker_id] = (route, hello)  # the newest hello is the one answered
+        if first:
+            task = asyncio.get_running_loop().create_task(self._check_holder(worker_id))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _check_holder(self, worker_id: str) -> None:
+        try:
+            await self.ping(worker_id, timeout_s=min(1.0, self.config.worker_timeout_s))
+            alive = True
+        except Exception:  # no answer, unreachable, or lost meanwhile
+            alive = False
+        route, hello = self._contests.pop(worker_id)
+        if alive:
+            self._refuse(route, worker_id, f"worker id {worker_id!r} is held by a live worker")
+            return
+        self.lose(worker_id, "did not answer while another process said hello with its id")
+        self._hello(route, hello)
+
+    def _refuse(self, route: str, worker_id: str, reason: str) -> None:
+        log.warning("worker_refused", worker_id=worker_id, reason=reason)
+        self.port.send_route(route, Refused(reason))
+
+    def _ask_rejoin(self, route: str) -> None:
         now = time.monotonic()
-        if now - self._rejoin_sent.get(peer, -_REJOIN_EVERY_S) >= _REJOIN_EVERY_S:
-            self._rejoin_sent[peer] = now
-            self.send_quietly(peer, Rejoin())
+        if now - self._rejoin_sent.get(route, -_REJOIN_EVERY_S) >= _REJOIN_EVERY_S:
+            if len(self._rejoin_sent) > 4096:  # many connections come and go: forget old ones
+                self._rejoin_sent = {
+                    r: t for r, t in self._rejoin_sent.items() if now - t < _REJOIN_EVERY_S
+                }
+            self._rejoin_sent[route] = now
+            self.port.send_route(route, Rejoin())
 
     def _load(self, peer: str, status: WorkerStatus, report: LoadReport) -> None:
         if status == WorkerStatus.JOINING and not report.draining:
@@ -310,10 +354,16 @@ class WorkerLink:
 
     def _drained(self, peer: str, exiting: bool) -> None:
         log.info("worker_drained", worker_id=peer, exiting=exiting)
-        if exiting:
-            self._last_seen.pop(peer, None)
-            self._tell_lost(peer, "worker shut down")
-        self.state.record(WorkerDrained(worker_id=peer, exiting=exiting), source=peer)
+        if not exiting:
+            self.state.record(WorkerDrained(worker_id=peer, exiting=False), source=peer)
+            return
+        self._last_seen.pop(peer, None)
+        self.port.unbind(peer)
+        if self.migrations is not None:
+            self.migrations.on_worker_lost(peer)
+        self.state.record(WorkerDrained(worker_id=peer, exiting=True), source=peer)
+        if self.requests is not None:
+            self.requests.on_worker_lost(peer, "worker shut down")
 
     def send_quietly(self, peer: str, message: GatewayMessage) -> None:
         self.port.send_quietly(peer, message)

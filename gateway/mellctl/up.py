@@ -7,8 +7,10 @@ prints one line with the URL once /health says every model is served and every w
 then one line with the admin API's URL (its token is DATA_DIR/admin.token), and stops every
 child on Ctrl-C or SIGTERM. If a child does not start, it exits 1 naming that child and its log
 file.
-Children log to DATA_DIR/logs/; the pids and URLs are in DATA_DIR/up.json. While it serves,
-`mellctl` finds it from any directory (`running.py`); `--data-dir D` names it explicitly.
+The gateway creates the cluster secret DATA_DIR/cluster.secret at its first start; the workers
+are given it (--cluster-secret-file). Children log to DATA_DIR/logs/; the pids and URLs are in
+DATA_DIR/up.json. While it serves, `mellctl` finds it from any directory (`running.py`);
+`--data-dir D` names it explicitly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from mell.common.errors import MellError
 from mell.common.model_spec import TINY, model_name, resolve_model_dir
 from mell.gateway.mellctl import running
+from mell.transport.secret import SECRET_FILE
 
 
 class StartFailed(MellError):
@@ -195,6 +198,8 @@ class Cluster:
             worker_id,
             "--data-dir",
             str(self.data_dir),
+            "--cluster-secret-file",
+            str(self.data_dir / SECRET_FILE),
             "--device",
             a.device,
         ]

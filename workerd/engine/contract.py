@@ -9,6 +9,7 @@ sees the block manager, the runner or the KV tensors: only these Protocols.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -54,9 +55,15 @@ class ServingEngine(Protocol):
         ...
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
-        """Queue a request; raises InvalidRequest when it cannot run here."""
+        """Queue a request; raises InvalidRequest when it cannot run here. `output_token_ids`:
+        tokens it already produced elsewhere (a request resumed after its worker died): it
+        continues from there, its next output numbered len(output_token_ids)."""
         ...
 
     def abort(self, request_id: str) -> bool:

@@ -8,6 +8,7 @@ their new tokens. The worker daemon wraps this; nothing here does I/O.
 from __future__ import annotations
 
 import time
+from collections import abc
 from pathlib import Path
 
 import torch
@@ -98,7 +99,11 @@ class Engine:
     # -- contract A -------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        output_token_ids: abc.Sequence[int] = (),
     ) -> None:
         sampling.validate()
         if request_id in self._seqs:
@@ -106,7 +111,7 @@ class Engine:
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        bad = next((t for t in (*prompt_token_ids, *output_token_ids) if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequest(
                 f"prompt token id {bad} is out of the vocabulary (0..{vocab - 1})", param="prompt"
@@ -119,7 +124,15 @@ class Engine:
                 f"= {total} exceeds max_model_len {limit}",
                 param="max_tokens",
             )
+        if len(output_token_ids) >= sampling.max_tokens:
+            raise InvalidRequest(
+                f"{len(output_token_ids)} tokens already produced, max_tokens is "
+                f"{sampling.max_tokens}",
+                param="max_tokens",
+            )
         seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
+        seq.token_ids.extend(output_token_ids)
+        seq.output_token_ids.extend(output_token_ids)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -258,14 +271,13 @@ class Engine:
 
     def export_request(self, request_id: str, with_kv: bool) -> MigratedRequest:
         seq = self._seqs[request_id]
-        state = None if seq.generator is None else bytes(seq.generator.get_state().numpy())
         return MigratedRequest(
             request_id=request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             output_token_ids=list(seq.output_token_ids),
             sampling=seq.sampling,
             num_computed=seq.num_computed if with_kv else 0,
-            generator_state=state,
+            generator_state=None,  # randomness is a function of (seed, index): nothing to carry
         )
 
     def reserve(self, key: str, num_blocks: int) -> bool:
@@ -303,9 +315,6 @@ class Engine:
         seq = Sequence(rid, request.prompt_token_ids, request.sampling, self._eos_ids())
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
-        if request.generator_state is not None and seq.generator is not None:
-            state = torch.frombuffer(bytearray(request.generator_state), dtype=torch.uint8)
-            seq.generator.set_state(state)
         if request.num_computed > 0:
             self.blocks.rename(key, rid)
             seq.num_computed = request.num_computed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,11 @@ class FakeEngine:
         self._requests: dict[str, _Request] = {}
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        output_token_ids: Sequence[int] = (),
     ) -> None:
         if not prompt_token_ids:
             raise InvalidRequest("prompt is empty", param="prompt")
@@ -64,7 +69,9 @@ class FakeEngine:
                 f"exceeds the model's context length ({self.model_config.max_model_len})",
                 param="max_tokens",
             )
-        self._requests[request_id] = _Request(request_id, list(prompt_token_ids), sampling)
+        self._requests[request_id] = _Request(
+            request_id, list(prompt_token_ids), sampling, len(output_token_ids)
+        )
 
     def abort(self, request_id: str) -> bool:
         return self._requests.pop(request_id, None) is not None

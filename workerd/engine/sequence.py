@@ -1,5 +1,10 @@
 """The state of one request inside the worker: its tokens, how many are in the KV cache, and
-its sampling state."""
+its sampling randomness.
+
+A seeded request's randomness is a pure function of (seed, output index): the generator for
+its next token is seeded from a hash of both (`token_generator`). No sampler state lives only
+on one worker: a request resumed elsewhere from its tokens alone draws the same noise.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ class Sequence:
         "arrival",
         "finish_reason",
         "first_token_at",
-        "generator",
         "new_logprobs",
         "new_tokens",
         "num_computed",
@@ -66,13 +70,17 @@ class Sequence:
         if not sampling.ignore_eos:
             stop.update(eos_token_ids)
         self.stop_ids = frozenset(stop)
-        self.generator: torch.Generator | None = None
-        if sampling.seed is not None and not sampling.is_greedy:
-            self.generator = torch.Generator(device="cpu")
-            self.generator.manual_seed(sampling.seed & 0xFFFF_FFFF_FFFF_FFFF)
         # Produced by the current step, drained into a RequestOutput.
         self.new_tokens: list[int] = []
         self.new_logprobs: list[TokenLogprobs] = []
+
+    def token_generator(self) -> torch.Generator | None:
+        """The generator for this request's next token (None: unseeded, the shared one)."""
+        if self.sampling.seed is None or self.sampling.is_greedy:
+            return None
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(token_seed(self.sampling.seed, len(self.output_token_ids)))
+        return generator
 
     @property
     def num_tokens(self) -> int:
@@ -111,3 +119,15 @@ class Sequence:
     def is_decoding(self) -> bool:
         """Running with everything but the last sampled token in the cache."""
         return self.status is SequenceStatus.RUNNING and self.num_uncomputed == 1
+
+
+_MASK64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for output token `index` of a request seeded with `seed` (splitmix64 of
+    both: neighbouring seeds and indices give unrelated streams)."""
+    z = ((seed & _MASK64) * 0x9E37_79B9_7F4A_7C15 + index + 1) & _MASK64
+    for shift, mult in ((30, 0xBF58_476D_1CE4_E5B9), (27, 0x94D0_49BB_1331_11EB)):
+        z = ((z ^ (z >> shift)) * mult) & _MASK64
+    return z ^ (z >> 31)

@@ -2,7 +2,9 @@
 
 Filters run batched over the rows that need them. Random draws use the exponential-race trick
 (argmax of p / E with E ~ Exp(1)), with each seeded request drawing its noise from its own
-torch.Generator, so a seeded request gives the same tokens whatever else is in the batch.
+torch.Generator, so a seeded request gives the same tokens whatever else is in the batch. The
+caller seeds that generator per token (`Sequence.token_generator`: a function of the request's
+seed and the token's index), so the draws do not depend on where the request ran before.
 Log-probabilities are those of the model's raw distribution (before temperature and filters).
 """
 

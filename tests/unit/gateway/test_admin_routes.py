@@ -30,10 +30,13 @@ from mell.gateway.context import GatewayContext
 from mell.gateway.mellctl.admin import render_requests, render_status
 from mell.gateway.mellctl.client import Unreachable, resolve
 from mell.gateway.policy.base import make_policy
+from mell.transport.secret import ClusterSecret
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+SECRET = ClusterSecret(b"test-cluster-secret-0123456789")
 
 
 def joined(wid: str) -> ev.WorkerJoined:
@@ -56,7 +59,7 @@ async def client() -> AsyncIterator[tuple[TestClient, GatewayContext]]:
     state = ClusterState(ClusterView(["mell-tiny"]))
     feed = EventFeed()
     state.add_append_hook(feed.publish)
-    link = WorkerLink(config, state, WorkerPort("tcp://127.0.0.1:0"))
+    link = WorkerLink(config, state, WorkerPort("tcp://127.0.0.1:0", SECRET))
     policy = make_policy("least-loaded")
     dispatcher = Dispatcher(state, policy, link.send, Metrics(state.view), 10)
     ctx = GatewayContext(config, ModelRegistry([]), state, link, dispatcher,

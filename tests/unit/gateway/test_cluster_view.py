@@ -230,11 +230,51 @@ async def test_worker_rejection_becomes_the_clients_error() -> None:
         await s.next(1.0)
 
 
-async def test_worker_loss_fails_its_streams() -> None:
-    d, _, _ = make_dispatcher()
+def lose(d: Dispatcher, state: ClusterState, worker_id: str) -> None:
+    """What the link does: the view first, then the dispatcher."""
+    state.record(ev.WorkerLost(worker_id=worker_id, reason="silent"))
+    d.on_worker_lost(worker_id, "silent")
+
+
+async def test_a_lost_workers_stream_resumes_elsewhere_from_its_tokens() -> None:
+    d, link, state = make_dispatcher()
+    recorded: list[ev.EventEnvelope] = []
+    state.add_append_hook(recorded.append)
     s = d.submit(job("a", prompt=10))
-    d.on_worker_lost(s.worker_id, "silent")
-    with pytest.raises(WorkerLostError):
+    first = s.worker_id
+    d.on_token_batch(first, TokenBatch(1, [TokenOutput("a", 0, [4, 5], None, None, 10)]))
+    lose(d, state, first)
+    second = s.worker_id
+    assert second != first and not s.done
+    assert link.sent[-1] == (second, AddRequest("a", list(range(10)), job("a").sampling, [4, 5]))
+    resumed = [e.event for e in recorded if isinstance(e.event, ev.RequestResumed)]
+    assert resumed == [
+        ev.RequestResumed(
+            request_id="a",
+            model="m",
+            lost_worker_id=first,
+            worker_id=second,
+            num_prompt_tokens=10,
+            num_output_tokens=2,
+            max_tokens=4,
+            num_blocks=1,
+        )
+    ]
+    assert state.view.requests["a"].worker_id == second
+    assert state.view.totals.num_resumed == 1
+    assert b'mell:requests_resumed_total{model_name="m"} 1.0' in d.metrics.render()
+    d.on_token_batch(first, TokenBatch(2, [TokenOutput("a", 2, [9], None, None, 10)]))
+    d.on_token_batch(second, TokenBatch(1, [TokenOutput("a", 2, [6, 7], None, "length", 10)]))
+    assert s.token_ids == [4, 5, 6, 7] and s.finish_reason == "length"  # the lost one's dropped
+    lose(d, state, second)  # finished: nothing to resume
+
+
+async def test_worker_loss_fails_its_streams_when_no_worker_can_take_them() -> None:
+    d, _, state = make_dispatcher()
+    s = d.submit(job("a", prompt=10))
+    lose(d, state, s.worker_id)
+    lose(d, state, s.worker_id)
+    with pytest.raises(WorkerLostError, match="no worker can resume it"):
         await asyncio.wait_for(s.next(1.0), 1.0)
 
 
@@ -245,8 +285,7 @@ async def test_request_is_placed_again_when_its_worker_dies_before_the_first_tok
     starting = asyncio.create_task(_start(d, job("a", prompt=10), 5.0))
     await asyncio.sleep(0)
     first = d.streams["a"].worker_id
-    d.on_worker_lost(first, "silent")
-    state.record(ev.WorkerLost(worker_id=first, reason="silent"))
+    lose(d, state, first)
     for _ in range(100):
         await asyncio.sleep(0)
         if "a" in d.streams and d.streams["a"].worker_id != first:

@@ -30,6 +30,7 @@ from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.policy.base import WorkerStatus, make_policy
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
+from mell.transport.secret import ClusterSecret
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 HELLO = Hello(
@@ -44,6 +45,8 @@ HELLO = Hello(
     ),
     request_ids=["r1", "ghost"],
 )
+
+SECRET = ClusterSecret(b"test-cluster-secret-0123456789")
 
 
 def recovered_view() -> ClusterView:
@@ -91,7 +94,7 @@ async def test_hello_after_a_restart_aborts_what_no_client_reads() -> None:
     recorded: list[ev.EventEnvelope] = []
     state.add_append_hook(recorded.append)
     config = GatewayConfig(worker_timeout_s=0.5, reconcile_timeout_s=1.0)
-    port = WorkerPort("tcp://127.0.0.1:0")
+    port = WorkerPort("tcp://127.0.0.1:0", SECRET)
     dispatcher = Dispatcher(state, make_policy("least-loaded"), port.send, Metrics(state.view), 10)
     link = WorkerLink(config, state, port, dispatcher)
     link.expect_rejoin(["w0", "w1"], config.reconcile_timeout_s)
@@ -104,7 +107,7 @@ async def test_hello_after_a_restart_aborts_what_no_client_reads() -> None:
     try:
         dealer.send_frames(out.encode(Heartbeat(7)))  # known from the journal, not greeted yet
         assert await _recv(dealer) == Rejoin()
-        dealer.send_frames(out.encode(HELLO))
+        dealer.send_frames(out.encode(HELLO.signed("w0", SECRET.sign)))
         assert isinstance(await _recv(dealer), Welcome)
         abort = await _recv(dealer)
         assert isinstance(abort, AbortRequest) and sorted(abort.request_ids) == ["ghost", "r1"]

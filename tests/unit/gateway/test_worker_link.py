@@ -31,6 +31,7 @@ from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.policy.base import WorkerStatus
 from mell.transport.channel import DealerChannel
 from mell.transport.codec import Codec
+from mell.transport.secret import ClusterSecret
 
 HELLO = Hello(
     identity=WorkerIdentity(
@@ -53,6 +54,8 @@ LOAD = LoadReport(
     )
 )
 
+SECRET = ClusterSecret(b"test-cluster-secret-0123456789")
+
 
 async def _recv(dealer: DealerChannel[GatewayMessage], timeout_s: float = 3.0) -> Any:
     for _ in range(int(timeout_s / 0.01)):
@@ -73,7 +76,9 @@ async def _until(predicate: Any, timeout_s: float = 3.0) -> None:
 async def test_worker_lifecycle_over_the_link() -> None:
     state = ClusterState(ClusterView(["m"]))
     link = WorkerLink(
-        GatewayConfig(worker_timeout_s=0.6, epoch_s=0.1), state, WorkerPort("tcp://127.0.0.1:0")
+        GatewayConfig(worker_timeout_s=0.6, epoch_s=0.1),
+        state,
+        WorkerPort("tcp://127.0.0.1:0", SECRET),
     )
     tasks = [asyncio.create_task(link.receive_forever()), asyncio.create_task(link.watch_forever())]
     ctx = zmq.Context()
@@ -86,7 +91,7 @@ async def test_worker_lifecycle_over_the_link() -> None:
         dealer.send_frames(out.encode(Heartbeat(1)))  # unknown worker: asked to say hello
         assert await _recv(dealer) == Rejoin()
         dealer.socket.send_multipart([b"\xff\x00garbage"])  # dropped, the loop goes on
-        dealer.send_frames(out.encode(HELLO))
+        dealer.send_frames(out.encode(HELLO.signed("w0", SECRET.sign)))
         assert isinstance(await _recv(dealer), Welcome)
         assert view.worker_rows["w0"].status == WorkerStatus.JOINING
         dealer.send_frames(out.encode(LOAD))
@@ -105,7 +110,7 @@ async def test_worker_lifecycle_over_the_link() -> None:
         assert view.worker_rows["w0"].status == WorkerStatus.DRAINING
         await _until(lambda: view.worker_rows["w0"].status == WorkerStatus.LOST, 3.0)
         assert "silent" in view.worker_rows["w0"].lost_reason
-        dealer.send_frames(out.encode(HELLO))  # it comes back: a new join
+        dealer.send_frames(out.encode(HELLO.signed("w0", SECRET.sign)))  # it comes back: a new join
         assert isinstance(await _recv(dealer), Welcome)
         assert view.worker_rows["w0"].status == WorkerStatus.JOINING
     finally:
@@ -119,7 +124,7 @@ async def test_worker_lifecycle_over_the_link() -> None:
 
 async def test_send_to_unknown_worker_is_reported_not_raised() -> None:
     link = WorkerLink(
-        GatewayConfig(), ClusterState(ClusterView(["m"])), WorkerPort("tcp://127.0.0.1:0")
+        GatewayConfig(), ClusterState(ClusterView(["m"])), WorkerPort("tcp://127.0.0.1:0", SECRET)
     )
     try:
         assert link.send("ghost", Ping(call_id=1)) is False
@@ -132,7 +137,7 @@ async def test_a_worker_the_port_cannot_reach_is_declared_lost_by_the_link() -> 
     link's watch loop declares the workers they found unreachable lost."""
     state = ClusterState(ClusterView(["m"]))
     state.record(WorkerJoined(identity=HELLO.identity), source="w0")  # never connected
-    port = WorkerPort("tcp://127.0.0.1:0")
+    port = WorkerPort("tcp://127.0.0.1:0", SECRET)
     link = WorkerLink(GatewayConfig(worker_timeout_s=60), state, port)
     watch = asyncio.create_task(link.watch_forever())
     try:

@@ -181,3 +181,26 @@ def test_kv_pool_caps_max_model_len_and_layout(tiny) -> None:
     assert len(eng.kv.tensors) == cfg.num_layers
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         make(tiny, max_model_len=100_000)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_request_resumed_from_its_tokens_continues_exactly(tiny, temperature) -> None:
+    """Another engine, given the prompt and the first k tokens, produces the rest unchanged
+    (seeded randomness is a function of (seed, index), so nothing else has to travel)."""
+    params = SamplingParams(max_tokens=12, temperature=temperature, seed=7, ignore_eos=True)
+    eng = make(tiny)
+    eng.add_request("r", prompt(9), params)
+    whole = drain(eng)[0]["r"]
+    for k in (1, 5, 11):
+        other = make(tiny)
+        other.add_request("r", prompt(9), params, output_token_ids=whole[:k])
+        rest: list[int] = []
+        while other.has_unfinished():
+            for out in other.step():
+                assert out.first_index == k + len(rest)
+                rest += out.new_token_ids
+        assert whole[:k] + rest == whole
+    with pytest.raises(InvalidRequest, match="already produced"):
+        make(tiny).add_request("r", prompt(9), params, output_token_ids=whole)
+    with pytest.raises(InvalidRequest, match="out of the vocabulary"):
+        make(tiny).add_request("r", prompt(9), params, output_token_ids=[10**6])

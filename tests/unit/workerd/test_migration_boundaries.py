@@ -17,6 +17,7 @@ from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.policy.base import Move
 from mell.gateway.policy.migration_choice import choose_transfers
+from mell.transport.secret import ClusterSecret
 from mell.workerd.engine.engine import Engine
 from mell.workerd.io import PeerInput, WorkerIO
 from mell.workerd.migration.boundaries import (
@@ -68,7 +69,8 @@ def _answer_probes(ios: list[WorkerIO], bs: list[Boundaries], done: Any) -> None
 
 
 def test_bandwidth_probe_between_two_data_planes() -> None:
-    ios = [WorkerIO("tcp://127.0.0.1:1", f"p{i}", "tcp://127.0.0.1:0") for i in range(2)]
+    secret = ClusterSecret(b"test-cluster-secret-0123456789")
+    ios = [WorkerIO("tcp://127.0.0.1:1", f"p{i}", "tcp://127.0.0.1:0", secret) for i in range(2)]
     try:
         ports = [_Port(io) for io in ios]
         bs = [

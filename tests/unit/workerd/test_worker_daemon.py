@@ -38,6 +38,9 @@ class FakeLink:
     def send(self, message: Any) -> None:
         self.sent.append(message)
 
+    def sign(self, hello: Any) -> Any:
+        return hello
+
     def of(self, kind: type) -> list[Any]:
         return [m for m in self.sent if isinstance(m, kind)]
 
