@@ -9,7 +9,8 @@ With a trace that has prefix hashes (Mooncake), `--prefix-cache` simulates the w
 caches: `blind` (placement ignores them), `aware` or `on` (mell and best-fit place by where
 prefixes are cached), `both` (each policy blind, then aware where it can be), `off` (no cache).
 
-    mellctl simulate --trace synthetic_trace.jsonl --profile llama3-8b-h100-80g \
+    mellctl simulate --trace bench/traces/mooncake-fast25/synthetic_trace.jsonl \
+        --profile llama3-8b-h100-80g \
         --policy mell,best-fit --prefix-cache both
 """
 
