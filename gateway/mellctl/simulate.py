@@ -139,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
         print(table(results))
         for line in peak_over_bound_lines(results):
             print(line)
+        if args.prefix_cache != "off":
+            print(
+                "prefix caches: the lower bound counts every request's KV and prefill in full "
+                "(no sharing), so a run with caches may go below it"
+            )
     if args.plot:
         plot(results, args.plot, header.split(";")[0])
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
