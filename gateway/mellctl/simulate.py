@@ -4,6 +4,14 @@
         --policy mell,best-fit,worst-fit,lb --scale-time 2 --scale-len 2 --plot active.png
 
 Repeat --trace to merge files as separate models (one pool each), e.g. Azure code + conv.
+
+With a trace that has prefix hashes (Mooncake), `--prefix-cache` simulates the workers' prefix
+caches: `blind` (placement ignores them), `aware` or `on` (mell and best-fit place by where
+prefixes are cached), `both` (each policy blind, then aware where it can be), `off` (no cache).
+
+    mellctl simulate --trace bench/traces/mooncake-fast25/synthetic_trace.jsonl \
+        --profile llama3-8b-h100-80g \
+        --policy mell,best-fit --prefix-cache both
 """
 
 from __future__ import annotations
@@ -25,10 +33,17 @@ from mell.gateway.sim.report import (
     table,
 )
 from mell.gateway.sim.result import SimResult
-from mell.gateway.sim.simulator import Simulator, sim_policy
+from mell.gateway.sim.simulator import CACHE_AWARE, Simulator, sim_policy
 from mell.gateway.sim.traces import Trace, load_traces
 
 DEFAULT_POLICIES = "mell,best-fit,worst-fit,lb"
+PREFIX_MODES = {
+    "off": ("",),
+    "blind": ("blind",),
+    "aware": ("aware",),
+    "on": ("aware",),
+    "both": ("blind", "aware"),
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,6 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="baselines place without MELL's growth reserve (they over-commit and preempt instead)",
     )
+    p.add_argument(
+        "--prefix-cache",
+        choices=sorted(PREFIX_MODES),
+        default="off",
+        help="simulate the workers' prefix caches (traces with hash_ids): placement blind to "
+        "them, aware (= on) of them (mell, best-fit), both, or off (default)",
+    )
     p.add_argument("--plot", metavar="PNG", help="write active workers over time to this PNG")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -98,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         limit=args.limit,
     )
+    if args.prefix_cache != "off" and trace.prefix is None:
+        raise InvalidRequest(
+            f"--prefix-cache {args.prefix_cache}: the trace has no prefix hashes (hash_ids: "
+            "Mooncake JSONL traces have them)"
+        )
     results = _simulate(args, names, trace, profile)
     header = (
         f"trace {' + '.join(trace.models)}: {len(trace)} requests over {trace.duration_s:.0f} s "
@@ -112,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
         print(table(results))
         for line in peak_over_bound_lines(results):
             print(line)
+        if args.prefix_cache != "off":
+            print(
+                "prefix caches: the lower bound counts every request's KV and prefill in full "
+                "(no sharing), so a run with caches may go below it"
+            )
     if args.plot:
         plot(results, args.plot, header.split(";")[0])
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
@@ -140,9 +172,11 @@ def _simulate(
     )
     bound = fluid_lower_bound(trace, profile, args.epoch)  # one reference for every policy
     results = []
-    for name in names:
-        policy = sim_policy(name, profile, args.epoch, headroom=not args.no_headroom)
-        bar = progress_bar(name) if show_progress else None
+    for name, mode in _runs(names, args.prefix_cache):
+        policy = sim_policy(
+            name, profile, args.epoch, headroom=not args.no_headroom, prefix_aware=mode == "aware"
+        )
+        bar = progress_bar(f"{name} {mode}".strip()) if show_progress else None
         sim = Simulator(
             trace,
             profile,
@@ -151,9 +185,25 @@ def _simulate(
             progress=bar,
             sample_series=bool(args.plot),
             bound=bound,
+            prefix_cache=bool(mode),
         )
-        results.append(sim.run())
+        result = sim.run()
+        result.prefix_cache = mode
+        results.append(result)
     return results
+
+
+def _runs(names: list[str], prefix_cache: str) -> list[tuple[str, str]]:
+    """(policy, cache placement) of every run: "" without the cache model, "blind" or
+    "aware"; a policy without a cache-aware placement runs blind only."""
+    runs = []
+    for name in names:
+        for mode in PREFIX_MODES[prefix_cache]:
+            if mode == "aware" and name not in CACHE_AWARE:
+                mode = "blind"
+            if (name, mode) not in runs:
+                runs.append((name, mode))
+    return runs
 
 
 def _json(
@@ -167,6 +217,7 @@ def _json(
         "scale_len": args.scale_len,
         "profile": profile.name,
         "epoch_s": args.epoch,
+        "prefix_cache": args.prefix_cache,
         "lower_bound": lower_bound(results),
         "results": [r.summary() for r in results],
     }

@@ -48,6 +48,28 @@ class PolicyView(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """What one worker holds of a prompt's prefix: the leading prompt tokens whose KV it has
+    cached (their prefill is skipped there), and how many of those tokens' KV blocks running
+    requests hold (the new request shares them: they take no new room there). Cached blocks
+    no running request holds are free capacity already, so they do not lower the room needed."""
+
+    tokens: int
+    shared_blocks: int
+
+
+@runtime_checkable
+class PrefixView(Protocol):
+    """A view that knows where prompt prefixes are cached (the simulator's cache model; later
+    the gateway's ClusterView from the workers' load reports). Pure: a query changes nothing."""
+
+    def prefix_hits(self, model: str, prefix_hashes: Sequence[int]) -> Mapping[str, PrefixHit]:
+        """Per worker of `model` holding at least the first block: its hit for a prompt whose
+        full blocks have the chained hashes `prefix_hashes` (`mell.common.hashing`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class Arrival:
     """A new request to place."""
 
@@ -55,6 +77,7 @@ class Arrival:
     model: str
     num_prompt_tokens: int
     max_tokens: int
+    prefix_hashes: tuple[int, ...] = ()  # chained hashes of the prompt's full blocks, if known
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +126,21 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 def arrival_blocks(arrival: Arrival, block_size: int) -> int:
     """KV blocks a new request needs at admission: its prompt plus the first generated token."""
     return blocks_for_tokens(arrival.num_prompt_tokens + 1, block_size)
+
+
+def prefix_hits(view: PolicyView, arrival: Arrival) -> Mapping[str, PrefixHit]:
+    """Where the arrival's prefix is cached, per worker (empty when the view does not know or
+    the arrival has no hashes). For cache-aware policies; cache-blind ones never call it."""
+    if not arrival.prefix_hashes or not isinstance(view, PrefixView):
+        return {}
+    return view.prefix_hits(arrival.model, arrival.prefix_hashes)
+
+
+def longest_prefix_first(hits: Mapping[str, PrefixHit]) -> list[tuple[str, PrefixHit]]:
+    """The workers holding a cached prefix, the longest first (ties: by worker id)."""
+    return sorted(
+        ((w, h) for w, h in hits.items() if h.tokens > 0), key=lambda p: (-p[1].tokens, p[0])
+    )
 
 
 _ACTIVE = WorkerStatus.ACTIVE  # a module constant: enum attribute lookups are slow in hot loops

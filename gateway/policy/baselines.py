@@ -5,6 +5,11 @@ baselines do (§VIII): choose among the *busy* workers (ACTIVE, holding at least
 "activate" an idle ACTIVE worker only when no busy one has room. least-loaded is the plain
 spreading policy of a fixed pool: every ACTIVE worker is a candidate.
 
+best-fit and worst-fit take `prefix_aware`: an arrival first goes to the busy worker holding
+the longest cached prefix of its prompt (`base.prefix_hits`) that has room for it (its blocks
+less those shared there, plus the growth reserve), and a worker they open is the idle one
+holding the longest prefix; the others ignore prefix caches.
+
 Only lb migrates (Llumnix's load balancing): freeness = free blocks / batch size, the least free
 workers paired with the most free ones, the shortest request of each source moved.
 """
@@ -12,17 +17,21 @@ workers paired with the most free ones, the shortest request of each source move
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from mell.gateway.policy.base import (
     Arrival,
     Move,
     Placement,
     PolicyView,
+    PrefixHit,
     Rejection,
     WorkerInfo,
     active_workers,
     arrival_blocks,
     free_blocks,
+    longest_prefix_first,
+    prefix_hits,
     register_policy,
 )
 
@@ -56,6 +65,32 @@ def _first_idle(workers: list[WorkerInfo], need: int) -> WorkerInfo | None:
     return None
 
 
+def _longest_prefix(
+    hits: Mapping[str, PrefixHit], workers: list[WorkerInfo], need: int, per_request: float
+) -> WorkerInfo | None:
+    """The busy worker holding the longest cached prefix of an arrival of `need` blocks that
+    has room for it (the blocks shared there are not needed again) and for the growth reserve
+    of `per_request` blocks per request, if any."""
+    if not hits:
+        return None
+    by_id = {w.worker_id: w for w in workers if w.request_blocks}
+    for wid, hit in longest_prefix_first(hits):
+        w = by_id.get(wid)
+        if w is None:
+            continue
+        blocks = max(1, need - hit.shared_blocks)
+        keep = math.ceil(per_request * (len(w.request_blocks) + 1))
+        if w.num_free_blocks >= blocks + keep:
+            return w
+    return None
+
+
+def _by_prefix(workers: list[WorkerInfo], hits: Mapping[str, PrefixHit]) -> list[WorkerInfo]:
+    """The workers holding a cached prefix, the longest first."""
+    by_id = {w.worker_id: w for w in workers}
+    return [by_id[wid] for wid, _ in longest_prefix_first(hits) if wid in by_id]
+
+
 @register_policy("least-loaded")
 class LeastLoaded:
     """Place on the ACTIVE worker with the most free KV blocks; never migrate."""
@@ -81,9 +116,12 @@ class _FitPolicy:
 
     name = "fit"
 
-    def __init__(self, headroom_tokens: int = 0, place_epochs: float = 2.0) -> None:
+    def __init__(
+        self, headroom_tokens: int = 0, place_epochs: float = 2.0, prefix_aware: bool = False
+    ) -> None:
         self.headroom_tokens = headroom_tokens
         self.place_epochs = place_epochs
+        self.prefix_aware = prefix_aware
 
     def _score(self, worker: WorkerInfo, free: int) -> float:
         raise NotImplementedError
@@ -95,6 +133,12 @@ class _FitPolicy:
         per_request = 0.0
         if self.headroom_tokens > 0 and workers:
             per_request = self.headroom_tokens / workers[0].block_size * self.place_epochs
+        hits: Mapping[str, PrefixHit] = {}
+        if self.prefix_aware:
+            hits = prefix_hits(view, arrival)
+            cached = _longest_prefix(hits, workers, need, per_request)
+            if cached is not None:
+                return Placement(cached.worker_id)
         score = self._score
         for w in workers:
             blocks = w.request_blocks
@@ -106,6 +150,8 @@ class _FitPolicy:
             s = score(w, free)
             if best is None or s < best_score:
                 best, best_score = w, s
+        if best is None and hits:  # open the idle worker holding the longest prefix
+            best = _first_idle(_by_prefix(workers, hits), need)
         if best is None:
             best = _first_idle(workers, need)
         return Placement(best.worker_id) if best else _no_room(arrival, need)

@@ -97,6 +97,13 @@ Choices where the paper is silent (each also noted where it is made):
 - Capacity C for the class thresholds is the largest capacity in the pool; fits use each
   worker's own capacity (and the smaller of the planned and the reported free blocks).
 
+- Prefix caching (`prefix_aware`, off by default): an arrival first goes to the busy worker
+  holding the longest cached prefix of its prompt (`base.prefix_hits`) where it fits, sized
+  there by the blocks it does not share with that worker's running requests; only then does
+  Allocate choose as above, and a worker it opens is the idle one holding the longest
+  prefix. Moves are planned with the sizes the view reports (shared blocks counted once, by
+  their first holder).
+
 Live use: `place` answers at once; `plan_epoch` returns moves with kind "auto" (see
 `migration_choice.choose_transfers`). Moves are advice for one epoch: the next epoch re-reads the
 view, so a move that was not run (deferred, failed, request finished) is simply planned again or
@@ -106,7 +113,7 @@ dropped; there is nothing to acknowledge.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Concatenate, ParamSpec, TypeVar
 
 from mell.gateway.policy.base import (
@@ -114,9 +121,12 @@ from mell.gateway.policy.base import (
     Move,
     Placement,
     PolicyView,
+    PrefixHit,
     Rejection,
     WorkerInfo,
     arrival_blocks,
+    longest_prefix_first,
+    prefix_hits,
     register_policy,
 )
 from mell.gateway.policy.operations import MellOperations
@@ -160,6 +170,7 @@ class Mell(MellOperations):
         consolidate_young: bool = False,
         settle_blocks: int = 2,
         consolidate_slack: float = 0.05,
+        prefix_aware: bool = False,
     ) -> None:
         if placement not in ("pair", "bestfit", "paper"):
             raise TypeError(f"placement must be 'pair', 'bestfit' or 'paper', not {placement!r}")
@@ -176,6 +187,7 @@ class Mell(MellOperations):
         self.consolidate_young = consolidate_young
         self.settle_blocks = settle_blocks
         self.consolidate_slack = consolidate_slack
+        self.prefix_aware = prefix_aware
         self._recent: dict[str, list[list[str]]] = {}  # model -> arrivals of the last epochs
         self._planned: dict[str, dict[str, str]] = {}  # model -> {request: dst} last planned
         self._born: dict[str, dict[str, int]] = {}  # model -> {request: blocks when placed}
@@ -202,7 +214,14 @@ class Mell(MellOperations):
             return Rejection(f"no ACTIVE worker of model {model!r}")
         blocks = arrival_blocks(arrival, workers[0].block_size)
         pool.moves_left = 0  # placing never migrates; follow-ups run in plan_epoch
-        wid = self._allocate_target(pool, blocks, None) or _roomiest(pool, blocks)
+        wid = None
+        if self.prefix_aware:
+            hits = prefix_hits(view, arrival)
+            wid, blocks = _longest_prefix(pool, hits, blocks)
+            if wid is None:  # a worker to open: the idle one holding the longest prefix first
+                pool.idle.sort(key=lambda w: -hits[w].tokens if w in hits else 0)
+        if wid is None:
+            wid = self._allocate_target(pool, blocks, None) or _roomiest(pool, blocks)
         if wid is None:
             return Rejection(f"no ACTIVE worker of model {model!r} has room for {blocks} KV blocks")
         rid = arrival.request_id
@@ -345,6 +364,20 @@ class Mell(MellOperations):
         pool.op_moves.append(used)
         self.moves_by_op[fn.__name__] = self.moves_by_op.get(fn.__name__, 0) + used
         return out
+
+
+def _longest_prefix(
+    pool: _Pool, hits: Mapping[str, PrefixHit], blocks: int
+) -> tuple[str | None, int]:
+    """The busy worker of the plan holding the longest cached prefix where the arrival fits
+    with the growth headroom, and the arrival's blocks there (less those it shares); (None,
+    `blocks`) when none has room."""
+    for wid, hit in longest_prefix_first(hits):
+        if wid in pool.items:
+            mine = max(1, blocks - hit.shared_blocks)
+            if pool.fits(wid, mine):
+                return wid, mine
+    return None, blocks
 
 
 def _roomiest(pool: _Pool, blocks: int) -> str | None:

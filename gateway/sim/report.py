@@ -30,6 +30,16 @@ COLUMNS = (
 )
 
 
+# with the prefix cache model: placement, cached prompt tokens over those looked up, and the
+# prompt tokens whose prefill the caches saved (millions)
+PREFIX_COLUMNS = (("cache", "{}"), ("hit rate", "{:.1%}"), ("saved Mtok", "{:.1f}"))
+
+
+def _prefix_row(r: SimResult) -> list[str]:
+    values = (r.prefix_cache or "off", r.prefix_hit_rate, r.prefill_saved_tokens / 1e6)
+    return [fmt.format(v) for (_, fmt), v in zip(PREFIX_COLUMNS, values, strict=True)]
+
+
 def _row(r: SimResult) -> list[str]:
     values = (
         r.policy,
@@ -61,10 +71,18 @@ def lower_bound(results: Sequence[SimResult]) -> int:
 
 
 def table(results: Sequence[SimResult]) -> str:
-    rows = [[name for name, _ in COLUMNS]] + [_row(r) for r in results]
+    """The results, one row each; the prefix cache's columns after the policy when a run
+    simulated the cache."""
+    columns = list(COLUMNS)
+    rows = [_row(r) for r in results]
+    if any(r.prefix_cache for r in results):
+        columns[1:1] = PREFIX_COLUMNS
+        rows = [row[:1] + _prefix_row(r) + row[1:] for row, r in zip(rows, results, strict=True)]
+    rows.insert(0, [name for name, _ in columns])
     lb = lower_bound(results)
-    rows.append(["lower bound", str(lb)] + [""] * (len(COLUMNS) - 2))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    rows.append(["lower bound"] + [""] * (len(columns) - len(COLUMNS)) + [str(lb)])
+    rows[-1] += [""] * (len(columns) - len(rows[-1]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for k, row in enumerate(rows):
         cells = [

@@ -33,6 +33,14 @@ class SimResult:
     tpot_p99_ms: float
     wall_s: float
     events: int  # arrivals + departures + preemptions + migrations
+    # prefix caching (`Simulator(prefix_cache=True)`; zero without the cache model): cached
+    # prompt tokens over prompt tokens looked up at admissions, those tokens (prefill
+    # skipped), the tokens looked up, prefix blocks evicted; "" / "blind" / "aware" placement
+    prefix_hit_rate: float = 0.0
+    prefill_saved_tokens: int = 0
+    prefill_queried_tokens: int = 0
+    prefix_evicted_blocks: int = 0
+    prefix_cache: str = ""
     peak_by_model: dict[str, int] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     active: list[int] = field(default_factory=list)

@@ -28,6 +28,14 @@ grows chunk by chunk as the prompt is computed, as in the engine.
 
 The worker pool is unbounded: the view always offers `spare_workers` idle ACTIVE workers per
 model, and a worker that empties is released.
+
+With `prefix_cache` (traces with prefix hashes: Mooncake), every worker caches prompt blocks
+(`prefix_cache.PrefixCache`): a request admitted on a worker holding a prefix of its prompt
+prefills only the rest, and is charged (`view.loads`) only the blocks no other running request
+holds there. Arrivals carry their prefix hashes and the view answers `prefix_hits`; whether
+placement uses them is the policy's choice (cache-aware or cache-blind). Moves are checked
+against the destination's charge; a migrated request's KV lands whole on the destination (its
+blocks there are shared only with what the destination holds).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from mell.gateway.policy.base import (
 from mell.gateway.policy.migration_choice import choose_transfers
 from mell.gateway.sim.batching import PrefillQueues
 from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
+from mell.gateway.sim.prefix_cache import PrefixCache
 from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.repack import first_fit_decreasing
 from mell.gateway.sim.result import SimResult
@@ -77,6 +86,7 @@ class Simulator:
         sample_series: bool = True,
         progress: Callable[[float], None] | None = None,
         bound: FluidBound | None = None,
+        prefix_cache: bool = False,
     ) -> None:
         self.trace, self.profile, self.policy = trace, profile, policy
         self.epoch_s = epoch_s
@@ -111,6 +121,13 @@ class Simulator:
         self.stats = dict.fromkeys(
             ("preempt", "mig", "kv", "tok", "deferred", "skipped", "rejected"), 0
         )
+        # prefix caching: the caches, and each request's KV blocks other requests are charged
+        self.cache: PrefixCache | None = None
+        self.discount = np.zeros(n, dtype=np.int64)
+        if prefix_cache and trace.prefix is not None:
+            self.cache = self.view.cache = PrefixCache(
+                trace.prefix_block_tokens, profile.block_size
+            )
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -169,7 +186,7 @@ class Simulator:
         ttft = (self.first_token - trace.arrival_s)[done]
         out_tok = np.maximum(1, trace.output[done] - 1)
         tpot = (self.finish[done] - self.first_token[done]) / out_tok
-        return SimResult(
+        result = SimResult(
             policy=self.policy.name,
             requests=len(trace),
             rejected=st["rejected"],
@@ -200,6 +217,18 @@ class Simulator:
             times=tally.times,
             active=tally.active,
         )
+        self._prefix_summary(result)
+        return result
+
+    def _prefix_summary(self, result: SimResult) -> None:
+        """The prefix caches' measures into `result` (none without the cache model)."""
+        cache = self.cache
+        if cache is None:
+            return
+        result.prefix_hit_rate = cache.hit_rate
+        result.prefill_saved_tokens = cache.hit_tokens
+        result.prefill_queried_tokens = cache.queried_tokens
+        result.prefix_evicted_blocks = cache.evicted
 
     def _sizes_by_model(self) -> dict[str, list[int]]:
         """The KV blocks of every running request, per model (its pool)."""
@@ -216,7 +245,8 @@ class Simulator:
         trace, bs = self.trace, self.profile.block_size
         model = trace.models[int(trace.model[i])]
         prompt = int(self.prompt[i])
-        arrival = Arrival(str(i), model, prompt, int(trace.output[i]))
+        hashes = () if self.cache is None or trace.prefix is None else tuple(trace.prefix[i])
+        arrival = Arrival(str(i), model, prompt, int(trace.output[i]), hashes)
         decision = self.policy.place(self.view, arrival)
         if not isinstance(decision, Placement) or decision.worker_id not in self.view.loads:
             self.state[i] = REJECTED
@@ -224,6 +254,10 @@ class Simulator:
             return
         wid = decision.worker_id
         blocks = -(-(prompt + 1) // bs)
+        todo = prompt
+        if self.cache is not None:
+            cached, blocks = self._admit(wid, i, blocks, prompt)
+            todo = max(1, prompt - cached)  # the last prompt token is always computed
         self.view.add(wid, str(i), blocks)
         self.live[i] = wid
         self.worker[i] = self.view.slot[wid]
@@ -231,7 +265,35 @@ class Simulator:
         self.state[i] = RUNNING
         self.untimed += 1
         self.placed_at[i] = now
-        self.prefill.add(self.view.slot[wid], i, now, prompt, float(prompt), blocks)
+        self.prefill.add(self.view.slot[wid], i, now, todo, float(prompt), blocks)
+        if self.cache is not None:
+            self.cache.trim(wid, sum(self.view.loads[wid].values()), self.profile.capacity_blocks)
+
+    def _admit(
+        self, wid: str, i: int, blocks: int, tokens: int, count: bool = True
+    ) -> tuple[int, int]:
+        """Request i (`blocks` KV blocks in all, a context of `tokens`) joins `wid`'s prefix
+        cache; (its tokens cached there, the KV blocks it is charged there)."""
+        assert self.cache is not None
+        cached, shared = self.cache.acquire(
+            wid, i, self.trace.prefix[i] if self.trace.prefix else (), tokens, count=count
+        )
+        self.discount[i] = shared
+        return cached, blocks - shared
+
+    def _release(self, i: int, wid: str) -> int:
+        """Request i leaves `wid`'s prefix cache; the requests that take over the charge of
+        the blocks it owned are charged them (`view.loads`). Returns the blocks taken over."""
+        if self.cache is None:
+            return 0
+        self.discount[i] = 0
+        load, rids, total = self.view.loads[wid], self.rids, 0
+        for r, extra in self.cache.release(i).items():
+            load[rids[r]] += extra
+            self.blocks[r] += extra
+            self.discount[r] -= extra
+            total += extra
+        return total
 
     def _decode(self, t: float, t_end: float) -> tuple[dict[str, int], dict[str, int]]:
         """Run every worker for the epoch as the engine batches (`workerd/scheduler.py`), at
@@ -317,6 +379,7 @@ class Simulator:
         for i in fin.tolist():
             wid = live.pop(i)
             del loads[wid][rids[i]]
+            self._release(i, wid)
             emptied.add(wid)
         return ~finished
 
@@ -329,6 +392,8 @@ class Simulator:
         bs = self.profile.block_size
         tokens = self.prompt[idx] + np.minimum(gen.astype(np.int64) + 1, self.trace.output[idx])
         blocks = (tokens + (bs - 1)) // bs
+        if self.cache is not None:
+            blocks -= self.discount[idx]
         self.mem_in_use = int(blocks.sum()) - held_back
         changed = blocks != self.blocks[idx]
         self.blocks[idx] = blocks
@@ -368,6 +433,8 @@ class Simulator:
                 used = self._preempt(wid, load, used)
             if waiting.get(wid):
                 used = self._resume(wid, load, used, t_end)
+            if self.cache is not None:
+                self.cache.trim(wid, used, cap)
             info = infos.get(wid)
             if info is None:
                 refresh(wid, used)
@@ -388,6 +455,7 @@ class Simulator:
             rid = max(load, key=lambda r: (self.placed_at[int(r)], int(r)))
             used -= load.pop(rid)
             i = int(rid)
+            used += self._release(i, wid)
             del self.live[i]
             self.prefill.remove(i)
             self.state[i] = WAITING
@@ -404,8 +472,13 @@ class Simulator:
             i = queue[0]
             context = int(self.prompt[i] + int(self.gen[i]))
             need = -(-(context + 1) // bs)
-            if used + need > cap and load:
+            todo = context
+            shared = 0 if self.cache is None else self._shared_at(wid, i)
+            if used + need - shared > cap and load:
                 break
+            if self.cache is not None:
+                cached, need = self._admit(wid, i, need, context)
+                todo = max(1, context - cached)
             queue.pop(0)
             self.n_waiting -= 1
             load[str(i)] = need
@@ -415,9 +488,15 @@ class Simulator:
             self.state[i] = RUNNING
             self.placed_at[i] = t_end
             self.prefill.add(
-                self.view.slot[wid], i, t_end, context, self.prompt[i] + self.gen[i], need
+                self.view.slot[wid], i, t_end, todo, self.prompt[i] + self.gen[i], need
             )
         return used
+
+    def _shared_at(self, wid: str, i: int) -> int:
+        """KV blocks of request i that running requests on `wid` hold (pure)."""
+        assert self.cache is not None and self.trace.prefix is not None
+        _, shared = self.cache.lookup(wid, self.trace.prefix[i])
+        return shared * self.cache.per_block
 
     def _migrate(self, moves: list[Move], now: float, busy: dict[str, int]) -> dict[str, int]:
         """Run the epoch's moves; `busy` (busy workers per model) updated for the workers
@@ -468,18 +547,31 @@ class Simulator:
             blocks = loads[m.src].get(m.request_id)
             if blocks is None:
                 continue
-            if used.get(m.dst, 0) + blocks > cap:
+            i = int(m.request_id)
+            need = blocks  # what it takes on the destination
+            if self.cache is not None:
+                need = blocks + int(self.discount[i]) - self._shared_at(m.dst, i)
+            if used.get(m.dst, 0) + need > cap:
                 later.append(m)
                 continue
-            self._execute(m, int(m.request_id), blocks, now)
-            used[m.dst] = used.get(m.dst, 0) + blocks
+            need, taken_over = self._execute(m, i, blocks, now)
+            used[m.dst] = used.get(m.dst, 0) + need
             if m.src in used:
-                used[m.src] -= blocks
+                used[m.src] -= blocks - taken_over
         return later
 
-    def _execute(self, m: Move, i: int, blocks: int, now: float) -> None:
+    def _execute(self, m: Move, i: int, blocks: int, now: float) -> tuple[int, int]:
+        """Run one move of request i (`blocks` on its source); (its KV blocks charged on the
+        destination, blocks other requests on the source took over)."""
         view, t = self.view, self.transfers
         view.remove(m.src, m.request_id)
+        total = blocks + int(self.discount[i])
+        taken_over = self._release(i, m.src)
+        cached = 0  # context tokens the destination holds (token transfer: not prefilled)
+        if self.cache is not None:
+            ctx_tokens = int(self.prompt[i] + self.gen[i])
+            cached, blocks = self._admit(m.dst, i, total, ctx_tokens, count=m.kind != "kv")
+            self.blocks[i] = blocks
         view.add(m.dst, m.request_id, blocks)
         self.live[i] = m.dst
         self.worker[i] = view.slot[m.dst]
@@ -499,7 +591,11 @@ class Simulator:
             # Token transfer: the request joins the destination's prefill queue with its whole
             # context (its KV there is computed chunk by chunk again).
             ctx = self.prompt[i] + self.gen[i]
-            self.prefill.add(view.slot[m.dst], i, now, int(ctx), ctx, blocks)
+            redo = max(1, int(ctx) - cached) if cached else int(ctx)
+            self.prefill.add(view.slot[m.dst], i, now, redo, ctx, blocks)
+        if self.cache is not None:
+            self.cache.trim(m.dst, sum(view.loads[m.dst].values()), self.profile.capacity_blocks)
+        return blocks, taken_over
 
 
 def headroom_tokens(profile: Profile, epoch_s: float) -> int:
@@ -508,21 +604,34 @@ def headroom_tokens(profile: Profile, epoch_s: float) -> int:
     return math.ceil(epoch_s * 1000.0 / step_ms)
 
 
+CACHE_AWARE = ("mell", "best-fit")  # the policies with a cache-aware placement (`prefix_aware`)
+
+
 def sim_policy(
-    name: str, profile: Profile, epoch_s: float, *, headroom: bool = True, **mell_options: Any
+    name: str,
+    profile: Profile,
+    epoch_s: float,
+    *,
+    headroom: bool = True,
+    prefix_aware: bool = False,
+    **mell_options: Any,
 ) -> Policy:
     """A registry policy configured for the simulated epoch. With `headroom` every policy that
     places keeps the same growth reserve as MELL (one epoch of decoding, see
-    `baselines.reserve`), so that no policy wins by over-committing memory and preempting."""
+    `baselines.reserve`), so that no policy wins by over-committing memory and preempting.
+    With `prefix_aware`, the policies of CACHE_AWARE place by where prefixes are cached."""
     from mell.gateway.policy.base import make_policy
 
     tokens = headroom_tokens(profile, epoch_s)
     place_epochs = mell_options.pop("place_epochs", PLACE_EPOCHS)
+    aware = {"prefix_aware": True} if prefix_aware and name in CACHE_AWARE else {}
     if name == "mell":
-        return make_policy(name, headroom_tokens=tokens, place_epochs=place_epochs, **mell_options)
+        return make_policy(
+            name, headroom_tokens=tokens, place_epochs=place_epochs, **aware, **mell_options
+        )
     if headroom and name in ("best-fit", "worst-fit", "round-robin", "lb"):
-        return make_policy(name, headroom_tokens=tokens, place_epochs=place_epochs)
-    return make_policy(name)
+        return make_policy(name, headroom_tokens=tokens, place_epochs=place_epochs, **aware)
+    return make_policy(name, **aware)
 
 
 def simulate(trace: Trace, profile: Profile, policy: Policy, **kwargs: Any) -> SimResult:

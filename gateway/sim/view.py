@@ -4,9 +4,11 @@ migration cost model of its links."""
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
-from mell.gateway.policy.base import WorkerInfo, WorkerStatus
+from mell.gateway.policy.base import PrefixHit, WorkerInfo, WorkerStatus
 from mell.gateway.policy.migration_choice import TransferModel
+from mell.gateway.sim.prefix_cache import PrefixCache
 from mell.gateway.sim.profile import Profile
 
 
@@ -33,6 +35,7 @@ class SimView:
         self.idle: dict[str, list[str]] = {m: [] for m in models}
         self._next = 0
         self.held: dict[str, list[int]] = {}  # worker -> preempted requests waiting there
+        self.cache: PrefixCache | None = None  # the workers' prefix caches, when simulated
         for m in models:
             self.top_up(m)
 
@@ -46,6 +49,18 @@ class SimView:
             cached = list(self.infos.get(model, {}).values())
             self._lists[model] = cached
         return cached
+
+    # PrefixView
+    def prefix_hits(self, model: str, prefix_hashes: Sequence[int]) -> dict[str, PrefixHit]:
+        cache = self.cache
+        if cache is None:
+            return {}
+        tokens, per = cache.block_tokens, cache.per_block
+        return {
+            w: PrefixHit(k * tokens, shared * per)
+            for w, (k, shared) in cache.hits(prefix_hashes, self.infos.get(model, {})).items()
+            if k
+        }
 
     # mechanics
     def new_worker(self, model: str) -> str:
@@ -104,20 +119,35 @@ class SimView:
         del self.loads[wid][rid]
 
     def release_if_empty(self, wid: str) -> None:
+        """An empty worker joins the idle spares, or is released when there are enough.
+        With prefix caches, an emptied worker that holds cached blocks stays idle in place of
+        the spare holding the fewest (the spare count is the same; its cache is not lost)."""
         if self.loads[wid] or self.held.get(wid):
             return
         model = self.model_of[wid]
-        if wid in self.idle[model]:
+        idle = self.idle[model]
+        if wid in idle:
             return
-        if len(self.idle[model]) < self.spare:
-            self.idle[model].append(wid)
+        if len(idle) < self.spare:
+            idle.append(wid)
             self.refresh(wid, 0)
-        else:
-            del self.infos[model][wid]
-            del self.info[wid]
-            del self.loads[wid]
-            heapq.heappush(self._free_slots, self.slot.pop(wid))
-            self._lists[model] = None
+            return
+        cache = self.cache
+        if cache is not None and cache.cached_blocks(wid):
+            idle.append(wid)
+            self.refresh(wid, 0)
+            wid = min(idle, key=cache.cached_blocks)  # (the oldest of the least cached)
+            idle.remove(wid)
+        self._release(model, wid)
+
+    def _release(self, model: str, wid: str) -> None:
+        del self.infos[model][wid]
+        del self.info[wid]
+        del self.loads[wid]
+        if self.cache is not None:
+            self.cache.drop(wid)
+        heapq.heappush(self._free_slots, self.slot.pop(wid))
+        self._lists[model] = None
 
     def busy(self) -> list[str]:
         return [w for w, load in self.loads.items() if load]
