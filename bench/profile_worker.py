@@ -1,4 +1,4 @@
-"""Measure a real engine (contract A) and write a simulator profile TOML from it.
+"""Measure a real engine (through `ServingEngine`) and write a simulator profile TOML from it.
 
     python bench/profile_worker.py [--model DIR] [--device auto] [--out FILE.toml]
 

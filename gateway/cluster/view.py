@@ -21,8 +21,9 @@
 
 Derived state (a worker row's counters and `request_blocks`; `requests` and `migrations`, the
 live subsets) is recomputed from the registers. The view implements the policies' `PolicyView`
-(contract C); placement, the dispatcher, `/metrics` and the admin API read it. Liveness timing
-is not here: the worker link decides when a worker is lost and records `WorkerLost`.
+(the policy contract, `policy/base.py`); placement, the dispatcher, `/metrics` and the admin API
+read it. Liveness timing is not here: the worker link decides when a worker is lost and records
+`WorkerLost`.
 `snapshot()` / `from_snapshot()` give the journal a compact image of the fold (registers and
 tombstones included) so that snapshot + tail folds like the whole history. Loads of requests it
 does not hold, and tombstones, are forgotten past a horizon (`_HORIZON_S`): only an event folded

@@ -1,4 +1,5 @@
-"""Baseline policies behind contract C: least-loaded, round-robin, best-fit, worst-fit, lb.
+"""Baselines behind the policy contract (`base.Policy`): least-loaded, round-robin, best-fit,
+worst-fit, lb.
 
 Every consolidating baseline (round-robin, best-fit, worst-fit, lb) does what the MELL paper's
 baselines do (§VIII): choose among the *busy* workers (ACTIVE, holding at least one request) and

@@ -1,6 +1,6 @@
 """MELL: pack requests by KV size onto as few workers as possible, with bounded migrations.
 
-The online algorithm of Liu et al., INFOCOM 2025, §VI (digest: reference/mell_llumnix.md §1.3).
+The online algorithm of Liu et al., INFOCOM 2025, §VI (arXiv 2501.06709).
 
 Sizes are current KV blocks; C is a worker's capacity. Classes: L (C/2, C], M (C/3, C/2],
 S (C/4, C/3], T (C/8, C/4] and tiny (≤ C/8). A worker is labelled by the largest class it holds
@@ -199,7 +199,7 @@ class Mell(MellOperations):
         self._arrived: dict[str, list[str]] = {}  # model -> requests placed since last epoch
         self.moves_by_op: dict[str, int] = {}  # planned migrations per operation kind (stats)
 
-    # -- contract C -------------------------------------------------------------------------
+    # -- the policy contract ------------------------------------------------------------------
 
     def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
         model = arrival.model

@@ -89,7 +89,7 @@ class SimView:
             # The simulator's WorkerInfo is a live view of its worker: `request_blocks` is the
             # worker's own dict, and the free count is updated in place (a new frozen object per
             # worker per epoch was a fifth of the simulator's time). Policies read the view
-            # during a call and keep nothing of it, as contract C asks.
+            # during a call and keep nothing of it, as the policy contract (`policy/base.py`) asks.
             if info.num_free_blocks != p.capacity_blocks - used:
                 object.__setattr__(info, "num_free_blocks", p.capacity_blocks - used)
             return

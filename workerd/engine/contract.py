@@ -1,6 +1,6 @@
 """The engine contract: all the worker and the migration code may ask of an engine.
 
-`ServingEngine` is contract A: add requests, step, collect outputs, stats, abort. An engine
+`ServingEngine` serves requests: add requests, step, collect outputs, stats, abort. An engine
 that holds a KV cache can also move requests to and from another worker: `migratable()` hands
 out that side of it, `MigratableEngine` (the KV operations live migration needs), or None for
 an engine without KV (`FakeEngine`). `Engine` implements both. Nothing outside `engine/`

@@ -1,4 +1,4 @@
-"""The in-process inference engine: contract A and the KV side of a migration
+"""The in-process inference engine: `ServingEngine` and the KV side of a migration
 (`engine/contract.py`), on a real model and KV cache.
 
 One `step()` is one story: schedule → run the model → sample → update the requests → return
@@ -96,7 +96,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self.slo_violations = {"ttft": 0, "tpot": 0}
 
-    # -- contract A -------------------------------------------------------------------------
+    # -- ServingEngine -------------------------------------------------------------------------
 
     def add_request(
         self,

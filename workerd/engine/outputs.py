@@ -1,4 +1,4 @@
-"""What the engine hands back: per-step request outputs and engine statistics (contract A)."""
+"""What the engine hands back: per-step request outputs and engine statistics (`contract.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Engine API (contract A) on mell-tiny: validation, abort, stops, seeds, stats."""
+"""The engine contract (`ServingEngine`) on mell-tiny: validation, abort, stops, seeds, stats."""
 
 from __future__ import annotations
 
