@@ -40,6 +40,12 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
     num_free_blocks: int
     num_preemptions_total: int
     requests: list[RequestLoad] = []
+    # The host KV tier (LayerKV); zeros where the worker has none.
+    num_host_total_blocks: int = 0
+    num_host_free_blocks: int = 0
+    num_swapped: int = 0  # requests whose KV waits on the host
+    offload_bytes_total: dict[str, int] = {}  # KV bytes copied, by direction: "d2h", "h2d"
+    slo_violations_total: dict[str, int] = {}  # by kind: "ttft", "tpot"
 
     @classmethod
     def idle(cls, num_total_blocks: int, num_preemptions_total: int = 0) -> WorkerLoad:

@@ -417,6 +417,11 @@ class Worker:
                 RequestLoad(rid, stats.request_blocks.get(rid, 0), num_tokens)
                 for rid, num_tokens in self._tokens.items()
             ],
+            num_host_total_blocks=stats.num_host_total_blocks,
+            num_host_free_blocks=stats.num_host_free_blocks,
+            num_swapped=stats.num_swapped,
+            offload_bytes_total=dict(stats.offload_bytes_total),
+            slo_violations_total=dict(stats.slo_violations_total),
         )
         return LoadReport(load=load, draining=self.draining)
 

@@ -151,6 +151,9 @@ class Dispatcher:
         elapsed = time.monotonic() - stream.arrival
         if finish_reason is not None:
             self.metrics.model(stream.model).e2e.observe(elapsed)
+            if stream.next_index > 1 and stream.first_token_at:
+                per_token = (stream.last_token_at - stream.first_token_at) / (stream.next_index - 1)
+                self.metrics.model(stream.model).tpot.observe(per_token)
             self.metrics.model(stream.model).success(finish_reason)
             self.state.record(
                 RequestFinished(

@@ -95,6 +95,7 @@ class ModelMetrics:
         self.ttft = m.ttft.labels(model)
         self.itl = m.itl.labels(model)
         self.e2e = m.e2e.labels(model)
+        self.tpot = m.tpot.labels(model)
         self.prompt_tokens = m.prompt_tokens.labels(model)
         self.generation_tokens = m.generation_tokens.labels(model)
         self.resumed = m.requests_resumed.labels(model)
@@ -128,6 +129,13 @@ class Metrics:
             "Request latency.",
             ["model_name"],
             buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "mell:time_per_output_token_seconds",
+            "A finished request's time per output token after its first.",
+            ["model_name"],
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -179,6 +187,16 @@ class ViewCollector(Collector):
         preemptions = CounterMetricFamily(
             "mell:num_preemptions", "Preemptions.", labels=["model_name"]
         )
+        offload = CounterMetricFamily(
+            "mell:kv_offload_bytes",
+            "KV bytes copied between device and host tier.",
+            labels=["model_name", "direction"],
+        )
+        slo = CounterMetricFamily(
+            "mell:slo_violations",
+            "Latency SLO violations seen by workers.",
+            labels=["model_name", "kind"],
+        )
         for model in view.model_names:
             rows = [
                 w
@@ -200,6 +218,20 @@ class ViewCollector(Collector):
                 [model], sum(1 for r in view.requests.values() if r.model == model)
             )
             preemptions.add_metric([model], sum(w.num_preemptions_total for w in rows))
+            host_total = sum(w.load.num_host_total_blocks for w in rows)
+            host_used = host_total - sum(w.load.num_host_free_blocks for w in rows)
+            g["mell:kv_host_usage_perc"].add_metric(
+                [model], host_used / host_total if host_total else 0
+            )
+            g["mell:num_requests_swapped"].add_metric(
+                [model], sum(w.load.num_swapped for w in rows)
+            )
+            for direction in ("d2h", "h2d"):
+                moved = sum(w.load.offload_bytes_total.get(direction, 0) for w in rows)
+                offload.add_metric([model, direction], moved)
+            for kind in ("ttft", "tpot"):
+                seen = sum(w.load.slo_violations_total.get(kind, 0) for w in rows)
+                slo.add_metric([model, kind], seen)
         for w in view.worker_rows.values():
             labels = [w.worker_id, w.model, w.status.name.lower()]
             perc = w.num_used_blocks / w.capacity_blocks if w.capacity_blocks else 0
@@ -208,6 +240,8 @@ class ViewCollector(Collector):
             g["mell:worker_requests"].add_metric(labels, len(w.request_blocks))
         yield from g.values()
         yield preemptions
+        yield offload
+        yield slo
 
 
 _M = ["model_name"]
@@ -218,6 +252,8 @@ _GAUGES = (
     ("mell:kv_cache_usage_perc", "KV cache usage of the model's pool (0-1).", _M),
     ("mell:kv_cache_used_blocks", "KV blocks in use in the model's pool.", _M),
     ("mell:kv_cache_total_blocks", "KV blocks of the model's pool.", _M),
+    ("mell:kv_host_usage_perc", "Host KV tier usage of the model's pool (0-1).", _M),
+    ("mell:num_requests_swapped", "Requests whose KV waits on the host tier.", _M),
     ("mell:active_workers", "Workers accepting requests.", _M),
     ("mell:releasable_workers", "Live workers holding no request (their device could go).", _M),
     ("mell:num_requests_in_flight", "Requests placed and not finished.", _M),
