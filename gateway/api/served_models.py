@@ -6,9 +6,10 @@ agree on the names.
 Prompt size is bounded before any tokenizing: no token of the vocabulary covers more than
 `max_token_bytes` bytes of text, so a prompt of more than `max_prompt_chars` characters
 (max_model_len x that, x 2 for normalizers that merge characters) cannot fit the context and is
-refused at once. Long prompts are tokenized in a process pool: `tokenizers`' `encode` holds the
-interpreter lock for its whole run (measured: a 2 MB prompt in a thread stopped the event loop
-for 3.8 s; `encode_batch` still for 0.4 s), and its memory stays in the child.
+refused at once. Long prompts are tokenized in a process pool, at a lower CPU priority:
+`tokenizers`' `encode` holds the interpreter lock for its whole run (measured: a 2 MB prompt in a
+thread stopped the event loop for 3.8 s; `encode_batch` still for 0.4 s), and its memory stays
+in the child.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import time
 from array import array
 from concurrent.futures import ProcessPoolExecutor
@@ -145,7 +147,9 @@ class ModelRegistry:
             return model.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
-                self._processes, mp_context=multiprocessing.get_context("spawn")
+                self._processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_yield_the_cpu,
             )
         loop = asyncio.get_running_loop()
         packed = await loop.run_in_executor(
@@ -170,6 +174,11 @@ class ModelRegistry:
 
 
 _CHILD_TOKENIZERS: dict[str, Tokenizer] = {}
+NICE = 10  # tokenizer processes yield the CPU to the gateway's event loop
+
+
+def _yield_the_cpu() -> None:
+    os.nice(NICE)
 
 
 def _encode_in_child(path: str, text: str, add_special_tokens: bool, limit: int) -> bytes | int:
