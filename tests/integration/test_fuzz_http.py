@@ -213,7 +213,8 @@ def test_nothing_left_in_flight_after_the_fuzz(cluster: FakeCluster) -> None:
             return int(json.loads(response.read())["server_load"])
 
     for route in ("completions", "chat"):  # the fuzz reached the workers, not only the decoder
-        assert SEEN[route, 200] >= 10, SEEN
+        if any(r == route for r, _ in SEEN):  # (this test run alone: no fuzz before it)
+            assert SEEN[route, 200] >= 10, SEEN
     wait_until(lambda: load() == 0 and in_flight() == 0, 20.0, "in-flight count back to 0")
     status, _ = post(cluster, "/v1/completions", {"prompt": "still serving", "max_tokens": 2})
     assert status == 200
@@ -229,3 +230,11 @@ def test_nothing_left_in_flight_after_the_fuzz(cluster: FakeCluster) -> None:
 def test_integers_above_int64_are_400(cluster: FakeCluster, extra: dict[str, Any]) -> None:
     status, answer = post(cluster, "/v1/completions", {"prompt": "hi", "max_tokens": 1, **extra})
     assert status == 400, answer
+
+
+def test_body_larger_than_any_prompt_is_413(cluster: FakeCluster) -> None:
+    """mell-tiny alone: the longest prompt is 53,248 characters, the body limit 6 bytes a
+    character of it plus 1 MiB; a 2 MB body is refused as it is read."""
+    status, answer = post(cluster, "/v1/completions", b'{"prompt": "' + b"a" * 2_000_000 + b'"}')
+    assert status == 413, answer
+    assert answer["error"]["code"] == 413
