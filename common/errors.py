@@ -123,3 +123,7 @@ class JournalError(MellError):
 
     code = ErrorCode.JOURNAL
     http_status = 500
+
+
+class JournalInUse(JournalError):
+    """The journal's writer lock is held: another gateway runs on the same data directory."""

@@ -5,10 +5,20 @@ JSON lines when stdout is not a terminal (systemd, CI), a console renderer on a 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 import structlog
+
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def log_level(text: str) -> str:
+    """An argparse `type`: a known log level (any case), else a one-line usage error."""
+    if text.lower() not in LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LEVELS)}")
+    return text.lower()
 
 
 def configure_logging(*, json: bool | None = None, level: str = "info") -> None:

@@ -36,7 +36,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def build_app(ctx: GatewayContext) -> web.Application:
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware(ctx.config.api_keys)],
-        client_max_size=64 * 1024 * 1024,
+        client_max_size=ctx.models.max_body_bytes,
     )
     app[CONTEXT] = ctx
     app.add_routes(
@@ -90,12 +90,18 @@ def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamRe
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if keys and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            given = bearer_token(request)
             if not any(hmac.compare_digest(given, k) for k in keys):
                 return error_response(Unauthorized("missing or invalid API key"))
         return await handler(request)
 
     return check
+
+
+def bearer_token(request: web.Request) -> bytes:
+    """The Authorization header's bearer token as bytes, whatever bytes the client sent."""
+    header = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return header.encode("utf-8", "surrogateescape")
 
 
 async def list_models(request: web.Request) -> web.Response:

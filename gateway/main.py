@@ -10,8 +10,8 @@ and offset. Once listening it prints one JSON line on stdout with the actual add
 launchers such as `mellctl up`, leaves the admin URL in DATA_DIR/admin.json (the token is in
 DATA_DIR/admin.token), creates the cluster secret workers must sign with in
 DATA_DIR/cluster.secret (mode 0600; --cluster-secret-file names another) if it is not there,
-and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen,
-2 bad configuration, 3 journal damaged.
+and tells systemd READY=1. Exit codes: 0 stopped, 1 cannot listen, 2 bad configuration,
+3 journal damaged, 4 journal locked by another process.
 
 `build_context` is the gateway's wiring: it builds every component once, in dependency order
 (port, dispatcher, migrator, link), each with its collaborators in its constructor.
@@ -26,14 +26,14 @@ import signal
 import sys
 from pathlib import Path
 
-import msgspec
 import structlog
 import uvloop
+import zmq
 from aiohttp import web
 
-from mell.common.config import GatewayConfig, load_config
-from mell.common.errors import JournalError, MellError
-from mell.common.logging import configure_logging
+from mell.common.config import GatewayConfig, load_config, overlay
+from mell.common.errors import JournalError, JournalInUse, MellError
+from mell.common.logging import configure_logging, log_level
 from mell.common.notify import Notifier
 from mell.gateway.admin.event_feed import EventFeed
 from mell.gateway.admin.routes import build_admin_app
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="after a restart, seconds for workers to say hello again",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=log_level)
     return p
 
 
@@ -100,7 +100,7 @@ def make_config(args: argparse.Namespace) -> GatewayConfig:
         "worker_timeout_s": args.worker_timeout,
         "reconcile_timeout_s": args.reconcile_timeout,
     }
-    return msgspec.structs.replace(config, **{k: v for k, v in flags.items() if v is not None})
+    return overlay(config, {k: v for k, v in flags.items() if v is not None})
 
 
 def build_context(config: GatewayConfig) -> GatewayContext:
@@ -202,13 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = make_config(args)
         uvloop.run(serve(config))
+    except JournalInUse as err:
+        print(f"mell-gateway: {err.message}", file=sys.stderr)
+        return 4
     except JournalError as err:
         print(f"mell-gateway: {err.message}", file=sys.stderr)
         return 3
     except MellError as err:
         print(f"mell-gateway: {err.message}", file=sys.stderr)
         return 2
-    except OSError as err:  # e.g. a port in use
+    except (OSError, zmq.ZMQError) as err:  # e.g. a port in use, an address not of this host
         print(f"mell-gateway: {err}", file=sys.stderr)
         return 1
     return 0

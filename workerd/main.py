@@ -22,9 +22,9 @@ from typing import Any
 import msgspec
 import structlog
 
-from mell.common.config import WorkerConfig, load_config
+from mell.common.config import WorkerConfig, load_config, overlay
 from mell.common.errors import ConfigError, MellError
-from mell.common.logging import configure_logging
+from mell.common.logging import configure_logging, log_level
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.common.notify import Notifier
 from mell.workerd.engine.contract import ServingEngine
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="benchmarks only: every engine step lasts at least this long (device emulation)",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=log_level)
     return p
 
 
@@ -93,9 +93,7 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
     )
     if device:
         engine["device"] = device
-    config = msgspec.structs.replace(
-        config, **top, engine=msgspec.structs.replace(config.engine, **engine)
-    )
+    config = overlay(config, {**top, "engine": engine})
     if not config.worker_id:
         suffix = args.instance if args.instance else str(os.getpid())
         config = msgspec.structs.replace(config, worker_id=f"{socket.gethostname()}-{suffix}")

@@ -43,6 +43,7 @@ PREFIX = "/admin/v1"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _KEEPALIVE_S = 15.0
 _DEFAULT_TAIL = 100
+_MAX_TAIL = 1_000_000  # more than the feed holds in memory
 
 
 def build_admin_app(ctx: GatewayContext, token: str) -> web.Application:
@@ -75,7 +76,7 @@ def token_middleware(token: str) -> Callable[..., Awaitable[web.StreamResponse]]
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         given = request.headers.get("Authorization", "")
         if not given.startswith("Bearer ") or not hmac.compare_digest(
-            given.removeprefix("Bearer ").encode(), expected
+            given.removeprefix("Bearer ").encode("utf-8", "surrogateescape"), expected
         ):
             return error_response(Unauthorized("missing or invalid admin token"))
         return await handler(request)
@@ -214,11 +215,12 @@ async def events(request: web.Request) -> web.StreamResponse:
     who = {"request": q.get("request"), "worker": q.get("worker")}
     follow = q.get("follow", "0").lower() in ("1", "true", "yes")
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
     # Subscribed and tail read with no await between: no event is missed or sent twice.
     with ctx.feed.subscribe() as sub:
         backlog = ctx.feed.recent(tail, **who)
-        await response.write(b"".join(_line(e) for e in backlog))
+        lines = b"".join(_line(e) for e in backlog)  # any error is still an HTTP status
+        await response.prepare(request)
+        await response.write(lines)
         if follow:
             await _follow(response, sub, who)
     await response.write_eof()
@@ -300,13 +302,17 @@ async def migrate(request: web.Request) -> web.Response:
     )
 
 
-def _int(value: str | None, default: int, name: str) -> int:
+def _int(value: str | None, default: int, name: str, most: int = _MAX_TAIL) -> int:
+    """A query parameter as an integer in 0..`most` (negative counts as 0); else a 400."""
     if value is None:
         return default
     try:
-        return max(0, int(value))
+        number = max(0, int(value))
     except ValueError:
-        raise InvalidRequest(f"{name} must be an integer, got {value!r}", param=name) from None
+        number = -1
+    if not 0 <= number <= most:
+        raise InvalidRequest(f"{name} must be an integer in 0..{most}, got {value!r}", param=name)
+    return number
 
 
 def _line(envelope: EventEnvelope) -> bytes:

@@ -1,13 +1,16 @@
 """Handlers of the OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions.
 
 Each handler: decode the body (400 on any mistake), resolve the model (404), build the prompt
-(chat template, tokenization), check lengths, then `respond` (place, stream, end).
+(chat template, tokenization), check lengths, then `respond` (place, stream, end). A prompt
+too long for the model's context is refused by its size in characters before it is rendered
+or tokenized (`ServedModel.check_prompt_chars`).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -32,13 +35,16 @@ from mell.gateway.api.served_models import ServedModel, check_token_ids
 from mell.gateway.cluster.dispatcher import Job
 from mell.gateway.context import CONTEXT, GatewayContext
 
+T = TypeVar("T")
+
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     arrival = time.monotonic()
     ctx = request.app[CONTEXT]
-    body = decode_chat(await _body(request))
+    body = _decode(decode_chat, await _body(request))
     check_top_logprobs(body.top_logprobs, "top_logprobs")
     model = ctx.models.resolve(body.model)
+    model.check_prompt_chars(sum(_content_chars(m) for m in body.messages), "messages")
     prompt = _render_chat(model, body)
     ids = await ctx.models.encode(model, prompt, add_special_tokens=False)
     max_tokens = body.max_completion_tokens or body.max_tokens or (model.max_model_len - len(ids))
@@ -53,7 +59,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     arrival = time.monotonic()
     ctx = request.app[CONTEXT]
-    body = decode_completion(await _body(request))
+    body = _decode(decode_completion, await _body(request))
     check_top_logprobs(body.logprobs, "logprobs")
     model = ctx.models.resolve(body.model)
     ids = await _prompt_ids(ctx, model, body.prompt)
@@ -91,6 +97,20 @@ async def _body(request: web.Request) -> bytes:
     if request.content_type not in ("application/json", "application/octet-stream", ""):
         raise InvalidRequest(f"Content-Type must be application/json, not {request.content_type}")
     return await request.read()
+
+
+def _decode(decode: Callable[[bytes], T], body: bytes) -> T:
+    try:
+        return decode(body)
+    except RecursionError:  # msgspec's limit on nesting
+        raise InvalidRequest("request body is nested too deeply") from None
+
+
+def _content_chars(message: ChatMessage) -> int:
+    content = message.content
+    if isinstance(content, list):
+        return sum(len(part.text or "") for part in content)
+    return len(content or "")
 
 
 def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> str:

@@ -3,6 +3,8 @@
 At start `recover` opens DATA_DIR/journal (truncating a torn last record with a warning), replays
 the last snapshot and the events after it into a `ClusterView`, and returns it with the open
 journal; a corrupt record raises CorruptRecord naming the segment and offset, and start-up stops.
+The segments before the last snapshot, which the view does not need, are verified too: damage
+there is a warning naming segment and offset (`journal_damage_before_snapshot`), not a stop.
 `JournalKeeper` then writes snapshot records of the view (periodically, after many events, and
 at shutdown) and, after a restart, runs the reconcile deadline: every request the recovered view
 holds had its client connection die with the old gateway, so a request that no live stream
@@ -28,7 +30,7 @@ from mell.common.events import EventEnvelope, RequestAborted
 from mell.common.messages import AbortRequest, GatewayMessage
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.view import ClusterView, ViewSnapshot
-from mell.gateway.journal import CorruptRecord, Journal, Record, replay
+from mell.gateway.journal import CorruptRecord, Journal, Record, replay, verify_before_snapshot
 from mell.gateway.journal.codec import decode, journal_hook
 
 log = structlog.get_logger("mell.gateway")
@@ -59,10 +61,27 @@ def recover(config: GatewayConfig, models: Sequence[str], keep_recent: int = 100
     journal = Journal.open(directory, config.journal)
     try:
         view, recent, num_events, from_snapshot = replay_view(directory, models, keep_recent)
+        _verify_skipped(directory)
     except BaseException:
         journal.close()
         raise
     return Recovered(view, journal, num_events, from_snapshot, recent)
+
+
+def _verify_skipped(directory: Path) -> None:
+    """Say what the segments before the last snapshot hold: intact, or damaged where."""
+    checked, damage = verify_before_snapshot(directory)
+    for err in damage:
+        log.warning(
+            "journal_damage_before_snapshot",
+            segment=err.segment,
+            offset=err.offset,
+            reason=err.reason,
+            note="the view starts at the last snapshot and does not need this record; "
+            "`mellctl journal check` lists the damage, `mellctl journal repair` removes it",
+        )
+    if checked:
+        log.info("journal_verified_before_snapshot", segments=checked, damaged=len(damage))
 
 
 def replay_view(

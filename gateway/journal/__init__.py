@@ -7,7 +7,13 @@ check, `reader` for replay, `repair` for `check` and `repair`.
 """
 
 from mell.gateway.journal.format import Record
-from mell.gateway.journal.reader import CorruptRecord, TornTail, read_records, replay
+from mell.gateway.journal.reader import (
+    CorruptRecord,
+    TornTail,
+    read_records,
+    replay,
+    verify_before_snapshot,
+)
 from mell.gateway.journal.repair import CheckReport, Problem, RepairReport, check, repair
 from mell.gateway.journal.writer import Journal, JournalConfig
 
@@ -24,4 +30,5 @@ __all__ = [
     "read_records",
     "repair",
     "replay",
+    "verify_before_snapshot",
 ]

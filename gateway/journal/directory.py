@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from mell.common.errors import JournalError
+from mell.common.errors import JournalInUse
 from mell.gateway.journal.format import SEGMENT_HEADER, list_segments, segment_first_seq
 from mell.gateway.journal.reader import SegmentEnd, TornTail, segment_frames
 
@@ -25,7 +25,10 @@ def lock_directory(directory: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise JournalError(f"journal {directory} is in use by another process") from None
+        raise JournalInUse(
+            f"journal {directory} is in use: locked by another process (a gateway already running "
+            "on this data directory?)"
+        ) from None
     return fd
 
 

@@ -211,6 +211,24 @@ def read_records(
         expected = end.next_seq
 
 
+def verify_before_snapshot(directory: Path) -> tuple[int, list[CorruptRecord]]:
+    """Check the segments start-up replay skips (those before the newest one that begins with
+    a snapshot): (how many were checked, the first damage found in each). The view does not
+    need them, so their damage does not stop start-up; `mellctl journal repair` removes it."""
+    segments = list_segments(Path(directory))
+    start = _start_index(segments) if segments else 0
+    damage: list[CorruptRecord] = []
+    for path in segments[:start]:
+        end = SegmentEnd(0, 0)
+        named = segment_first_seq(path.name) or 0
+        try:
+            for _ in segment_frames(path, _read(path), named, last=False, end=end):
+                pass
+        except CorruptRecord as err:
+            damage.append(err)
+    return start, damage
+
+
 def replay(directory: Path) -> Iterator[Record]:
     """Start-up replay: the last snapshot (if any), then every record after it."""
     return read_records(directory, from_snapshot=True)

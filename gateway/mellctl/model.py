@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mell.common.errors import ConfigError
 from mell.common.tiny_model import write_tiny_model
 
 
@@ -22,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    directory = write_tiny_model(args.directory, args.seed)
+    try:
+        directory = write_tiny_model(args.directory, args.seed)
+    except OSError as err:  # a file in the way, no permission, a full disk
+        raise ConfigError(f"cannot write mell-tiny into {args.directory}: {err.strerror}") from None
     print(f"mell-tiny (seed {args.seed}) written to {directory}")
     return 0

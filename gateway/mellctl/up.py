@@ -261,9 +261,11 @@ class Cluster:
         )
 
     def _failed(self, child: Child) -> StartFailed:
+        said = _last_error_line(child.log_path)
         return StartFailed(
             f"{child.name} (pid {child.proc.pid}) exited with code "
-            f"{child.proc.returncode} while starting; log: {child.log_path}"
+            f"{child.proc.returncode} while starting{': ' + said if said else ''}; "
+            f"log: {child.log_path}"
         )
 
     def _write_state(self, url: str) -> None:
@@ -274,6 +276,16 @@ class Cluster:
             "children": [{"name": c.name, "pid": c.proc.pid} for c in self.children],
         }
         (self.data_dir / "up.json").write_text(json.dumps(state, indent=1))
+
+
+def _last_error_line(log_path: Path) -> str:
+    """The one-line error a child prints before it exits ("mell-gateway: ..."), if any."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()[-20:]
+    except OSError:
+        return ""
+    said = [line for line in lines if line.startswith(("mell-gateway: ", "mell-workerd: "))]
+    return said[-1].split(": ", 1)[1] if said else ""
 
 
 def _healthy(url: str, num_workers: int) -> bool:

@@ -79,3 +79,19 @@ def test_up_rejects_more_models_than_workers(tmp_path: Path) -> None:
     ]
     done = subprocess.run(cmd, capture_output=True, timeout=60)
     assert done.returncode == 1 and b"cannot serve 2 models" in done.stderr
+
+
+def test_second_up_on_the_same_data_dir_names_the_journal_lock(tmp_path: Path) -> None:
+    cluster = start_cluster(tmp_path, "--workers", "1", "--fake-token-rate", "50")
+    try:
+        cmd = [*MELLCTL, "up", "--data-dir", str(tmp_path), "--workers", "1",
+               "--fake-token-rate", "50"]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, timeout=120)
+        err = done.stderr.decode()
+        assert done.returncode == 1, err
+        last = err.strip().splitlines()[-1]
+        assert "exited with code 4" in last and "locked by another process" in last, err
+        assert "Traceback" not in err
+        assert cluster.proc.poll() is None  # the first cluster is untouched
+    finally:
+        cluster.stop()

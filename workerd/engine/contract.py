@@ -117,7 +117,9 @@ class MigratableEngine(ServingEngine, Protocol):
 
     def import_request(self, key: str, request: MigratedRequest) -> None:
         """Commit a migrated-in request: `key`'s reservation (if any) becomes its blocks, and
-        it joins the batch. Raises InvalidRequest when it cannot run here."""
+        it joins the batch. Raises InvalidRequest when it cannot run here: it is checked as
+        `add_request` checks a new request (sampling values, token ids in the vocabulary,
+        lengths), its generated tokens as well, and its KV and sampler state."""
         ...
 
     def block_table(self, key: str, layer: int) -> list[int] | None:

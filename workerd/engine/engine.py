@@ -105,17 +105,36 @@ class Engine:
         sampling: SamplingParams,
         output_token_ids: abc.Sequence[int] = (),
     ) -> None:
+        self._check_request(request_id, prompt_token_ids, sampling, output_token_ids)
+        seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
+        seq.token_ids.extend(output_token_ids)
+        seq.output_token_ids.extend(output_token_ids)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _check_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        output_token_ids: abc.Sequence[int] = (),
+    ) -> None:
+        """What a request must be to run here, new or migrated in (with the tokens it has
+        generated): sampling values in range, a new id, a prompt, every token id in the
+        vocabulary, prompt + max_tokens within max_model_len. InvalidRequest otherwise."""
         sampling.validate()
         if request_id in self._seqs:
             raise InvalidRequest(f"duplicate request id {request_id!r}", param="request_id")
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in (*prompt_token_ids, *output_token_ids) if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"prompt token id {bad} is out of the vocabulary (0..{vocab - 1})", param="prompt"
-            )
+        for what, ids in (("prompt", prompt_token_ids), ("output", output_token_ids)):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"{what} token id {bad} is out of the vocabulary (0..{vocab - 1})",
+                    param="prompt",
+                )
         limit = self.model_config.max_model_len
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > limit:
@@ -126,15 +145,10 @@ class Engine:
             )
         if len(output_token_ids) >= sampling.max_tokens:
             raise InvalidRequest(
-                f"{len(output_token_ids)} tokens already produced, max_tokens is "
-                f"{sampling.max_tokens}",
+                f"{len(output_token_ids)} tokens generated of max_tokens {sampling.max_tokens}: "
+                "nothing left to generate",
                 param="max_tokens",
             )
-        seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
-        seq.token_ids.extend(output_token_ids)
-        seq.output_token_ids.extend(output_token_ids)
-        self._seqs[request_id] = seq
-        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         seq = self._seqs.pop(request_id, None)
@@ -301,11 +315,10 @@ class Engine:
 
     def import_request(self, key: str, request: MigratedRequest) -> None:
         rid = request.request_id
-        if rid in self._seqs:
-            raise InvalidRequest(f"request {rid!r} is already here", param="request_id")
+        self._check_request(
+            rid, request.prompt_token_ids, request.sampling, request.output_token_ids
+        )
         tokens = request.prompt_token_ids + request.output_token_ids
-        if len(tokens) > self.model_config.max_model_len:
-            raise InvalidRequest(f"request {rid!r} is longer than max_model_len here")
         if not 0 <= request.num_computed < len(tokens):
             raise InvalidRequest(f"request {rid!r}: {request.num_computed} computed tokens")
         if request.num_computed > 0 and self.blocks.num_blocks_of(key) < self.blocks.blocks_for(

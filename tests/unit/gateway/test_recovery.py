@@ -145,3 +145,39 @@ def test_a_second_gateway_on_the_same_data_dir_is_refused(tmp_path: Path) -> Non
     with pytest.raises(JournalError, match="in use"):
         recover(config(tmp_path), MODELS)
     keeper.close()
+
+
+def test_damage_before_the_last_snapshot_is_a_warning_naming_it(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    state, keeper = start(tmp_path)
+    history(state, keeper)  # events, a snapshot (a new segment), events
+    keeper.journal.close()
+    first = list_segments(journal_directory(config(tmp_path)))[0]
+    data = bytearray(first.read_bytes())
+    target = list(iter_frames(bytes(data)))[1]
+    data[target.offset + 12] ^= 0xFF
+    first.write_bytes(bytes(data))
+    with capture_logs() as logs:
+        again = recover(config(tmp_path), MODELS)
+    again.journal.close()
+    assert again.from_snapshot and again.num_events == 3  # start-up did not need it
+    [warning] = [e for e in logs if e["event"] == "journal_damage_before_snapshot"]
+    assert warning["segment"] == first.name and warning["offset"] == target.offset
+    assert warning["log_level"] == "warning"
+    [verified] = [e for e in logs if e["event"] == "journal_verified_before_snapshot"]
+    assert verified["segments"] == 1 and verified["damaged"] == 1
+
+
+def test_an_intact_journal_says_it_verified_what_it_skipped(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    state, keeper = start(tmp_path)
+    history(state, keeper)
+    keeper.journal.close()
+    with capture_logs() as logs:
+        recover(config(tmp_path), MODELS).journal.close()
+    [verified] = [e for e in logs if e["event"] == "journal_verified_before_snapshot"]
+    assert verified == {"event": "journal_verified_before_snapshot", "segments": 1,
+                        "damaged": 0, "log_level": "info"}  # fmt: skip
+    assert not [e for e in logs if e["event"] == "journal_damage_before_snapshot"]

@@ -200,7 +200,7 @@ def test_a_request_resumed_from_its_tokens_continues_exactly(tiny, temperature) 
                 assert out.first_index == k + len(rest)
                 rest += out.new_token_ids
         assert whole[:k] + rest == whole
-    with pytest.raises(InvalidRequest, match="already produced"):
+    with pytest.raises(InvalidRequest, match="nothing left to generate"):
         make(tiny).add_request("r", prompt(9), params, output_token_ids=whole)
     with pytest.raises(InvalidRequest, match="out of the vocabulary"):
         make(tiny).add_request("r", prompt(9), params, output_token_ids=[10**6])

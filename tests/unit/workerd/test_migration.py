@@ -295,3 +295,47 @@ def test_import_refuses_kv_that_did_not_arrive(tiny) -> None:
         eng.import_request("migrate-in:x", msgspec.structs.replace(request, num_computed=99))
     assert eng.release("migrate-in:x") == 3
     assert eng.blocks.num_free() == eng.blocks.num_blocks and eng.request_state("r") is None
+
+
+FORGED = {
+    "prompt id past the vocabulary": {"prompt_token_ids": [3, 99_999]},
+    "negative prompt id": {"prompt_token_ids": [-1, 5]},
+    "output id past the vocabulary": {"output_token_ids": [7, 1 << 40]},
+    "temperature": {"sampling": SamplingParams(max_tokens=40, temperature=-1.0)},
+    "top_p": {"sampling": SamplingParams(max_tokens=40, top_p=0.0)},
+    "logprobs": {"sampling": SamplingParams(max_tokens=40, logprobs=1_000_000)},
+    "seed past int64": {"sampling": SamplingParams(max_tokens=40, seed=1 << 63)},
+    "max_tokens": {"sampling": SamplingParams(max_tokens=0)},
+    "past max_model_len": {"sampling": SamplingParams(max_tokens=10_000)},
+}
+
+
+@pytest.mark.parametrize("forged", FORGED.values(), ids=FORGED.keys())
+def test_forged_commit_is_refused_and_the_destination_lives(tiny, forged) -> None:
+    """A commit nobody reserved for, with values a new request could not have: refused (an
+    ack with ok=False) as add_request refuses them; the destination keeps serving."""
+    from mell.common.messages import MigrateAck, MigrateCommit, MigratedRequest
+
+    w = World({"a": engine(tiny), "b": engine(tiny)})
+    fields = {
+        "request_id": "forged",
+        "prompt_token_ids": prompt(8),
+        "output_token_ids": [5],
+        "sampling": GREEDY,
+        "num_computed": 0,
+        "generator_state": None,
+    } | forged
+    commit = MigrateCommit(
+        migration_id="evil",
+        src_worker_id="a",
+        request=MigratedRequest(**fields),
+        reply_to="a",
+    )
+    w.queue.append(("b", [bytes(f) for f in w.codec.encode(commit, [])]))
+    w.add("b", "honest", prompt(12), GREEDY)
+    w.run()
+    [ack] = [m for m in w.sent if isinstance(m, MigrateAck)]
+    assert not ack.ok and ack.step == "commit", ack
+    assert w.migrated_in("b") == [] and "forged" not in w.tokens
+    assert w.finished["honest"] == "length" and len(w.tokens["honest"]) == 40
+    assert_no_leaks(w)
