@@ -33,8 +33,11 @@ class _Format:
     object_chunk: bytes
     object_full: str
 
-    def __init__(self, request_id: str, model: str, created: int, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, request_id: str, model: str, created: int, tokenizer: Tokenizer, index: int = 0
+    ) -> None:
         self.request_id = request_id
+        self.index = index
         self.model = model
         self.created = created
         self.tokenizer = tokenizer
@@ -49,7 +52,7 @@ class _Format:
             + _json(model)
         )
         self._head = b"data: " + head
-        self._choice = self._head + b',"choices":[{"index":0,'
+        self._choice = self._head + b',"choices":[{"index":%d,' % index
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return (
@@ -59,14 +62,33 @@ class _Format:
             + b"}\n\n"
         )
 
-    def _full(self, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+    def choice(self, text: str, logprobs: Any, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def response(
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> bytes:
+        """The whole non-streamed body of a one-choice request."""
+        return self.full(
+            [self.choice(text, logprobs, finish_reason)], prompt_tokens, completion_tokens
+        )
+
+    def full(
+        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+    ) -> bytes:
+        """The whole non-streamed body with these choices (n > 1: one per choice)."""
         return _json(
             {
                 "id": self.request_id,
                 "object": self.object_full,
                 "created": self.created,
                 "model": self.model,
-                "choices": [choice],
+                "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens),
             }
         )
@@ -120,22 +142,14 @@ class ChatFormat(_Format):
             "bytes": list(token.encode("utf-8")),
         }
 
-    def response(
-        self,
-        text: str,
-        logprobs: Any,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> bytes:
-        choice = {
-            "index": 0,
+    def choice(self, text: str, logprobs: Any, finish_reason: str) -> dict[str, Any]:
+        return {
+            "index": self.index,
             "message": {"role": "assistant", "content": text},
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        return self._full(choice, prompt_tokens, completion_tokens)
 
 
 class CompletionFormat(_Format):
@@ -184,22 +198,14 @@ class CompletionFormat(_Format):
             "top_logprobs": tops,
         }
 
-    def response(
-        self,
-        text: str,
-        logprobs: Any,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> bytes:
-        choice = {
-            "index": 0,
+    def choice(self, text: str, logprobs: Any, finish_reason: str) -> dict[str, Any]:
+        return {
+            "index": self.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        return self._full(choice, prompt_tokens, completion_tokens)
 
 
 def merge_logprobs(parts: list[Any]) -> Any:

@@ -59,6 +59,8 @@ class TextOutput:
         for out in outputs:
             self.num_generated += len(out.token_ids)
             text = self._detok.step(out.token_ids)
+            if out.finish_reason is not None:
+                text += self._detok.flush()
             if self.want_logprobs and out.logprobs is not None:
                 lp_ids.extend(out.token_ids)
                 lp_entries.extend(out.logprobs)

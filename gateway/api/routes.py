@@ -24,6 +24,7 @@ from mell.gateway.api.bodies import (
     decode_completion,
     include_usage,
     stop_strings,
+    template_kwargs,
     to_sampling,
 )
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
@@ -41,11 +42,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = ctx.models.resolve(body.model)
     prompt = _render_chat(model, body)
     ids = await ctx.models.encode(model, prompt, add_special_tokens=False)
-    max_tokens = body.max_completion_tokens or body.max_tokens or (model.max_model_len - len(ids))
+    max_tokens = body.max_completion_tokens or body.max_tokens or _default_max_tokens(model, ids)
     _check_length(model, len(ids), max_tokens, "messages")
     request_id = new_request_id("chatcmpl")
     logprobs = chat_logprobs(body)
-    job = Job(request_id, model.name, ids, to_sampling(body, max_tokens, logprobs), arrival)
+    sampling = to_sampling(body, max_tokens, logprobs, model.sampling_defaults)
+    job = Job(request_id, model.name, ids, sampling, arrival)
     fmt = ChatFormat(request_id, model.name, int(time.time()), model.tokenizer)
     return await _respond(request, ctx, job, fmt, body, logprobs is not None)
 
@@ -60,7 +62,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     max_tokens = body.max_tokens or 16
     _check_length(model, len(ids), max_tokens, "prompt")
     request_id = new_request_id("cmpl")
-    job = Job(request_id, model.name, ids, to_sampling(body, max_tokens, body.logprobs), arrival)
+    sampling = to_sampling(body, max_tokens, body.logprobs, model.sampling_defaults)
+    job = Job(request_id, model.name, ids, sampling, arrival)
     fmt = CompletionFormat(request_id, model.name, int(time.time()), model.tokenizer)
     return await _respond(request, ctx, job, fmt, body, body.logprobs is not None)
 
@@ -100,7 +103,7 @@ def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> str:
     return model.chat_template.render(
         messages,
         add_generation_prompt=body.add_generation_prompt,
-        **(body.chat_template_kwargs or {}),
+        **template_kwargs(body),
     )
 
 
@@ -134,6 +137,13 @@ async def _prompt_ids(ctx: GatewayContext, model: ServedModel, prompt: Any) -> l
     if not ids:
         raise InvalidRequest("prompt is empty", param="prompt")
     return ids
+
+
+def _default_max_tokens(model: ServedModel, ids: list[int]) -> int:
+    """The rest of the context, capped by generation_config's max_new_tokens (as vLLM)."""
+    rest = model.max_model_len - len(ids)
+    cap = model.sampling_defaults.get("max_tokens")
+    return min(rest, int(cap)) if isinstance(cap, int) and cap > 0 else rest
 
 
 def _check_length(model: ServedModel, num_prompt: int, max_tokens: int, what: str) -> None:

@@ -10,8 +10,9 @@ import asyncio
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -29,6 +30,7 @@ class ServedModel:
     vocab_size: int
     max_model_len: int
     created: int
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, spec: str, data_dir: str | Path) -> ServedModel:
@@ -43,7 +45,36 @@ class ServedModel:
             vocab_size=int(config.get("vocab_size", tokenizer.get_vocab_size())),
             max_model_len=int(config.get("max_position_embeddings", 2048)),
             created=int(time.time()),
+            sampling_defaults=generation_defaults(path),
         )
+
+
+# generation_config.json keys vLLM applies as request defaults (its `get_diff_sampling_param`),
+# and the request field each one sets.
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """The sampling defaults of the model's generation_config.json (absent or unreadable: none).
+    A field a request leaves unset takes this value, as in vLLM (`--generation-config auto`)."""
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {
+        name: config[key]
+        for key, name in _GENERATION_KEYS.items()
+        if isinstance(config.get(key), int | float) and not isinstance(config.get(key), bool)
+    }
 
 
 class ModelRegistry:

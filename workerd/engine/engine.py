@@ -92,6 +92,12 @@ class Engine:
             raise InvalidRequest(
                 f"prompt token id {bad} is out of the vocabulary (0..{vocab - 1})", param="prompt"
             )
+        bad = next((t for t in sampling.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"logit_bias token id {bad} is out of the vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+            )
         limit = self.model_config.max_model_len
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > limit:

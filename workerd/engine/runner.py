@@ -97,7 +97,7 @@ class ModelRunner:
         if not samplers:
             return []
         result = self.sampler(
-            logits, [s.sampling for s in samplers], [s.generator for s in samplers]
+            logits, [s.sampling for s in samplers], [s.generator for s in samplers], samplers
         )
         return [
             Sample(seq, tok, lp)
