@@ -41,10 +41,10 @@ SSE_HEADERS = {
 class TextOutput:
     """Text, logprobs and finish reason of one request, from its token outputs."""
 
-    __slots__ = ("_detok", "_fmt", "_stop", "finish_reason", "num_generated", "want_logprobs")
+    __slots__ = ("_detok", "_stop", "finish_reason", "fmt", "num_generated", "want_logprobs")
 
     def __init__(self, fmt: Format, stops: list[str], want_logprobs: bool) -> None:
-        self._fmt = fmt
+        self.fmt = fmt
         self._detok = Detokenizer(fmt.tokenizer)
         self._stop = StopMatcher(stops) if stops else None
         self.want_logprobs = want_logprobs
@@ -76,7 +76,7 @@ class TextOutput:
             if out.finish_reason is not None:
                 self.finish_reason = out.finish_reason
                 break
-        logprobs = self._fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
+        logprobs = self.fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
         return "".join(parts), logprobs
 
 
@@ -99,7 +99,7 @@ async def respond(
     timeout_s: float,
 ) -> web.StreamResponse:
     """Place the request and answer it; the request always ends in `release`."""
-    stream, outputs = await _start(dispatcher, job, timeout_s)
+    stream, outputs = await start(dispatcher, job, timeout_s)
     text = TextOutput(fmt, stops, want_logprobs)
     outcome = Outcome()
     try:
@@ -112,7 +112,7 @@ async def respond(
         dispatcher.release(stream, outcome.finish_reason, outcome.reason, text.num_generated)
 
 
-async def _start(
+async def start(
     dispatcher: Dispatcher, job: Job, timeout_s: float
 ) -> tuple[RequestStream, list[TokenOutput]]:
     """Place the request and wait for its first outputs. A worker lost before producing any
@@ -120,7 +120,7 @@ async def _start(
     for attempt in range(1, MAX_PLACEMENTS + 1):
         stream = dispatcher.submit(job)
         try:
-            return stream, await _next(stream, timeout_s)
+            return stream, await next_outputs(stream, timeout_s)
         except WorkerLostError as err:
             dispatcher.release(stream, None, err.message, 0)
             if attempt == MAX_PLACEMENTS:
@@ -135,7 +135,7 @@ async def _start(
     raise AssertionError("unreachable")
 
 
-async def _next(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
+async def next_outputs(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
     """The next outputs; times out only after `timeout_s` without any token."""
     while True:
         try:
@@ -151,15 +151,22 @@ class SseWriter:
     directly from the fan-out loop (`sink`), one write per step per request."""
 
     def __init__(
-        self, fmt: Format, text: TextOutput, include_usage: bool, num_prompt_tokens: int
+        self,
+        fmt: Format,
+        text: TextOutput,
+        include_usage: bool,
+        num_prompt_tokens: int,
+        ends_stream: bool = True,
     ) -> None:
         self.fmt, self.text = fmt, text
         self.include_usage = include_usage
         self.num_prompt_tokens = num_prompt_tokens
+        self.ends_stream = ends_stream  # False for one choice of several: the caller ends it
         self.finished = False
 
     def render(self, outputs: list[TokenOutput]) -> bytes:
-        """The chunks of these outputs; with the last one, usage (if asked) and [DONE]."""
+        """The chunks of these outputs; with the last one, usage (if asked) and [DONE]
+        (unless another writes them: `ends_stream` False)."""
         piece, logprobs = self.text.feed(outputs)
         finish = self.text.finish_reason
         if not piece and finish is None and logprobs is None:
@@ -168,6 +175,8 @@ class SseWriter:
         data = self.fmt.delta_chunk(piece, lp, finish)
         if finish is not None:
             self.finished = True
+            if not self.ends_stream:
+                return data
             if self.include_usage:
                 data += self.fmt.usage_chunk(self.num_prompt_tokens, self.text.num_generated)
             data += DONE
@@ -209,7 +218,7 @@ async def _sse(
         await response.write((fmt.role_chunk() or b"") + writer.render(outputs))
         while not writer.finished:
             stream.sink = writer.sink(request.transport, stream)
-            outputs = await _next(stream, timeout_s)
+            outputs = await next_outputs(stream, timeout_s)
             stream.sink = None
             if outputs:
                 await response.write(writer.render(outputs))
@@ -218,13 +227,13 @@ async def _sse(
     except MellError as err:
         stream.sink = None
         outcome.reason = err.message
-        await _end_with_error(response, err)
+        await end_with_error(response, err)
     except ConnectionError:
         pass
     return response
 
 
-async def _end_with_error(response: web.StreamResponse, err: MellError) -> None:
+async def end_with_error(response: web.StreamResponse, err: MellError) -> None:
     try:
         await response.write(error_event(err) + DONE)
         await response.write_eof()
@@ -240,6 +249,19 @@ async def _collect(
     timeout_s: float,
     outcome: Outcome,
 ) -> web.Response:
+    choice = await collect_choice(stream, outputs, text, timeout_s, outcome)
+    body = fmt.full([choice], stream.num_prompt_tokens, text.num_generated)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def collect_choice(
+    stream: RequestStream,
+    outputs: list[TokenOutput],
+    text: TextOutput,
+    timeout_s: float,
+    outcome: Outcome,
+) -> dict[str, Any]:
+    """Read a request to its end; its choice object of a non-streamed response."""
     parts: list[str] = []
     logprobs: list[Any] = []
     try:
@@ -250,16 +272,10 @@ async def _collect(
                 logprobs.append(lp)
             if text.finish_reason is not None:
                 break
-            outputs = await _next(stream, timeout_s)
+            outputs = await next_outputs(stream, timeout_s)
     except MellError as err:
         outcome.reason = err.message
         raise
     outcome.finish_reason = text.finish_reason
-    body = fmt.response(
-        "".join(parts),
-        merge_logprobs(logprobs) if text.want_logprobs else None,
-        text.finish_reason,
-        stream.num_prompt_tokens,
-        text.num_generated,
-    )
-    return web.Response(body=body, content_type="application/json")
+    merged = merge_logprobs(logprobs) if text.want_logprobs else None
+    return text.fmt.choice("".join(parts), merged, text.finish_reason)

@@ -7,13 +7,16 @@ Each handler: decode the body (400 on any mistake), resolve the model (404), bui
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from mell.common.errors import InvalidRequest
 from mell.common.ids import new_request_id
+from mell.common.sampling import INT64_MAX, SamplingParams
 from mell.gateway.api.bodies import (
     ChatCompletionRequest,
     ChatMessage,
@@ -27,11 +30,14 @@ from mell.gateway.api.bodies import (
     template_kwargs,
     to_sampling,
 )
+from mell.gateway.api.choices import Choice, respond_many
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
-from mell.gateway.api.generation import Format, respond
+from mell.gateway.api.generation import Format, Outcome, TextOutput, respond
 from mell.gateway.api.served_models import ServedModel, check_token_ids
 from mell.gateway.cluster.dispatcher import Job
 from mell.gateway.context import CONTEXT, GatewayContext
+
+MAX_CHOICES = 64  # choices of one HTTP request: n times the number of prompts
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -44,12 +50,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ids = await ctx.models.encode(model, prompt, add_special_tokens=False)
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_max_tokens(model, ids)
     _check_length(model, len(ids), max_tokens, "messages")
-    request_id = new_request_id("chatcmpl")
     logprobs = chat_logprobs(body)
     sampling = to_sampling(body, max_tokens, logprobs, model.sampling_defaults)
-    job = Job(request_id, model.name, ids, sampling, arrival)
-    fmt = ChatFormat(request_id, model.name, int(time.time()), model.tokenizer)
-    return await _respond(request, ctx, job, fmt, body, logprobs is not None)
+    answer = _Answer(new_request_id("chatcmpl"), model, ChatFormat, body, arrival)
+    return await answer.respond(request, ctx, [ids], sampling, logprobs is not None)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -58,36 +62,91 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = decode_completion(await _body(request))
     check_top_logprobs(body.logprobs, "logprobs")
     model = ctx.models.resolve(body.model)
-    ids = await _prompt_ids(ctx, model, body.prompt)
+    prompts = await _prompts(ctx, model, body.prompt)
     max_tokens = body.max_tokens or 16
-    _check_length(model, len(ids), max_tokens, "prompt")
-    request_id = new_request_id("cmpl")
+    for ids in prompts:
+        _check_length(model, len(ids), max_tokens, "prompt")
     sampling = to_sampling(body, max_tokens, body.logprobs, model.sampling_defaults)
-    job = Job(request_id, model.name, ids, sampling, arrival)
-    fmt = CompletionFormat(request_id, model.name, int(time.time()), model.tokenizer)
-    return await _respond(request, ctx, job, fmt, body, body.logprobs is not None)
+    answer = _Answer(new_request_id("cmpl"), model, CompletionFormat, body, arrival)
+    return await answer.respond(request, ctx, prompts, sampling, body.logprobs is not None)
 
 
-async def _respond(
-    request: web.Request,
-    ctx: GatewayContext,
-    job: Job,
-    fmt: Format,
-    body: CompletionRequest | ChatCompletionRequest,
-    want_logprobs: bool,
-) -> web.StreamResponse:
-    with structlog.contextvars.bound_contextvars(request_id=job.request_id):
-        return await respond(
-            request,
-            ctx.dispatcher,
-            job,
-            fmt,
-            stop_strings(body),
-            want_logprobs,
-            bool(body.stream),
-            include_usage(body),
-            ctx.config.request_timeout_s,
+@dataclass(slots=True)
+class _Answer:
+    """The response to one HTTP request: one choice, or several (n > 1, a list of prompts)."""
+
+    request_id: str
+    model: ServedModel
+    format: type[ChatFormat] | type[CompletionFormat]
+    body: CompletionRequest | ChatCompletionRequest
+    arrival: float
+
+    async def respond(
+        self,
+        request: web.Request,
+        ctx: GatewayContext,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        want_logprobs: bool,
+    ) -> web.StreamResponse:
+        n = self.body.n or 1
+        if n * len(prompts) > MAX_CHOICES:
+            raise InvalidRequest(
+                f"n times the number of prompts is {n * len(prompts)}, more than {MAX_CHOICES}",
+                param="n",
+            )
+        with structlog.contextvars.bound_contextvars(request_id=self.request_id):
+            if n == 1 and len(prompts) == 1:
+                job = Job(self.request_id, self.model.name, prompts[0], sampling, self.arrival)
+                return await respond(
+                    request,
+                    ctx.dispatcher,
+                    job,
+                    self._format(0),
+                    stop_strings(self.body),
+                    want_logprobs,
+                    bool(self.body.stream),
+                    include_usage(self.body),
+                    ctx.config.request_timeout_s,
+                )
+            choices = [
+                self._choice(i * n + j, ids, child_sampling(sampling, j), want_logprobs)
+                for i, ids in enumerate(prompts)
+                for j in range(n)
+            ]
+            return await respond_many(
+                request,
+                ctx.dispatcher,
+                choices,
+                sum(len(ids) for ids in prompts),
+                bool(self.body.stream),
+                include_usage(self.body),
+                ctx.config.request_timeout_s,
+            )
+
+    def _format(self, index: int) -> Format:
+        return self.format(
+            self.request_id, self.model.name, int(time.time()), self.model.tokenizer, index
         )
+
+    def _choice(
+        self, index: int, ids: list[int], sampling: SamplingParams, want_logprobs: bool
+    ) -> Choice:
+        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
+        fmt = self._format(index)
+        text = TextOutput(fmt, stop_strings(self.body), want_logprobs)
+        return Choice(job, fmt, text, Outcome())
+
+
+def child_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of choice `index` of n: a seeded request's choices use seed + index, as
+    vLLM's parallel sampling does (wrapped into int64), so they differ and stay reproducible."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    seed = sampling.seed + index
+    if seed > INT64_MAX:
+        seed -= 2**64
+    return msgspec.structs.replace(sampling, seed=seed)
 
 
 async def _body(request: web.Request) -> bytes:
@@ -123,17 +182,32 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-async def _prompt_ids(ctx: GatewayContext, model: ServedModel, prompt: Any) -> list[int]:
+async def _prompts(ctx: GatewayContext, model: ServedModel, prompt: Any) -> list[list[int]]:
+    """The token ids of each prompt: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        return [await _prompt_ids(ctx, model, prompt)]
+    if prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        return [await _prompt_ids(ctx, model, p) for p in prompt]
+    raise InvalidRequest(
+        "prompt must be a string, a list of token ids, or a list of either", param="prompt"
+    )
+
+
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+async def _prompt_ids(
+    ctx: GatewayContext, model: ServedModel, prompt: str | list[int]
+) -> list[int]:
     if isinstance(prompt, str):
         ids = await ctx.models.encode(model, prompt, add_special_tokens=True)
-    elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = check_token_ids(model, prompt)
-    elif len(prompt) == 1 and isinstance(prompt[0], str | list):
-        return await _prompt_ids(ctx, model, prompt[0])
-    elif len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
-        raise InvalidRequest("only one prompt per request is supported", param="prompt")
     else:
-        raise InvalidRequest("prompt must be a string or a list of token ids", param="prompt")
+        ids = check_token_ids(model, prompt)  # type: ignore[arg-type]
     if not ids:
         raise InvalidRequest("prompt is empty", param="prompt")
     return ids

@@ -1,0 +1,202 @@
+"""Sampling and choice fields through the official openai client on a real `mellctl up` cluster:
+penalties and logit_bias (the served tokens equal the in-process engine's, and differ from the
+unpenalised ones), n=3, batch prompts, unknown and unsupported fields, and the hostile bodies
+of issue 14 (ints beyond int64, reserved chat_template_kwargs) answered 400 without leaking an
+in-flight request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from mell_cluster import LocalCluster, metric, start_cluster
+from tokenizers import Tokenizer
+
+from mell.common.config import EngineConfig
+from mell.common.sampling import SamplingParams
+from mell.workerd.engine.engine import Engine
+
+pytestmark = pytest.mark.slow
+PROMPT = "The quick brown fox jumps over the lazy dog and"
+CHAT = [{"role": "user", "content": "Tell me a story about a tiny model."}]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path_factory.mktemp("sampling"), "--workers", "1", "--device", "cpu")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cluster: LocalCluster) -> Tokenizer:
+    return Tokenizer.from_file(str(cluster.data_dir / "models/mell-tiny/tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def engine(cluster: LocalCluster) -> Engine:
+    return Engine(EngineConfig(model=str(cluster.data_dir / "models/mell-tiny"), device="cpu"))
+
+
+def _reference(engine: Engine, tokenizer: Tokenizer, sampling: SamplingParams) -> list[int]:
+    engine.add_request("ref", tokenizer.encode(PROMPT).ids, sampling)
+    out: list[int] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.extend(o.new_token_ids)
+    return out
+
+
+def _text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)  # a finished text is the decode
+
+
+def _complete(client: openai.OpenAI, **fields: Any) -> str:
+    extra = {"ignore_eos": True, **fields.pop("extra_body", {})}
+    fields = {"max_tokens": 24, "temperature": 0, **fields}
+    got = client.completions.create(model="mell-tiny", prompt=PROMPT, extra_body=extra, **fields)
+    return got.choices[0].text
+
+
+PENALTIES = [
+    {"presence_penalty": 2.0},
+    {"frequency_penalty": 1.5},
+    {"extra_body": {"repetition_penalty": 1.8}},
+    {"presence_penalty": -1.0, "frequency_penalty": 0.7, "extra_body": {"repetition_penalty": 1.3}},
+]
+
+
+@pytest.mark.parametrize("fields", PENALTIES)
+def test_penalties_change_output_as_the_engine_does(
+    client: openai.OpenAI, engine: Engine, tokenizer: Tokenizer, fields: dict[str, Any]
+) -> None:
+    base_ids = _reference(
+        engine, tokenizer, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    )
+    assert len(set(base_ids)) < len(base_ids)  # the unpenalised output repeats tokens
+    flat = {**fields, **fields.get("extra_body", {})}
+    flat.pop("extra_body", None)
+    want = _reference(
+        engine, tokenizer, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, **flat)
+    )
+    got = _complete(client, **fields)
+    assert got == _text(tokenizer, want)
+    assert want != base_ids
+
+
+def test_logit_bias_forces_and_bans_tokens(
+    client: openai.OpenAI, engine: Engine, tokenizer: Tokenizer
+) -> None:
+    token = tokenizer.encode(" fox", add_special_tokens=False).ids[0]
+    forced = _complete(client, max_tokens=6, logit_bias={str(token): 100})
+    assert forced == tokenizer.decode([token] * 6)
+    base = _reference(
+        engine, tokenizer, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    )
+    banned = _complete(client, max_tokens=6, logit_bias={str(t): -100 for t in set(base)})
+    ids = tokenizer.encode(banned, add_special_tokens=False).ids
+    assert banned and not set(ids) & set(base)
+
+
+def test_n_3_choices_streamed_and_not(client: openai.OpenAI) -> None:
+    kwargs: dict[str, Any] = {
+        "model": "mell-tiny",
+        "messages": CHAT,
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 7,
+        "n": 3,
+        "extra_body": {"ignore_eos": True},
+    }
+    full = client.chat.completions.create(**kwargs)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    texts = [c.message.content for c in full.choices]
+    assert len(set(texts)) == 3  # seeds 7, 8, 9: three different samples
+    assert full.usage is not None and full.usage.completion_tokens == 36
+    again = client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in again.choices] == texts
+    streamed = ["", "", ""]
+    usage = None
+    for chunk in client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    ):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+        usage = chunk.usage or usage
+    assert streamed == texts
+    assert usage is not None and usage.completion_tokens == 36
+
+
+def test_batch_prompts_with_n(client: openai.OpenAI) -> None:
+    prompts = ["Once upon a time", "The quick brown fox"]
+    singles = [
+        client.completions.create(model="mell-tiny", prompt=p, max_tokens=8, temperature=0)
+        for p in prompts
+    ]
+    batch = client.completions.create(
+        model="mell-tiny", prompt=prompts, max_tokens=8, temperature=0, n=2
+    )
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles for _ in "ab"]
+    assert batch.usage is not None
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)  # type: ignore[union-attr]
+
+
+def test_unknown_and_unsupported_fields(client: openai.OpenAI) -> None:
+    ok = client.chat.completions.create(
+        model="mell-tiny",
+        messages=CHAT,
+        max_tokens=2,
+        user="u",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        parallel_tool_calls=True,
+    )
+    assert ok.choices[0].message.role == "assistant"
+    for extra, param in (
+        ({"bogus_field": 1}, "bogus_field"),
+        ({"best_of": 3}, "best_of"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="mell-tiny", messages=CHAT, max_tokens=2, extra_body=extra
+            )
+        assert info.value.body["param"] == param  # type: ignore[index]
+
+
+HOSTILE = [
+    (b'{"prompt":"x","top_k":18446744073709551616}', "top_k"),
+    (b'{"prompt":"x","stop_token_ids":[99999999999999999999999]}', "stop_token_ids"),
+    (b'{"prompt":"x","top_k":9223372036854775807}', "top_k"),
+    (b'{"prompt":"x","seed":-9223372036854775809}', "seed"),
+]
+CHAT_HOSTILE = [
+    b'{"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":{"%s":1}}' % name
+    for name in (b"messages", b"add_generation_prompt", b"bos_token", b"eos_token")
+]
+
+
+async def test_hostile_ints_and_template_kwargs_are_400_and_leak_nothing(
+    cluster: LocalCluster,
+) -> None:
+    async with aiohttp.ClientSession() as s:
+        bodies = [("/v1/completions", b, p) for b, p in HOSTILE * 15]
+        bodies += [("/v1/chat/completions", b, "chat_template_kwargs") for b in CHAT_HOSTILE]
+        for path, body, param in bodies:
+            headers = {"Content-Type": "application/json"}
+            async with s.post(cluster.url + path, data=body, headers=headers) as r:
+                assert r.status == 400, body
+                assert (await r.json())["error"]["param"] == param
+        async with s.get(cluster.url + "/metrics") as r:
+            text = await r.text()
+    assert metric(text, "mell:num_requests_in_flight", model_name="mell-tiny") == 0
