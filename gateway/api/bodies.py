@@ -83,8 +83,8 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prompt_logprobs: Any = None
     return_tokens_as_token_ids: Any = None
     return_token_ids: Any = None
-    include_stop_str_in_output: Any = None
-    skip_special_tokens: Any = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
 
@@ -111,11 +111,11 @@ class ChatCompletionRequest(_Common, kw_only=True):
     verbosity: Any = None
     continue_final_message: Any = None
     chat_template: Any = None
-    add_special_tokens: Any = None
     documents: Any = None
     mm_processor_kwargs: Any = None
     include_reasoning: Any = None
     echo: Any = None
+    add_special_tokens: Any = None
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -123,7 +123,24 @@ class CompletionRequest(_Common, kw_only=True):
     logprobs: Int | None = None
     echo: bool | None = False
     suffix: str | None = None
-    add_special_tokens: Any = None
+    add_special_tokens: bool = True
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the template first."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    tokens: list[Int]
 
 
 # Fields accepted only at their default (None, or the values listed): anything else is a 400
@@ -148,8 +165,6 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "prompt_logprobs": (None,),
     "return_tokens_as_token_ids": (None, False),
     "return_token_ids": (None, False),
-    "include_stop_str_in_output": (None, False),
-    "skip_special_tokens": (None, True),
     "kv_transfer_params": (None,),
     "vllm_xargs": (None,),
     "tools": (None, []),
@@ -162,13 +177,12 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "verbosity": (None,),
     "continue_final_message": (None, False),
     "chat_template": (None,),
-    "add_special_tokens": (None,),
     "documents": (None,),
     "mm_processor_kwargs": (None,),
     "include_reasoning": (None,),
-    "echo": (None, False),
     "suffix": (None, ""),
 }
+_CHAT_DEFAULT_ONLY = {"echo": (None, False), "add_special_tokens": (None, False)}
 # Template variables the renderer sets itself; chat_template_kwargs may not replace them.
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"}
@@ -177,6 +191,8 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_tokenize_decoder = msgspec.json.Decoder(TokenizeRequest)
+_detokenize_decoder = msgspec.json.Decoder(DetokenizeRequest)
 
 
 MAX_N = 16  # choices per request
@@ -185,6 +201,7 @@ MAX_N = 16  # choices per request
 def decode_chat(body: bytes) -> ChatCompletionRequest:
     req = _decode(_chat_decoder, body)
     _check_common(req)
+    _check_defaults(req, _CHAT_DEFAULT_ONLY)
     if not req.messages:
         raise InvalidRequest("messages must not be empty", param="messages")
     if req.top_logprobs is not None and req.top_logprobs > 0 and not req.logprobs:
@@ -193,12 +210,29 @@ def decode_chat(body: bytes) -> ChatCompletionRequest:
         raise InvalidRequest(
             "max_completion_tokens must be at least 1", param="max_completion_tokens"
         )
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(req.chat_template_kwargs or {}))
+    check_template_kwargs(req.chat_template_kwargs)
+    return req
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> None:
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs or {}))
     if reserved:
         raise InvalidRequest(
             f"chat_template_kwargs may not set {', '.join(reserved)} (the server sets them)",
             param="chat_template_kwargs",
         )
+
+
+def decode_tokenize(body: bytes) -> TokenizeRequest:
+    req: TokenizeRequest = _decode(_tokenize_decoder, body)
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequest("give either prompt or messages", param="prompt")
+    check_template_kwargs(req.chat_template_kwargs)
+    return req
+
+
+def decode_detokenize(body: bytes) -> DetokenizeRequest:
+    req: DetokenizeRequest = _decode(_detokenize_decoder, body)
     return req
 
 
@@ -307,11 +341,15 @@ def _param(message: str) -> str | None:
     return None
 
 
-def _check_common(req: _Common) -> None:
-    for name, allowed in _DEFAULT_ONLY.items():
+def _check_defaults(req: _Common, fields: dict[str, tuple[Any, ...]]) -> None:
+    for name, allowed in fields.items():
         value = getattr(req, name, None)
         if not any(_same(value, a) for a in allowed):
-            raise InvalidRequest(_unsupported(name, req), param=name)
+            raise InvalidRequest(_unsupported(name), param=name)
+
+
+def _check_common(req: _Common) -> None:
+    _check_defaults(req, _DEFAULT_ONLY)
     if req.n is not None and not 1 <= req.n <= MAX_N:
         raise InvalidRequest(f"n must be in [1, {MAX_N}]", param="n")
     if req.stream_options is not None and not req.stream:
@@ -329,7 +367,7 @@ def _same(value: Any, default: Any) -> bool:
     return bool(value == default) and isinstance(value, bool) == isinstance(default, bool)
 
 
-def _unsupported(name: str, req: _Common) -> str:
+def _unsupported(name: str) -> str:
     if name == "best_of":
         return (
             "best_of is not supported (no server-side ranking of candidates); "

@@ -41,12 +41,31 @@ SSE_HEADERS = {
 class TextOutput:
     """Text, logprobs and finish reason of one request, from its token outputs."""
 
-    __slots__ = ("_detok", "_stop", "finish_reason", "fmt", "num_generated", "want_logprobs")
+    __slots__ = (
+        "_detok",
+        "_prefix",
+        "_stop",
+        "finish_reason",
+        "fmt",
+        "num_generated",
+        "want_logprobs",
+    )
 
-    def __init__(self, fmt: Format, stops: list[str], want_logprobs: bool) -> None:
+    def __init__(
+        self,
+        fmt: Format,
+        stops: list[str],
+        want_logprobs: bool,
+        *,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+        prefix: str = "",
+    ) -> None:
+        """`prefix` (the echoed prompt) comes before the first new text."""
         self.fmt = fmt
-        self._detok = Detokenizer(fmt.tokenizer)
-        self._stop = StopMatcher(stops) if stops else None
+        self._detok = Detokenizer(fmt.tokenizer, skip_special_tokens)
+        self._stop = StopMatcher(stops, include_stop) if stops else None
+        self._prefix = prefix
         self.want_logprobs = want_logprobs
         self.num_generated = 0
         self.finish_reason: str | None = None
@@ -77,6 +96,9 @@ class TextOutput:
                 self.finish_reason = out.finish_reason
                 break
         logprobs = self.fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
+        if self._prefix:
+            parts.insert(0, self._prefix)
+            self._prefix = ""
         return "".join(parts), logprobs
 
 
@@ -91,16 +113,14 @@ async def respond(
     request: web.Request,
     dispatcher: Dispatcher,
     job: Job,
-    fmt: Format,
-    stops: list[str],
-    want_logprobs: bool,
+    text: TextOutput,
     stream_mode: bool,
     include_usage: bool,
     timeout_s: float,
 ) -> web.StreamResponse:
     """Place the request and answer it; the request always ends in `release`."""
     stream, outputs = await start(dispatcher, job, timeout_s)
-    text = TextOutput(fmt, stops, want_logprobs)
+    fmt = text.fmt
     outcome = Outcome()
     try:
         if stream_mode:

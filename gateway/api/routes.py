@@ -25,6 +25,8 @@ from mell.gateway.api.bodies import (
     check_top_logprobs,
     decode_chat,
     decode_completion,
+    decode_detokenize,
+    decode_tokenize,
     include_usage,
     stop_strings,
     template_kwargs,
@@ -33,7 +35,7 @@ from mell.gateway.api.bodies import (
 from mell.gateway.api.choices import Choice, respond_many
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
 from mell.gateway.api.generation import Format, Outcome, TextOutput, respond
-from mell.gateway.api.served_models import ServedModel, check_token_ids
+from mell.gateway.api.served_models import ServedModel, check_token_ids, context_length
 from mell.gateway.cluster.dispatcher import Job
 from mell.gateway.context import CONTEXT, GatewayContext
 
@@ -48,8 +50,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = ctx.models.resolve(body.model)
     prompt = _render_chat(model, body)
     ids = await ctx.models.encode(model, prompt, add_special_tokens=False)
-    max_tokens = body.max_completion_tokens or body.max_tokens or _default_max_tokens(model, ids)
-    _check_length(model, len(ids), max_tokens, "messages")
+    limit = context_length(model, ctx.state.view)
+    max_tokens = (
+        body.max_completion_tokens or body.max_tokens or _default_max_tokens(model, limit, ids)
+    )
+    _check_length(limit, len(ids), max_tokens, "messages")
     logprobs = chat_logprobs(body)
     sampling = to_sampling(body, max_tokens, logprobs, model.sampling_defaults)
     answer = _Answer(new_request_id("chatcmpl"), model, ChatFormat, body, arrival)
@@ -62,12 +67,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = decode_completion(await _body(request))
     check_top_logprobs(body.logprobs, "logprobs")
     model = ctx.models.resolve(body.model)
-    prompts = await _prompts(ctx, model, body.prompt)
+    sources = _prompt_list(body.prompt)
+    prompts = [await _prompt_ids(ctx, model, p, body.add_special_tokens) for p in sources]
     max_tokens = body.max_tokens or 16
+    limit = context_length(model, ctx.state.view)
     for ids in prompts:
-        _check_length(model, len(ids), max_tokens, "prompt")
+        _check_length(limit, len(ids), max_tokens, "prompt")
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequest(
+            "echo with logprobs needs prompt logprobs, which this server does not compute",
+            param="echo",
+        )
     sampling = to_sampling(body, max_tokens, body.logprobs, model.sampling_defaults)
-    answer = _Answer(new_request_id("cmpl"), model, CompletionFormat, body, arrival)
+    echo = [_echo_text(model, p, ids) for p, ids in zip(sources, prompts, strict=True)]
+    answer = _Answer(
+        new_request_id("cmpl"), model, CompletionFormat, body, arrival, echo if body.echo else None
+    )
     return await answer.respond(request, ctx, prompts, sampling, body.logprobs is not None)
 
 
@@ -80,6 +95,7 @@ class _Answer:
     format: type[ChatFormat] | type[CompletionFormat]
     body: CompletionRequest | ChatCompletionRequest
     arrival: float
+    echo: list[str] | None = None  # per prompt, the text echoed before the completion
 
     async def respond(
         self,
@@ -102,15 +118,13 @@ class _Answer:
                     request,
                     ctx.dispatcher,
                     job,
-                    self._format(0),
-                    stop_strings(self.body),
-                    want_logprobs,
+                    self._text(self._format(0), i_prompt=0, want_logprobs=want_logprobs),
                     bool(self.body.stream),
                     include_usage(self.body),
                     ctx.config.request_timeout_s,
                 )
             choices = [
-                self._choice(i * n + j, ids, child_sampling(sampling, j), want_logprobs)
+                self._choice(i, i * n + j, ids, child_sampling(sampling, j), want_logprobs)
                 for i, ids in enumerate(prompts)
                 for j in range(n)
             ]
@@ -130,12 +144,27 @@ class _Answer:
         )
 
     def _choice(
-        self, index: int, ids: list[int], sampling: SamplingParams, want_logprobs: bool
+        self,
+        i_prompt: int,
+        index: int,
+        ids: list[int],
+        sampling: SamplingParams,
+        want_logprobs: bool,
     ) -> Choice:
         job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
         fmt = self._format(index)
-        text = TextOutput(fmt, stop_strings(self.body), want_logprobs)
-        return Choice(job, fmt, text, Outcome())
+        return Choice(job, fmt, self._text(fmt, i_prompt, want_logprobs), Outcome())
+
+    def _text(self, fmt: Format, i_prompt: int, want_logprobs: bool) -> TextOutput:
+        body = self.body
+        return TextOutput(
+            fmt,
+            stop_strings(body),
+            want_logprobs,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop=body.include_stop_str_in_output,
+            prefix=self.echo[i_prompt] if self.echo else "",
+        )
 
 
 def child_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
@@ -156,13 +185,21 @@ async def _body(request: web.Request) -> bytes:
 
 
 def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> str:
+    return _render(model, body.messages, body.add_generation_prompt, template_kwargs(body))
+
+
+def _render(
+    model: ServedModel,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    kwargs: dict[str, Any] | None,
+) -> str:
     if model.chat_template is None:
         raise InvalidRequest(f"model {model.name} has no chat template", param="messages")
-    messages = [_message_dict(m) for m in body.messages]
     return model.chat_template.render(
-        messages,
-        add_generation_prompt=body.add_generation_prompt,
-        **template_kwargs(body),
+        [_message_dict(m) for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        **(kwargs or {}),
     )
 
 
@@ -182,15 +219,20 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-async def _prompts(ctx: GatewayContext, model: ServedModel, prompt: Any) -> list[list[int]]:
-    """The token ids of each prompt: a string, a list of token ids, or a list of either."""
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a completions body: a string, a list of token ids, or a list of either."""
     if isinstance(prompt, str) or _is_token_ids(prompt):
-        return [await _prompt_ids(ctx, model, prompt)]
+        return [prompt]
     if prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
-        return [await _prompt_ids(ctx, model, p) for p in prompt]
+        return list(prompt)
     raise InvalidRequest(
         "prompt must be a string, a list of token ids, or a list of either", param="prompt"
     )
+
+
+def _echo_text(model: ServedModel, prompt: str | list[int], ids: list[int]) -> str:
+    """What `echo` repeats: the prompt as given, or the decode of its token ids."""
+    return prompt if isinstance(prompt, str) else model.tokenizer.decode(ids, False)
 
 
 def _is_token_ids(value: Any) -> bool:
@@ -202,10 +244,10 @@ def _is_token_ids(value: Any) -> bool:
 
 
 async def _prompt_ids(
-    ctx: GatewayContext, model: ServedModel, prompt: str | list[int]
+    ctx: GatewayContext, model: ServedModel, prompt: str | list[int], add_special_tokens: bool
 ) -> list[int]:
     if isinstance(prompt, str):
-        ids = await ctx.models.encode(model, prompt, add_special_tokens=True)
+        ids = await ctx.models.encode(model, prompt, add_special_tokens=add_special_tokens)
     else:
         ids = check_token_ids(model, prompt)  # type: ignore[arg-type]
     if not ids:
@@ -213,21 +255,54 @@ async def _prompt_ids(
     return ids
 
 
-def _default_max_tokens(model: ServedModel, ids: list[int]) -> int:
+def _default_max_tokens(model: ServedModel, limit: int, ids: list[int]) -> int:
     """The rest of the context, capped by generation_config's max_new_tokens (as vLLM)."""
-    rest = model.max_model_len - len(ids)
+    rest = limit - len(ids)
     cap = model.sampling_defaults.get("max_tokens")
     return min(rest, int(cap)) if isinstance(cap, int) and cap > 0 else rest
 
 
-def _check_length(model: ServedModel, num_prompt: int, max_tokens: int, what: str) -> None:
+def _check_length(limit: int, num_prompt: int, max_tokens: int, what: str) -> None:
     if num_prompt == 0:
         raise InvalidRequest("prompt is empty", param=what)
-    if num_prompt + max(max_tokens, 1) > model.max_model_len:
+    if num_prompt + max(max_tokens, 1) > limit:
         raise InvalidRequest(
-            f"This model's maximum context length is {model.max_model_len} tokens. However, "
+            f"This model's maximum context length is {limit} tokens. However, "
             f"you requested {num_prompt + max_tokens} tokens ({num_prompt} in the {what}, "
             f"{max_tokens} in the completion). Please reduce the length of the {what} or "
             "completion.",
             param=what,
         )
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (rendered
+    by the template; no special tokens added by default) to token ids."""
+    ctx = request.app[CONTEXT]
+    body = decode_tokenize(await _body(request))
+    model = ctx.models.resolve(body.model)
+    if body.messages is not None:
+        if not body.messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        text = _render(model, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        special = bool(body.add_special_tokens)
+    else:
+        text = body.prompt or ""
+        special = body.add_special_tokens is not False
+    ids = await ctx.models.encode(model, text, add_special_tokens=special)
+    strs = [model.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
+    limit = context_length(model, ctx.state.view)
+    return _json({"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": strs})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's /detokenize: token ids (all in the vocabulary) to text."""
+    ctx = request.app[CONTEXT]
+    body = decode_detokenize(await _body(request))
+    model = ctx.models.resolve(body.model)
+    ids = check_token_ids(model, list(body.tokens), param="tokens")
+    return _json({"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)})
+
+
+def _json(obj: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), content_type="application/json")

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from mell.common.errors import InvalidRequest, NotFound
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.gateway.api.chat_template import ChatTemplate
+from mell.gateway.cluster.view import ClusterView
 
 
 @dataclass(slots=True)
@@ -113,13 +114,21 @@ class ModelRegistry:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def check_token_ids(model: ServedModel, ids: list[object]) -> list[int]:
-    """A prompt given as token ids: every id an int in the vocabulary."""
+def context_length(model: ServedModel, view: ClusterView) -> int:
+    """The context length the model is served with: the smallest its active workers run (one
+    started with a smaller --max-model-len or KV cap serves less than the checkpoint allows),
+    the checkpoint's when none is active."""
+    lengths = [w.max_model_len for w in view.live_workers(model.name)]
+    return min(lengths, default=model.max_model_len)
+
+
+def check_token_ids(model: ServedModel, ids: list[object], param: str = "prompt") -> list[int]:
+    """Token ids from a client (a prompt, /detokenize): every id an int in the vocabulary."""
     for token in ids:
         if not isinstance(token, int) or isinstance(token, bool):
-            raise InvalidRequest("prompt token ids must be integers", param="prompt")
+            raise InvalidRequest(f"{param} token ids must be integers", param=param)
         if not 0 <= token < model.vocab_size:
             raise InvalidRequest(
-                f"token id {token} is out of vocabulary (size {model.vocab_size})", param="prompt"
+                f"token id {token} is out of vocabulary (size {model.vocab_size})", param=param
             )
     return ids  # type: ignore[return-value]

@@ -1,8 +1,9 @@
-"""Sampling and choice fields through the official openai client on a real `mellctl up` cluster:
-penalties and logit_bias (the served tokens equal the in-process engine's, and differ from the
-unpenalised ones), n=3, batch prompts, unknown and unsupported fields, and the hostile bodies
-of issue 14 (ints beyond int64, reserved chat_template_kwargs) answered 400 without leaking an
-in-flight request."""
+"""The OpenAI surface through the official openai client on a real `mellctl up` cluster whose
+worker serves a shorter context than the checkpoint (a KV cap): penalties and logit_bias (the
+served tokens equal the in-process engine's, and differ from the unpenalised ones), n=3, batch
+prompts, echo, include_stop_str_in_output, skip_special_tokens, /tokenize and /detokenize,
+/v1/models' context length, unknown and unsupported fields, and the hostile bodies of issue 14
+(ints beyond int64, reserved chat_template_kwargs) answered 400 without leaking a request."""
 
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ from mell.workerd.engine.engine import Engine
 pytestmark = pytest.mark.slow
 PROMPT = "The quick brown fox jumps over the lazy dog and"
 CHAT = [{"role": "user", "content": "Tell me a story about a tiny model."}]
+KV_BLOCKS = 40  # of 16 tokens: the worker serves 640 tokens of the checkpoint's 2048
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = start_cluster(tmp_path_factory.mktemp("sampling"), "--workers", "1", "--device", "cpu")
+    c = start_cluster(
+        tmp_path_factory.mktemp("coverage"),
+        *("--workers", "1", "--device", "cpu", "--num-kv-blocks", str(KV_BLOCKS)),
+    )
     yield c
     c.stop()
 
@@ -200,3 +205,85 @@ async def test_hostile_ints_and_template_kwargs_are_400_and_leak_nothing(
         async with s.get(cluster.url + "/metrics") as r:
             text = await r.text()
     assert metric(text, "mell:num_requests_in_flight", model_name="mell-tiny") == 0
+
+
+def test_models_report_the_served_context_and_default_chat_works(
+    client: openai.OpenAI, cluster: LocalCluster
+) -> None:
+    models = client.models.list()
+    assert models.data[0].model_extra["max_model_len"] == KV_BLOCKS * 16  # type: ignore[index]
+    full = client.chat.completions.create(model="mell-tiny", messages=CHAT, temperature=0)
+    assert full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage is not None
+    assert full.usage.prompt_tokens + full.usage.completion_tokens <= KV_BLOCKS * 16
+
+
+def test_echo_stop_string_inclusion_and_special_tokens(
+    client: openai.OpenAI, tokenizer: Tokenizer
+) -> None:
+    plain = _complete(client, max_tokens=12)
+    echoed = client.completions.create(
+        model="mell-tiny",
+        prompt=[PROMPT, PROMPT],
+        max_tokens=12,
+        temperature=0,
+        echo=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.text for c in echoed.choices] == [PROMPT + plain] * 2
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="mell-tiny",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            echo=True,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert streamed == PROMPT + plain
+    stop = next(plain[i : i + 2] for i in range(2, len(plain)) if plain[i : i + 2].isalnum())
+    cut = plain[: plain.find(stop)]
+    assert _complete(client, max_tokens=12, stop=[stop]) == cut
+    kept = _complete(
+        client, max_tokens=12, stop=[stop], extra_body={"include_stop_str_in_output": True}
+    )
+    assert kept == cut + stop
+    eos = tokenizer.token_to_id("<|im_end|>")
+    forced = {"logit_bias": {str(eos): 100}, "max_tokens": 3}
+    assert _complete(client, **forced) == ""
+    shown = _complete(client, **forced, extra_body={"skip_special_tokens": False})
+    assert shown == "<|im_end|>" * 3
+
+
+def test_tokenize_and_detokenize(cluster: LocalCluster, tokenizer: Tokenizer) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(
+            cluster.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    got = post("/tokenize", {"model": "mell-tiny", "prompt": PROMPT})
+    assert got["tokens"] == tokenizer.encode(PROMPT).ids and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == KV_BLOCKS * 16
+    chat = post("/tokenize", {"messages": CHAT, "return_token_strs": True})
+    assert chat["token_strs"] == [tokenizer.id_to_token(t) for t in chat["tokens"]]
+    assert "<|im_start|>" in tokenizer.decode(chat["tokens"], skip_special_tokens=False)
+    assert post("/detokenize", {"tokens": got["tokens"]})["prompt"] == PROMPT
+    for path, body, param in (
+        ("/detokenize", {"tokens": [10**30]}, "tokens"),
+        ("/detokenize", {"tokens": [10**6]}, "tokens"),
+        ("/tokenize", {"prompt": "x", "messages": CHAT}, "prompt"),
+        ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus"),
+    ):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            post(path, body)
+        assert info.value.code == 400
+        assert json.loads(info.value.read())["error"]["param"] == param
