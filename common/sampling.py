@@ -55,6 +55,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
     min_p: float = 0.0
     min_tokens: int = 0
+    prompt_logprobs: int | None = None  # top-N alternatives per prompt token (vLLM)
 
     @property
     def is_greedy(self) -> bool:
@@ -102,21 +103,22 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             "logit_bias",
             "values must be in [-100, 100]",
         )
-        if self.logprobs is not None:
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
             _check(
-                0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-                "logprobs",
-                f"must be in [0, {MAX_TOP_LOGPROBS}]",
+                n is None or 0 <= n <= MAX_TOP_LOGPROBS, name, f"must be in [0, {MAX_TOP_LOGPROBS}]"
             )
         return self
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """Log-probability of one sampled token and the top-N alternatives (ids and logprobs)."""
+    """Log-probability of one sampled (or prompt) token and the top-N alternatives (ids and
+    logprobs); `rank` (1 = most likely) is computed for prompt tokens."""
 
     logprob: float
     top_token_ids: list[int]
     top_logprobs: list[float]
+    rank: int | None = None
 
 
 def _check(ok: bool, param: str, what: str) -> None:

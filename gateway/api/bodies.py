@@ -80,7 +80,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allowed_token_ids: Any = None
     bad_words: Any = None
     truncate_prompt_tokens: Any = None
-    prompt_logprobs: Any = None
+    prompt_logprobs: Int | None = None
     return_tokens_as_token_ids: Any = None
     return_token_ids: Any = None
     include_stop_str_in_output: bool = False
@@ -162,7 +162,6 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "allowed_token_ids": (None,),
     "bad_words": (None, []),
     "truncate_prompt_tokens": (None,),
-    "prompt_logprobs": (None,),
     "return_tokens_as_token_ids": (None, False),
     "return_token_ids": (None, False),
     "kv_transfer_params": (None,),
@@ -296,6 +295,7 @@ def to_sampling(
         repetition_penalty=pick("repetition_penalty", 1.0),
         logit_bias=_logit_bias(req.logit_bias),
         min_tokens=req.min_tokens or 0,
+        prompt_logprobs=req.prompt_logprobs,
     ).validate()
 
 
@@ -350,6 +350,10 @@ def _check_defaults(req: _Common, fields: dict[str, tuple[Any, ...]]) -> None:
 
 def _check_common(req: _Common) -> None:
     _check_defaults(req, _DEFAULT_ONLY)
+    if req.prompt_logprobs is not None and req.stream:
+        raise InvalidRequest(
+            "prompt_logprobs is returned in non-streamed responses only", param="prompt_logprobs"
+        )
     if req.n is not None and not 1 <= req.n <= MAX_N:
         raise InvalidRequest(f"n must be in [1, {MAX_N}]", param="n")
     if req.stream_options is not None and not req.stream:

@@ -96,6 +96,28 @@ class _Format:
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def prompt_logprobs(self, prompt_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+        """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a map
+        token id -> {logprob, rank, decoded_token} of the token itself and the top-N."""
+        out: list[Any] = [None]
+        for token_id, entry in zip(prompt_ids[1:], entries, strict=False):
+            ranked = {token_id: (entry.logprob, entry.rank)}
+            for rank, (t, lp) in enumerate(
+                zip(entry.top_token_ids, entry.top_logprobs, strict=False)
+            ):
+                ranked.setdefault(t, (lp, rank + 1))
+            out.append(
+                {
+                    str(t): {
+                        "logprob": max(lp, -9999.0),
+                        "rank": rank,
+                        "decoded_token": self._token(t),
+                    }
+                    for t, (lp, rank) in ranked.items()
+                }
+            )
+        return out
+
 
 class ChatFormat(_Format):
     object_chunk = b"chat.completion.chunk"
@@ -151,6 +173,17 @@ class ChatFormat(_Format):
             "stop_reason": None,
         }
 
+    def full(
+        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+    ) -> bytes:
+        """Chat puts `prompt_logprobs` beside the choices (vLLM), not in them."""
+        prompt_logprobs = [c.pop("prompt_logprobs", None) for c in choices]
+        if prompt_logprobs[0] is None:
+            return super().full(choices, prompt_tokens, completion_tokens)
+        body = msgspec.json.decode(super().full(choices, prompt_tokens, completion_tokens))
+        body["prompt_logprobs"] = prompt_logprobs[0]
+        return _json(body)
+
 
 class CompletionFormat(_Format):
     object_chunk = b"text_completion"
@@ -176,21 +209,29 @@ class CompletionFormat(_Format):
             + b',"stop_reason":null}]}\n\n'
         )
 
-    def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+    def logprobs(
+        self, token_ids: list[int], entries: list[TokenLogprobs | None], top_n: int | None = None
+    ) -> Any:
         """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs,
-        text_offset)."""
-        tokens, token_logprobs, tops, offsets = [], [], [], []
+        text_offset); an entry None (the first echoed prompt token) has null logprobs; `top_n`
+        cuts the alternatives (echoed prompt tokens carry prompt_logprobs' top-N)."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for token_id, entry in zip(token_ids, entries, strict=False):
             token = self._token(token_id)
             tokens.append(token)
-            token_logprobs.append(max(entry.logprob, -9999.0))
-            top = {
-                self._token(t): max(lp, -9999.0)
-                for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=False)
-            }
-            tops.append(top or {token: max(entry.logprob, -9999.0)})
             offsets.append(self._text_offset)
             self._text_offset += len(token)
+            if entry is None:
+                token_logprobs.append(None)
+                tops.append(None)
+                continue
+            token_logprobs.append(max(entry.logprob, -9999.0))
+            alternatives = list(zip(entry.top_token_ids, entry.top_logprobs, strict=False))
+            top = {self._token(t): max(lp, -9999.0) for t, lp in alternatives[:top_n]}
+            tops.append(top or {token: max(entry.logprob, -9999.0)})
         return {
             "text_offset": offsets,
             "token_logprobs": token_logprobs,

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from mell.common.errors import MellError, RequestAbortedError, WorkerLostError
 from mell.common.messages import TokenOutput
+from mell.common.sampling import TokenLogprobs
 from mell.gateway.api.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
 from mell.gateway.api.detokenizer import Detokenizer
 from mell.gateway.api.error_body import error_event
@@ -43,11 +44,15 @@ class TextOutput:
 
     __slots__ = (
         "_detok",
+        "_echo_top",
         "_prefix",
+        "_prompt_ids",
+        "_show_prompt",
         "_stop",
         "finish_reason",
         "fmt",
         "num_generated",
+        "prompt_logprobs",
         "want_logprobs",
     )
 
@@ -60,9 +65,18 @@ class TextOutput:
         skip_special_tokens: bool = True,
         include_stop: bool = False,
         prefix: str = "",
+        prompt_ids: list[int] | None = None,
+        echo_top: int | None = None,
+        show_prompt_logprobs: bool = True,
     ) -> None:
-        """`prefix` (the echoed prompt) comes before the first new text."""
+        """`prefix` (the echoed prompt) comes before the first new text. With `prompt_ids`,
+        the prompt logprobs the worker sends become `prompt_logprobs` (vLLM's JSON); with
+        `echo_top` too (completions echo with logprobs=N) they also open the logprobs."""
         self.fmt = fmt
+        self._prompt_ids = prompt_ids
+        self._echo_top = echo_top
+        self._show_prompt = show_prompt_logprobs
+        self.prompt_logprobs: Any = None
         self._detok = Detokenizer(fmt.tokenizer, skip_special_tokens)
         self._stop = StopMatcher(stops, include_stop) if stops else None
         self._prefix = prefix
@@ -75,7 +89,10 @@ class TextOutput:
         parts: list[str] = []
         lp_ids: list[int] = []
         lp_entries: list[Any] = []
+        echoed: Any = None
         for out in outputs:
+            if out.prompt_logprobs is not None and self._prompt_ids is not None:
+                echoed = self._prompt_part(self._prompt_ids, out.prompt_logprobs)
             self.num_generated += len(out.token_ids)
             text = self._detok.step(out.token_ids)
             if out.finish_reason is not None:
@@ -96,10 +113,20 @@ class TextOutput:
                 self.finish_reason = out.finish_reason
                 break
         logprobs = self.fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
+        if echoed is not None and logprobs is not None:
+            logprobs = merge_logprobs([echoed, logprobs])
         if self._prefix:
             parts.insert(0, self._prefix)
             self._prefix = ""
         return "".join(parts), logprobs
+
+    def _prompt_part(self, prompt_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+        """Record `prompt_logprobs` (if asked); the echoed prompt's part of the logprobs."""
+        if self._show_prompt:
+            self.prompt_logprobs = self.fmt.prompt_logprobs(prompt_ids, entries)
+        if self._echo_top is None or not isinstance(self.fmt, CompletionFormat):
+            return None
+        return self.fmt.logprobs(prompt_ids, [None, *entries], self._echo_top)
 
 
 @dataclass(slots=True)
@@ -298,4 +325,7 @@ async def collect_choice(
         raise
     outcome.finish_reason = text.finish_reason
     merged = merge_logprobs(logprobs) if text.want_logprobs else None
-    return text.fmt.choice("".join(parts), merged, text.finish_reason)
+    choice = text.fmt.choice("".join(parts), merged, text.finish_reason)
+    if text.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = text.prompt_logprobs
+    return choice

@@ -73,12 +73,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     limit = context_length(model, ctx.state.view)
     for ids in prompts:
         _check_length(limit, len(ids), max_tokens, "prompt")
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequest(
-            "echo with logprobs needs prompt logprobs, which this server does not compute",
-            param="echo",
-        )
     sampling = to_sampling(body, max_tokens, body.logprobs, model.sampling_defaults)
+    if body.echo and body.logprobs is not None:  # the echoed prompt's logprobs are wanted
+        wanted = max(sampling.prompt_logprobs or 0, body.logprobs)
+        sampling = msgspec.structs.replace(sampling, prompt_logprobs=wanted)
     echo = [_echo_text(model, p, ids) for p, ids in zip(sources, prompts, strict=True)]
     answer = _Answer(
         new_request_id("cmpl"), model, CompletionFormat, body, arrival, echo if body.echo else None
@@ -118,7 +116,7 @@ class _Answer:
                     request,
                     ctx.dispatcher,
                     job,
-                    self._text(self._format(0), i_prompt=0, want_logprobs=want_logprobs),
+                    self._text(self._format(0), 0, prompts[0], sampling, want_logprobs),
                     bool(self.body.stream),
                     include_usage(self.body),
                     ctx.config.request_timeout_s,
@@ -153,9 +151,17 @@ class _Answer:
     ) -> Choice:
         job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
         fmt = self._format(index)
-        return Choice(job, fmt, self._text(fmt, i_prompt, want_logprobs), Outcome())
+        text = self._text(fmt, i_prompt, ids, sampling, want_logprobs)
+        return Choice(job, fmt, text, Outcome())
 
-    def _text(self, fmt: Format, i_prompt: int, want_logprobs: bool) -> TextOutput:
+    def _text(
+        self,
+        fmt: Format,
+        i_prompt: int,
+        ids: list[int],
+        sampling: SamplingParams,
+        want_logprobs: bool,
+    ) -> TextOutput:
         body = self.body
         return TextOutput(
             fmt,
@@ -164,6 +170,9 @@ class _Answer:
             skip_special_tokens=body.skip_special_tokens,
             include_stop=body.include_stop_str_in_output,
             prefix=self.echo[i_prompt] if self.echo else "",
+            prompt_ids=ids if sampling.prompt_logprobs is not None else None,
+            echo_top=sampling.logprobs if self.echo else None,
+            show_prompt_logprobs=body.prompt_logprobs is not None,
         )
 
 

@@ -287,3 +287,44 @@ def test_tokenize_and_detokenize(cluster: LocalCluster, tokenizer: Tokenizer) ->
             post(path, body)
         assert info.value.code == 400
         assert json.loads(info.value.read())["error"]["param"] == param
+
+
+def test_echo_with_logprobs_and_prompt_logprobs(
+    client: openai.OpenAI, engine: Engine, tokenizer: Tokenizer
+) -> None:
+    ids = tokenizer.encode(PROMPT).ids
+    engine.add_request("pl", ids, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2))
+    want = next(o.prompt_logprobs for o in engine.step() if o.request_id == "pl")
+    while engine.has_unfinished():
+        engine.step()
+    assert want is not None and len(want) == len(ids) - 1
+    got = client.completions.create(
+        model="mell-tiny",
+        prompt=PROMPT,
+        max_tokens=4,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        extra_body={"prompt_logprobs": 2, "ignore_eos": True},
+    )
+    choice = got.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == len(ids) + 4
+    assert lp.tokens[: len(ids)] == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.token_logprobs[0] is None
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx([e.logprob for e in want], abs=1e-4)
+    assert lp.text_offset is not None and lp.text_offset[len(ids)] == len(PROMPT)
+    assert choice.text.startswith(PROMPT)
+    prompt_lp = choice.model_extra["prompt_logprobs"]  # type: ignore[index]
+    assert prompt_lp[0] is None and len(prompt_lp) == len(ids)
+    for token, entry, shown in zip(ids[1:], want, prompt_lp[1:], strict=True):
+        assert shown[str(token)]["logprob"] == pytest.approx(entry.logprob, abs=1e-4)
+        assert shown[str(token)]["rank"] == entry.rank
+        assert set(map(int, shown)) == {token, *entry.top_token_ids}
+    chat = client.chat.completions.create(
+        model="mell-tiny", messages=CHAT, max_tokens=2, extra_body={"prompt_logprobs": 0}
+    )
+    assert chat.model_extra["prompt_logprobs"][0] is None  # type: ignore[index]
+    assert chat.usage is not None
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens  # type: ignore[index]

@@ -14,7 +14,7 @@ import torch
 from mell.common.config import EngineConfig
 from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.messages import MigratedRequest
-from mell.common.sampling import SamplingParams
+from mell.common.sampling import SamplingParams, TokenLogprobs
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.contract import Frame, KVLayout, MigratableEngine, RequestState
@@ -138,6 +138,7 @@ class Engine:
                     logprobs=None if s.logprobs is None else [s.logprobs],
                     finish_reason=seq.finish_reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
+                    prompt_logprobs=_prompt_logprobs(seq) if first == 0 else None,
                 )
             )
             if seq.is_finished:
@@ -284,6 +285,11 @@ class Engine:
         if n < 1:
             raise ConfigError(f"KV cache too small: {n} blocks of {per_block} bytes")
         return n
+
+
+def _prompt_logprobs(seq: Sequence) -> list[TokenLogprobs] | None:
+    """A request's prompt-token logprobs, when it asked for them (sent with its first token)."""
+    return None if seq.sampling.prompt_logprobs is None else list(seq.prompt_logprobs)
 
 
 def _check_config(c: EngineConfig) -> None:

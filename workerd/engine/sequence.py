@@ -27,6 +27,7 @@ class Sequence:
         "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
+        "prompt_logprobs",
         "request_id",
         "sampling",
         "status",
@@ -61,6 +62,8 @@ class Sequence:
         # Produced by the current step, drained into a RequestOutput.
         self.new_tokens: list[int] = []
         self.new_logprobs: list[TokenLogprobs] = []
+        # With sampling.prompt_logprobs: entry i is prompt token i + 1's (from position i).
+        self.prompt_logprobs: list[TokenLogprobs] = []
 
     @property
     def num_tokens(self) -> int:

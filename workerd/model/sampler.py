@@ -229,3 +229,20 @@ def _filter(scaled: torch.Tensor, params: list[SamplingParams], vocab: int) -> t
     drop[:, 0] = False  # always keep the best token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top_n: int) -> list[TokenLogprobs]:
+    """Log-probabilities of the prompt tokens `targets` (one per row of `logits`, the row that
+    predicts it) with their rank and the top-n alternatives; only [R, top_n] leaves the device."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(targets, dtype=torch.long, device=logits.device)[:, None]
+    chosen = logp.gather(1, target)
+    ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+    values = chosen.squeeze(1).tolist()
+    top_vals, top_ids = logp.topk(top_n, dim=-1) if top_n else (None, None)
+    top_v = top_vals.tolist() if top_vals is not None else [[] for _ in targets]
+    top_i = top_ids.tolist() if top_ids is not None else [[] for _ in targets]
+    return [
+        TokenLogprobs(v, ids, vals, rank)
+        for v, ids, vals, rank in zip(values, top_i, top_v, ranks, strict=True)
+    ]
