@@ -56,6 +56,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     min_p: float = 0.0
     min_tokens: int = 0
     prompt_logprobs: int | None = None  # top-N alternatives per prompt token (vLLM)
+    grammar: str | None = None  # structured output: llguidance's grammar text
 
     @property
     def is_greedy(self) -> bool:
@@ -72,8 +73,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def processes_logits(self) -> bool:
-        """Whether anything changes the logits before temperature (bias, min_tokens, penalties)."""
-        return bool(self.logit_bias) or self.min_tokens > 0 or self.has_penalties
+        """Whether anything changes the logits before temperature (grammar, bias, min_tokens,
+        penalties)."""
+        return (
+            bool(self.logit_bias)
+            or self.min_tokens > 0
+            or self.has_penalties
+            or self.grammar is not None
+        )
 
     def validate(self) -> SamplingParams:
         """Return self, or raise InvalidRequest naming the offending parameter."""

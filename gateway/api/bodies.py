@@ -14,6 +14,7 @@ import msgspec
 
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, SamplingParams
+from mell.gateway.api.structured import grammar_of
 
 Int = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]  # JSON ints beyond int64: 400
 
@@ -74,7 +75,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     guided_choice: Any = None
     guided_grammar: Any = None
     structural_tag: Any = None
-    guided_decoding_backend: Any = None
+    guided_decoding_backend: str | None = None  # accepted, ignored: llguidance is the one
     guided_whitespace_pattern: Any = None
     logits_processors: Any = None
     allowed_token_ids: Any = None
@@ -143,6 +144,13 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     tokens: list[Int]
 
 
+STRUCTURED_FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
 # Fields accepted only at their default (None, or the values listed): anything else is a 400
 # that names the field, since silently ignoring it would change what the client gets.
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
@@ -150,13 +158,7 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "priority": (None, 0),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1.0),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "structural_tag": (None,),
-    "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
     "logits_processors": (None,),
     "allowed_token_ids": (None,),
@@ -296,6 +298,7 @@ def to_sampling(
         logit_bias=_logit_bias(req.logit_bias),
         min_tokens=req.min_tokens or 0,
         prompt_logprobs=req.prompt_logprobs,
+        grammar=grammar_of({name: getattr(req, name) for name in STRUCTURED_FIELDS}),
     ).validate()
 
 

@@ -328,3 +328,82 @@ def test_echo_with_logprobs_and_prompt_logprobs(
     assert chat.model_extra["prompt_logprobs"][0] is None  # type: ignore[index]
     assert chat.usage is not None
     assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens  # type: ignore[index]
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_output_validates(client: openai.OpenAI, stream: bool) -> None:
+    import json
+
+    kwargs: dict[str, Any] = {
+        "model": "mell-tiny",
+        "messages": CHAT,
+        "max_tokens": 120,
+        "temperature": 1.0,
+        "seed": 3,
+        "n": 3,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON},
+        },
+    }
+    if stream:
+        texts = ["", "", ""]
+        reasons: list[str | None] = [None] * 3
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for c in chunk.choices:
+                texts[c.index] += c.delta.content or ""
+                reasons[c.index] = c.finish_reason or reasons[c.index]
+    else:
+        full = client.chat.completions.create(**kwargs)
+        texts = [c.message.content or "" for c in full.choices]
+        reasons = [c.finish_reason for c in full.choices]
+    assert reasons == ["stop"] * 3, texts
+    for text in texts:
+        value = json.loads(text)
+        assert set(value) == {"name", "age", "ok"}
+        assert isinstance(value["name"], str) and len(value["name"]) <= 8
+        assert isinstance(value["age"], int) and 0 <= value["age"] <= 99
+        assert isinstance(value["ok"], bool)
+
+
+def test_guided_fields(client: openai.OpenAI) -> None:
+    import json
+    import re
+
+    choice = _complete(
+        client, max_tokens=10, extra_body={"guided_choice": ["yes", "no"], "ignore_eos": False}
+    )
+    assert choice in ("yes", "no")
+    digits = _complete(
+        client, max_tokens=10, extra_body={"guided_regex": "[0-9]{3}-[a-z]{2}", "ignore_eos": False}
+    )
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", digits)
+    obj = client.chat.completions.create(
+        model="mell-tiny",
+        messages=CHAT,
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+    for extra, param in (
+        ({"guided_regex": "["}, "guided_regex"),
+        ({"guided_json": {"type": "objectx"}}, "guided_json"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="mell-tiny", prompt="x", extra_body=extra)
+        assert info.value.body["param"] == param  # type: ignore[index]

@@ -24,6 +24,7 @@ from mell.workerd.engine.runner import ModelRunner, resolve_device, resolve_dtyp
 from mell.workerd.engine.scheduler import Scheduler
 from mell.workerd.engine.sequence import Sequence, SequenceStatus
 from mell.workerd.model.config import ModelConfig, load_model_config
+from mell.workerd.model.grammar import Guide, grammar_tokenizer
 
 __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
@@ -107,6 +108,7 @@ class Engine:
                 param="max_tokens",
             )
         seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
+        seq.guide = self._guide(sampling, [])
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -249,6 +251,7 @@ class Engine:
         seq = Sequence(rid, request.prompt_token_ids, request.sampling, self._eos_ids())
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
+        seq.guide = self._guide(request.sampling, seq.output_token_ids)
         if request.generator_state is not None and seq.generator is not None:
             state = torch.frombuffer(bytearray(request.generator_state), dtype=torch.uint8)
             seq.generator.set_state(state)
@@ -262,6 +265,17 @@ class Engine:
 
     def _eos_ids(self) -> list[int]:
         return self.model_config.eos_token_ids
+
+    def _guide(self, sampling: SamplingParams, output: list[int]) -> Guide | None:
+        """The request's structured-output guide (after `output`), None without a grammar."""
+        if sampling.grammar is None:
+            return None
+        tokenizer_json = Path(self.config.model) / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise InvalidRequest("structured output needs the model's tokenizer.json")
+        cfg = self.model_config
+        tokenizer = grammar_tokenizer(tokenizer_json, cfg.vocab_size, tuple(cfg.eos_token_ids))
+        return Guide(tokenizer, sampling.grammar, output)
 
     # -- extras -----------------------------------------------------------------------------
 

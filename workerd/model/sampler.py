@@ -1,11 +1,13 @@
-"""Token sampling for a batch: logit processing (logit_bias, min_tokens, repetition / frequency /
-presence penalties), greedy, temperature, min-p, top-k, top-p, per-request seeds, logprobs.
+"""Token sampling for a batch: logit processing (a grammar's token mask, logit_bias, min_tokens,
+repetition / frequency / presence penalties), greedy, temperature, min-p, top-k, top-p,
+per-request seeds, logprobs.
 
 Logits stay on their device, processed batched over the rows that need it, one row never
 reading another (so a request's tokens do not depend on its batch); token ids go to the device
 and only the sampled ids (and asked-for logprobs) come back. Order and semantics are vLLM's:
-bias and min_tokens, then penalties (repetition over prompt and output tokens), then
-temperature, min-p, top-k/top-p; greedy rows take the argmax of the processed logits.
+the grammar's mask (workerd/model/grammar.py), bias and min_tokens, then penalties
+(repetition over prompt and output tokens), then temperature, min-p, top-k/top-p; greedy rows
+take the argmax of the processed logits.
 Random draws use the exponential-race trick (argmax of p / E with E ~ Exp(1)), each seeded
 request drawing its noise from its own torch.Generator (CPU; the noise is copied to the device),
 so a seeded request gives the same tokens whatever else is in the batch.
@@ -21,6 +23,7 @@ from typing import Protocol
 import torch
 
 from mell.common.sampling import SamplingParams, TokenLogprobs
+from mell.workerd.model.grammar import Guide, apply_masks
 
 
 @dataclass(slots=True)
@@ -36,6 +39,7 @@ class TokenHistory(Protocol):
     token_ids: list[int]
     num_prompt_tokens: int
     stop_ids: frozenset[int]
+    guide: Guide | None
 
 
 class Sampler:
@@ -124,6 +128,12 @@ def process_logits(
     if histories is None:
         raise ValueError("penalties and min_tokens need the requests' token histories")
     out = logits.clone()
+    guided = [i for i in rows if params[i].grammar is not None]
+    if guided:
+        guides = [histories[i].guide for i in guided]
+        if any(g is None for g in guides):
+            raise ValueError("a request with a grammar has no guide")
+        apply_masks(out, guided, [g for g in guides if g is not None])
     _bias_and_min_tokens(out, params, histories, rows)
     penalised = [i for i in rows if params[i].has_penalties]
     if penalised:

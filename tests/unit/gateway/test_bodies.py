@@ -54,7 +54,7 @@ def test_content_parts_and_nulls() -> None:
         (b"{" + MSG.encode() + b',"n":17}', "n"),
         (b"{" + MSG.encode() + b',"unknown_field":1}', "unknown_field"),
         (b"{" + MSG.encode() + b',"best_of":2}', "best_of"),
-        (b"{" + MSG.encode() + b',"response_format":{"type":"json_object"}}', "response_format"),
+        (b"{" + MSG.encode() + b',"structural_tag":{"type":"x"}}', "structural_tag"),
         (b"{" + MSG.encode() + b',"tools":[{"type":"function"}]}', "tools"),
         (b"{" + MSG.encode() + b',"use_beam_search":true}', "use_beam_search"),
         (
@@ -136,3 +136,32 @@ def test_sampling_fields_and_generation_config_defaults() -> None:
     assert (s.presence_penalty, s.frequency_penalty, s.logit_bias) == (0.5, -0.5, {7: -100.0})
     assert (s.min_tokens, s.temperature, s.top_p, s.top_k) == (2, 0.6, 0.9, 20)
     assert s.repetition_penalty == 1.1
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ('"response_format":{"type":"xml"}', "response_format"),
+        ('"response_format":{"type":"json_schema","json_schema":{"schema":3}}', "response_format"),
+        ('"guided_json":{"type":"objectx"}', "guided_json"),
+        ('"guided_regex":"["', "guided_regex"),
+        ('"guided_choice":[]', "guided_choice"),
+        ('"guided_grammar":"start: ("', "guided_grammar"),
+        ('"guided_regex":"a","guided_json":{}', "guided_regex"),
+    ],
+)
+def test_bad_structured_output(fields: str, param: str) -> None:
+    req = decode_completion(('{"prompt":"x",' + fields + "}").encode())
+    with pytest.raises(InvalidRequest) as info:
+        to_sampling(req, 4, None)
+    assert info.value.param == param
+
+
+def test_structured_output_grammars() -> None:
+    def grammar(fields: str) -> str | None:
+        req = decode_completion(('{"prompt":"x",' + fields + "}").encode())
+        return to_sampling(req, 4, None).grammar
+
+    assert grammar('"response_format":{"type":"text"}') is None
+    assert "json_schema" in (grammar('"response_format":{"type":"json_object"}') or "")
+    assert '"yes"' in (grammar('"guided_choice":["yes","no"]') or "")

@@ -4,11 +4,14 @@ min_tokens, repetition / frequency / presence penalties, min-p; batch invariance
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
 from mell.common.sampling import SamplingParams
+from mell.common.tiny_model import ensure_tiny_model
+from mell.workerd.model.grammar import Guide, grammar_tokenizer
 from mell.workerd.model.sampler import Sampler, process_logits
 
 VOCAB = 12
@@ -19,6 +22,7 @@ class History:
     token_ids: list[int]
     num_prompt_tokens: int
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    guide: Guide | None = None
 
 
 def _logits(rows: int, seed: int = 0) -> torch.Tensor:
@@ -98,3 +102,45 @@ def test_seeded_penalised_row_is_batch_invariant() -> None:
     hists = [History([1, 2], 1), hist, History([1], 1), History([6], 1)]
     gens = [None, torch.Generator().manual_seed(9), None, torch.Generator().manual_seed(1)]
     assert Sampler(seed=5)(batch, params, gens, hists).token_ids[1] == alone
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "mell-tiny")
+
+
+def test_grammar_mask_constrains_and_is_batch_invariant(tiny_dir: Path) -> None:
+    import re
+
+    import llguidance
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    vocab = 512
+    llg = grammar_tokenizer(tiny_dir / "tokenizer.json", vocab, (tok.token_to_id("<|im_end|>"),))
+    grammar = llguidance.grammar_from("regex", "(cat|dog)s? [0-9]{2}")
+    p = SamplingParams(temperature=0.9, seed=4, grammar=grammar)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(batch_others: int) -> str:
+        hist = History([1], 1, frozenset({tok.token_to_id("<|im_end|>")}), Guide(llg, grammar, []))
+        seeds = [torch.Generator().manual_seed(4)]
+        out: list[int] = []
+        for step in range(12):
+            rows = torch.randn(1 + batch_others, vocab, generator=gen) * 3
+            rows[0] = torch.randn(vocab, generator=torch.Generator().manual_seed(step)) * 3
+            params = [p] + [SamplingParams()] * batch_others
+            hists = [hist] + [History([1], 1)] * batch_others
+            token = Sampler()(rows, params, seeds + [None] * batch_others, hists).token_ids[0]
+            if token in hist.stop_ids:
+                break
+            hist.token_ids.append(token)
+            out.append(token)
+            hist.guide.consume(token)  # type: ignore[union-attr]
+            if hist.guide.stopped:  # type: ignore[union-attr]
+                break
+        return tok.decode(out)
+
+    alone = run(0)
+    assert re.fullmatch("(cat|dog)s? [0-9]{2}", alone), alone
+    assert run(3) == alone
