@@ -31,6 +31,16 @@ def grammar_tokenizer(
     )
 
 
+@lru_cache(maxsize=64)
+def _compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMatcher:
+    """A fresh matcher of `grammar`, compiled once and copied for each request using it."""
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    if matcher.is_error():
+        error = matcher.get_error()[:300]
+        raise InvalidRequest(f"invalid grammar: {error}", param="response_format")
+    return matcher
+
+
 class Guide:
     """One request's position in its grammar."""
 
@@ -38,15 +48,9 @@ class Guide:
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, tokens: list[int]) -> None:
         """The guide after `tokens` (a request's output so far: replayed when it migrates)."""
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error:
-            raise InvalidRequest(f"invalid grammar: {error[:300]}", param="response_format")
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self._matcher = _compiled(tokenizer, grammar).deep_copy()
         if tokens and not self._matcher.consume_tokens(tokens):
             raise InvalidRequest("the output so far does not follow the grammar")
-
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        llg_torch.fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def consume(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)
@@ -58,15 +62,33 @@ class Guide:
 
 
 def apply_masks(logits: torch.Tensor, rows: list[int], guides: list[Guide]) -> torch.Tensor:
-    """`logits` with the tokens each guided row's grammar forbids set to -inf (in place)."""
+    """`logits` with the tokens each guided row's grammar forbids set to -inf (in place);
+    `rows` ascending."""
     vocab = logits.shape[1]
     words = (vocab + 31) // 32
-    bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
-    for j, guide in enumerate(guides):
-        guide.fill(bitmask, j)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (bitmask.to(logits.device)[:, :, None] >> shifts) & 1
-    allowed = bits.reshape(len(rows), words * 32)[:, :vocab].bool()
+    bitmask = torch.empty(len(rows), words, dtype=torch.int32)  # each fill writes its whole row
+    llg_torch.fill_next_token_bitmask_par(
+        _executor(), [(g._matcher, j) for j, g in enumerate(guides)], bitmask
+    )
+    bits = (bitmask.to(logits.device)[:, :, None] >> _shifts(logits.device)) & 1
+    forbidden = bits.reshape(len(rows), words * 32)[:, :vocab] == 0
+    if len(rows) == logits.shape[0]:  # every row guided: rows are in order
+        return logits.masked_fill_(forbidden, float("-inf"))
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
     return logits
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+@lru_cache(maxsize=1)
+def _executor() -> llguidance.LLExecutor:
+    """llguidance's thread pool: all of a step's masks in one call, in parallel."""
+    return llguidance.LLExecutor()
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    return _SHIFTS[device]

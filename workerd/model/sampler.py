@@ -120,8 +120,8 @@ def process_logits(
     params: list[SamplingParams],
     histories: Sequence[TokenHistory] | None,
 ) -> torch.Tensor:
-    """The logits after logit_bias, min_tokens and the penalties (a new tensor when any row
-    has them, else `logits` itself)."""
+    """The logits after the grammar masks, logit_bias, min_tokens and the penalties (a new
+    tensor when any row has them, else `logits` itself)."""
     rows = [i for i, p in enumerate(params) if p.processes_logits]
     if not rows:
         return logits
