@@ -114,7 +114,7 @@ class ChatCompletionRequest(_Common, kw_only=True):
     chat_template: Any = None
     documents: Any = None
     mm_processor_kwargs: Any = None
-    include_reasoning: Any = None
+    include_reasoning: bool = True  # vLLM: False drops a thinking model's reasoning
     echo: Any = None
     add_special_tokens: Any = None
 
@@ -180,7 +180,6 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "chat_template": (None,),
     "documents": (None,),
     "mm_processor_kwargs": (None,),
-    "include_reasoning": (None,),
     "suffix": (None, ""),
 }
 _CHAT_DEFAULT_ONLY = {"echo": (None, False), "add_special_tokens": (None, False)}

@@ -62,7 +62,9 @@ class _Format:
             + b"}\n\n"
         )
 
-    def choice(self, text: str, logprobs: Any, finish_reason: str) -> dict[str, Any]:
+    def choice(
+        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def response(
@@ -129,21 +131,22 @@ class ChatFormat(_Format):
             b'"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
-    def delta_chunk(self, text: str, logprobs: bytes, finish_reason: str | None) -> bytes:
+    def delta_chunk(
+        self, text: str, logprobs: bytes, finish_reason: str | None, reasoning: str = ""
+    ) -> bytes:
+        """A content delta; with `reasoning`, a `reasoning_content` delta (and the content
+        only if there is some), as vLLM's reasoning parsers send them."""
         tail = (
             b'"finish_reason":null}]}\n\n'
             if finish_reason is None
             else b'"finish_reason":"' + finish_reason.encode() + b'","stop_reason":null}]}\n\n'
         )
-        return (
-            self._choice
-            + b'"delta":{"content":'
-            + _json(text)
-            + b'},"logprobs":'
-            + logprobs
-            + b","
-            + tail
-        )
+        if reasoning:
+            delta = b'"delta":{"reasoning_content":' + _json(reasoning)
+            delta += (b',"content":' + _json(text)) if text else b""
+        else:
+            delta = b'"delta":{"content":' + _json(text)
+        return self._choice + delta + b'},"logprobs":' + logprobs + b"," + tail
 
     def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
         """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
@@ -164,10 +167,15 @@ class ChatFormat(_Format):
             "bytes": list(token.encode("utf-8")),
         }
 
-    def choice(self, text: str, logprobs: Any, finish_reason: str) -> dict[str, Any]:
+    def choice(
+        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
         return {
             "index": self.index,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
@@ -196,7 +204,9 @@ class CompletionFormat(_Format):
     def role_chunk(self) -> bytes | None:
         return None
 
-    def delta_chunk(self, text: str, logprobs: bytes, finish_reason: str | None) -> bytes:
+    def delta_chunk(
+        self, text: str, logprobs: bytes, finish_reason: str | None, reasoning: str = ""
+    ) -> bytes:
         reason = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
         return (
             self._choice
@@ -239,7 +249,9 @@ class CompletionFormat(_Format):
             "top_logprobs": tops,
         }
 
-    def choice(self, text: str, logprobs: Any, finish_reason: str) -> dict[str, Any]:
+    def choice(
+        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+    ) -> dict[str, Any]:
         return {
             "index": self.index,
             "text": text,

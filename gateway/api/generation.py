@@ -24,6 +24,7 @@ from mell.common.sampling import TokenLogprobs
 from mell.gateway.api.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
 from mell.gateway.api.detokenizer import Detokenizer
 from mell.gateway.api.error_body import error_event
+from mell.gateway.api.reasoning import ReasoningSplitter
 from mell.gateway.api.stop_strings import StopMatcher
 from mell.gateway.cluster.dispatcher import Dispatcher, Job
 from mell.gateway.cluster.stream import RequestStream, StreamTimeout
@@ -53,6 +54,7 @@ class TextOutput:
         "fmt",
         "num_generated",
         "prompt_logprobs",
+        "reasoning",
         "want_logprobs",
     )
 
@@ -68,6 +70,7 @@ class TextOutput:
         prompt_ids: list[int] | None = None,
         echo_top: int | None = None,
         show_prompt_logprobs: bool = True,
+        reasoning: ReasoningSplitter | None = None,
     ) -> None:
         """`prefix` (the echoed prompt) comes before the first new text. With `prompt_ids`,
         the prompt logprobs the worker sends become `prompt_logprobs` (vLLM's JSON); with
@@ -76,6 +79,7 @@ class TextOutput:
         self._prompt_ids = prompt_ids
         self._echo_top = echo_top
         self._show_prompt = show_prompt_logprobs
+        self.reasoning = reasoning  # chat of a thinking model: splits reasoning from content
         self.prompt_logprobs: Any = None
         self._detok = Detokenizer(fmt.tokenizer, skip_special_tokens)
         self._stop = StopMatcher(stops, include_stop) if stops else None
@@ -119,6 +123,16 @@ class TextOutput:
             parts.insert(0, self._prefix)
             self._prefix = ""
         return "".join(parts), logprobs
+
+    def split(self, piece: str) -> tuple[str, str]:
+        """(reasoning, content) of new text; at the finish, what the splitter held back too."""
+        if self.reasoning is None:
+            return "", piece
+        reasoning, content = self.reasoning.feed(piece)
+        if self.finish_reason is not None:
+            more = self.reasoning.flush()
+            reasoning, content = reasoning + more[0], content + more[1]
+        return reasoning, content
 
     def _prompt_part(self, prompt_ids: list[int], entries: list[TokenLogprobs]) -> Any:
         """Record `prompt_logprobs` (if asked); the echoed prompt's part of the logprobs."""
@@ -215,11 +229,12 @@ class SseWriter:
         """The chunks of these outputs; with the last one, usage (if asked) and [DONE]
         (unless another writes them: `ends_stream` False)."""
         piece, logprobs = self.text.feed(outputs)
+        reasoning, piece = self.text.split(piece)
         finish = self.text.finish_reason
-        if not piece and finish is None and logprobs is None:
+        if not piece and not reasoning and finish is None and logprobs is None:
             return b""
         lp = b"null" if logprobs is None else encode(logprobs)
-        data = self.fmt.delta_chunk(piece, lp, finish)
+        data = self.fmt.delta_chunk(piece, lp, finish, reasoning)
         if finish is not None:
             self.finished = True
             if not self.ends_stream:
@@ -310,10 +325,13 @@ async def collect_choice(
 ) -> dict[str, Any]:
     """Read a request to its end; its choice object of a non-streamed response."""
     parts: list[str] = []
+    thoughts: list[str] = []
     logprobs: list[Any] = []
     try:
         while True:
             piece, lp = text.feed(outputs)
+            thought, piece = text.split(piece)
+            thoughts.append(thought)
             parts.append(piece)
             if lp is not None:
                 logprobs.append(lp)
@@ -325,7 +343,8 @@ async def collect_choice(
         raise
     outcome.finish_reason = text.finish_reason
     merged = merge_logprobs(logprobs) if text.want_logprobs else None
-    choice = text.fmt.choice("".join(parts), merged, text.finish_reason)
+    reasoning = None if text.reasoning is None else "".join(thoughts)
+    choice = text.fmt.choice("".join(parts), merged, text.finish_reason, reasoning)
     if text.prompt_logprobs is not None:
         choice["prompt_logprobs"] = text.prompt_logprobs
     return choice

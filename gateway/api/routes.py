@@ -35,6 +35,7 @@ from mell.gateway.api.bodies import (
 from mell.gateway.api.choices import Choice, respond_many
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
 from mell.gateway.api.generation import Format, Outcome, TextOutput, respond
+from mell.gateway.api.reasoning import ReasoningSplitter
 from mell.gateway.api.served_models import ServedModel, check_token_ids, context_length
 from mell.gateway.cluster.dispatcher import Job
 from mell.gateway.context import CONTEXT, GatewayContext
@@ -173,7 +174,15 @@ class _Answer:
             prompt_ids=ids if sampling.prompt_logprobs is not None else None,
             echo_top=sampling.logprobs if self.echo else None,
             show_prompt_logprobs=body.prompt_logprobs is not None,
+            reasoning=self._reasoning(),
         )
+
+    def _reasoning(self) -> ReasoningSplitter | None:
+        """A splitter of reasoning from content, for a chat request to a thinking model."""
+        body = self.body
+        if self.model.reasoning is None or not isinstance(body, ChatCompletionRequest):
+            return None
+        return ReasoningSplitter(self.model.reasoning, keep=body.include_reasoning)
 
 
 def child_sampling(sampling: SamplingParams, index: int) -> SamplingParams:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from mell.common.errors import InvalidRequest, NotFound
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.gateway.api.chat_template import ChatTemplate
+from mell.gateway.api.reasoning import Style, reasoning_style
 from mell.gateway.cluster.view import ClusterView
 
 
@@ -32,21 +33,24 @@ class ServedModel:
     max_model_len: int
     created: int
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    reasoning: Style | None = None  # a thinking model's style (gateway/api/reasoning.py)
 
     @classmethod
     def load(cls, spec: str, data_dir: str | Path) -> ServedModel:
         path = resolve_model_dir(spec, data_dir)
         config = json.loads((path / "config.json").read_text())
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        template = ChatTemplate.load(path)
         return cls(
             name=model_name(spec),
             path=path,
             tokenizer=tokenizer,
-            chat_template=ChatTemplate.load(path),
+            chat_template=template,
             vocab_size=int(config.get("vocab_size", tokenizer.get_vocab_size())),
             max_model_len=int(config.get("max_position_embeddings", 2048)),
             created=int(time.time()),
             sampling_defaults=generation_defaults(path),
+            reasoning=reasoning_style(template),
         )
 
 
