@@ -170,7 +170,8 @@ def test_unknown_and_unsupported_fields(client: openai.OpenAI) -> None:
     for extra, param in (
         ({"bogus_field": 1}, "bogus_field"),
         ({"best_of": 3}, "best_of"),
-        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"structural_tag": {"type": "x"}}, "structural_tag"),
+        ({"use_beam_search": True}, "use_beam_search"),
     ):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(
