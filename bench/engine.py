@@ -7,7 +7,11 @@ batch generating up to its longest request). Output tokens/s counts the requeste
 Each side runs in its own process so that its peak RSS is its own.
 
     python bench/engine.py [--model DIR] [--requests 64] [--concurrency 32]
+    python bench/engine.py --structured   # the engine with a JSON schema vs without
 
+With --structured the engine runs the workload twice, without and with structured output (every
+request bound to a JSON schema: an object with one string of at least 4096 characters, so that
+each request still runs to its output length), and reports the ratio of output tokens/s.
 The last line is `RESULT {json}`.
 """
 
@@ -36,7 +40,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_engine(model: Path, reqs: list[tuple[list[int], int]], concurrency: int) -> dict:
+LONG_STRING_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 4096}},
+    "required": ["text"],
+}
+
+
+def run_engine(
+    model: Path, reqs: list[tuple[list[int], int]], concurrency: int, structured: bool = False
+) -> dict:
     from mell.common.config import EngineConfig
     from mell.common.sampling import SamplingParams
     from mell.workerd.engine.engine import Engine
@@ -44,9 +57,15 @@ def run_engine(model: Path, reqs: list[tuple[list[int], int]], concurrency: int)
     # EngineConfig defaults (block 16, max_num_batched_tokens 512) except the concurrency
     engine = Engine(EngineConfig(model=str(model), max_num_seqs=concurrency))
 
+    grammar = None
+    if structured:
+        import llguidance
+
+        grammar = llguidance.grammar_from("json_schema", json.dumps(LONG_STRING_SCHEMA))
+
     def go(batch: list[tuple[list[int], int]], tag: str) -> tuple[int, int]:
         for i, (prompt, n) in enumerate(batch):
-            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, grammar=grammar)
             engine.add_request(f"{tag}{i}", prompt, params)
         tokens = steps = 0
         while engine.has_unfinished():
@@ -106,7 +125,12 @@ def main() -> int:
         "--threads", type=int, default=1, help="torch intra-op threads, both sides (default 1)"
     )
     parser.add_argument("--repeat", type=int, default=5, help="runs per side; the best counts")
-    parser.add_argument("--part", choices=["engine", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--structured", action="store_true", help="engine with a JSON schema vs without"
+    )
+    parser.add_argument(
+        "--part", choices=["engine", "engine-json", "transformers"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,10 +145,14 @@ def main() -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-            run = run_engine if args.part == "engine" else run_transformers
-            print(json.dumps(run(model, reqs, args.concurrency)))
+            if args.part == "transformers":
+                out = run_transformers(model, reqs, args.concurrency)
+            else:
+                out = run_engine(model, reqs, args.concurrency, args.part == "engine-json")
+            print(json.dumps(out))
             return 0
-        runs: dict[str, list[dict]] = {"engine": [], "transformers": []}
+        parts = ["engine", "engine-json" if args.structured else "transformers"]
+        runs: dict[str, list[dict]] = {part: [] for part in parts}
         for _ in range(args.repeat):  # interleaved, so that machine noise hits both sides
             for part in runs:
                 cmd = [sys.executable, __file__, "--part", part, "--model", str(model)]
@@ -135,6 +163,8 @@ def main() -> int:
         results = {part: min(rs, key=lambda r: r["seconds"]) for part, rs in runs.items()}
         spread = {part: [round(r["seconds"], 2) for r in rs] for part, rs in runs.items()}
 
+    if args.structured:
+        return report_structured(args, results, spread)
     eng, hf = results["engine"], results["transformers"]
     eng_tps = eng["tokens"] / eng["seconds"]
     hf_tps = hf["tokens"] / hf["seconds"]
@@ -163,6 +193,33 @@ def main() -> int:
         "ratio": round(eng_tps / hf_tps, 2),
         "engine_peak_rss_mb": round(eng["peak_rss_mb"], 1),
         "transformers_peak_rss_mb": round(hf["peak_rss_mb"], 1),
+    }
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+def report_structured(
+    args: argparse.Namespace, results: dict[str, dict], spread: dict[str, list[float]]
+) -> int:
+    plain, guided = results["engine"], results["engine-json"]
+    plain_tps = plain["tokens"] / plain["seconds"]
+    guided_tps = guided["tokens"] / guided["seconds"]
+    print(
+        f"model: {args.model or 'mell-tiny (seed 0)'}; {args.requests} requests, greedy, "
+        f"concurrency {args.concurrency}, CPU, {args.threads} thread(s), best of {args.repeat} "
+        f"(seconds: {spread})"
+    )
+    print(f"engine:             {plain['tokens']} tokens, {plain_tps:,.0f} tok/s")
+    print(f"engine, JSON schema: {guided['tokens']} tokens, {guided_tps:,.0f} tok/s")
+    ratio = guided_tps / plain_tps
+    print(f"ratio with/without: {ratio:.2f} (target >= 0.8)")
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "output_tokens": guided["tokens"],
+        "plain_tok_s": round(plain_tps, 1),
+        "json_schema_tok_s": round(guided_tps, 1),
+        "ratio": round(ratio, 2),
     }
     print("RESULT " + json.dumps(result))
     return 0

@@ -66,6 +66,8 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None  # FinishReason value on the request's last output
     num_prompt_tokens: int
+    # With sampling.prompt_logprobs, on the first output: prompt tokens 1.. (token 0 has none).
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 class TokenBatch(msgspec.Struct, frozen=True, array_like=True, tag="tok"):

@@ -1,8 +1,8 @@
 """The gateway's aiohttp application: routes, middlewares, background tasks.
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /health, /version, /load,
-/metrics. Every error leaves as OpenAI error JSON; an unexpected exception is a 500 with the
-request id logged, never a traceback to the client.
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health,
+/version, /load, /metrics. Every error leaves as OpenAI error JSON; an unexpected exception is
+a 500 with the request id logged, never a traceback to the client.
 
 Part of the wiring at the top of the gateway: it joins the handlers of `api/` with the
 cluster's background tasks (the link's loops, the epoch loop, the journal keeper).
@@ -22,7 +22,8 @@ from aiohttp import web
 
 from mell.common.errors import Unauthorized
 from mell.gateway.api.error_body import error_response, errors_middleware
-from mell.gateway.api.routes import chat_completions, completions
+from mell.gateway.api.routes import chat_completions, completions, detokenize, tokenize
+from mell.gateway.api.served_models import context_length
 from mell.gateway.cluster.epoch import run_epochs
 from mell.gateway.cluster.metrics import CONTENT_TYPE
 from mell.gateway.cluster.recovery import reconcile_after_restart
@@ -44,6 +45,8 @@ def build_app(ctx: GatewayContext) -> web.Application:
             web.post("/v1/completions", completions),
             web.post("/v1/chat/completions", chat_completions),
             web.get("/v1/models", list_models),
+            web.post("/tokenize", tokenize),
+            web.post("/detokenize", detokenize),
             web.get("/health", health),
             web.get("/version", get_version),
             web.get("/load", load),
@@ -114,7 +117,7 @@ async def list_models(request: web.Request) -> web.Response:
             "owned_by": "mell",
             "root": str(m.path),
             "parent": None,
-            "max_model_len": m.max_model_len,
+            "max_model_len": context_length(m, ctx.state.view),
             "permission": [],
         }
         for m in ctx.models.models.values()

@@ -383,6 +383,7 @@ class Worker:
                     out.logprobs,
                     out.finish_reason.value if out.finish_reason is not None else None,
                     out.num_prompt_tokens,
+                    out.prompt_logprobs,
                 )
             )
             if out.finish_reason is not None:

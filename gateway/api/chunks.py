@@ -33,8 +33,11 @@ class _Format:
     object_chunk: bytes
     object_full: str
 
-    def __init__(self, request_id: str, model: str, created: int, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, request_id: str, model: str, created: int, tokenizer: Tokenizer, index: int = 0
+    ) -> None:
         self.request_id = request_id
+        self.index = index
         self.model = model
         self.created = created
         self.tokenizer = tokenizer
@@ -49,7 +52,7 @@ class _Format:
             + _json(model)
         )
         self._head = b"data: " + head
-        self._choice = self._head + b',"choices":[{"index":0,'
+        self._choice = self._head + b',"choices":[{"index":%d,' % index
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return (
@@ -59,20 +62,63 @@ class _Format:
             + b"}\n\n"
         )
 
-    def _full(self, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+    def choice(
+        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def response(
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> bytes:
+        """The whole non-streamed body of a one-choice request."""
+        return self.full(
+            [self.choice(text, logprobs, finish_reason)], prompt_tokens, completion_tokens
+        )
+
+    def full(
+        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+    ) -> bytes:
+        """The whole non-streamed body with these choices (n > 1: one per choice)."""
         return _json(
             {
                 "id": self.request_id,
                 "object": self.object_full,
                 "created": self.created,
                 "model": self.model,
-                "choices": [choice],
+                "choices": choices,
                 "usage": usage(prompt_tokens, completion_tokens),
             }
         )
 
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def prompt_logprobs(self, prompt_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+        """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a map
+        token id -> {logprob, rank, decoded_token} of the token itself and the top-N."""
+        out: list[Any] = [None]
+        for token_id, entry in zip(prompt_ids[1:], entries, strict=False):
+            ranked = {token_id: (entry.logprob, entry.rank)}
+            for rank, (t, lp) in enumerate(
+                zip(entry.top_token_ids, entry.top_logprobs, strict=False)
+            ):
+                ranked.setdefault(t, (lp, rank + 1))
+            out.append(
+                {
+                    str(t): {
+                        "logprob": max(lp, -9999.0),
+                        "rank": rank,
+                        "decoded_token": self._token(t),
+                    }
+                    for t, (lp, rank) in ranked.items()
+                }
+            )
+        return out
 
 
 class ChatFormat(_Format):
@@ -85,21 +131,22 @@ class ChatFormat(_Format):
             b'"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
-    def delta_chunk(self, text: str, logprobs: bytes, finish_reason: str | None) -> bytes:
+    def delta_chunk(
+        self, text: str, logprobs: bytes, finish_reason: str | None, reasoning: str = ""
+    ) -> bytes:
+        """A content delta; with `reasoning`, a `reasoning_content` delta (and the content
+        only if there is some), as vLLM's reasoning parsers send them."""
         tail = (
             b'"finish_reason":null}]}\n\n'
             if finish_reason is None
             else b'"finish_reason":"' + finish_reason.encode() + b'","stop_reason":null}]}\n\n'
         )
-        return (
-            self._choice
-            + b'"delta":{"content":'
-            + _json(text)
-            + b'},"logprobs":'
-            + logprobs
-            + b","
-            + tail
-        )
+        if reasoning:
+            delta = b'"delta":{"reasoning_content":' + _json(reasoning)
+            delta += (b',"content":' + _json(text)) if text else b""
+        else:
+            delta = b'"delta":{"content":' + _json(text)
+        return self._choice + delta + b'},"logprobs":' + logprobs + b"," + tail
 
     def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
         """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
@@ -120,22 +167,30 @@ class ChatFormat(_Format):
             "bytes": list(token.encode("utf-8")),
         }
 
-    def response(
-        self,
-        text: str,
-        logprobs: Any,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> bytes:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
+    def choice(
+        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return {
+            "index": self.index,
+            "message": message,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        return self._full(choice, prompt_tokens, completion_tokens)
+
+    def full(
+        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+    ) -> bytes:
+        """Chat puts `prompt_logprobs` beside the choices (vLLM), not in them."""
+        prompt_logprobs = [c.pop("prompt_logprobs", None) for c in choices]
+        if prompt_logprobs[0] is None:
+            return super().full(choices, prompt_tokens, completion_tokens)
+        body = msgspec.json.decode(super().full(choices, prompt_tokens, completion_tokens))
+        body["prompt_logprobs"] = prompt_logprobs[0]
+        return _json(body)
 
 
 class CompletionFormat(_Format):
@@ -149,7 +204,9 @@ class CompletionFormat(_Format):
     def role_chunk(self) -> bytes | None:
         return None
 
-    def delta_chunk(self, text: str, logprobs: bytes, finish_reason: str | None) -> bytes:
+    def delta_chunk(
+        self, text: str, logprobs: bytes, finish_reason: str | None, reasoning: str = ""
+    ) -> bytes:
         reason = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
         return (
             self._choice
@@ -162,21 +219,29 @@ class CompletionFormat(_Format):
             + b',"stop_reason":null}]}\n\n'
         )
 
-    def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+    def logprobs(
+        self, token_ids: list[int], entries: list[TokenLogprobs | None], top_n: int | None = None
+    ) -> Any:
         """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs,
-        text_offset)."""
-        tokens, token_logprobs, tops, offsets = [], [], [], []
+        text_offset); an entry None (the first echoed prompt token) has null logprobs; `top_n`
+        cuts the alternatives (echoed prompt tokens carry prompt_logprobs' top-N)."""
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for token_id, entry in zip(token_ids, entries, strict=False):
             token = self._token(token_id)
             tokens.append(token)
-            token_logprobs.append(max(entry.logprob, -9999.0))
-            top = {
-                self._token(t): max(lp, -9999.0)
-                for t, lp in zip(entry.top_token_ids, entry.top_logprobs, strict=False)
-            }
-            tops.append(top or {token: max(entry.logprob, -9999.0)})
             offsets.append(self._text_offset)
             self._text_offset += len(token)
+            if entry is None:
+                token_logprobs.append(None)
+                tops.append(None)
+                continue
+            token_logprobs.append(max(entry.logprob, -9999.0))
+            alternatives = list(zip(entry.top_token_ids, entry.top_logprobs, strict=False))
+            top = {self._token(t): max(lp, -9999.0) for t, lp in alternatives[:top_n]}
+            tops.append(top or {token: max(entry.logprob, -9999.0)})
         return {
             "text_offset": offsets,
             "token_logprobs": token_logprobs,
@@ -184,22 +249,16 @@ class CompletionFormat(_Format):
             "top_logprobs": tops,
         }
 
-    def response(
-        self,
-        text: str,
-        logprobs: Any,
-        finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-    ) -> bytes:
-        choice = {
-            "index": 0,
+    def choice(
+        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+    ) -> dict[str, Any]:
+        return {
+            "index": self.index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        return self._full(choice, prompt_tokens, completion_tokens)
 
 
 def merge_logprobs(parts: list[Any]) -> Any:

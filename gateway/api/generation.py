@@ -20,9 +20,11 @@ from aiohttp import web
 
 from mell.common.errors import MellError, RequestAbortedError, WorkerLostError
 from mell.common.messages import TokenOutput
+from mell.common.sampling import TokenLogprobs
 from mell.gateway.api.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
 from mell.gateway.api.detokenizer import Detokenizer
 from mell.gateway.api.error_body import error_event
+from mell.gateway.api.reasoning import ReasoningSplitter
 from mell.gateway.api.stop_strings import StopMatcher
 from mell.gateway.cluster.dispatcher import Dispatcher, Job
 from mell.gateway.cluster.stream import RequestStream, StreamTimeout
@@ -41,12 +43,47 @@ SSE_HEADERS = {
 class TextOutput:
     """Text, logprobs and finish reason of one request, from its token outputs."""
 
-    __slots__ = ("_detok", "_fmt", "_stop", "finish_reason", "num_generated", "want_logprobs")
+    __slots__ = (
+        "_detok",
+        "_echo_top",
+        "_prefix",
+        "_prompt_ids",
+        "_show_prompt",
+        "_stop",
+        "finish_reason",
+        "fmt",
+        "num_generated",
+        "prompt_logprobs",
+        "reasoning",
+        "want_logprobs",
+    )
 
-    def __init__(self, fmt: Format, stops: list[str], want_logprobs: bool) -> None:
-        self._fmt = fmt
-        self._detok = Detokenizer(fmt.tokenizer)
-        self._stop = StopMatcher(stops) if stops else None
+    def __init__(
+        self,
+        fmt: Format,
+        stops: list[str],
+        want_logprobs: bool,
+        *,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+        prefix: str = "",
+        prompt_ids: list[int] | None = None,
+        echo_top: int | None = None,
+        show_prompt_logprobs: bool = True,
+        reasoning: ReasoningSplitter | None = None,
+    ) -> None:
+        """`prefix` (the echoed prompt) comes before the first new text. With `prompt_ids`,
+        the prompt logprobs the worker sends become `prompt_logprobs` (vLLM's JSON); with
+        `echo_top` too (completions echo with logprobs=N) they also open the logprobs."""
+        self.fmt = fmt
+        self._prompt_ids = prompt_ids
+        self._echo_top = echo_top
+        self._show_prompt = show_prompt_logprobs
+        self.reasoning = reasoning  # chat of a thinking model: splits reasoning from content
+        self.prompt_logprobs: Any = None
+        self._detok = Detokenizer(fmt.tokenizer, skip_special_tokens)
+        self._stop = StopMatcher(stops, include_stop) if stops else None
+        self._prefix = prefix
         self.want_logprobs = want_logprobs
         self.num_generated = 0
         self.finish_reason: str | None = None
@@ -56,9 +93,14 @@ class TextOutput:
         parts: list[str] = []
         lp_ids: list[int] = []
         lp_entries: list[Any] = []
+        echoed: Any = None
         for out in outputs:
+            if out.prompt_logprobs is not None and self._prompt_ids is not None:
+                echoed = self._prompt_part(self._prompt_ids, out.prompt_logprobs)
             self.num_generated += len(out.token_ids)
             text = self._detok.step(out.token_ids)
+            if out.finish_reason is not None:
+                text += self._detok.flush()
             if self.want_logprobs and out.logprobs is not None:
                 lp_ids.extend(out.token_ids)
                 lp_entries.extend(out.logprobs)
@@ -74,8 +116,31 @@ class TextOutput:
             if out.finish_reason is not None:
                 self.finish_reason = out.finish_reason
                 break
-        logprobs = self._fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
+        logprobs = self.fmt.logprobs(lp_ids, lp_entries) if self.want_logprobs else None
+        if echoed is not None and logprobs is not None:
+            logprobs = merge_logprobs([echoed, logprobs])
+        if self._prefix:
+            parts.insert(0, self._prefix)
+            self._prefix = ""
         return "".join(parts), logprobs
+
+    def split(self, piece: str) -> tuple[str, str]:
+        """(reasoning, content) of new text; at the finish, what the splitter held back too."""
+        if self.reasoning is None:
+            return "", piece
+        reasoning, content = self.reasoning.feed(piece)
+        if self.finish_reason is not None:
+            more = self.reasoning.flush()
+            reasoning, content = reasoning + more[0], content + more[1]
+        return reasoning, content
+
+    def _prompt_part(self, prompt_ids: list[int], entries: list[TokenLogprobs]) -> Any:
+        """Record `prompt_logprobs` (if asked); the echoed prompt's part of the logprobs."""
+        if self._show_prompt:
+            self.prompt_logprobs = self.fmt.prompt_logprobs(prompt_ids, entries)
+        if self._echo_top is None or not isinstance(self.fmt, CompletionFormat):
+            return None
+        return self.fmt.logprobs(prompt_ids, [None, *entries], self._echo_top)
 
 
 @dataclass(slots=True)
@@ -89,16 +154,14 @@ async def respond(
     request: web.Request,
     dispatcher: Dispatcher,
     job: Job,
-    fmt: Format,
-    stops: list[str],
-    want_logprobs: bool,
+    text: TextOutput,
     stream_mode: bool,
     include_usage: bool,
     timeout_s: float,
 ) -> web.StreamResponse:
     """Place the request and answer it; the request always ends in `release`."""
-    stream, outputs = await _start(dispatcher, job, timeout_s)
-    text = TextOutput(fmt, stops, want_logprobs)
+    stream, outputs = await start(dispatcher, job, timeout_s)
+    fmt = text.fmt
     outcome = Outcome()
     try:
         if stream_mode:
@@ -110,7 +173,7 @@ async def respond(
         dispatcher.release(stream, outcome.finish_reason, outcome.reason, text.num_generated)
 
 
-async def _start(
+async def start(
     dispatcher: Dispatcher, job: Job, timeout_s: float
 ) -> tuple[RequestStream, list[TokenOutput]]:
     """Place the request and wait for its first outputs. A worker lost before producing any
@@ -118,7 +181,7 @@ async def _start(
     for attempt in range(1, MAX_PLACEMENTS + 1):
         stream = dispatcher.submit(job)
         try:
-            return stream, await _next(stream, timeout_s)
+            return stream, await next_outputs(stream, timeout_s)
         except WorkerLostError as err:
             dispatcher.release(stream, None, err.message, 0)
             if attempt == MAX_PLACEMENTS:
@@ -133,7 +196,7 @@ async def _start(
     raise AssertionError("unreachable")
 
 
-async def _next(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
+async def next_outputs(stream: RequestStream, timeout_s: float) -> list[TokenOutput]:
     """The next outputs; times out only after `timeout_s` without any token."""
     while True:
         try:
@@ -149,23 +212,33 @@ class SseWriter:
     directly from the fan-out loop (`sink`), one write per step per request."""
 
     def __init__(
-        self, fmt: Format, text: TextOutput, include_usage: bool, num_prompt_tokens: int
+        self,
+        fmt: Format,
+        text: TextOutput,
+        include_usage: bool,
+        num_prompt_tokens: int,
+        ends_stream: bool = True,
     ) -> None:
         self.fmt, self.text = fmt, text
         self.include_usage = include_usage
         self.num_prompt_tokens = num_prompt_tokens
+        self.ends_stream = ends_stream  # False for one choice of several: the caller ends it
         self.finished = False
 
     def render(self, outputs: list[TokenOutput]) -> bytes:
-        """The chunks of these outputs; with the last one, usage (if asked) and [DONE]."""
+        """The chunks of these outputs; with the last one, usage (if asked) and [DONE]
+        (unless another writes them: `ends_stream` False)."""
         piece, logprobs = self.text.feed(outputs)
+        reasoning, piece = self.text.split(piece)
         finish = self.text.finish_reason
-        if not piece and finish is None and logprobs is None:
+        if not piece and not reasoning and finish is None and logprobs is None:
             return b""
         lp = b"null" if logprobs is None else encode(logprobs)
-        data = self.fmt.delta_chunk(piece, lp, finish)
+        data = self.fmt.delta_chunk(piece, lp, finish, reasoning)
         if finish is not None:
             self.finished = True
+            if not self.ends_stream:
+                return data
             if self.include_usage:
                 data += self.fmt.usage_chunk(self.num_prompt_tokens, self.text.num_generated)
             data += DONE
@@ -207,7 +280,7 @@ async def _sse(
         await response.write((fmt.role_chunk() or b"") + writer.render(outputs))
         while not writer.finished:
             stream.sink = writer.sink(request.transport, stream)
-            outputs = await _next(stream, timeout_s)
+            outputs = await next_outputs(stream, timeout_s)
             stream.sink = None
             if outputs:
                 await response.write(writer.render(outputs))
@@ -216,13 +289,13 @@ async def _sse(
     except MellError as err:
         stream.sink = None
         outcome.reason = err.message
-        await _end_with_error(response, err)
+        await end_with_error(response, err)
     except ConnectionError:
         pass
     return response
 
 
-async def _end_with_error(response: web.StreamResponse, err: MellError) -> None:
+async def end_with_error(response: web.StreamResponse, err: MellError) -> None:
     try:
         await response.write(error_event(err) + DONE)
         await response.write_eof()
@@ -238,26 +311,40 @@ async def _collect(
     timeout_s: float,
     outcome: Outcome,
 ) -> web.Response:
+    choice = await collect_choice(stream, outputs, text, timeout_s, outcome)
+    body = fmt.full([choice], stream.num_prompt_tokens, text.num_generated)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def collect_choice(
+    stream: RequestStream,
+    outputs: list[TokenOutput],
+    text: TextOutput,
+    timeout_s: float,
+    outcome: Outcome,
+) -> dict[str, Any]:
+    """Read a request to its end; its choice object of a non-streamed response."""
     parts: list[str] = []
+    thoughts: list[str] = []
     logprobs: list[Any] = []
     try:
         while True:
             piece, lp = text.feed(outputs)
+            thought, piece = text.split(piece)
+            thoughts.append(thought)
             parts.append(piece)
             if lp is not None:
                 logprobs.append(lp)
             if text.finish_reason is not None:
                 break
-            outputs = await _next(stream, timeout_s)
+            outputs = await next_outputs(stream, timeout_s)
     except MellError as err:
         outcome.reason = err.message
         raise
     outcome.finish_reason = text.finish_reason
-    body = fmt.response(
-        "".join(parts),
-        merge_logprobs(logprobs) if text.want_logprobs else None,
-        text.finish_reason,
-        stream.num_prompt_tokens,
-        text.num_generated,
-    )
-    return web.Response(body=body, content_type="application/json")
+    merged = merge_logprobs(logprobs) if text.want_logprobs else None
+    reasoning = None if text.reasoning is None else "".join(thoughts)
+    choice = text.fmt.choice("".join(parts), merged, text.finish_reason, reasoning)
+    if text.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = text.prompt_logprobs
+    return choice

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from mell.common.errors import InvalidRequest
 from mell.common.ids import new_request_id
+from mell.common.sampling import INT64_MAX, SamplingParams
 from mell.gateway.api.bodies import (
     ChatCompletionRequest,
     ChatMessage,
@@ -25,17 +28,23 @@ from mell.gateway.api.bodies import (
     check_top_logprobs,
     decode_chat,
     decode_completion,
+    decode_detokenize,
+    decode_tokenize,
     include_usage,
     stop_strings,
+    template_kwargs,
     to_sampling,
 )
+from mell.gateway.api.choices import Choice, respond_many
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
-from mell.gateway.api.generation import Format, respond
-from mell.gateway.api.served_models import ServedModel, check_token_ids
+from mell.gateway.api.generation import Format, Outcome, TextOutput, respond
+from mell.gateway.api.reasoning import ReasoningSplitter
+from mell.gateway.api.served_models import ServedModel, check_token_ids, context_length
 from mell.gateway.cluster.dispatcher import Job
 from mell.gateway.context import CONTEXT, GatewayContext
 
 T = TypeVar("T")
+MAX_CHOICES = 64  # choices of one HTTP request: n times the number of prompts
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -47,13 +56,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model.check_prompt_chars(sum(_content_chars(m) for m in body.messages), "messages")
     prompt = _render_chat(model, body)
     ids = await ctx.models.encode(model, prompt, add_special_tokens=False)
-    max_tokens = body.max_completion_tokens or body.max_tokens or (model.max_model_len - len(ids))
-    _check_length(model, len(ids), max_tokens, "messages")
-    request_id = new_request_id("chatcmpl")
+    limit = context_length(model, ctx.state.view)
+    max_tokens = (
+        body.max_completion_tokens or body.max_tokens or _default_max_tokens(model, limit, ids)
+    )
+    _check_length(limit, len(ids), max_tokens, "messages")
     logprobs = chat_logprobs(body)
-    job = Job(request_id, model.name, ids, to_sampling(body, max_tokens, logprobs), arrival)
-    fmt = ChatFormat(request_id, model.name, int(time.time()), model.tokenizer)
-    return await _respond(request, ctx, job, fmt, body, logprobs is not None)
+    sampling = to_sampling(body, max_tokens, logprobs, model.sampling_defaults)
+    answer = _Answer(new_request_id("chatcmpl"), model, ChatFormat, body, arrival)
+    return await answer.respond(request, ctx, [ids], sampling, logprobs is not None)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -62,35 +73,132 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = _decode(decode_completion, await _body(request))
     check_top_logprobs(body.logprobs, "logprobs")
     model = ctx.models.resolve(body.model)
-    ids = await _prompt_ids(ctx, model, body.prompt)
+    sources = _prompt_list(body.prompt)
+    prompts = [await _prompt_ids(ctx, model, p, body.add_special_tokens) for p in sources]
     max_tokens = body.max_tokens or 16
-    _check_length(model, len(ids), max_tokens, "prompt")
-    request_id = new_request_id("cmpl")
-    job = Job(request_id, model.name, ids, to_sampling(body, max_tokens, body.logprobs), arrival)
-    fmt = CompletionFormat(request_id, model.name, int(time.time()), model.tokenizer)
-    return await _respond(request, ctx, job, fmt, body, body.logprobs is not None)
+    limit = context_length(model, ctx.state.view)
+    for ids in prompts:
+        _check_length(limit, len(ids), max_tokens, "prompt")
+    sampling = to_sampling(body, max_tokens, body.logprobs, model.sampling_defaults)
+    if body.echo and body.logprobs is not None:  # the echoed prompt's logprobs are wanted
+        wanted = max(sampling.prompt_logprobs or 0, body.logprobs)
+        sampling = msgspec.structs.replace(sampling, prompt_logprobs=wanted)
+    echo = [_echo_text(model, p, ids) for p, ids in zip(sources, prompts, strict=True)]
+    answer = _Answer(
+        new_request_id("cmpl"), model, CompletionFormat, body, arrival, echo if body.echo else None
+    )
+    return await answer.respond(request, ctx, prompts, sampling, body.logprobs is not None)
 
 
-async def _respond(
-    request: web.Request,
-    ctx: GatewayContext,
-    job: Job,
-    fmt: Format,
-    body: CompletionRequest | ChatCompletionRequest,
-    want_logprobs: bool,
-) -> web.StreamResponse:
-    with structlog.contextvars.bound_contextvars(request_id=job.request_id):
-        return await respond(
-            request,
-            ctx.dispatcher,
-            job,
+@dataclass(slots=True)
+class _Answer:
+    """The response to one HTTP request: one choice, or several (n > 1, a list of prompts)."""
+
+    request_id: str
+    model: ServedModel
+    format: type[ChatFormat] | type[CompletionFormat]
+    body: CompletionRequest | ChatCompletionRequest
+    arrival: float
+    echo: list[str] | None = None  # per prompt, the text echoed before the completion
+
+    async def respond(
+        self,
+        request: web.Request,
+        ctx: GatewayContext,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        want_logprobs: bool,
+    ) -> web.StreamResponse:
+        n = self.body.n or 1
+        if n * len(prompts) > MAX_CHOICES:
+            raise InvalidRequest(
+                f"n times the number of prompts is {n * len(prompts)}, more than {MAX_CHOICES}",
+                param="n",
+            )
+        with structlog.contextvars.bound_contextvars(request_id=self.request_id):
+            if n == 1 and len(prompts) == 1:
+                job = Job(self.request_id, self.model.name, prompts[0], sampling, self.arrival)
+                return await respond(
+                    request,
+                    ctx.dispatcher,
+                    job,
+                    self._text(self._format(0), 0, prompts[0], sampling, want_logprobs),
+                    bool(self.body.stream),
+                    include_usage(self.body),
+                    ctx.config.request_timeout_s,
+                )
+            choices = [
+                self._choice(i, i * n + j, ids, child_sampling(sampling, j), want_logprobs)
+                for i, ids in enumerate(prompts)
+                for j in range(n)
+            ]
+            return await respond_many(
+                request,
+                ctx.dispatcher,
+                choices,
+                sum(len(ids) for ids in prompts),
+                bool(self.body.stream),
+                include_usage(self.body),
+                ctx.config.request_timeout_s,
+            )
+
+    def _format(self, index: int) -> Format:
+        return self.format(
+            self.request_id, self.model.name, int(time.time()), self.model.tokenizer, index
+        )
+
+    def _choice(
+        self,
+        i_prompt: int,
+        index: int,
+        ids: list[int],
+        sampling: SamplingParams,
+        want_logprobs: bool,
+    ) -> Choice:
+        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
+        fmt = self._format(index)
+        text = self._text(fmt, i_prompt, ids, sampling, want_logprobs)
+        return Choice(job, fmt, text, Outcome())
+
+    def _text(
+        self,
+        fmt: Format,
+        i_prompt: int,
+        ids: list[int],
+        sampling: SamplingParams,
+        want_logprobs: bool,
+    ) -> TextOutput:
+        body = self.body
+        return TextOutput(
             fmt,
             stop_strings(body),
             want_logprobs,
-            bool(body.stream),
-            include_usage(body),
-            ctx.config.request_timeout_s,
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop=body.include_stop_str_in_output,
+            prefix=self.echo[i_prompt] if self.echo else "",
+            prompt_ids=ids if sampling.prompt_logprobs is not None else None,
+            echo_top=sampling.logprobs if self.echo else None,
+            show_prompt_logprobs=body.prompt_logprobs is not None,
+            reasoning=self._reasoning(),
         )
+
+    def _reasoning(self) -> ReasoningSplitter | None:
+        """A splitter of reasoning from content, for a chat request to a thinking model."""
+        body = self.body
+        if self.model.reasoning is None or not isinstance(body, ChatCompletionRequest):
+            return None
+        return ReasoningSplitter(self.model.reasoning, keep=body.include_reasoning)
+
+
+def child_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The sampling of choice `index` of n: a seeded request's choices use seed + index, as
+    vLLM's parallel sampling does (wrapped into int64), so they differ and stay reproducible."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    seed = sampling.seed + index
+    if seed > INT64_MAX:
+        seed -= 2**64
+    return msgspec.structs.replace(sampling, seed=seed)
 
 
 async def _body(request: web.Request) -> bytes:
@@ -114,13 +222,21 @@ def _content_chars(message: ChatMessage) -> int:
 
 
 def _render_chat(model: ServedModel, body: ChatCompletionRequest) -> str:
+    return _render(model, body.messages, body.add_generation_prompt, template_kwargs(body))
+
+
+def _render(
+    model: ServedModel,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    kwargs: dict[str, Any] | None,
+) -> str:
     if model.chat_template is None:
         raise InvalidRequest(f"model {model.name} has no chat template", param="messages")
-    messages = [_message_dict(m) for m in body.messages]
     return model.chat_template.render(
-        messages,
-        add_generation_prompt=body.add_generation_prompt,
-        **(body.chat_template_kwargs or {}),
+        [_message_dict(m) for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        **(kwargs or {}),
     )
 
 
@@ -140,30 +256,90 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-async def _prompt_ids(ctx: GatewayContext, model: ServedModel, prompt: Any) -> list[int]:
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a completions body: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        return [prompt]
+    if prompt and all(isinstance(p, str) or _is_token_ids(p) for p in prompt):
+        return list(prompt)
+    raise InvalidRequest(
+        "prompt must be a string, a list of token ids, or a list of either", param="prompt"
+    )
+
+
+def _echo_text(model: ServedModel, prompt: str | list[int], ids: list[int]) -> str:
+    """What `echo` repeats: the prompt as given, or the decode of its token ids."""
+    return prompt if isinstance(prompt, str) else model.tokenizer.decode(ids, False)
+
+
+def _is_token_ids(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+async def _prompt_ids(
+    ctx: GatewayContext, model: ServedModel, prompt: str | list[int], add_special_tokens: bool
+) -> list[int]:
     if isinstance(prompt, str):
-        ids = await ctx.models.encode(model, prompt, add_special_tokens=True)
-    elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = check_token_ids(model, prompt)
-    elif len(prompt) == 1 and isinstance(prompt[0], str | list):
-        return await _prompt_ids(ctx, model, prompt[0])
-    elif len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
-        raise InvalidRequest("only one prompt per request is supported", param="prompt")
+        ids = await ctx.models.encode(model, prompt, add_special_tokens=add_special_tokens)
     else:
-        raise InvalidRequest("prompt must be a string or a list of token ids", param="prompt")
+        ids = check_token_ids(model, prompt)  # type: ignore[arg-type]
     if not ids:
         raise InvalidRequest("prompt is empty", param="prompt")
     return ids
 
 
-def _check_length(model: ServedModel, num_prompt: int, max_tokens: int, what: str) -> None:
+def _default_max_tokens(model: ServedModel, limit: int, ids: list[int]) -> int:
+    """The rest of the context, capped by generation_config's max_new_tokens (as vLLM)."""
+    rest = limit - len(ids)
+    cap = model.sampling_defaults.get("max_tokens")
+    return min(rest, int(cap)) if isinstance(cap, int) and cap > 0 else rest
+
+
+def _check_length(limit: int, num_prompt: int, max_tokens: int, what: str) -> None:
     if num_prompt == 0:
         raise InvalidRequest("prompt is empty", param=what)
-    if num_prompt + max(max_tokens, 1) > model.max_model_len:
+    if num_prompt + max(max_tokens, 1) > limit:
         raise InvalidRequest(
-            f"This model's maximum context length is {model.max_model_len} tokens. However, "
+            f"This model's maximum context length is {limit} tokens. However, "
             f"you requested {num_prompt + max_tokens} tokens ({num_prompt} in the {what}, "
             f"{max_tokens} in the completion). Please reduce the length of the {what} or "
             "completion.",
             param=what,
         )
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """vLLM's /tokenize: a prompt (special tokens added by default) or chat messages (rendered
+    by the template; no special tokens added by default) to token ids."""
+    ctx = request.app[CONTEXT]
+    body = _decode(decode_tokenize, await _body(request))
+    model = ctx.models.resolve(body.model)
+    if body.messages is not None:
+        if not body.messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        text = _render(model, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        special = bool(body.add_special_tokens)
+    else:
+        text = body.prompt or ""
+        special = body.add_special_tokens is not False
+    ids = await ctx.models.encode(model, text, add_special_tokens=special)
+    strs = [model.tokenizer.id_to_token(t) for t in ids] if body.return_token_strs else None
+    limit = context_length(model, ctx.state.view)
+    return _json({"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": strs})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """vLLM's /detokenize: token ids (all in the vocabulary) to text."""
+    ctx = request.app[CONTEXT]
+    body = _decode(decode_detokenize, await _body(request))
+    model = ctx.models.resolve(body.model)
+    ids = check_token_ids(model, list(body.tokens), param="tokens")
+    return _json({"prompt": model.tokenizer.decode(ids, skip_special_tokens=False)})
+
+
+def _json(obj: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), content_type="application/json")

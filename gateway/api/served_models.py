@@ -21,7 +21,7 @@ import os
 import time
 from array import array
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from tokenizers import Tokenizer
 from mell.common.errors import InvalidRequest, ModelError, NotFound
 from mell.common.model_spec import model_name, resolve_model_dir
 from mell.gateway.api.chat_template import ChatTemplate
+from mell.gateway.api.reasoning import Style, reasoning_style
+from mell.gateway.cluster.view import ClusterView
 
 
 @dataclass(slots=True)
@@ -42,6 +44,8 @@ class ServedModel:
     max_model_len: int
     created: int
     max_token_bytes: int = 64  # the most bytes of text one token of the vocabulary covers
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    reasoning: Style | None = None  # a thinking model's style (gateway/api/reasoning.py)
 
     @classmethod
     def load(cls, spec: str, data_dir: str | Path) -> ServedModel:
@@ -49,15 +53,18 @@ class ServedModel:
         path = resolve_model_dir(spec, data_dir)
         config = _read_config(path / "config.json")
         tokenizer = load_tokenizer(path)
+        template = ChatTemplate.load(path)
         return cls(
             name=model_name(spec),
             path=path,
             tokenizer=tokenizer,
-            chat_template=ChatTemplate.load(path),
+            chat_template=template,
             vocab_size=_int(config, "vocab_size", tokenizer.get_vocab_size(), path),
             max_model_len=_int(config, "max_position_embeddings", 2048, path),
             created=int(time.time()),
             max_token_bytes=max((len(t.encode()) for t in tokenizer.get_vocab()), default=1),
+            sampling_defaults=generation_defaults(path),
+            reasoning=reasoning_style(template),
         )
 
     @property
@@ -104,6 +111,34 @@ def _int(config: dict[str, Any], key: str, default: int, path: Path) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ModelError(f"{path / 'config.json'}: {key} must be a positive integer, not {value!r}")
     return value
+
+
+# generation_config.json keys vLLM applies as request defaults (its `get_diff_sampling_param`),
+# and the request field each one sets.
+_GENERATION_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """The sampling defaults of the model's generation_config.json (absent or unreadable: none).
+    A field a request leaves unset takes this value, as in vLLM (`--generation-config auto`)."""
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {
+        name: config[key]
+        for key, name in _GENERATION_KEYS.items()
+        if isinstance(config.get(key), int | float) and not isinstance(config.get(key), bool)
+    }
 
 
 class ModelRegistry:
@@ -193,13 +228,21 @@ def _encode_in_child(path: str, text: str, add_special_tokens: bool, limit: int)
     return array("i", ids).tobytes()
 
 
-def check_token_ids(model: ServedModel, ids: list[object]) -> list[int]:
-    """A prompt given as token ids: every id an int in the vocabulary."""
+def context_length(model: ServedModel, view: ClusterView) -> int:
+    """The context length the model is served with: the smallest its active workers run (one
+    started with a smaller --max-model-len or KV cap serves less than the checkpoint allows),
+    the checkpoint's when none is active."""
+    lengths = [w.max_model_len for w in view.live_workers(model.name)]
+    return min(lengths, default=model.max_model_len)
+
+
+def check_token_ids(model: ServedModel, ids: list[object], param: str = "prompt") -> list[int]:
+    """Token ids from a client (a prompt, /detokenize): every id an int in the vocabulary."""
     for token in ids:
         if not isinstance(token, int) or isinstance(token, bool):
-            raise InvalidRequest("prompt token ids must be integers", param="prompt")
+            raise InvalidRequest(f"{param} token ids must be integers", param=param)
         if not 0 <= token < model.vocab_size:
             raise InvalidRequest(
-                f"token id {token} is out of vocabulary (size {model.vocab_size})", param="prompt"
+                f"token id {token} is out of vocabulary (size {model.vocab_size})", param=param
             )
     return ids  # type: ignore[return-value]

@@ -1,5 +1,6 @@
 """Stop strings: text is held back while it could still be the start of a stop string, so a
-stop string is never partially emitted, and the output ends right before the first match."""
+stop string is never partially emitted, and the output ends right before the first match (or
+right after it, with `include`: vLLM's include_stop_str_in_output)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from __future__ import annotations
 class StopMatcher:
     """Feeds generated text through; reports the first stop string found."""
 
-    __slots__ = ("_held", "_hold", "_stops", "stopped")
+    __slots__ = ("_held", "_hold", "_include", "_stops", "stopped")
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], include: bool = False) -> None:
         self._stops = [s for s in stops if s]
+        self._include = include
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._held = ""
         self.stopped = False
@@ -20,11 +22,12 @@ class StopMatcher:
         if self.stopped:
             return ""
         buffer = self._held + text
-        cut = _first_match(buffer, self._stops)
-        if cut is not None:
+        match = _first_match(buffer, self._stops)
+        if match is not None:
             self.stopped = True
             self._held = ""
-            return buffer[:cut]
+            at, stop = match
+            return buffer[: at + len(stop)] if self._include else buffer[:at]
         keep = _longest_partial(buffer, self._stops, self._hold)
         self._held = buffer[len(buffer) - keep :] if keep else ""
         return buffer[: len(buffer) - keep]
@@ -35,12 +38,13 @@ class StopMatcher:
         return "" if self.stopped else held
 
 
-def _first_match(text: str, stops: list[str]) -> int | None:
-    best = None
+def _first_match(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """Where the earliest stop string starts, and which one."""
+    best: tuple[int, str] | None = None
     for stop in stops:
         at = text.find(stop)
-        if at >= 0 and (best is None or at < best):
-            best = at
+        if at >= 0 and (best is None or at < best[0]):
+            best = (at, stop)
     return best
 
 

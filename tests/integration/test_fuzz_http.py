@@ -1,10 +1,10 @@
 """A bounded hypothesis fuzz of both generation routes and the admin routes, against a real
 gateway and a fake-rate worker: no answer is a 5xx, and afterwards nothing is left in flight.
 
-Integers are drawn within int64: above it (top_k, stop_token_ids) the body decoder answered 500
-and leaked an in-flight count (issue 14), which `test_integers_above_int64_are_400` covers until
-the API branch's fix to `gateway/api/bodies.py` merges. `chat_template_kwargs` keys are drawn
-from a fixed list for the same reason (keys such as `messages` are that branch's fix as well).
+Integers are drawn past int64 too: there (top_k, stop_token_ids) the body decoder once answered
+500 and leaked an in-flight count (issue 14; `test_integers_above_int64_are_400` pins it), and
+`chat_template_kwargs` keys include the template's own variables (`messages`, ...), which once
+crashed the renderer.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from hypothesis import strategies as st
 from mell_cluster import metric, wait_until
 
 pytestmark = pytest.mark.slow
-INT64 = st.integers(-(2**63), 2**63 - 1)
+INTS = (
+    st.integers(-(2**63), 2**63 - 1)
+    | st.integers(2**63, 2**70)
+    | st.integers(-(2**70), -(2**63) - 1)
+)
 SMALL = st.integers(-3, 10)
 FUZZ = settings(
     max_examples=120,
@@ -33,7 +37,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-scalars = st.none() | st.booleans() | INT64 | SMALL | st.floats() | st.text(max_size=12)
+scalars = st.none() | st.booleans() | INTS | SMALL | st.floats() | st.text(max_size=12)
 anything = st.recursive(
     scalars,
     lambda inner: (
@@ -54,7 +58,7 @@ COMMON = {
     "temperature": field(st.floats(0, 2)),
     "top_p": field(st.floats(0, 1)),
     "top_k": field(st.integers(-2, 600)),
-    "seed": field(INT64),
+    "seed": field(INTS),
     "stop": field(st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=5)),
     "stop_token_ids": field(st.lists(st.integers(-2, 600), max_size=4)),
     "ignore_eos": field(st.booleans()),
@@ -98,7 +102,18 @@ CHAT = {
     "top_logprobs": field(st.integers(-1, 25)),
     "add_generation_prompt": field(st.booleans()),
     "chat_template_kwargs": st.dictionaries(
-        st.sampled_from(["enable_thinking", "foo", "tools_in_user_message"]), scalars, max_size=2
+        st.sampled_from(
+            [
+                "enable_thinking",
+                "foo",
+                "messages",
+                "add_generation_prompt",
+                "bos_token",
+                "eos_token",
+            ]
+        ),
+        scalars,
+        max_size=2,
     ),
 }
 
@@ -153,7 +168,7 @@ ids = st.text(string.ascii_letters + string.digits + "-_.%~ ", min_size=1, max_s
 )
 query = st.dictionaries(
     st.sampled_from(["tail", "worker", "request", "follow", "to", "kind"]),
-    st.text(max_size=6) | INT64.map(str) | st.just(str(10**24)),
+    st.text(max_size=6) | INTS.map(str) | st.just(str(10**24)),
     max_size=3,
 )
 
@@ -220,10 +235,6 @@ def test_nothing_left_in_flight_after_the_fuzz(cluster: FakeCluster) -> None:
     assert status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="integers above int64 are a 500 until the API branch's bodies.py fix merges",
-)
 @pytest.mark.parametrize(
     "extra", [{"top_k": 2**70}, {"stop_token_ids": [2**70]}], ids=["top_k", "stop_token_ids"]
 )

@@ -215,13 +215,15 @@ async def test_client_disconnect_frees_blocks(cluster: LocalCluster) -> None:
 BAD = [
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": "many"}', 400, "max_tokens"),
-    ("/v1/completions", b'{"prompt": "x", "n": 3}', 400, "n"),
+    ("/v1/completions", b'{"prompt": "x", "n": 17}', 400, "n"),
     ("/v1/completions", b'{"prompt": "x", "temperature": 9}', 400, "temperature"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": [1, 2, 999999]}', 400, "prompt"),
     ("/v1/completions", b'{"prompt": ""}', 400, "prompt"),
-    ("/v1/completions", b'{"prompt": ["a", "b"]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": ["a", ""]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": ["a", 3]}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "bogus": 1}', 400, "bogus"),
     ("/v1/completions", b'{"prompt": "x", "logprobs": 50}', 400, "logprobs"),
     ("/v1/completions", b'{"prompt": "x", "model": "nope"}', 404, "model"),
     (

@@ -16,7 +16,7 @@ import torch
 from mell.common.config import EngineConfig
 from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.messages import MigratedRequest
-from mell.common.sampling import SamplingParams
+from mell.common.sampling import SamplingParams, TokenLogprobs
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.contract import Frame, KVLayout, MigratableEngine, RequestState
@@ -29,6 +29,7 @@ from mell.workerd.engine.scheduler import OffloadPolicy, ScheduledBatch, Schedul
 from mell.workerd.engine.sequence import Sequence, SequenceStatus
 from mell.workerd.engine.step_model import StepTimeModel
 from mell.workerd.model.config import ModelConfig, load_model_config
+from mell.workerd.model.grammar import Guide, grammar_tokenizer
 
 __all__ = ["Engine", "EngineStats", "RequestOutput"]
 
@@ -109,6 +110,7 @@ class Engine:
         seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
         seq.token_ids.extend(output_token_ids)
         seq.output_token_ids.extend(output_token_ids)
+        seq.guide = self._guide(sampling, seq.output_token_ids)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -135,6 +137,12 @@ class Engine:
                     f"{what} token id {bad} is out of the vocabulary (0..{vocab - 1})",
                     param="prompt",
                 )
+        bad = next((t for t in sampling.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"logit_bias token id {bad} is out of the vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+            )
         limit = self.model_config.max_model_len
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > limit:
@@ -193,6 +201,7 @@ class Engine:
                     logprobs=None if s.logprobs is None else [s.logprobs],
                     finish_reason=seq.finish_reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
+                    prompt_logprobs=_prompt_logprobs(seq) if first == 0 else None,
                 )
             )
             if seq.is_finished:
@@ -328,6 +337,7 @@ class Engine:
         seq = Sequence(rid, request.prompt_token_ids, request.sampling, self._eos_ids())
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
+        seq.guide = self._guide(request.sampling, seq.output_token_ids)
         if request.num_computed > 0:
             self.blocks.rename(key, rid)
             seq.num_computed = request.num_computed
@@ -338,6 +348,17 @@ class Engine:
 
     def _eos_ids(self) -> list[int]:
         return self.model_config.eos_token_ids
+
+    def _guide(self, sampling: SamplingParams, output: list[int]) -> Guide | None:
+        """The request's structured-output guide (after `output`), None without a grammar."""
+        if sampling.grammar is None:
+            return None
+        tokenizer_json = Path(self.config.model) / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise InvalidRequest("structured output needs the model's tokenizer.json")
+        cfg = self.model_config
+        tokenizer = grammar_tokenizer(tokenizer_json, cfg.vocab_size, tuple(cfg.eos_token_ids))
+        return Guide(tokenizer, sampling.grammar, output)
 
     # -- extras -----------------------------------------------------------------------------
 
@@ -412,6 +433,11 @@ class _TierHooksMaker:
     def after_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         for request_id, lo, hi in self.staged:
             self.tier.stage_layer(request_id, layer, k[lo:hi], v[lo:hi])
+
+
+def _prompt_logprobs(seq: Sequence) -> list[TokenLogprobs] | None:
+    """A request's prompt-token logprobs, when it asked for them (sent with its first token)."""
+    return None if seq.sampling.prompt_logprobs is None else list(seq.prompt_logprobs)
 
 
 def _check_config(c: EngineConfig) -> None:

@@ -17,6 +17,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None  # parallel to new_token_ids when requested
     finish_reason: FinishReason | None  # set on the request's last output
     num_prompt_tokens: int
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., on the first output
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from mell.workerd.engine.sequence import Sequence
 from mell.workerd.model.attention import AttentionBatch, AttentionShape, make_attention_backend
 from mell.workerd.model.config import ModelConfig
 from mell.workerd.model.llama import ForwardBatch, LayerHooks, LlamaModel
-from mell.workerd.model.sampler import Sampler
+from mell.workerd.model.sampler import Sampler, prompt_logprobs
 from mell.workerd.model.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,16 +103,23 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_tokens[i] for i in order]
         num_paged = len(seqs) - len(staged)
+        prompt_rows: list[tuple[Sequence, int]] = []  # (request, prompt position) extra rows
         fwd, samplers = self._prepare(
-            seqs, counts, _reordered(batch.layer_tables, order), num_paged
+            seqs, counts, _reordered(batch.layer_tables, order), num_paged, prompt_rows
         )
         if make_hooks is not None:
             fwd.hooks = make_hooks(_staged_rows(seqs, counts, num_paged))
         logits = self.model.forward(fwd, kv_caches)
+        if prompt_rows:
+            _record_prompt_logprobs(logits[len(samplers) :], prompt_rows)
+            logits = logits[: len(samplers)]
         if not samplers:
             return []
         result = self.sampler(
-            logits, [s.sampling for s in samplers], [s.token_generator() for s in samplers]
+            logits,
+            [s.sampling for s in samplers],
+            [s.token_generator() for s in samplers],
+            samplers,
         )
         return [
             Sample(seq, tok, lp)
@@ -125,11 +132,15 @@ class ModelRunner:
         counts: list[int],
         layer_tables: list[list[list[int]]],
         num_paged: int,
+        prompt_rows: list[tuple[Sequence, int]],
     ) -> tuple[ForwardBatch, list[Sequence]]:
+        """The forward batch; the logit rows are the sampled ones, then (filling
+        `prompt_rows`) the prompt positions whose next-token logprobs were asked for."""
         tokens: list[int] = []
         positions: list[int] = []
         logit_rows: list[int] = []
         samplers: list[Sequence] = []
+        extra_rows: list[int] = []
         kv_lens: list[int] = []
         num_decode = 0
         for i, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
@@ -146,6 +157,12 @@ class ModelRunner:
             if end == seq.num_tokens:
                 logit_rows.append(len(tokens) - 1)
                 samplers.append(seq)
+            if seq.sampling.prompt_logprobs is not None:
+                first_row = len(tokens) - n
+                for pos in range(max(start, len(seq.prompt_logprobs)), end):
+                    if pos + 1 < seq.num_prompt_tokens:
+                        prompt_rows.append((seq, pos))
+                        extra_rows.append(first_row + pos - start)
         dev = self.device
         positions_t = torch.tensor(positions, dtype=torch.long, device=dev)
         q_lens = counts
@@ -167,7 +184,7 @@ class ModelRunner:
             slot_pages=slot_pages,
             slot_offsets=positions_t[: sum(counts[:num_paged])] % self.block_size,
             attn_plans=attn_plans,
-            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            logit_rows=torch.tensor(logit_rows + extra_rows, dtype=torch.long, device=dev),
         )
         return fwd, samplers
 
@@ -197,6 +214,20 @@ def _staged_rows(seqs: list[Sequence], counts: list[int], num_paged: int) -> lis
         rows.append((seq.request_id, start, start + n))
         start += n
     return rows
+
+
+def _record_prompt_logprobs(logits: torch.Tensor, rows: list[tuple[Sequence, int]]) -> None:
+    """Append each request's prompt-token logprobs (row j predicts prompt token pos + 1)."""
+    top_n = max(seq.sampling.prompt_logprobs or 0 for seq, _ in rows)
+    entries = prompt_logprobs(logits, [seq.token_ids[pos + 1] for seq, pos in rows], top_n)
+    for (seq, pos), entry in zip(rows, entries, strict=True):
+        n = seq.sampling.prompt_logprobs or 0
+        if pos == len(seq.prompt_logprobs):  # positions arrive in order, each once
+            seq.prompt_logprobs.append(
+                TokenLogprobs(
+                    entry.logprob, entry.top_token_ids[:n], entry.top_logprobs[:n], entry.rank
+                )
+            )
 
 
 def _reordered(layer_tables: list[list[list[int]]], order: list[int]) -> list[list[list[int]]]:

@@ -15,6 +15,7 @@ from enum import Enum
 import torch
 
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
+from mell.workerd.model.grammar import Guide
 
 _arrivals = itertools.count()
 
@@ -34,12 +35,14 @@ class Sequence:
         "arrival",
         "finish_reason",
         "first_token_at",
+        "guide",
         "new_logprobs",
         "new_tokens",
         "num_computed",
         "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
+        "prompt_logprobs",
         "request_id",
         "sampling",
         "status",
@@ -73,6 +76,9 @@ class Sequence:
         # Produced by the current step, drained into a RequestOutput.
         self.new_tokens: list[int] = []
         self.new_logprobs: list[TokenLogprobs] = []
+        self.guide: Guide | None = None  # structured output: set by the engine
+        # With sampling.prompt_logprobs: entry i is prompt token i + 1's (from position i).
+        self.prompt_logprobs: list[TokenLogprobs] = []
 
     def token_generator(self) -> torch.Generator | None:
         """The generator for this request's next token (None: unseeded, the shared one)."""
@@ -99,7 +105,9 @@ class Sequence:
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
         self.new_tokens.append(token_id)
-        if token_id in self.stop_ids:
+        if self.guide is not None:
+            self.guide.consume(token_id)
+        if token_id in self.stop_ids or (self.guide is not None and self.guide.stopped):
             self.finish_reason = FinishReason.STOP
         elif (
             len(self.output_token_ids) >= self.sampling.max_tokens

@@ -279,10 +279,10 @@ async def test_worker_loss_fails_its_streams_when_no_worker_can_take_them() -> N
 
 
 async def test_request_is_placed_again_when_its_worker_dies_before_the_first_token() -> None:
-    from mell.gateway.api.generation import _start
+    from mell.gateway.api.generation import start
 
     d, link, state = make_dispatcher()
-    starting = asyncio.create_task(_start(d, job("a", prompt=10), 5.0))
+    starting = asyncio.create_task(start(d, job("a", prompt=10), 5.0))
     await asyncio.sleep(0)
     first = d.streams["a"].worker_id
     lose(d, state, first)

@@ -70,3 +70,22 @@ def test_partial_stop_string_is_held_back() -> None:
     assert matcher.feed("hello <E") == "hello "
     assert matcher.feed("N") == ""
     assert matcher.feed("X") == "<ENX"
+
+
+def test_finished_text_equals_the_decode_of_its_ids(tokenizer: Tokenizer) -> None:
+    """A request that ends inside a multi-byte character: its text is the tokenizer's decode,
+    the incomplete bytes as U+FFFD (not dropped)."""
+    from mell.common.messages import TokenOutput
+    from mell.gateway.api.chunks import CompletionFormat
+    from mell.gateway.api.generation import TextOutput
+
+    ids = tokenizer.encode("ok 🎉", add_special_tokens=False).ids[:-1]  # cut the emoji short
+    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    assert expected.endswith("\ufffd")
+    text = TextOutput(CompletionFormat("cmpl-1", "m", 0, tokenizer), [], False)
+    last = len(ids) - 1
+    pieces = [
+        text.feed([TokenOutput("r", i, [t], None, None, 1)])[0] for i, t in enumerate(ids[:last])
+    ]
+    pieces.append(text.feed([TokenOutput("r", len(ids) - 1, ids[-1:], None, "length", 1)])[0])
+    assert "".join(pieces) == expected
