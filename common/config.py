@@ -39,6 +39,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # once); "chunk": blocks for its first chunk only (the old rule: a long prompt can run out
     # of blocks half way and be preempted and recomputed).
     admission: Literal["whole", "chunk"] = "whole"
+    # Automatic prefix caching: full prompt blocks are kept (hashed by content, chained) after
+    # their requests end, and a new prompt's prefill skips its longest cached prefix.
+    enable_prefix_caching: bool = True
     # The host KV tier (LayerKV): "off"; "swap": preemption moves a victim's KV to host memory
     # when that is cheaper than recomputing it; "layerwise": swap, and a prompt whose KV does
     # not fit in device blocks is prefilled layer by layer straight into host blocks, parked

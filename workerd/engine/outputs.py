@@ -17,6 +17,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None  # parallel to new_token_ids when requested
     finish_reason: FinishReason | None  # set on the request's last output
     num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache skipped
 
 
 @dataclass(slots=True)
@@ -38,3 +39,7 @@ class EngineStats:
     num_tokens_recomputed_total: int = 0  # computed tokens thrown away by preemptions
     offload_bytes_total: dict[str, int] = field(default_factory=dict)  # "d2h", "h2d"
     slo_violations_total: dict[str, int] = field(default_factory=dict)  # "ttft", "tpot"
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
+    # Cached block hashes (layer 0): of blocks in use, then of free-but-cached ones (MRU first).
+    cached_hashes: tuple[list[int], list[int]] = ([], [])
