@@ -111,6 +111,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     worker_timeout_s: float = 3.0  # no heartbeat for this long: the worker is lost
     tokenize_inline_chars: int = 2048  # longer prompts are tokenized in a thread pool
     policy: str = "least-loaded"
+    # Place by where workers have the prompt's prefix cached (policies that can: least-loaded,
+    # best-fit, worst-fit, mell); workers report their caches in their load reports.
+    prefix_aware: bool = True
     epoch_s: float = 0.25
     # After a restart: workers of the recovered view that have not said hello by then are lost,
     # and requests that died with the old gateway are aborted on their workers.

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 
 from mell.common.sampling import SamplingParams, TokenLogprobs
-from mell.common.workers import WorkerIdentity, WorkerLoad
+from mell.common.workers import CachedPrefixes, WorkerIdentity, WorkerLoad
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -66,6 +66,7 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None  # FinishReason value on the request's last output
     num_prompt_tokens: int
+    num_cached_tokens: int = 0  # prompt tokens the worker's prefix cache held
 
 
 class TokenBatch(msgspec.Struct, frozen=True, array_like=True, tag="tok"):
@@ -80,6 +81,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag
 
     load: WorkerLoad
     draining: bool = False
+    prefixes: CachedPrefixes | None = None  # None: prefix caching is off on the worker
 
 
 class RequestFailed(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="rfail"):

@@ -21,11 +21,13 @@ _json = msgspec.json.encode
 DONE = b"data: [DONE]\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the worker's prefix cache held."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -51,15 +53,19 @@ class _Format:
         self._head = b"data: " + head
         self._choice = self._head + b',"choices":[{"index":0,'
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> bytes:
         return (
             self._head
             + b',"choices":[],"usage":'
-            + _json(usage(prompt_tokens, completion_tokens))
+            + _json(usage(prompt_tokens, completion_tokens, cached_tokens))
             + b"}\n\n"
         )
 
-    def _full(self, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+    def _full(
+        self, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int, cached: int
+    ) -> bytes:
         return _json(
             {
                 "id": self.request_id,
@@ -67,7 +73,7 @@ class _Format:
                 "created": self.created,
                 "model": self.model,
                 "choices": [choice],
-                "usage": usage(prompt_tokens, completion_tokens),
+                "usage": usage(prompt_tokens, completion_tokens, cached),
             }
         )
 
@@ -127,6 +133,7 @@ class ChatFormat(_Format):
         finish_reason: str,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> bytes:
         choice = {
             "index": 0,
@@ -135,7 +142,7 @@ class ChatFormat(_Format):
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        return self._full(choice, prompt_tokens, completion_tokens)
+        return self._full(choice, prompt_tokens, completion_tokens, cached_tokens)
 
 
 class CompletionFormat(_Format):
@@ -191,6 +198,7 @@ class CompletionFormat(_Format):
         finish_reason: str,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> bytes:
         choice = {
             "index": 0,
@@ -199,7 +207,7 @@ class CompletionFormat(_Format):
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        return self._full(choice, prompt_tokens, completion_tokens)
+        return self._full(choice, prompt_tokens, completion_tokens, cached_tokens)
 
 
 def merge_logprobs(parts: list[Any]) -> Any:

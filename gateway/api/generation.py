@@ -154,12 +154,16 @@ class SseWriter:
         self.fmt, self.text = fmt, text
         self.include_usage = include_usage
         self.num_prompt_tokens = num_prompt_tokens
+        self.num_cached_tokens = 0
         self.finished = False
 
     def render(self, outputs: list[TokenOutput]) -> bytes:
         """The chunks of these outputs; with the last one, usage (if asked) and [DONE]."""
         piece, logprobs = self.text.feed(outputs)
         finish = self.text.finish_reason
+        self.num_cached_tokens = max(
+            [self.num_cached_tokens, *(o.num_cached_tokens for o in outputs)]
+        )
         if not piece and finish is None and logprobs is None:
             return b""
         lp = b"null" if logprobs is None else encode(logprobs)
@@ -167,7 +171,9 @@ class SseWriter:
         if finish is not None:
             self.finished = True
             if self.include_usage:
-                data += self.fmt.usage_chunk(self.num_prompt_tokens, self.text.num_generated)
+                data += self.fmt.usage_chunk(
+                    self.num_prompt_tokens, self.text.num_generated, self.num_cached_tokens
+                )
             data += DONE
         return data
 
@@ -259,5 +265,6 @@ async def _collect(
         text.finish_reason,
         stream.num_prompt_tokens,
         text.num_generated,
+        stream.num_cached_tokens,
     )
     return web.Response(body=body, content_type="application/json")

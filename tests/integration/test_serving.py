@@ -140,8 +140,12 @@ async def test_sse_bytes_exact(cluster: LocalCluster) -> None:
     assert last["finish_reason"] == "length" and last["stop_reason"] is None
     assert events[-2] == head + (
         b'"choices":[],"usage":{"prompt_tokens":%d,'
-        b'"completion_tokens":6,"total_tokens":%d}}'
-        % (chunks[-1]["usage"]["prompt_tokens"], chunks[-1]["usage"]["prompt_tokens"] + 6)
+        b'"completion_tokens":6,"total_tokens":%d,"prompt_tokens_details":{"cached_tokens":%d}}}'
+        % (
+            chunks[-1]["usage"]["prompt_tokens"],
+            chunks[-1]["usage"]["prompt_tokens"] + 6,
+            chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"],
+        )
     )
 
 
