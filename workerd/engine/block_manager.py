@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import islice
 
 from mell.common.errors import MellError
 
@@ -158,9 +159,18 @@ class BlockManager:
         """Layer 0's cached hashes, at most `limit` in all: those of blocks in use, then those
         of free-but-cached blocks, most recently released first."""
         pool = self._pools[0]
-        used = [h for b, h in pool.hash_of.items() if pool.refs[b] > 0][:limit]
-        free = [pool.hash_of[b] for b in reversed(pool.lru)][: max(0, limit - len(used))]
+        used = list(islice((h for b, h in pool.hash_of.items() if pool.refs[b] > 0), limit))
+        free = [pool.hash_of[b] for b in islice(reversed(pool.lru), max(0, limit - len(used)))]
         return used, free
+
+    def holds_shared(self, request_id: str) -> bool:
+        """The request holds a block another request holds too (a shared cached prefix)."""
+        tables = self._tables.get(request_id, ())
+        return any(
+            pool.refs[b] > 1
+            for pool, table in zip(self._pools, tables, strict=False)
+            for b in table
+        )
 
     def ref_count(self, layer: int, block: int) -> int:
         return self._pools[layer].refs[block]

@@ -316,9 +316,14 @@ class Scheduler:
         return need <= self.blocks.num_free() + self.blocks.num_fenced()
 
     def _swap_pays(self, seq: Sequence) -> bool:
-        """Moving the victim's KV out and back costs less than recomputing its tokens."""
+        """Moving the victim's KV out and back costs less than recomputing its tokens. Never
+        for a victim sharing cached blocks: a copy reads only blocks fenced for it (a shared
+        block, released by its other holders mid-copy, could be evicted and rewritten); that
+        victim is recomputed, its shared prefix found cached again."""
         tier, policy = self.tier, self.offload
         if tier is None or seq.num_computed == 0 or not tier.has_room(seq.num_computed):
+            return False
+        if self.blocks.holds_shared(seq.request_id):
             return False
         speed = self.step_model.tokens_per_s()
         if policy.link_bytes_per_s <= 0 or speed <= 0:

@@ -252,3 +252,17 @@ def test_a_migrated_in_request_caches_its_prompt(tiny) -> None:
     dst.import_request("key", req)
     dst.step()
     assert dst.blocks.cached_prefix(block_hashes(p, 16)) == 2  # its own copies, now cached
+
+
+def test_a_request_sharing_cached_blocks_is_recomputed_not_swapped(tiny) -> None:
+    eng = make(tiny, kv_offload="swap", host_kv_bytes=1 << 20)
+    p = prompt(40)
+    eng.add_request("a", p, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    eng.step()
+    eng.add_request("b", [*p, 7], GREEDY)
+    eng.step()
+    _, b = eng.scheduler.running
+    assert eng.blocks.holds_shared("b") and eng.blocks.holds_shared("a")
+    assert not eng.scheduler._swap_pays(b)  # a copy would read blocks "a" may let go of
+    eng.abort("a")
+    assert not eng.blocks.holds_shared("b") and eng.scheduler._swap_pays(b)
