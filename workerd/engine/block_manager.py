@@ -193,6 +193,25 @@ class BlockManager:
         tables = self._tables.get(request_id)
         return max(len(t) for t in tables) if tables else 0
 
+    def attributed_blocks(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """Blocks per request with each shared block counted once, for the first of
+        `request_ids` holding it (the most over layers): the counts add up to the blocks
+        these requests hold together."""
+        seen: list[set[int]] = [set() for _ in range(self.num_layers)]
+        out = {}
+        for rid in request_ids:
+            tables = self._tables.get(rid)
+            if tables is None:
+                out[rid] = 0
+                continue
+            most = 0
+            for layer_seen, table in zip(seen, tables, strict=True):
+                new = [b for b in table if b not in layer_seen]
+                layer_seen.update(new)
+                most = max(most, len(new))
+            out[rid] = most
+        return out
+
     def blocks_needed(
         self, request_id: str, num_tokens: int, layers: Sequence[int] | None = None
     ) -> int:

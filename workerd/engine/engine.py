@@ -245,7 +245,7 @@ class Engine:
             num_free_blocks=self.blocks.num_free(),
             block_size=self.blocks.block_size,
             num_preemptions_total=sch.num_preemptions_total,
-            request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
+            request_blocks=self.blocks.attributed_blocks(list(self._seqs)),  # (shared: once)
             num_host_total_blocks=host.num_blocks if host is not None else 0,
             num_host_free_blocks=host.num_free() if host is not None else 0,
             num_fenced_blocks=self.blocks.num_fenced() + (host.num_fenced() if host else 0),

@@ -28,6 +28,7 @@ class EngineStats:
     num_free_blocks: int
     block_size: int
     num_preemptions_total: int
+    # Blocks per request, a block shared by several counted once (for the oldest of them).
     request_blocks: dict[str, int] = field(default_factory=dict)
     # The host KV tier (LayerKV; zeros when kv_offload is "off").
     num_host_total_blocks: int = 0

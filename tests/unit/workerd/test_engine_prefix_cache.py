@@ -30,6 +30,8 @@ def check_invariants(bm: BlockManager) -> None:
         assert len(free) == pool.num_free  # no block twice
         assert all(pool.refs[b] == 0 and b in pool.hash_of for b in pool.lru)
         assert {pool.cached[h]: h for h in pool.cached} == pool.hash_of
+    if all(bm.is_uniform(r) for r in bm.requests()):
+        assert sum(bm.attributed_blocks(bm.requests()).values()) == bm.num_used(0)
 
 
 def test_cached_blocks_are_shared_kept_and_evicted_last_released_first() -> None:
@@ -264,5 +266,8 @@ def test_a_request_sharing_cached_blocks_is_recomputed_not_swapped(tiny) -> None
     _, b = eng.scheduler.running
     assert eng.blocks.holds_shared("b") and eng.blocks.holds_shared("a")
     assert not eng.scheduler._swap_pays(b)  # a copy would read blocks "a" may let go of
+    held = eng.stats().request_blocks  # the load report counts the two shared blocks once
+    assert held == {"a": 3, "b": 1}
+    assert sum(held.values()) == eng.blocks.num_used(0)
     eng.abort("a")
     assert not eng.blocks.holds_shared("b") and eng.scheduler._swap_pays(b)
