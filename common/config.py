@@ -59,6 +59,9 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # once); "chunk": blocks for its first chunk only (the old rule: a long prompt can run out
     # of blocks half way and be preempted and recomputed).
     admission: Literal["whole", "chunk"] = "whole"
+    # Automatic prefix caching: full prompt blocks are kept (hashed by content, chained) after
+    # their requests end, and a new prompt's prefill skips its longest cached prefix.
+    enable_prefix_caching: bool = True
     # The host KV tier (LayerKV): "off"; "swap": preemption moves a victim's KV to host memory
     # when that is cheaper than recomputing it; "layerwise": swap, and a prompt whose KV does
     # not fit in device blocks is prefilled layer by layer straight into host blocks, parked
@@ -128,6 +131,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     worker_timeout_s: Positive = 3.0  # no heartbeat for this long: the worker is lost
     tokenize_inline_chars: Count = 2048  # longer prompts are tokenized in a thread pool
     policy: str = "least-loaded"
+    # Place by where workers have the prompt's prefix cached (policies that can: least-loaded,
+    # best-fit, worst-fit, mell); workers report their caches in their load reports.
+    prefix_aware: bool = True
     epoch_s: Positive = 0.25
     # After a restart: workers of the recovered view that have not said hello by then are lost,
     # and requests that died with the old gateway are aborted on their workers.

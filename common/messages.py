@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 
 from mell.common.sampling import SamplingParams, TokenLogprobs
-from mell.common.workers import WorkerIdentity, WorkerLoad
+from mell.common.workers import CachedPrefixes, WorkerIdentity, WorkerLoad
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -68,6 +68,7 @@ class TokenOutput(msgspec.Struct, frozen=True, array_like=True, gc=False):
     num_prompt_tokens: int
     # With sampling.prompt_logprobs, on the first output: prompt tokens 1.. (token 0 has none).
     prompt_logprobs: list[TokenLogprobs] | None = None
+    num_cached_tokens: int = 0  # prompt tokens the worker's prefix cache held
 
 
 class TokenBatch(msgspec.Struct, frozen=True, array_like=True, tag="tok"):
@@ -82,6 +83,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag
 
     load: WorkerLoad
     draining: bool = False
+    prefixes: CachedPrefixes | None = None  # None: prefix caching is off on the worker
 
 
 class RequestFailed(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="rfail"):

@@ -46,6 +46,9 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
     num_swapped: int = 0  # requests whose KV waits on the host
     offload_bytes_total: dict[str, int] = {}  # KV bytes copied, by direction: "d2h", "h2d"
     slo_violations_total: dict[str, int] = {}  # by kind: "ttft", "tpot"
+    # Automatic prefix caching (vLLM's counting): prompt tokens looked up, tokens found cached.
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
 
     @classmethod
     def idle(cls, num_total_blocks: int, num_preemptions_total: int = 0) -> WorkerLoad:
@@ -57,3 +60,15 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
             num_free_blocks=num_total_blocks,
             num_preemptions_total=num_preemptions_total,
         )
+
+
+class CachedPrefixes(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """A bounded summary of a worker's prefix cache: the chained hashes
+    (`mell.common.hashing`, one per KV block) of its cached prompt blocks, those running
+    requests hold apart from the free-but-cached ones (which eviction may take next). Exact
+    sets, at most a few thousand hashes (8 bytes each): the most recently used when the cache
+    holds more. Sent in `LoadReport`, kept by the gateway's view as soft state (not journaled:
+    the next report refills it)."""
+
+    in_use: list[int] = []
+    free: list[int] = []

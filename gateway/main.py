@@ -48,7 +48,7 @@ from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.worker_link import WorkerLink
 from mell.gateway.cluster.worker_port import WorkerPort
 from mell.gateway.context import GatewayContext
-from mell.gateway.policy.base import WorkerStatus, make_policy
+from mell.gateway.policy.base import PREFIX_AWARE_POLICIES, WorkerStatus, make_policy
 from mell.transport.secret import SECRET_FILE, ClusterSecret
 
 log = structlog.get_logger("mell.gateway")
@@ -117,7 +117,8 @@ def build_context(config: GatewayConfig) -> GatewayContext:
     # In dependency order: each component gets its collaborators in its constructor.
     secret_file = config.cluster_secret_file or str(Path(config.data_dir) / SECRET_FILE)
     port = WorkerPort(config.worker_endpoint, ClusterSecret.create_or_load(secret_file))
-    policy = make_policy(config.policy)
+    aware = config.prefix_aware and config.policy in PREFIX_AWARE_POLICIES
+    policy = make_policy(config.policy, **({"prefix_aware": True} if aware else {}))
     metrics = Metrics(view)
     dispatcher = Dispatcher(state, policy, port.send, metrics, config.max_queued_requests)
     migrator = Migrator(state, port, dispatcher, metrics, epoch_s=config.epoch_s)

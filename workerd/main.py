@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-offload", choices=["off", "swap", "layerwise"], help="what the host KV tier is for"
     )
     p.add_argument("--max-model-len", type=int, help="context length limit")
+    p.add_argument(
+        "--prefix-caching",
+        dest="enable_prefix_caching",
+        action=argparse.BooleanOptionalAction,
+        help="automatic prefix caching (default on)",
+    )
     p.add_argument("--drain-grace", type=float, help="seconds SIGTERM waits for requests")
     p.add_argument(
         "--fake-token-rate",
@@ -90,6 +96,7 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
         max_model_len="max_model_len",
         host_kv_bytes="host_kv_bytes",
         kv_offload="kv_offload",
+        enable_prefix_caching="enable_prefix_caching",
     )
     if device:
         engine["device"] = device

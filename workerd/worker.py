@@ -47,7 +47,7 @@ from mell.common.messages import (
     WorkerMessage,
 )
 from mell.common.notify import Notifier
-from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
+from mell.common.workers import CachedPrefixes, RequestLoad, WorkerIdentity, WorkerLoad
 from mell.transport.codec import Buffer
 from mell.workerd.engine.contract import MigratableEngine, ServingEngine
 from mell.workerd.io import PeerInput
@@ -384,6 +384,7 @@ class Worker:
                     out.finish_reason.value if out.finish_reason is not None else None,
                     out.num_prompt_tokens,
                     out.prompt_logprobs,
+                    out.num_cached_tokens,
                 )
             )
             if out.finish_reason is not None:
@@ -423,8 +424,13 @@ class Worker:
             num_swapped=stats.num_swapped,
             offload_bytes_total=dict(stats.offload_bytes_total),
             slo_violations_total=dict(stats.slo_violations_total),
+            prefix_cache_queries_total=stats.prefix_cache_queries_total,
+            prefix_cache_hits_total=stats.prefix_cache_hits_total,
         )
-        return LoadReport(load=load, draining=self.draining)
+        prefixes = None
+        if self.config.engine.enable_prefix_caching:
+            prefixes = CachedPrefixes(*stats.cached_hashes)
+        return LoadReport(load=load, draining=self.draining, prefixes=prefixes)
 
     def _report_drained(self, exiting: bool) -> None:
         if not self._drain_reported:

@@ -21,11 +21,13 @@ _json = msgspec.json.encode
 DONE = b"data: [DONE]\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the worker's prefix cache held."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -54,11 +56,13 @@ class _Format:
         self._head = b"data: " + head
         self._choice = self._head + b',"choices":[{"index":%d,' % index
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(
+        self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    ) -> bytes:
         return (
             self._head
             + b',"choices":[],"usage":'
-            + _json(usage(prompt_tokens, completion_tokens))
+            + _json(usage(prompt_tokens, completion_tokens, cached_tokens))
             + b"}\n\n"
         )
 
@@ -74,14 +78,22 @@ class _Format:
         finish_reason: str,
         prompt_tokens: int,
         completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> bytes:
         """The whole non-streamed body of a one-choice request."""
         return self.full(
-            [self.choice(text, logprobs, finish_reason)], prompt_tokens, completion_tokens
+            [self.choice(text, logprobs, finish_reason)],
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
         )
 
     def full(
-        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+        self,
+        choices: list[dict[str, Any]],
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> bytes:
         """The whole non-streamed body with these choices (n > 1: one per choice)."""
         return _json(
@@ -91,7 +103,7 @@ class _Format:
                 "created": self.created,
                 "model": self.model,
                 "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens),
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
             }
         )
 
@@ -182,13 +194,18 @@ class ChatFormat(_Format):
         }
 
     def full(
-        self, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+        self,
+        choices: list[dict[str, Any]],
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
     ) -> bytes:
         """Chat puts `prompt_logprobs` beside the choices (vLLM), not in them."""
         prompt_logprobs = [c.pop("prompt_logprobs", None) for c in choices]
+        whole = super().full(choices, prompt_tokens, completion_tokens, cached_tokens)
         if prompt_logprobs[0] is None:
-            return super().full(choices, prompt_tokens, completion_tokens)
-        body = msgspec.json.decode(super().full(choices, prompt_tokens, completion_tokens))
+            return whole
+        body = msgspec.json.decode(whole)
         body["prompt_logprobs"] = prompt_logprobs[0]
         return _json(body)
 

@@ -223,6 +223,7 @@ class SseWriter:
         self.include_usage = include_usage
         self.num_prompt_tokens = num_prompt_tokens
         self.ends_stream = ends_stream  # False for one choice of several: the caller ends it
+        self.num_cached_tokens = 0
         self.finished = False
 
     def render(self, outputs: list[TokenOutput]) -> bytes:
@@ -231,6 +232,9 @@ class SseWriter:
         piece, logprobs = self.text.feed(outputs)
         reasoning, piece = self.text.split(piece)
         finish = self.text.finish_reason
+        self.num_cached_tokens = max(
+            [self.num_cached_tokens, *(o.num_cached_tokens for o in outputs)]
+        )
         if not piece and not reasoning and finish is None and logprobs is None:
             return b""
         lp = b"null" if logprobs is None else encode(logprobs)
@@ -240,7 +244,9 @@ class SseWriter:
             if not self.ends_stream:
                 return data
             if self.include_usage:
-                data += self.fmt.usage_chunk(self.num_prompt_tokens, self.text.num_generated)
+                data += self.fmt.usage_chunk(
+                    self.num_prompt_tokens, self.text.num_generated, self.num_cached_tokens
+                )
             data += DONE
         return data
 
@@ -312,7 +318,9 @@ async def _collect(
     outcome: Outcome,
 ) -> web.Response:
     choice = await collect_choice(stream, outputs, text, timeout_s, outcome)
-    body = fmt.full([choice], stream.num_prompt_tokens, text.num_generated)
+    body = fmt.full(
+        [choice], stream.num_prompt_tokens, text.num_generated, stream.num_cached_tokens
+    )
     return web.Response(body=body, content_type="application/json")
 
 

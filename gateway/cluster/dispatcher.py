@@ -40,6 +40,7 @@ from mell.common.events import (
     RequestPlaced,
     RequestResumed,
 )
+from mell.common.hashing import block_hashes
 from mell.common.messages import (
     AbortRequest,
     AddRequest,
@@ -99,7 +100,13 @@ class Dispatcher:
         if len(self.streams) >= self.max_in_flight:
             raise Overloaded(f"too many requests in flight ({self.max_in_flight}); retry later")
         num_prompt = len(job.prompt_token_ids)
-        arrival = Arrival(job.request_id, job.model, num_prompt, job.sampling.max_tokens)
+        arrival = Arrival(
+            job.request_id,
+            job.model,
+            num_prompt,
+            job.sampling.max_tokens,
+            self._prefix_hashes(job.model, job.prompt_token_ids),
+        )
         decision = self.policy.place(self.state.view, arrival)
         if isinstance(decision, Rejection):
             raise NoCapacity(decision.reason)
@@ -267,7 +274,11 @@ class Dispatcher:
         outputs = list(stream.token_ids)
         remaining = job.sampling.max_tokens - len(outputs)
         arrival = Arrival(
-            job.request_id, job.model, stream.num_prompt_tokens + len(outputs), remaining
+            job.request_id,
+            job.model,
+            stream.num_prompt_tokens + len(outputs),
+            remaining,
+            self._prefix_hashes(job.model, job.prompt_token_ids),
         )
         decision = self.policy.place(self.state.view, arrival)
         if isinstance(decision, Rejection):
@@ -298,6 +309,17 @@ class Dispatcher:
         if not self._send(worker.worker_id, message):
             return f"worker {worker.worker_id} is unreachable too"
         return None
+
+    def _prefix_hashes(self, model: str, prompt_token_ids: list[int]) -> tuple[int, ...]:
+        """The chained hashes a worker's prefix cache would know the prompt by, for a
+        cache-aware policy: full blocks of the model's (common) block size, short of the last
+        token (a worker always computes that one). Empty otherwise."""
+        if not getattr(self.policy, "prefix_aware", False):
+            return ()
+        sizes = {w.block_size for w in self.state.view.workers(model)}
+        if len(sizes) != 1:
+            return ()  # (workers that page differently share no hashes)
+        return tuple(block_hashes(prompt_token_ids[:-1], sizes.pop()))
 
     def abort_all(self, reason: str) -> None:
         for stream in list(self.streams.values()):

@@ -197,6 +197,16 @@ class ViewCollector(Collector):
             "Latency SLO violations seen by workers.",
             labels=["model_name", "kind"],
         )
+        queries = CounterMetricFamily(
+            "mell:prefix_cache_queries",
+            "Prompt tokens looked up in workers' prefix caches.",
+            labels=["model_name"],
+        )
+        hits = CounterMetricFamily(
+            "mell:prefix_cache_hits",
+            "Prompt tokens found in workers' prefix caches (their prefill skipped).",
+            labels=["model_name"],
+        )
         for model in view.model_names:
             rows = [
                 w
@@ -229,6 +239,8 @@ class ViewCollector(Collector):
             for direction in ("d2h", "h2d"):
                 moved = sum(w.load.offload_bytes_total.get(direction, 0) for w in rows)
                 offload.add_metric([model, direction], moved)
+            queries.add_metric([model], sum(w.load.prefix_cache_queries_total for w in rows))
+            hits.add_metric([model], sum(w.load.prefix_cache_hits_total for w in rows))
             for kind in ("ttft", "tpot"):
                 seen = sum(w.load.slo_violations_total.get(kind, 0) for w in rows)
                 slo.add_metric([model, kind], seen)
@@ -242,6 +254,8 @@ class ViewCollector(Collector):
         yield preemptions
         yield offload
         yield slo
+        yield queries
+        yield hits
 
 
 _M = ["model_name"]

@@ -40,6 +40,7 @@ class RequestStream:
         "max_tokens",
         "model",
         "next_index",
+        "num_cached_tokens",
         "num_prompt_tokens",
         "prev_worker_id",
         "request_id",
@@ -62,6 +63,7 @@ class RequestStream:
         self.worker_id = worker_id
         self.prev_worker_id = ""  # where it ran before its last migration (late tokens)
         self.num_prompt_tokens = num_prompt_tokens
+        self.num_cached_tokens = 0  # prompt tokens found in a worker's prefix cache
         self.max_tokens = max_tokens
         self.arrival = arrival
         self.next_index = 0  # == tokens delivered so far
@@ -90,6 +92,7 @@ class RequestStream:
             out = _trimmed(out, skip)
         self.next_index += len(out.token_ids)
         self.token_ids += out.token_ids
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
         if self.sink is not None and not self._pending and self._to_sink(out):
@@ -153,4 +156,6 @@ def _trimmed(out: TokenOutput, skip: int) -> TokenOutput:
         out.logprobs[skip:] if out.logprobs is not None else None,
         out.finish_reason,
         out.num_prompt_tokens,
+        out.prompt_logprobs,
+        out.num_cached_tokens,
     )

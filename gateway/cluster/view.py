@@ -58,8 +58,8 @@ from mell.common.events import (
     WorkerLost,
     WorkerUndrained,
 )
-from mell.common.workers import WorkerIdentity, WorkerLoad
-from mell.gateway.policy.base import WorkerInfo, WorkerStatus
+from mell.common.workers import CachedPrefixes, WorkerIdentity, WorkerLoad
+from mell.gateway.policy.base import PrefixHit, WorkerInfo, WorkerStatus
 
 Stamp = tuple[float, str, int]  # (ts, source, seq) of an envelope: a total order of the history
 NEVER: Stamp = (float("-inf"), "", 0)
@@ -229,6 +229,9 @@ class ClusterView:
         self._rows: dict[str, RequestRow] = {}  # every request not ended: live or tombstone
         self._flights: dict[str, MigrationRow] = {}  # every migration in flight, by id
         self._loads_since_prune = 0
+        # Soft state, not folded from events: each worker's cached prefix hashes, from its
+        # newest load report (all of them, and those running requests hold).
+        self._prefixes: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
 
     # ------------------------------------------------------------ PolicyView
 
@@ -238,6 +241,33 @@ class ClusterView:
     def workers(self, model: str) -> Sequence[WorkerInfo]:
         rows = self.worker_rows.values()
         return [w.info() for w in rows if w.model == model and w.status != WorkerStatus.LOST]
+
+    def prefix_hits(self, model: str, prefix_hashes: Sequence[int]) -> dict[str, PrefixHit]:
+        """PrefixView, from the workers' reported cache summaries (see `note_prefixes`)."""
+        hits = {}
+        for w in self.workers(model):
+            cached = self._prefixes.get(w.worker_id)
+            if cached is None:
+                continue
+            every, in_use = cached
+            n = shared = 0
+            for h in prefix_hashes:
+                if h not in every:
+                    break
+                n += 1
+                shared += h in in_use
+            if n:
+                hits[w.worker_id] = PrefixHit(tokens=n * w.block_size, shared_blocks=shared)
+        return hits
+
+    def note_prefixes(self, worker_id: str, prefixes: CachedPrefixes | None) -> None:
+        """A worker's newest prefix cache summary (None: it caches nothing). Not an event: a
+        hint for placement, lost on a gateway restart until the next report."""
+        if prefixes is None or worker_id not in self.worker_rows:
+            self._prefixes.pop(worker_id, None)
+            return
+        in_use = frozenset(prefixes.in_use)
+        self._prefixes[worker_id] = (in_use | frozenset(prefixes.free), in_use)
 
     # ------------------------------------------------------------ queries
 
@@ -384,9 +414,11 @@ class ClusterView:
         joined = regs.joined if regs is not None else None
         if regs is None or joined is None or regs.exited > regs.joined_stamp:
             self.worker_rows.pop(worker_id, None)
+            self._prefixes.pop(worker_id, None)
             return
         row = self.worker_rows.get(worker_id)
         if row is None or row.boot_id != joined.boot_id or row.joined_at != regs.joined_stamp[0]:
+            self._prefixes.pop(worker_id, None)  # (a new process: its cache starts empty)
             row = self.worker_rows[worker_id] = self._new_row(joined, regs.joined_stamp[0])
         row.status = WorkerStatus(regs.status)
         row.drained, row.lost_reason = regs.drained, regs.lost_reason

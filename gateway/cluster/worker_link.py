@@ -351,6 +351,7 @@ class WorkerLink:
         elif report.draining and status == WorkerStatus.ACTIVE:
             self.state.record(WorkerDrainStarted(worker_id=peer), source=peer)
         self.state.record(LoadReported(worker_id=peer, load=report.load), source=peer)
+        self.state.view.note_prefixes(peer, report.prefixes)
 
     def _drained(self, peer: str, exiting: bool) -> None:
         log.info("worker_drained", worker_id=peer, exiting=exiting)

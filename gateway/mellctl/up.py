@@ -59,6 +59,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: memory)")
     p.add_argument("--host-kv-bytes", type=int, help="host KV tier per worker (with --kv-offload)")
     p.add_argument("--kv-offload", choices=["off", "swap", "layerwise"], help="host KV tier use")
+    p.add_argument("--no-prefix-caching", action="store_true", help="workers keep no prefix cache")
     p.add_argument("--fake-token-rate", type=float, help="benchmarks only: workers without model")
     p.add_argument(
         "--min-step-ms", type=float, help="benchmarks only: workers' steps last at least this long"
@@ -213,6 +214,8 @@ class Cluster:
             cmd += ["--host-kv-bytes", str(a.host_kv_bytes)]
         if a.kv_offload:
             cmd += ["--kv-offload", a.kv_offload]
+        if a.no_prefix_caching:
+            cmd.append("--no-prefix-caching")
         return cmd
 
     def _spawn(self, name: str, cmd: list[str], capture_stdout: bool = False) -> Child:

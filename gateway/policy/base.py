@@ -174,6 +174,9 @@ def register_policy(name: str) -> Callable[[Callable[..., Policy]], Callable[...
     return add
 
 
+PREFIX_AWARE_POLICIES = ("least-loaded", "best-fit", "worst-fit", "mell")  # take `prefix_aware`
+
+
 def policy_names() -> list[str]:
     _load_builtin_policies()
     return sorted(_REGISTRY)

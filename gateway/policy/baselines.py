@@ -9,7 +9,8 @@ spreading policy of a fixed pool: every ACTIVE worker is a candidate.
 best-fit and worst-fit take `prefix_aware`: an arrival first goes to the busy worker holding
 the longest cached prefix of its prompt (`base.prefix_hits`) that has room for it (its blocks
 less those shared there, plus the growth reserve), and a worker they open is the idle one
-holding the longest prefix; the others ignore prefix caches.
+holding the longest prefix. least-loaded with `prefix_aware` counts a worker's cached prefix
+blocks of the arrival as free blocks there; the others ignore prefix caches.
 
 Only lb migrates (Llumnix's load balancing): freeness = free blocks / batch size, the least free
 workers paired with the most free ones, the shortest request of each source moved.
@@ -94,18 +95,27 @@ def _by_prefix(workers: list[WorkerInfo], hits: Mapping[str, PrefixHit]) -> list
 
 @register_policy("least-loaded")
 class LeastLoaded:
-    """Place on the ACTIVE worker with the most free KV blocks; never migrate."""
+    """Place on the ACTIVE worker with the most free KV blocks; never migrate. With
+    `prefix_aware`, the blocks of the arrival's prefix a worker has cached count as free
+    there too (they are work and room it need not spend): a long cached history outweighs a
+    small imbalance, a shared system prompt only a little."""
 
     name = "least-loaded"
 
+    def __init__(self, prefix_aware: bool = False) -> None:
+        self.prefix_aware = prefix_aware
+
     def place(self, view: PolicyView, arrival: Arrival) -> Placement | Rejection:
         workers, need = _need(view, arrival)
+        hits = prefix_hits(view, arrival) if self.prefix_aware else {}
         best: WorkerInfo | None = None
-        best_free = -1
+        best_score = -1
         for w in workers:
             free = free_blocks(w)
-            if free >= need and free > best_free:
-                best, best_free = w, free
+            hit = hits.get(w.worker_id)
+            score = free + (hit.tokens // w.block_size if hit is not None else 0)
+            if free >= need and score > best_score:
+                best, best_score = w, score
         return Placement(best.worker_id) if best else _no_room(arrival, need)
 
     def plan_epoch(self, view: PolicyView, now: float) -> list[Move]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -140,8 +141,12 @@ async def test_sse_bytes_exact(cluster: LocalCluster) -> None:
     assert last["finish_reason"] == "length" and last["stop_reason"] is None
     assert events[-2] == head + (
         b'"choices":[],"usage":{"prompt_tokens":%d,'
-        b'"completion_tokens":6,"total_tokens":%d}}'
-        % (chunks[-1]["usage"]["prompt_tokens"], chunks[-1]["usage"]["prompt_tokens"] + 6)
+        b'"completion_tokens":6,"total_tokens":%d,"prompt_tokens_details":{"cached_tokens":%d}}}'
+        % (
+            chunks[-1]["usage"]["prompt_tokens"],
+            chunks[-1]["usage"]["prompt_tokens"] + 6,
+            chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"],
+        )
     )
 
 
@@ -335,3 +340,48 @@ def _metrics(cluster: LocalCluster) -> str:
 
     with urllib.request.urlopen(cluster.url + "/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+def test_prefix_caching_keeps_greedy_output_and_reports_cached_tokens(
+    client: openai.OpenAI, cluster: LocalCluster, tokenizer: Tokenizer
+) -> None:
+    """A growing conversation (each turn resends the history): the workers' prefix caches
+    (on by default) skip the history's prefill, and the text is that of an engine without
+    caching, token for token."""
+    from tokenizers.decoders import DecodeStream
+
+    from mell.common.config import EngineConfig
+    from mell.common.sampling import SamplingParams
+    from mell.workerd.engine.engine import Engine
+
+    engine = Engine(
+        EngineConfig(
+            model=str(cluster.data_dir / "models/mell-tiny"),
+            device="cpu",
+            enable_prefix_caching=False,
+        )
+    )
+    history = " ".join(f"line {i} of a long shared history." for i in range(40))
+    cached = []
+    for turn in range(3):
+        history += f" Question number {turn}?"
+        ids = tokenizer.encode(history).ids
+        engine.add_request(f"ref{turn}", ids, SamplingParams(max_tokens=16, temperature=0.0))
+        out: list[int] = []
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.extend(o.new_token_ids)
+        stream = DecodeStream(skip_special_tokens=True)
+        expected = "".join(p for t in out if (p := stream.step(tokenizer, t)))
+        got = client.completions.create(
+            model="mell-tiny", prompt=history, max_tokens=16, temperature=0
+        )
+        assert got.choices[0].text == expected
+        assert got.usage is not None
+        cached.append(got.usage.prompt_tokens_details.cached_tokens)  # type: ignore[union-attr]
+        history += got.choices[0].text
+        time.sleep(0.6)  # a load report carries the worker's cache to the gateway
+    assert cached[0] == 0 and all(c >= 16 * 10 for c in cached[1:]), cached
+    text = _metrics(cluster)
+    assert metric(text, "mell:prefix_cache_hits_total", model_name="mell-tiny") >= sum(cached)
+    assert metric(text, "mell:prefix_cache_queries_total", model_name="mell-tiny") > 0

@@ -9,12 +9,22 @@ elsewhere. A block a copy still reads or writes is *fenced* when its request let
 LayerKV is a second BlockManager. Invariant, per layer, at all times:
 free + used + fenced == total.
 
+Prefix caching (automatic, vLLM v1's scheme): a block holding a full block of a prompt can be
+*cached* under its chained hash (`mell.common.hashing`, one hash per KV block), per layer
+(`cache_blocks`). A new request shares the cached blocks of its longest cached prefix
+(`share_prefix`: reference counts, no copy). A cached block nobody holds stays cached on an
+LRU of free-but-cached blocks: it counts as free, and is evicted (loses its hash) only when
+`take` runs out of plain free blocks, least recently released first. A block in use is never
+evicted; a block that is fenced leaves the cache (its copy may outlive its content).
+
 The block manager only counts; it never touches tensors.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import islice
 
 from mell.common.errors import MellError
 
@@ -24,21 +34,45 @@ class OutOfBlocks(MellError):
 
 
 class _LayerPool:
-    __slots__ = ("fenced", "free", "refs")
+    __slots__ = ("cached", "fenced", "free", "hash_of", "lru", "refs")
 
     def __init__(self, num_blocks: int) -> None:
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
         self.refs = [0] * num_blocks
         self.fenced: set[int] = set()
+        self.cached: dict[int, int] = {}  # block hash -> block
+        self.hash_of: dict[int, int] = {}  # block -> its hash (cached blocks only)
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.lru)
 
     def take(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise OutOfBlocks(f"need {n} blocks, {len(self.free)} free")
+        if n > self.num_free:
+            raise OutOfBlocks(f"need {n} blocks, {self.num_free} free")
+        while len(self.free) < n:  # evict: the least recently released cached block
+            block, _ = self.lru.popitem(last=False)
+            del self.cached[self.hash_of.pop(block)]
+            self.free.append(block)
         blocks = self.free[len(self.free) - n :][::-1]
         del self.free[len(self.free) - n :]
         for b in blocks:
             self.refs[b] = 1
         return blocks
+
+    def hit(self, block_hash: int) -> int:
+        """Take a reference to the block cached under `block_hash` (KeyError: not cached)."""
+        block = self.cached[block_hash]
+        self.lru.pop(block, None)
+        self.refs[block] += 1
+        return block
+
+    def cache(self, block_hash: int, block: int) -> None:
+        """Cache a held block under its hash (no-op if either is cached already)."""
+        if block_hash not in self.cached and block not in self.hash_of:
+            self.cached[block_hash] = block
+            self.hash_of[block] = block_hash
 
     def release(self, blocks: Sequence[int], fence: bool = False) -> list[int]:
         """Drop one reference to each block; those nobody holds any more go back to the free
@@ -46,17 +80,30 @@ class _LayerPool:
         # Pushed last block first, so the next `take` pops them in their old order: a request
         # placed after one that left gets runs of consecutive blocks again (a migration sends
         # a frame per run).
+        # Cached blocks join the LRU tail first, so a prompt's last blocks are evicted first.
         gone = []
         for b in reversed(blocks):
             self.refs[b] -= 1
             if self.refs[b] == 0:
                 gone.append(b)
         if fence:
+            for b in gone:
+                self._uncache(b)
             self.fenced.update(gone)
         else:
-            self.free.extend(gone)
+            for b in gone:
+                if b in self.hash_of:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
         gone.reverse()
         return gone
+
+    def _uncache(self, block: int) -> None:
+        block_hash = self.hash_of.pop(block, None)
+        if block_hash is not None:
+            del self.cached[block_hash]
+        self.lru.pop(block, None)
 
     def unfence(self, blocks: Sequence[int]) -> None:
         for b in reversed(blocks):
@@ -83,8 +130,8 @@ class BlockManager:
     def num_free(self, layer: int | None = None) -> int:
         """Free blocks of one layer, or the fewest over all layers."""
         if layer is not None:
-            return len(self._pools[layer].free)
-        return min(len(p.free) for p in self._pools)
+            return self._pools[layer].num_free
+        return min(p.num_free for p in self._pools)
 
     def num_used(self, layer: int) -> int:
         return sum(1 for r in self._pools[layer].refs if r > 0)
@@ -94,6 +141,36 @@ class BlockManager:
         if layer is not None:
             return len(self._pools[layer].fenced)
         return max(len(p.fenced) for p in self._pools)
+
+    def num_cached(self, layer: int = 0) -> int:
+        """Blocks of `layer` cached under a hash (held or not)."""
+        return len(self._pools[layer].cached)
+
+    def cached_prefix(self, hashes: Sequence[int]) -> int:
+        """How many leading `hashes` are cached in every layer (a query: changes nothing)."""
+        n = 0
+        for h in hashes:
+            if not all(h in p.cached for p in self._pools):
+                break
+            n += 1
+        return n
+
+    def cached_hashes(self, limit: int) -> tuple[list[int], list[int]]:
+        """Layer 0's cached hashes, at most `limit` in all: those of blocks in use, then those
+        of free-but-cached blocks, most recently released first."""
+        pool = self._pools[0]
+        used = list(islice((h for b, h in pool.hash_of.items() if pool.refs[b] > 0), limit))
+        free = [pool.hash_of[b] for b in islice(reversed(pool.lru), max(0, limit - len(used)))]
+        return used, free
+
+    def holds_shared(self, request_id: str) -> bool:
+        """The request holds a block another request holds too (a shared cached prefix)."""
+        tables = self._tables.get(request_id, ())
+        return any(
+            pool.refs[b] > 1
+            for pool, table in zip(self._pools, tables, strict=False)
+            for b in table
+        )
 
     def ref_count(self, layer: int, block: int) -> int:
         return self._pools[layer].refs[block]
@@ -116,6 +193,25 @@ class BlockManager:
         tables = self._tables.get(request_id)
         return max(len(t) for t in tables) if tables else 0
 
+    def attributed_blocks(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """Blocks per request with each shared block counted once, for the first of
+        `request_ids` holding it (the most over layers): the counts add up to the blocks
+        these requests hold together."""
+        seen: list[set[int]] = [set() for _ in range(self.num_layers)]
+        out = {}
+        for rid in request_ids:
+            tables = self._tables.get(rid)
+            if tables is None:
+                out[rid] = 0
+                continue
+            most = 0
+            for layer_seen, table in zip(seen, tables, strict=True):
+                new = [b for b in table if b not in layer_seen]
+                layer_seen.update(new)
+                most = max(most, len(new))
+            out[rid] = most
+        return out
+
     def blocks_needed(
         self, request_id: str, num_tokens: int, layers: Sequence[int] | None = None
     ) -> int:
@@ -133,10 +229,10 @@ class BlockManager:
         tables = self._tables.get(request_id)
         if tables is not None and layers is None and self._uniform[request_id]:
             need = want - len(tables[0])  # fast path: all layers alike
-            return need <= 0 or all(need <= len(p.free) for p in self._pools)
+            return need <= 0 or all(need <= p.num_free for p in self._pools)
         for i in self._layers(layers):
             have = len(tables[i]) if tables else 0
-            if want - have > len(self._pools[i].free):
+            if want - have > self._pools[i].num_free:
                 return False
         return True
 
@@ -201,6 +297,27 @@ class BlockManager:
         return [
             pool.release(table, fence=True) for pool, table in zip(self._pools, tables, strict=True)
         ]
+
+    def share_prefix(self, request_id: str, hashes: Sequence[int]) -> int:
+        """Create the request's tables from the cached blocks of its longest cached prefix
+        (`hashes`, leading blocks; shared: one more reference each); returns how many blocks
+        (0: no table is created)."""
+        if request_id in self._tables:
+            raise ValueError(f"request {request_id!r} already has blocks")
+        n = self.cached_prefix(hashes)
+        if n == 0:
+            return 0
+        tables = [[p.hit(h) for h in hashes[:n]] for p in self._pools]
+        self._tables[request_id] = tables
+        self._uniform[request_id] = all(t == tables[0] for t in tables)
+        return n
+
+    def cache_blocks(self, request_id: str, hashes: Sequence[int]) -> None:
+        """Cache the request's leading blocks (every layer) under `hashes`: the caller vouches
+        that their KV is computed and is that of the tokens the hashes cover."""
+        for pool, table in zip(self._pools, self._tables[request_id], strict=True):
+            for h, b in zip(hashes, table, strict=False):
+                pool.cache(h, b)
 
     def unfence(self, layer: int, blocks: Sequence[int]) -> None:
         """The copy touching these fenced blocks of `layer` is done: they are free."""

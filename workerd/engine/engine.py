@@ -15,6 +15,7 @@ import torch
 
 from mell.common.config import EngineConfig
 from mell.common.errors import ConfigError, InvalidRequest, ModelError
+from mell.common.hashing import block_hashes
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams, TokenLogprobs
 from mell.common.tiny_model import TINY_MODEL_NAME
@@ -36,6 +37,7 @@ __all__ = ["Engine", "EngineStats", "RequestOutput"]
 CPU_KV_CACHE_LIMIT_BYTES = 1 << 30
 CUDA_KV_CACHE_FRACTION = 0.85  # of the free device memory after loading the weights
 IDLE_COPY_WAIT_S = 0.0005
+CACHED_HASHES_REPORTED = 4096  # the most cached block hashes a load report carries (32 KiB)
 
 
 class Engine:
@@ -107,7 +109,7 @@ class Engine:
         output_token_ids: abc.Sequence[int] = (),
     ) -> None:
         self._check_request(request_id, prompt_token_ids, sampling, output_token_ids)
-        seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
+        seq = self._new_seq(request_id, prompt_token_ids, sampling)
         seq.token_ids.extend(output_token_ids)
         seq.output_token_ids.extend(output_token_ids)
         seq.guide = self._guide(sampling, seq.output_token_ids)
@@ -183,6 +185,7 @@ class Engine:
         self.step_model.record(sum(batch.num_tokens), now - started)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
+            self._cache_computed(seq)
         outputs = []
         max_len = self.model_config.max_model_len
         for s in samples:
@@ -202,6 +205,7 @@ class Engine:
                     finish_reason=seq.finish_reason,
                     num_prompt_tokens=seq.num_prompt_tokens,
                     prompt_logprobs=_prompt_logprobs(seq) if first == 0 else None,
+                    num_cached_tokens=max(seq.num_cached_tokens, 0),
                 )
             )
             if seq.is_finished:
@@ -211,6 +215,25 @@ class Engine:
             if not seq.is_finished:
                 self.scheduler.park(seq)
         return outputs
+
+    def _new_seq(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
+    ) -> Sequence:
+        seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
+        if self.config.enable_prefix_caching:
+            seq.prefix_hashes = block_hashes(prompt_token_ids, self.blocks.block_size)
+        return seq
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Cache the request's prompt blocks whose KV is now computed on the device (not a
+        staged prompt's, nor those of a request whose KV is still being loaded)."""
+        full = min(len(seq.prefix_hashes), seq.num_computed // self.blocks.block_size)
+        if full <= seq.num_hashed_blocks or not self.blocks.has(seq.request_id):
+            return
+        if self.tier is not None and seq.request_id in self.tier.loading:
+            return
+        self.blocks.cache_blocks(seq.request_id, seq.prefix_hashes[:full])
+        seq.num_hashed_blocks = full
 
     def _count_slo(self, seq: Sequence, now: float) -> None:
         """SLO violations of a finished request (TTFT from when it was added)."""
@@ -245,7 +268,7 @@ class Engine:
             num_free_blocks=self.blocks.num_free(),
             block_size=self.blocks.block_size,
             num_preemptions_total=sch.num_preemptions_total,
-            request_blocks={rid: self.blocks.num_blocks_of(rid) for rid in self._seqs},
+            request_blocks=self.blocks.attributed_blocks(list(self._seqs)),  # (shared: once)
             num_host_total_blocks=host.num_blocks if host is not None else 0,
             num_host_free_blocks=host.num_free() if host is not None else 0,
             num_fenced_blocks=self.blocks.num_fenced() + (host.num_fenced() if host else 0),
@@ -255,6 +278,9 @@ class Engine:
             num_tokens_recomputed_total=sch.num_tokens_recomputed_total,
             offload_bytes_total={"d2h": moved[D2H], "h2d": moved[H2D]},
             slo_violations_total=dict(self.slo_violations),
+            prefix_cache_queries_total=sch.prefix_queries_total,
+            prefix_cache_hits_total=sch.prefix_hits_total,
+            cached_hashes=self.blocks.cached_hashes(CACHED_HASHES_REPORTED),
         )
 
     # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
@@ -334,7 +360,7 @@ class Engine:
             request.num_computed
         ):
             raise InvalidRequest(f"request {rid!r}: its KV blocks did not all arrive")
-        seq = Sequence(rid, request.prompt_token_ids, request.sampling, self._eos_ids())
+        seq = self._new_seq(rid, request.prompt_token_ids, request.sampling)
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
         seq.guide = self._guide(request.sampling, seq.output_token_ids)

@@ -18,6 +18,7 @@ class RequestOutput:
     finish_reason: FinishReason | None  # set on the request's last output
     num_prompt_tokens: int
     prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., on the first output
+    num_cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache skipped
 
 
 @dataclass(slots=True)
@@ -28,6 +29,7 @@ class EngineStats:
     num_free_blocks: int
     block_size: int
     num_preemptions_total: int
+    # Blocks per request, a block shared by several counted once (for the oldest of them).
     request_blocks: dict[str, int] = field(default_factory=dict)
     # The host KV tier (LayerKV; zeros when kv_offload is "off").
     num_host_total_blocks: int = 0
@@ -39,3 +41,7 @@ class EngineStats:
     num_tokens_recomputed_total: int = 0  # computed tokens thrown away by preemptions
     offload_bytes_total: dict[str, int] = field(default_factory=dict)  # "d2h", "h2d"
     slo_violations_total: dict[str, int] = field(default_factory=dict)  # "ttft", "tpot"
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
+    # Cached block hashes (layer 0): of blocks in use, then of free-but-cached ones (MRU first).
+    cached_hashes: tuple[list[int], list[int]] = ([], [])

@@ -23,6 +23,10 @@ With a host tier (`tier`, LayerKV; the mechanism is in host_tier.py) the policy 
 - "layerwise": a fresh prompt whose KV does not fit in device blocks is prefilled in one pass
   straight to the host (staged: the only prefill of its step, alongside decodes), its first
   token sampled, and parked on the host until reloaded;
+- prefix caching: a request admitted with no KV first shares the cached blocks of its longest
+  cached prefix (`Sequence.prefix_hashes`; the block manager's cache): its prefill starts
+  after them. At most (tokens - 1) // block_size blocks are shared, so at least one token is
+  computed (its logits give the next token) and no shared block is ever written;
 - SLO-aware admission (`tpot_slo_s` > 0): a prefill chunk joins a step only if the time the
   step-time model says it adds fits in every running request's TPOT slack.
 """
@@ -102,6 +106,8 @@ class Scheduler:
         self.num_tokens_recomputed_total = 0  # computed tokens thrown away by preemptions
         self.num_swaps_total = 0  # preemptions that moved KV to the host
         self.num_parked_total = 0  # prompts prefilled straight to the host
+        self.prefix_queries_total = 0  # tokens of admitted requests looked up in the cache
+        self.prefix_hits_total = 0  # of those, tokens found cached (their prefill skipped)
         self._rng = random.Random(self.offload.seed)
         self._slack = math.inf  # this step's smallest TPOT slack (s)
         self._stalled = False  # this step waits for blocks being copied out
@@ -222,14 +228,17 @@ class Scheduler:
             if self._may_stage(seq, batch):
                 self._stage(seq, batch)
                 continue
-            n = min(seq.num_uncomputed, budget)
-            reserve = seq.num_tokens if self.whole_prompt else seq.num_computed + n
             if budget <= 0 or batch.staged or (self.offload.force and self.offload.layerwise):
                 return  # (a paged prefill never shares a step with staged prompts)
-            if not self._fits(seq, reserve, self._reload_reserve()):
-                return  # (older requests on the host come back first)
-            if n > 1 and not self._prefill_fits(batch, n):
+            shared = self._share_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            reserve = seq.num_tokens if self.whole_prompt else seq.num_computed + n
+            if not self._fits(seq, reserve, self._reload_reserve()) or (
+                n > 1 and not self._prefill_fits(batch, n)
+            ):  # (older requests on the host come back first)
+                self._unshare(seq, shared)
                 return
+            self._count_prefix(seq, shared)
             self.waiting.popleft()
             self.blocks.append(seq.request_id, reserve)
             seq.status = SequenceStatus.RUNNING
@@ -237,6 +246,34 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+
+    # -- prefix caching --------------------------------------------------------------------
+
+    def _share_prefix(self, seq: Sequence) -> int:
+        """A request with no KV takes the cached blocks of its longest cached prefix; returns
+        how many (its computed tokens start after them)."""
+        if not seq.prefix_hashes or seq.num_computed > 0 or self.blocks.has(seq.request_id):
+            return 0
+        most = (seq.num_tokens - 1) // self.blocks.block_size  # at least one token computed
+        shared = self.blocks.share_prefix(seq.request_id, seq.prefix_hashes[:most])
+        seq.num_computed = shared * self.blocks.block_size
+        seq.num_hashed_blocks = shared
+        return shared
+
+    def _unshare(self, seq: Sequence, shared: int) -> None:
+        """Not admitted after all: give the shared blocks back (they stay cached)."""
+        if shared:
+            self.blocks.free(seq.request_id)
+            seq.num_computed = seq.num_hashed_blocks = 0
+
+    def _count_prefix(self, seq: Sequence, shared: int) -> None:
+        if not seq.prefix_hashes or (shared == 0 and seq.num_computed > 0):
+            return  # (caching off, or a request that kept its KV: no lookup)
+        hit = shared * self.blocks.block_size
+        self.prefix_queries_total += seq.num_tokens
+        self.prefix_hits_total += hit
+        if seq.num_cached_tokens < 0:
+            seq.num_cached_tokens = min(hit, seq.num_prompt_tokens)
 
     # -- the host tier --------------------------------------------------------------------------
 
@@ -279,9 +316,14 @@ class Scheduler:
         return need <= self.blocks.num_free() + self.blocks.num_fenced()
 
     def _swap_pays(self, seq: Sequence) -> bool:
-        """Moving the victim's KV out and back costs less than recomputing its tokens."""
+        """Moving the victim's KV out and back costs less than recomputing its tokens. Never
+        for a victim sharing cached blocks: a copy reads only blocks fenced for it (a shared
+        block, released by its other holders mid-copy, could be evicted and rewritten); that
+        victim is recomputed, its shared prefix found cached again."""
         tier, policy = self.tier, self.offload
         if tier is None or seq.num_computed == 0 or not tier.has_room(seq.num_computed):
+            return False
+        if self.blocks.holds_shared(seq.request_id):
             return False
         speed = self.step_model.tokens_per_s()
         if policy.link_bytes_per_s <= 0 or speed <= 0:

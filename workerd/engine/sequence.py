@@ -38,10 +38,13 @@ class Sequence:
         "guide",
         "new_logprobs",
         "new_tokens",
+        "num_cached_tokens",
         "num_computed",
+        "num_hashed_blocks",
         "num_preemptions",
         "num_prompt_tokens",
         "output_token_ids",
+        "prefix_hashes",
         "prompt_logprobs",
         "request_id",
         "sampling",
@@ -67,6 +70,12 @@ class Sequence:
         self.sampling = sampling
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_preemptions = 0  # a migration copying its blocks aborts when this changes
+        # Prefix caching: the chained hashes of the prompt's full blocks (empty: caching off),
+        # how many of its leading blocks are cached under them, and the prompt tokens found
+        # cached at its first admission (-1: not admitted yet).
+        self.prefix_hashes: list[int] = []
+        self.num_hashed_blocks = 0
+        self.num_cached_tokens = -1
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         stop = set(sampling.stop_token_ids)
@@ -120,6 +129,7 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: the cache is gone; prompt and generated tokens are prefilled again."""
         self.num_computed = 0
+        self.num_hashed_blocks = 0
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING
 

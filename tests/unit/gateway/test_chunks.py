@@ -28,9 +28,9 @@ def test_chat_stream_chunks_exact(tokenizer: Tokenizer) -> None:
         head + '"choices":[{"index":0,"delta":{"content":"!"},"logprobs":null,'
         '"finish_reason":"stop","stop_reason":null}]}\n\n'
     )
-    assert fmt.usage_chunk(5, 3).decode() == (
+    assert fmt.usage_chunk(5, 3, 2).decode() == (
         head + '"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,'
-        '"total_tokens":8}}\n\n'
+        '"total_tokens":8,"prompt_tokens_details":{"cached_tokens":2}}}\n\n'
     )
     assert DONE == b"data: [DONE]\n\n"
 
@@ -55,7 +55,7 @@ def test_chunks_are_valid_json_with_unicode(tokenizer: Tokenizer) -> None:
 
 def test_full_responses(tokenizer: Tokenizer) -> None:
     chat = json.loads(
-        ChatFormat("chatcmpl-2", "m", 3, tokenizer).response("hi", None, "stop", 4, 1)
+        ChatFormat("chatcmpl-2", "m", 3, tokenizer).response("hi", None, "stop", 4, 1, 2)
     )
     assert chat == {
         "id": "chatcmpl-2",
@@ -71,7 +71,12 @@ def test_full_responses(tokenizer: Tokenizer) -> None:
                 "stop_reason": None,
             }
         ],
-        "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5},
+        "usage": {
+            "prompt_tokens": 4,
+            "completion_tokens": 1,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 2},
+        },
     }
     comp = json.loads(
         CompletionFormat("cmpl-2", "m", 3, tokenizer).response("hi", None, "length", 4, 1)

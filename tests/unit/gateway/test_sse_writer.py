@@ -39,14 +39,17 @@ def _setup(tokenizer: Tokenizer) -> tuple[RequestStream, SseWriter, FakeTranspor
 def test_outputs_go_straight_to_the_socket(tokenizer: Tokenizer) -> None:
     stream, writer, transport = _setup(tokenizer)
     ids = tokenizer.encode("hi there", add_special_tokens=False).ids
-    assert stream.push(TokenOutput("cmpl-x", 0, ids[:1], None, None, 3))
+    assert stream.push(TokenOutput("cmpl-x", 0, ids[:1], None, None, 3, 1))
     size, _, rest = transport.data.partition(b"\r\n")
     assert int(size, 16) == len(rest) - 2 and rest.endswith(b"\r\n")  # one HTTP chunk
     assert rest.startswith(b'data: {"id":"cmpl-x"')
     stream.push(TokenOutput("cmpl-x", 1, ids[1:2], None, "length", 3))
     assert writer.finished and stream.sink is None
     assert transport.data.endswith(DONE + b"\r\n")
-    assert b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}' in transport.data
+    assert (
+        b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,'
+        b'"prompt_tokens_details":{"cached_tokens":1}}' in transport.data
+    )
 
 
 async def test_slow_or_closed_client_falls_back_to_the_handler(tokenizer: Tokenizer) -> None:
