@@ -56,7 +56,8 @@ def _raw_post(cluster: FakeCluster, path: str, body: bytes, headers: list[tuple[
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_json_nested_1000_deep_is_a_400(cluster: FakeCluster, path: str) -> None:
     deep = b"[" * 1000 + b"]" * 1000
-    body = b'{"model":"mell-tiny","prompt":"a","messages":[],"logit_bias":' + deep + b"}"
+    text = b'"messages":[]' if "chat" in path else b'"prompt":"a"'
+    body = b'{"model":"mell-tiny",' + text + b',"guided_json":' + deep + b"}"
     status, answer = post(cluster, path, body, AUTH)
     assert status == 400, answer
     assert "nested too deeply" in answer["error"]["message"]
@@ -108,11 +109,11 @@ def test_prompt_longer_than_the_context_can_hold_is_a_400_before_tokenizing(
     cluster: FakeCluster, path: str
 ) -> None:
     prompt = "x" * 60_000  # mell-tiny: 2048 tokens of at most 13 bytes each, x2 = 53,248 chars
-    body = {
-        "model": "mell-tiny",
-        "prompt": prompt,
-        "messages": [{"role": "user", "content": prompt}],
-    }
+    body: dict[str, object] = {"model": "mell-tiny"}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     status, answer = post(cluster, path, body, AUTH)
     assert status == 400, answer
     assert "characters" in answer["error"]["message"]
