@@ -220,7 +220,9 @@ class Engine:
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams
     ) -> Sequence:
         seq = Sequence(request_id, prompt_token_ids, sampling, self.model_config.eos_token_ids)
-        if self.config.enable_prefix_caching:
+        # A request that wants its prompt's logprobs computes every prompt position, so it
+        # neither reads nor fills the prefix cache (as in vLLM).
+        if self.config.enable_prefix_caching and sampling.prompt_logprobs is None:
             seq.prefix_hashes = block_hashes(prompt_token_ids, self.blocks.block_size)
         return seq
 

@@ -39,7 +39,7 @@ def _setup(tokenizer: Tokenizer) -> tuple[RequestStream, SseWriter, FakeTranspor
 def test_outputs_go_straight_to_the_socket(tokenizer: Tokenizer) -> None:
     stream, writer, transport = _setup(tokenizer)
     ids = tokenizer.encode("hi there", add_special_tokens=False).ids
-    assert stream.push(TokenOutput("cmpl-x", 0, ids[:1], None, None, 3, 1))
+    assert stream.push(TokenOutput("cmpl-x", 0, ids[:1], None, None, 3, num_cached_tokens=1))
     size, _, rest = transport.data.partition(b"\r\n")
     assert int(size, 16) == len(rest) - 2 and rest.endswith(b"\r\n")  # one HTTP chunk
     assert rest.startswith(b'data: {"id":"cmpl-x"')

@@ -271,3 +271,24 @@ def test_a_request_sharing_cached_blocks_is_recomputed_not_swapped(tiny) -> None
     assert sum(held.values()) == eng.blocks.num_used(0)
     eng.abort("a")
     assert not eng.blocks.holds_shared("b") and eng.scheduler._swap_pays(b)
+
+
+def test_a_request_asking_for_prompt_logprobs_computes_its_whole_prompt(tiny) -> None:
+    """Its prompt's positions are all computed (a cached prefix would skip them), so it
+    neither reads nor fills the cache: the same logprobs as on an engine without caching."""
+    p = prompt(48)
+    asks = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
+
+    def prompt_logprobs(eng: Engine) -> list[float]:
+        eng.add_request("warm", p, GREEDY)
+        drain(eng)
+        eng.add_request("pl", p, asks)
+        outputs = [o for o in eng.step() if o.request_id == "pl"]
+        drain(eng)
+        [first] = outputs
+        assert first.prompt_logprobs is not None and first.num_cached_tokens == 0
+        return [e.logprob for e in first.prompt_logprobs]
+
+    on = prompt_logprobs(make(tiny))
+    assert len(on) == len(p) - 1
+    assert on == pytest.approx(prompt_logprobs(make(tiny, enable_prefix_caching=False)))
