@@ -70,7 +70,7 @@ def limit_server_main(data_dir: str) -> None:
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        interval, n = 1.0 / body["rate"], body["max_tokens"]
+        interval, n = 1.0 / float(request.query["rate"]), body["max_tokens"]
         fmt = CompletionFormat("cmpl-limit", "mell-tiny", int(time.time()), tokenizer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -161,14 +161,14 @@ async def run_streams(
             "model": model,
             "prompt": PROMPT,
             "max_tokens": tokens,
-            "rate": rate,
             "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
     ).encode()
     request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+        # the limit server reads its pace from the query (the gateway refuses unknown fields)
+        f"POST /v1/completions?rate={rate} HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
         f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
     loop = asyncio.get_running_loop()
