@@ -2,14 +2,17 @@
 
 The gateway and the workers resolve the same spec the same way, so they agree on the served
 model name without talking: the name of "mell-tiny" is "mell-tiny", a directory's is its base
-name.
+name. Both read a checkpoint's JSON files (`config.json`, `generation_config.json`) with
+`read_checkpoint_json`, so a broken file gets the same one-line error on either side.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from mell.common.errors import ConfigError
+from mell.common.errors import ConfigError, ModelError
 
 TINY = "mell-tiny"
 
@@ -31,3 +34,19 @@ def resolve_model_dir(spec: str, data_dir: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model {spec!r}: no config.json in {path}")
     return path
+
+
+def read_checkpoint_json(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's JSON file as a dict, or None when it does not exist. ModelError naming
+    the file when it cannot be read, is not UTF-8 JSON, or is not a JSON object."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read: {err.strerror}") from None
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise ModelError(f"{path}: invalid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return data

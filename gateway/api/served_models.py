@@ -15,6 +15,7 @@ in the child.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from mell.common.errors import InvalidRequest, ModelError, NotFound
-from mell.common.model_spec import model_name, resolve_model_dir
+from mell.common.model_spec import model_name, read_checkpoint_json, resolve_model_dir
 from mell.gateway.api.chat_template import ChatTemplate
 from mell.gateway.api.reasoning import Style, reasoning_style
 from mell.gateway.cluster.view import ClusterView
@@ -95,14 +96,9 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 
 def _read_config(file: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(file.read_text("utf-8"))
-    except OSError as err:
-        raise ModelError(f"{file}: cannot read: {err.strerror}") from None
-    except ValueError as err:  # not JSON, or not UTF-8
-        raise ModelError(f"{file}: invalid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{file}: expected a JSON object")
+    config = read_checkpoint_json(file)
+    if config is None:
+        raise ModelError(f"{file}: cannot read: {os.strerror(errno.ENOENT)}")
     return config
 
 

@@ -24,13 +24,13 @@ a ModelError that names it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mell.common.errors import ModelError
+from mell.common.model_spec import read_checkpoint_json
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -148,10 +148,10 @@ def load_model_config(directory: str | Path) -> ModelConfig:
     """Read `config.json` (and `generation_config.json` for extra EOS ids) from a checkpoint."""
     directory = Path(directory)
     path = directory / "config.json"
-    raw = _read_json(path)
+    raw = read_checkpoint_json(path)
     if raw is None:
         raise ModelError(f"{directory}: no config.json (not a checkpoint directory?)")
-    gen = _read_json(directory / "generation_config.json") or {}
+    gen = read_checkpoint_json(directory / "generation_config.json") or {}
     return parse_model_config(raw, generation=gen, source=str(path))
 
 
@@ -401,19 +401,3 @@ def _req_int(raw: dict[str, Any], key: str, source: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ModelError(f"{source}: {key} must be a positive integer, got {value!r}")
     return value
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        text = path.read_text("utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise ModelError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: invalid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return data
