@@ -109,12 +109,7 @@ class FlashInferAttention(AttentionBackend):
             s.num_kv_heads,
             s.head_dim,
             block_size,
-            pos_encoding_mode="NONE",
-            window_left=_window_left(layer),
-            logits_soft_cap=layer.soft_cap,
-            sm_scale=layer.scale,
-            q_data_type=s.dtype,
-            kv_data_type=s.dtype,
+            **self._plan_options(layer),
         )
         planned: PagedAttention = decode_w
         return planned
@@ -139,15 +134,21 @@ class FlashInferAttention(AttentionBackend):
             s.head_dim,
             block_size,
             causal=True,
-            pos_encoding_mode="NONE",
-            window_left=_window_left(layer),
-            logits_soft_cap=layer.soft_cap,
-            sm_scale=layer.scale,
-            q_data_type=s.dtype,
-            kv_data_type=s.dtype,
+            **self._plan_options(layer),
         )
         planned: PagedAttention = prefill_w
         return planned
+
+    def _plan_options(self, layer: LayerAttention) -> dict[str, Any]:
+        """What `plan()` takes alike for decode and prefill: the layer's attention kind."""
+        return {
+            "pos_encoding_mode": "NONE",
+            "window_left": _window_left(layer),
+            "logits_soft_cap": layer.soft_cap,
+            "sm_scale": layer.scale,
+            "q_data_type": self.shape.dtype,
+            "kv_data_type": self.shape.dtype,
+        }
 
     def forward(
         self,
