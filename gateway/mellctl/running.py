@@ -62,5 +62,5 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, another user's
+        pass  # alive, another user's
     return True
