@@ -25,7 +25,9 @@ while `--streams` streams run at --rate (a control window without it first). It 
 the gateway tokenizes all of it (in its tokenizer process pool) and refuses it for its length.
 Measured: the largest gap between two chunks of any running stream (target < 100 ms; the grid
 puts one chunk every 1/rate s, so a gap of 1/rate is no stall), the prompt's answer time, and
-the gateway's RSS growth.
+the gateway's RSS growth, and from the gateway's `mell:event_loop_lag_seconds` the bucket of its
+loop's worst lag in each window (`loop_lag_max_ms_at_most`): a gap with no matching loop lag was
+not the gateway's loop holding it.
 The last line is `RESULT {json}`.
 """
 
@@ -204,19 +206,28 @@ async def big_prompt_phase(
             lambda: SSEClient(request, 1.0 / rate, loop.create_future()), host, int(port)
         )
         clients.append(client)
+    # The big body is built before the windows: serializing 10 MB of JSON stalls this
+    # process's own loop, which would show as a gap the gateway did not cause.
+    text = (PROMPT * (int(megabytes * 1e6) // len(PROMPT) + 1))[: int(megabytes * 1e6)]
+    big = _post(
+        host,
+        "/v1/completions",
+        json.dumps({"model": "tiny-long", "prompt": text, "max_tokens": 1}).encode(),
+    )
+    del text
     await asyncio.sleep(3.0)  # every stream under way
     for c in clients:
         c.max_gap = 0.0
+    lag_start = await asyncio.to_thread(_loop_lag_buckets, url)
     await asyncio.sleep(5.0)
     control = max(c.max_gap for c in clients)
+    lag_mid = await asyncio.to_thread(_loop_lag_buckets, url)
     for c in clients:
         c.max_gap = 0.0
     rss_before = _rss(gateway_pid)
-    text = (PROMPT * (int(megabytes * 1e6) // len(PROMPT) + 1))[: int(megabytes * 1e6)]
-    big = json.dumps({"model": "tiny-long", "prompt": text, "max_tokens": 1}).encode()
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(_post(host, "/v1/completions", big))
+    writer.write(big)
     status = int((await reader.readline()).split()[1])
     await reader.read()
     answer_s = time.perf_counter() - start
@@ -224,6 +235,7 @@ async def big_prompt_phase(
     rss_after = _rss(gateway_pid)
     await asyncio.sleep(1.0)
     with_big = max(c.max_gap for c in clients)
+    lag_end = await asyncio.to_thread(_loop_lag_buckets, url)
     done = sum(c.done.done() for c in clients)
     for c in clients:
         c.done.cancel()  # ended by us: not an early end
@@ -237,7 +249,33 @@ async def big_prompt_phase(
         "max_gap_ms": round(with_big * 1e3, 1),
         "control_max_gap_ms": round(control * 1e3, 1),
         "rss_growth_mb": round((rss_after - rss_before) / 2**20, 1),
+        "loop_lag_max_ms_at_most": _largest_new_lag_ms(lag_mid, lag_end),
+        "control_loop_lag_max_ms_at_most": _largest_new_lag_ms(lag_start, lag_mid),
     }
+
+
+def _loop_lag_buckets(url: str) -> dict[float, float]:
+    """The gateway's `mell:event_loop_lag_seconds` histogram: cumulative count per bucket."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.findall(r'mell:event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)', text)
+    return {float(le): float(count) for le, count in found}
+
+
+def _largest_new_lag_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """The upper bound of the highest lag bucket that gained a sample between two scrapes
+    (the loop's worst stall in that window lies at or below it); None if nothing was seen."""
+    edges = sorted(after)
+    prev = 0.0
+    worst = None
+    for le in edges:
+        gained = (after[le] - before.get(le, 0.0)) - prev
+        prev = after[le] - before.get(le, 0.0)
+        if gained > 0:
+            worst = le
+    return None if worst is None else (round(worst * 1e3, 1) if math.isfinite(worst) else worst)
 
 
 def _post(host: str, path: str, body: bytes) -> bytes:

@@ -28,6 +28,7 @@ from mell.gateway.cluster.epoch import run_epochs
 from mell.gateway.cluster.metrics import CONTENT_TYPE
 from mell.gateway.cluster.recovery import reconcile_after_restart
 from mell.gateway.context import CONTEXT, GatewayContext
+from mell.gateway.loop_lag import probe_loop_lag
 from mell.gateway.policy.base import WorkerStatus
 
 log = structlog.get_logger("mell.gateway")
@@ -62,6 +63,7 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
     tasks: list[asyncio.Task[object]] = [
         asyncio.create_task(ctx.link.receive_forever(), name="worker-receive"),
         asyncio.create_task(ctx.link.watch_forever(), name="worker-watch"),
+        asyncio.create_task(probe_loop_lag(ctx.metrics.loop_lag.observe), name="loop-lag"),
         asyncio.create_task(
             run_epochs(ctx.policy, ctx.state.view, ctx.config.epoch_s, ctx.migrator),
             name="epochs",

@@ -85,6 +85,7 @@ E2E_BUCKETS = (
     1920.0,
     7680.0,
 )
+LOOP_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -154,6 +155,12 @@ class Metrics:
             "mell:requests_resumed",
             "Requests that continued on another worker after theirs was lost.",
             ["model_name"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "mell:event_loop_lag_seconds",
+            "How late the gateway's event loop ran a 10 ms timer.",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
         self.migrations = Counter("mell:migrations", "Committed migrations.", ["kind"], registry=r)
