@@ -27,7 +27,9 @@ Measured: the largest gap between two chunks of any running stream (target < 100
 puts one chunk every 1/rate s, so a gap of 1/rate is no stall), the prompt's answer time, and
 the gateway's RSS growth, and from the gateway's `mell:event_loop_lag_seconds` the bucket of its
 loop's worst lag in each window (`loop_lag_max_ms_at_most`): a gap with no matching loop lag was
-not the gateway's loop holding it.
+not the gateway's loop holding it. A last window runs a busy process at the tokenizer's priority
+(nice 10) for as long as the prompt took, with no prompt (`cpu_hog_max_gap_ms`): the cost of one
+core taken away, which on a 2-core machine tokenizing 10 MB cannot avoid.
 The last line is `RESULT {json}`.
 """
 
@@ -236,6 +238,14 @@ async def big_prompt_phase(
     await asyncio.sleep(1.0)
     with_big = max(c.max_gap for c in clients)
     lag_end = await asyncio.to_thread(_loop_lag_buckets, url)
+    # The same streams while a busy process at the tokenizer's priority takes a core for as
+    # long as the prompt took: what losing that core costs, with no prompt at all.
+    for c in clients:
+        c.max_gap = 0.0
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(answer_s)])
+    await asyncio.to_thread(hog.wait)
+    with_hog = max(c.max_gap for c in clients)
+    lag_hog = await asyncio.to_thread(_loop_lag_buckets, url)
     done = sum(c.done.done() for c in clients)
     for c in clients:
         c.done.cancel()  # ended by us: not an early end
@@ -251,7 +261,17 @@ async def big_prompt_phase(
         "rss_growth_mb": round((rss_after - rss_before) / 2**20, 1),
         "loop_lag_max_ms_at_most": _largest_new_lag_ms(lag_mid, lag_end),
         "control_loop_lag_max_ms_at_most": _largest_new_lag_ms(lag_start, lag_mid),
+        "cpu_hog_max_gap_ms": round(with_hog * 1e3, 1),
+        "cpu_hog_loop_lag_max_ms_at_most": _largest_new_lag_ms(lag_end, lag_hog),
     }
+
+
+HOG = """import os, sys, time
+os.nice(10)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+"""
 
 
 def _loop_lag_buckets(url: str) -> dict[float, float]:
