@@ -9,7 +9,8 @@ Prompt size is bounded before any tokenizing: no token of the vocabulary covers 
 refused at once. Long prompts are tokenized in a process pool, at a lower CPU priority:
 `tokenizers`' `encode` holds the interpreter lock for its whole run (measured: a 2 MB prompt in a
 thread stopped the event loop for 3.8 s; `encode_batch` still for 0.4 s), and its memory stays
-in the child.
+in the child. The text reaches the child through a memory file, not a pickle (the gateway's
+RSS grew 25-32 MB for a 10 MB prompt instead of 46-55 MB, three runs of each).
 """
 
 from __future__ import annotations
@@ -183,14 +184,18 @@ class ModelRegistry:
                 initializer=_yield_the_cpu,
             )
         loop = asyncio.get_running_loop()
-        packed = await loop.run_in_executor(
-            self._pool,
-            _encode_in_child,
-            str(model.path),
-            text,
-            add_special_tokens,
-            model.max_model_len,
-        )
+        handoff = _handoff(text)
+        try:
+            packed = await loop.run_in_executor(
+                self._pool,
+                _encode_in_child,
+                str(model.path),
+                f"/proc/{os.getpid()}/fd/{handoff}",
+                add_special_tokens,
+                model.max_model_len,
+            )
+        finally:
+            os.close(handoff)
         if isinstance(packed, int):
             raise InvalidRequest(
                 f"This model's maximum context length is {model.max_model_len} tokens. "
@@ -199,9 +204,10 @@ class ModelRegistry:
             )
         return array("i", packed).tolist()
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stops the tokenizer processes; `wait`: until they have exited."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 _CHILD_TOKENIZERS: dict[str, Tokenizer] = {}
@@ -212,9 +218,28 @@ def _yield_the_cpu() -> None:
     os.nice(NICE)
 
 
-def _encode_in_child(path: str, text: str, add_special_tokens: bool, limit: int) -> bytes | int:
-    """In a pool process: the ids of `text` as packed int32 (cheap to send back), or only
-    their number when it reaches `limit` (the prompt cannot fit: nothing more to send)."""
+def _handoff(text: str) -> int:
+    """A memory file holding `text` as UTF-8, for a pool process to read at
+    /proc/<gateway pid>/fd/<fd>. Nothing is pickled (that held the interpreter lock on a
+    thread of the gateway and kept a second copy), and the memory goes with the descriptor
+    even if the gateway dies. The caller closes it."""
+    fd = os.memfd_create("mell-prompt", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _encode_in_child(path: str, source: str, add_special_tokens: bool, limit: int) -> bytes | int:
+    """In a pool process: the ids of the text in the file `source` as packed int32 (cheap to
+    send back), or only their number when it reaches `limit` (the prompt cannot fit: nothing
+    more to send)."""
+    with open(source, "rb") as f:
+        text = f.read().decode()
     tokenizer = _CHILD_TOKENIZERS.get(path)
     if tokenizer is None:
         tokenizer = _CHILD_TOKENIZERS[path] = load_tokenizer(Path(path))
