@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from mell.common.errors import MellError
+from mell.common.errors import Conflict
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
@@ -25,10 +25,8 @@ from mell.workerd.engine.outputs import EngineStats, RequestOutput
 Frame = tuple[int, memoryview]  # some KV blocks of one layer: (number of blocks, their bytes)
 
 
-class EngineBusy(MellError):
+class EngineBusy(Conflict):
     """`sleep` refused: the engine holds requests or blocks (the message says what)."""
-
-    http_status = 409
 
 
 @dataclass(frozen=True, slots=True)
