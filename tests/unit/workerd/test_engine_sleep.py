@@ -111,3 +111,12 @@ def test_sleep_empties_the_prefix_cache(tiny) -> None:
             tokens += out.new_token_ids
             assert out.num_cached_tokens == 0
     assert tokens == first
+
+
+def test_a_migration_reserving_blocks_wakes_a_sleeping_engine(tiny) -> None:
+    eng = make(tiny, kv_cache_memory_bytes=8 << 20)
+    eng.sleep()
+    assert eng.reserve("migration-in", 2)
+    assert not eng.sleeping and len(eng.kv.tensors) == eng.kv.num_layers
+    [(n, frame)] = eng.read_kv(0, eng.block_table("migration-in", 0))
+    assert n == 2 and len(frame) == 2 * eng.kv.block_bytes
