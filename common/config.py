@@ -98,6 +98,9 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # rest, still receiving). CPU workers sharing fewer cores then act as devices of their own:
     # a step time flat in the batch, and no competition for cores while they wait. 0: off.
     min_step_ms: NonNegative = 0.0
+    # Idle this long, with the rest of its pool able to take its load, the gateway makes the
+    # worker sleep (its KV memory given back until a request comes). 0: only `mellctl sleep`.
+    sleep_after_s: NonNegative = 0.0
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
 

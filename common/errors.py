@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "NotFoundError"
     OVERLOADED = "RateLimitError"
     NO_CAPACITY = "ServiceUnavailableError"
+    CONFLICT = "ConflictError"
     WORKER_LOST = "WorkerLostError"
     ABORTED = "RequestAbortedError"
     MIGRATION_FAILED = "MigrationFailedError"
@@ -74,6 +75,14 @@ class NoCapacity(MellError):
 
     code = ErrorCode.NO_CAPACITY
     http_status = 503
+
+
+class Conflict(MellError):
+    """The thing asked for cannot happen in the target's present state (e.g. sleeping a
+    worker that holds requests)."""
+
+    code = ErrorCode.CONFLICT
+    http_status = 409
 
 
 class WorkerLostError(MellError):

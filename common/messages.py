@@ -170,6 +170,21 @@ class Ping(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="ping
     call_id: int
 
 
+class Sleep(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="sleep"):
+    """Give the KV memory back while idle (the worker stays joined). Answered `Reply`, with an
+    error and nothing changed while the worker holds a request or a migration; the worker's
+    load report says it sleeps, and how many bytes it gave back."""
+
+    call_id: int = 0
+
+
+class Wake(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="wake"):
+    """Take the KV memory again. A sleeping worker also wakes by itself when it is given work
+    (`AddRequest`, a migration's reservation), before it queues it: no request waits on this."""
+
+    call_id: int = 0
+
+
 class StartMigration(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="migrate"):
     """Move a request from this worker (the source) to `dst`; the worker answers `Reply` at
     once (accepted or why not) and `MigrationEnded` when the protocol is over."""
@@ -208,6 +223,8 @@ GatewayMessage = (
     | Drain
     | Undrain
     | Ping
+    | Sleep
+    | Wake
     | StartMigration
     | CancelMigration
     | MeasurePeers

@@ -21,6 +21,7 @@ class WorkerIdentity(msgspec.Struct, frozen=True, kw_only=True):
     block_size: int
     max_model_len: int
     data_address: str  # where peers reach this worker's data plane (migration)
+    sleep_after_s: float = 0.0  # idle this long and not needed: the gateway makes it sleep
 
 
 class RequestLoad(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -49,6 +50,9 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
     # Automatic prefix caching (vLLM's counting): prompt tokens looked up, tokens found cached.
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
+    # Sleep (`messages.Sleep`): the KV memory is given back, these many bytes of it.
+    sleeping: bool = False
+    kv_bytes_released: int = 0
 
     @classmethod
     def idle(cls, num_total_blocks: int, num_preemptions_total: int = 0) -> WorkerLoad:

@@ -5,7 +5,7 @@ Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokeniz
 a 500 with the request id logged, never a traceback to the client.
 
 Part of the wiring at the top of the gateway: it joins the handlers of `api/` with the
-cluster's background tasks (the link's loops, the epoch loop, the journal keeper).
+cluster's background tasks (the link's loops, the epoch loop, the sleeper, the journal keeper).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mell.gateway.api.served_models import context_length
 from mell.gateway.cluster.epoch import run_epochs
 from mell.gateway.cluster.metrics import CONTENT_TYPE
 from mell.gateway.cluster.recovery import reconcile_after_restart
+from mell.gateway.cluster.sleeper import run_sleeper
 from mell.gateway.context import CONTEXT, GatewayContext
 from mell.gateway.loop_lag import probe_loop_lag
 from mell.gateway.policy.base import WorkerStatus
@@ -67,6 +68,9 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(
             run_epochs(ctx.policy, ctx.state.view, ctx.config.epoch_s, ctx.migrator),
             name="epochs",
+        ),
+        asyncio.create_task(
+            run_sleeper(ctx.state.view, ctx.link, ctx.config.epoch_s), name="sleeper"
         ),
     ]
     if ctx.keeper is not None:

@@ -30,3 +30,18 @@ def keep_large_buffers(retain_bytes: int = 256 << 20) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
         mallopt(M_TRIM_THRESHOLD, retain_bytes)
     )
+
+
+def give_back_free_memory() -> bool:
+    """Return the C heap's free pages to the OS now (glibc `malloc_trim(0)`: every whole free
+    page of every arena, not only the top of the heap, whatever the trim threshold above);
+    True when it released some. Call it after freeing large buffers that must leave the
+    process's resident set (a sleeping worker's KV cache): `keep_large_buffers` makes the heap,
+    not mmap, serve allocations up to 32 MiB, and keep up to its retain bytes once freed.
+    Elsewhere than glibc it does nothing (False)."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--drain-grace", type=float, help="seconds SIGTERM waits for requests")
     p.add_argument(
+        "--sleep-after", type=float, help="idle seconds before sleeping when not needed (0: off)"
+    )
+    p.add_argument(
         "--fake-token-rate",
         type=float,
         help="benchmarks only: emit tokens at this rate (per request/s), no model",
@@ -84,6 +87,7 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
         cluster_secret_file="cluster_secret_file",
         data_host="data_host",
         drain_grace_s="drain_grace",
+        sleep_after_s="sleep_after",
         fake_token_rate="fake_token_rate",
         min_step_ms="min_step_ms",
     )

@@ -38,10 +38,12 @@ from mell.common.messages import (
     Rejoin,
     Reply,
     RequestFailed,
+    Sleep,
     StartMigration,
     TokenBatch,
     TokenOutput,
     Undrain,
+    Wake,
     Welcome,
     WorkerFailed,
     WorkerMessage,
@@ -49,7 +51,7 @@ from mell.common.messages import (
 from mell.common.notify import Notifier
 from mell.common.workers import CachedPrefixes, RequestLoad, WorkerIdentity, WorkerLoad
 from mell.transport.codec import Buffer
-from mell.workerd.engine.contract import MigratableEngine, ServingEngine
+from mell.workerd.engine.contract import EngineBusy, MigratableEngine, ServingEngine
 from mell.workerd.io import PeerInput
 from mell.workerd.migration.boundaries import (
     Boundaries,
@@ -115,6 +117,7 @@ class Worker:
         self.welcomed = False
         self.refused: str | None = None  # why the gateway will not take this worker
         self.draining = False
+        self._sleeping = False  # as last reported
         self.stop_deadline: float | None = None  # set by SIGTERM: drain, then exit by this time
         self._tokens: dict[str, int] = {}  # request id -> prompt + generated tokens
         self._step = 0
@@ -207,6 +210,7 @@ class Worker:
             block_size=stats.block_size,
             max_model_len=self.engine.max_model_len,
             data_address=self.link.data_address,
+            sleep_after_s=self.config.sleep_after_s,
         )
         return self.link.sign(Hello(identity=identity, request_ids=list(self._tokens)))
 
@@ -255,6 +259,10 @@ class Worker:
         return max(0.0, min(self._next_load, self._next_heartbeat) - now) + 0.001
 
     def _handle(self, message: GatewayMessage | PeerInput) -> None:
+        self._dispatch(message)
+        self._note_sleep(type(message).__name__)  # (work given to a sleeping engine wakes it)
+
+    def _dispatch(self, message: GatewayMessage | PeerInput) -> None:
         match message:
             case AddRequest():
                 self._add(message)
@@ -271,6 +279,15 @@ class Worker:
                     self.draining = False
                 self._reply(call_id)
             case Ping(call_id=call_id):
+                self._reply(call_id)
+            case Sleep(call_id=call_id):
+                error = self._sleep()
+                self._note_sleep("Sleep")
+                if call_id:
+                    self.link.send(Reply(call_id=call_id, error=error))
+            case Wake(call_id=call_id):
+                self.engine.wake()
+                self._note_sleep("Wake")
                 self._reply(call_id)
             case Welcome(epoch_s=epoch_s):
                 self.welcomed = True
@@ -300,6 +317,29 @@ class Worker:
                     self.migrations.handle(peer_message, frames, at or None)
             case _:
                 assert_never(message)
+
+    # ------------------------------------------------------------ sleep and wake
+
+    def _sleep(self) -> str | None:
+        """Give the KV memory back; why not when it cannot (None: asleep)."""
+        if self.migrations is not None and self.migrations.busy:
+            return "cannot sleep: a migration is in flight"
+        try:
+            self.engine.sleep()
+        except EngineBusy as err:
+            return err.message
+        return None
+
+    def _note_sleep(self, cause: str) -> None:
+        """When the engine slept or woke since the last note: log it and send a load report
+        at once (before any reply), so the gateway's view shows it."""
+        sleeping = self.engine.sleeping
+        if sleeping == self._sleeping:
+            return
+        self._sleeping = sleeping
+        log.info("worker_slept" if sleeping else "worker_woke", cause=cause,
+                 kv_bytes=self.engine.stats().kv_bytes_released)  # fmt: skip
+        self.link.send(self._load_report())
 
     # ------------------------------------------------------------ migration
 
@@ -426,6 +466,8 @@ class Worker:
             slo_violations_total=dict(stats.slo_violations_total),
             prefix_cache_queries_total=stats.prefix_cache_queries_total,
             prefix_cache_hits_total=stats.prefix_cache_hits_total,
+            sleeping=stats.sleeping,
+            kv_bytes_released=stats.kv_bytes_released,
         )
         prefixes = None
         if self.config.engine.enable_prefix_caching:

@@ -9,13 +9,17 @@
                                                stream stays open and new events follow
     POST /admin/v1/workers/{id}/drain          stop placing on it; it finishes what it runs
     POST /admin/v1/workers/{id}/undrain        place on it again
+    POST /admin/v1/workers/{id}/sleep          an idle worker gives its KV memory back (409
+                                               while it holds requests); a request wakes it
+    POST /admin/v1/workers/{id}/wake           it takes its KV memory again
     POST /admin/v1/requests/{id}/migrate       {"to": WORKER, "kind": "kv"|"tokens"|"auto"}
                                                (or ?to=WORKER&kind=KIND):
                                                move a running request; answers when it
                                                committed or aborted
 
-Reads come from the cluster view (the fold of the journal's events); drain and undrain go through
-the worker link, which records the events. Errors are `{"error": {"message", "type", "code"}}`.
+Reads come from the cluster view (the fold of the journal's events); drain, undrain, sleep and
+wake go through the worker link (drain and undrain record events; a worker's sleep is in its
+load report, journaled as `LoadReported`). Errors are `{"error": {"message", "type", "code"}}`.
 The token lives in DATA_DIR/admin.token (0600, created at first start: `admin.token`).
 """
 
@@ -37,6 +41,7 @@ from mell.gateway.cluster.migrator import move_kind
 from mell.gateway.cluster.view import RequestRow, WorkerRow
 from mell.gateway.context import CONTEXT, GatewayContext
 from mell.gateway.policy.base import Move, WorkerStatus
+from mell.transport.channel import PeerUnreachable
 from mell.transport.rpc import CallTimeout
 
 PREFIX = "/admin/v1"
@@ -59,6 +64,8 @@ def build_admin_app(ctx: GatewayContext, token: str) -> web.Application:
             web.get(f"{PREFIX}/events", events),
             web.post(f"{PREFIX}/workers/{{worker_id}}/drain", drain),
             web.post(f"{PREFIX}/workers/{{worker_id}}/undrain", undrain),
+            web.post(f"{PREFIX}/workers/{{worker_id}}/sleep", sleep),
+            web.post(f"{PREFIX}/workers/{{worker_id}}/wake", wake),
             web.post(f"{PREFIX}/requests/{{request_id}}/migrate", migrate),
         ]
     )
@@ -95,6 +102,8 @@ def worker_json(row: WorkerRow, with_requests: bool = False) -> dict[str, Any]:
         "state": row.status.name.lower(),
         "releasable": row.releasable,
         "drained": row.drained,
+        "sleeping": row.sleeping,
+        "kv_bytes_released": row.kv_bytes_released,
         "capacity_blocks": row.capacity_blocks,
         "used_blocks": used,
         "kv_usage": round(used / row.capacity_blocks, 4) if row.capacity_blocks else 0.0,
@@ -161,6 +170,7 @@ def status_json(ctx: GatewayContext) -> dict[str, Any]:
         "models": models,
         "workers": [worker_json(w) for w in rows],
         "releasable": [w.worker_id for w in rows if w.releasable],
+        "sleeping": [w.worker_id for w in rows if w.sleeping],
         "migrations": [msgspec.to_builtins(m) for m in view.migrations.values()],
         "totals": {
             "workers": len(live),
@@ -169,6 +179,8 @@ def status_json(ctx: GatewayContext) -> dict[str, Any]:
             "capacity_blocks": capacity,
             "used_blocks": used,
             "kv_usage": round(used / capacity, 4) if capacity else 0.0,
+            "sleeping": sum(w.sleeping for w in live),
+            "kv_bytes_released": sum(w.kv_bytes_released for w in live),
             "requests": len(view.requests),
             "streams": len(ctx.dispatcher.streams),
             "finished": totals.num_finished,
@@ -254,6 +266,14 @@ async def undrain(request: web.Request) -> web.Response:
     return await _worker_call(request, "undrain")
 
 
+async def sleep(request: web.Request) -> web.Response:
+    return await _worker_call(request, "sleep")
+
+
+async def wake(request: web.Request) -> web.Response:
+    return await _worker_call(request, "wake")
+
+
 async def _worker_call(request: web.Request, action: str) -> web.Response:
     ctx = request.app[CONTEXT]
     worker_id = request.match_info["worker_id"]
@@ -262,6 +282,8 @@ async def _worker_call(request: web.Request, action: str) -> web.Response:
     except CallTimeout:
         err = MellError(f"worker {worker_id} did not answer {action} in time")
         return error_response(err, 504)
+    except PeerUnreachable:
+        return error_response(MellError(f"worker {worker_id} is unreachable"), 503)
     row = ctx.state.view.worker_rows[worker_id]
     return _json(worker_json(row, with_requests=True))
 

@@ -231,6 +231,8 @@ class ViewCollector(Collector):
                 [model], sum(w.status == WorkerStatus.ACTIVE for w in rows)
             )
             g["mell:releasable_workers"].add_metric([model], sum(w.releasable for w in rows))
+            g["mell:sleeping_workers"].add_metric([model], sum(w.sleeping for w in rows))
+            g["mell:kv_bytes_released"].add_metric([model], sum(w.kv_bytes_released for w in rows))
             g["mell:num_requests_in_flight"].add_metric(
                 [model], sum(1 for r in view.requests.values() if r.model == model)
             )
@@ -257,6 +259,8 @@ class ViewCollector(Collector):
             g["mell:worker_kv_cache_usage_perc"].add_metric(labels, perc)
             g["mell:worker_kv_cache_used_blocks"].add_metric(labels, w.num_used_blocks)
             g["mell:worker_requests"].add_metric(labels, len(w.request_blocks))
+            g["mell:worker_sleeping"].add_metric(labels, int(w.sleeping))
+            g["mell:worker_kv_bytes_released"].add_metric(labels, w.kv_bytes_released)
         yield from g.values()
         yield preemptions
         yield offload
@@ -278,7 +282,11 @@ _GAUGES = (
     ("mell:active_workers", "Workers accepting requests.", _M),
     ("mell:releasable_workers", "Live workers holding no request (their device could go).", _M),
     ("mell:num_requests_in_flight", "Requests placed and not finished.", _M),
+    ("mell:sleeping_workers", "Workers asleep: their KV memory given back.", _M),
+    ("mell:kv_bytes_released", "KV memory bytes given back by the pool's sleeping workers.", _M),
     ("mell:worker_kv_cache_usage_perc", "KV cache usage of one worker (0-1).", _W),
     ("mell:worker_kv_cache_used_blocks", "KV blocks in use on one worker.", _W),
     ("mell:worker_requests", "Requests held by one worker.", _W),
+    ("mell:worker_sleeping", "1 while the worker sleeps (its KV memory given back).", _W),
+    ("mell:worker_kv_bytes_released", "KV memory bytes the sleeping worker gave back.", _W),
 )

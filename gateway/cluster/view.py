@@ -134,6 +134,15 @@ class WorkerRow:
         return self.capacity_blocks - self.num_free_blocks
 
     @property
+    def sleeping(self) -> bool:
+        """Its KV memory is given back (as last reported); work given to it wakes it."""
+        return self.load.sleeping and self.status != WorkerStatus.LOST
+
+    @property
+    def kv_bytes_released(self) -> int:
+        return self.load.kv_bytes_released if self.sleeping else 0
+
+    @property
     def releasable(self) -> bool:
         """Holds nothing and is not lost: its device could be given back."""
         busy = self.request_blocks or self.num_running or self.num_waiting
@@ -148,6 +157,7 @@ class WorkerRow:
             block_size=self.block_size,
             request_blocks=MappingProxyType(self.request_blocks),
             num_free_blocks=self.capacity_blocks - sum(self.request_blocks.values()),
+            sleeping=self.sleeping,
         )
 
 
@@ -239,8 +249,11 @@ class ClusterView:
         return self.model_names
 
     def workers(self, model: str) -> Sequence[WorkerInfo]:
+        """Sleeping workers last: a policy that opens the first idle worker opens an awake one
+        while there is one (waking one costs the KV allocation)."""
         rows = self.worker_rows.values()
-        return [w.info() for w in rows if w.model == model and w.status != WorkerStatus.LOST]
+        live = [w for w in rows if w.model == model and w.status != WorkerStatus.LOST]
+        return [w.info() for w in sorted(live, key=lambda w: w.sleeping)]
 
     def prefix_hits(self, model: str, prefix_hashes: Sequence[int]) -> dict[str, PrefixHit]:
         """PrefixView, from the workers' reported cache summaries (see `note_prefixes`)."""

@@ -33,7 +33,7 @@ from typing import Protocol, assert_never
 import structlog
 
 from mell.common.config import GatewayConfig
-from mell.common.errors import NotFound
+from mell.common.errors import Conflict, MellError, NotFound
 from mell.common.events import (
     LoadReported,
     RequestAborted,
@@ -61,15 +61,17 @@ from mell.common.messages import (
     Rejoin,
     Reply,
     RequestFailed,
+    Sleep,
     TokenBatch,
     Undrain,
+    Wake,
     Welcome,
     WorkerFailed,
     WorkerMessage,
 )
 from mell.gateway.cluster.recovery import RESTART_REASON
 from mell.gateway.cluster.state import ClusterState
-from mell.gateway.cluster.view import ClusterView
+from mell.gateway.cluster.view import ClusterView, WorkerRow
 from mell.gateway.cluster.worker_port import MakeMessage, WorkerPort
 from mell.gateway.policy.base import WorkerStatus
 
@@ -151,16 +153,37 @@ class WorkerLink:
         await self.call(worker_id, lambda call_id: Undrain(call_id=call_id), timeout_s)
         self.state.record(WorkerUndrained(worker_id=worker_id))
 
+    async def sleep(self, worker_id: str, timeout_s: float = 5.0) -> None:
+        """Make an idle worker give its KV memory back (it stays joined; a request placed on
+        it wakes it). Conflict while it holds requests (as the view knows, or as the worker
+        answers: a placement may race this call). The view shows it asleep on return."""
+        row = self._require(worker_id)
+        held = len(row.request_blocks) or row.num_running + row.num_waiting
+        if held:
+            raise Conflict(
+                f"worker {worker_id!r} holds {held} requests: only an idle worker sleeps"
+            )
+        try:
+            await self.call(worker_id, lambda call_id: Sleep(call_id=call_id), timeout_s)
+        except MellError as err:  # the worker's answer: busy
+            raise Conflict(err.message) from None
+
+    async def wake(self, worker_id: str, timeout_s: float = 5.0) -> None:
+        """Make a sleeping worker take its KV memory again (a no-op when awake)."""
+        self._require(worker_id)
+        await self.call(worker_id, lambda call_id: Wake(call_id=call_id), timeout_s)
+
     async def ping(self, worker_id: str, timeout_s: float = 2.0) -> float:
         """Round-trip time through the worker's engine loop, in seconds."""
         start = time.monotonic()
         await self.call(worker_id, lambda call_id: Ping(call_id=call_id), timeout_s)
         return time.monotonic() - start
 
-    def _require(self, worker_id: str) -> None:
+    def _require(self, worker_id: str) -> WorkerRow:
         row = self.view.worker_rows.get(worker_id)
         if row is None or row.status == WorkerStatus.LOST:
             raise NotFound(f"no live worker {worker_id!r}", param="worker_id")
+        return row
 
     def expect_rejoin(self, worker_ids: list[str], timeout_s: float) -> None:
         """After a restart: these workers (from the journal) are lost unless they say hello

@@ -1,11 +1,15 @@
-"""`mellctl status|workers|requests|drain|undrain`: thin clients of the gateway's admin API.
+"""`mellctl status|workers|requests|drain|undrain|sleep|wake`: thin clients of the gateway's
+admin API.
 
     mellctl status   [--json]               per worker: model, state, KV usage, requests; per
-                                            model and cluster totals; releasable workers
+                                            model and cluster totals; releasable and sleeping
+                                            workers, and the KV bytes the sleeping gave back
     mellctl workers  [--json]
     mellctl requests [--worker ID] [--json]
     mellctl drain WORKER      stop placing requests on it; it finishes what it runs
     mellctl undrain WORKER    place requests on it again
+    mellctl sleep WORKER      an idle worker gives its KV memory back (a request wakes it)
+    mellctl wake WORKER       it takes its KV memory again
 
 Every command takes --url/--token/--data-dir (see `client`). Exit codes: 0 ok, 1 the gateway
 answered with an error, 2 usage, 3 no gateway reachable.
@@ -34,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_target_args(p)
     p.set_defaults(func=requests)
     for action, text in (("drain", "stop placing requests on a worker"),
-                         ("undrain", "place requests on a drained worker again")):  # fmt: skip
+                         ("undrain", "place requests on a drained worker again"),
+                         ("sleep", "an idle worker gives its KV memory back"),
+                         ("wake", "a sleeping worker takes its KV memory again")):  # fmt: skip
         p = subparsers.add_parser(action, help=text)
         p.add_argument("worker", metavar="WORKER", help="worker id")
         add_target_args(p, json_output=False)
@@ -64,7 +70,8 @@ def requests(args: argparse.Namespace) -> int:
 
 def _worker_action(args: argparse.Namespace) -> int:
     row = connect(args).post(f"/workers/{args.worker}/{args.action}")
-    print(f"{row['worker_id']}: {row['state']} ({row['num_requests']} requests)")
+    note = f", asleep: {mib(row['kv_bytes_released'])} given back" if row["sleeping"] else ""
+    print(f"{row['worker_id']}: {row['state']} ({row['num_requests']} requests{note})")
     return 0
 
 
@@ -97,6 +104,8 @@ def render_workers(rows: list[dict[str, Any]]) -> str:
 def _note(w: dict[str, Any]) -> str:
     if w["state"] == "lost":
         return f"lost: {w['lost_reason']}"
+    if w["sleeping"]:
+        return f"sleeping ({mib(w['kv_bytes_released'])} given back)"
     if w["releasable"]:
         return "releasable"
     return "drained" if w["drained"] else ""
@@ -130,13 +139,25 @@ def render_status(body: dict[str, Any]) -> str:
         ]
     )
     releasable = ", ".join(body["releasable"]) or "none"
+    sleeping = ", ".join(body["sleeping"]) or "none"
+    given_back = (
+        f" ({mib(t['kv_bytes_released'])} of KV memory given back)" if t["sleeping"] else ""
+    )
     return "\n\n".join(
         [
             render_workers(body["workers"]),
             models,
-            cluster + "\n" + wrap_words([f"releasable workers: {releasable}"]),
+            cluster
+            + "\n"
+            + wrap_words([f"releasable workers: {releasable}"])
+            + "\n"
+            + wrap_words([f"sleeping workers: {sleeping}{given_back}"]),
         ]
     )
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def render_requests(rows: list[dict[str, Any]]) -> str:

@@ -65,6 +65,9 @@ def register(subparsers: Any) -> None:
         "--min-step-ms", type=float, help="benchmarks only: workers' steps last at least this long"
     )
     p.add_argument("--worker-timeout", type=float, help="seconds of silence: worker lost")
+    p.add_argument(
+        "--sleep-after", type=float, help="idle seconds before a worker not needed sleeps"
+    )
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--verbose", action="store_true", help="children log to this terminal")
     p.set_defaults(func=run)
@@ -216,6 +219,8 @@ class Cluster:
             cmd += ["--kv-offload", a.kv_offload]
         if a.no_prefix_caching:
             cmd.append("--no-prefix-caching")
+        if a.sleep_after:
+            cmd += ["--sleep-after", str(a.sleep_after)]
         return cmd
 
     def _spawn(self, name: str, cmd: list[str], capture_stdout: bool = False) -> Child:

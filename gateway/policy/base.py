@@ -36,6 +36,7 @@ class WorkerInfo:
     block_size: int
     request_blocks: Mapping[str, int]  # request id -> current KV blocks (placed ones included)
     num_free_blocks: int  # capacity - sum(request_blocks), may be reported
+    sleeping: bool = False  # its KV memory is given back; a placement on it wakes it
 
 
 class PolicyView(Protocol):

@@ -105,6 +105,15 @@ class _LayerPool:
             del self.cached[block_hash]
         self.lru.pop(block, None)
 
+    def evict_cached(self) -> int:
+        """Evict every cached block nobody holds (the whole LRU); how many."""
+        n = len(self.lru)
+        while self.lru:
+            block, _ = self.lru.popitem(last=False)
+            del self.cached[self.hash_of.pop(block)]
+            self.free.append(block)
+        return n
+
     def unfence(self, blocks: Sequence[int]) -> None:
         for b in reversed(blocks):
             self.fenced.remove(b)  # (KeyError: a block unfenced twice, or never fenced)
@@ -318,6 +327,12 @@ class BlockManager:
         for pool, table in zip(self._pools, self._tables[request_id], strict=True):
             for h, b in zip(hashes, table, strict=False):
                 pool.cache(h, b)
+
+    def evict_cached(self) -> int:
+        """Forget every cached block nobody holds, in every layer (their hashes dropped, the
+        blocks plainly free); how many of layer 0's."""
+        counts = [pool.evict_cached() for pool in self._pools]
+        return counts[0]
 
     def unfence(self, layer: int, blocks: Sequence[int]) -> None:
         """The copy touching these fenced blocks of `layer` is done: they are free."""

@@ -5,6 +5,10 @@ that holds a KV cache can also move requests to and from another worker: `migrat
 out that side of it, `MigratableEngine` (the KV operations live migration needs), or None for
 an engine without KV (`FakeEngine`). `Engine` implements both. Nothing outside `engine/`
 sees the block manager, the runner or the KV tensors: only these Protocols.
+
+Sleep and wake: an engine with nothing to do can give its KV memory back (`sleep`) and take it
+again (`wake`); a sleeping engine given work (`add_request`, a migration's `reserve` or
+`import_request`) wakes first, so no request is lost to sleep.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from mell.common.errors import Conflict
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
 Frame = tuple[int, memoryview]  # some KV blocks of one layer: (number of blocks, their bytes)
+
+
+class EngineBusy(Conflict):
+    """`sleep` refused: the engine holds requests or blocks (the message says what)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,23 @@ class ServingEngine(Protocol):
 
     def migratable(self) -> MigratableEngine | None:
         """The engine's KV side, for live migration; None when it holds no KV cache."""
+        ...
+
+    @property
+    def sleeping(self) -> bool:
+        """The KV memory is given back (`sleep`), until `wake`."""
+        ...
+
+    def sleep(self) -> int:
+        """Give the KV memory back to the device (the OS on CPU): the prefix cache is emptied
+        first (every cached block evicted, its hash dropped), then the KV storage is dropped.
+        The bytes given back (0 when already asleep). Raises EngineBusy, changing nothing,
+        while any request is running, queued, swapped or parked, or blocks are held or still
+        copied (a migration's reservation, a fenced block)."""
+        ...
+
+    def wake(self) -> int:
+        """Take the KV memory again (empty); the bytes allocated (0 when awake)."""
         ...
 
 

@@ -20,7 +20,13 @@ from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams, TokenLogprobs
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.engine.block_manager import BlockManager
-from mell.workerd.engine.contract import Frame, KVLayout, MigratableEngine, RequestState
+from mell.workerd.engine.contract import (
+    EngineBusy,
+    Frame,
+    KVLayout,
+    MigratableEngine,
+    RequestState,
+)
 from mell.workerd.engine.copy_engine import D2H, H2D, make_copy_engine
 from mell.workerd.engine.host_tier import HostTier
 from mell.workerd.engine.kv_cache import KVCache, kv_bytes_per_block
@@ -109,6 +115,7 @@ class Engine:
         output_token_ids: abc.Sequence[int] = (),
     ) -> None:
         self._check_request(request_id, prompt_token_ids, sampling, output_token_ids)
+        self.wake()
         seq = self._new_seq(request_id, prompt_token_ids, sampling)
         seq.token_ids.extend(output_token_ids)
         seq.output_token_ids.extend(output_token_ids)
@@ -257,6 +264,38 @@ class Engine:
     def migratable(self) -> MigratableEngine:
         return self
 
+    # -- sleep and wake (contract: ServingEngine) ---------------------------------------------
+
+    @property
+    def sleeping(self) -> bool:
+        return self.kv.released
+
+    def sleep(self) -> int:
+        busy = self._busy()
+        if busy:
+            raise EngineBusy(f"cannot sleep: the engine holds {busy}")
+        self.blocks.evict_cached()
+        return self.kv.release()
+
+    def wake(self) -> int:
+        return self.kv.restore()
+
+    def _busy(self) -> str:
+        """What keeps the engine from sleeping, in words ("" when nothing does)."""
+        sch, tier = self.scheduler, self.tier
+        queues = {"running": len(sch.running), "queued": len(sch.waiting),
+                  "swapped or parked": len(sch.hosted)}  # fmt: skip
+        held = [f"{n} {what} requests" for what, n in queues.items() if n]
+        others = len(self._seqs) - sum(queues.values())
+        if others > 0:
+            held.append(f"{others} paused requests")
+        reserved = len(self.blocks.requests()) - len(self._seqs)
+        if reserved > 0:
+            held.append(f"{reserved} block reservations")
+        if self.blocks.num_fenced() or (tier is not None and tier.in_flight()):
+            held.append("KV copies in flight")
+        return ", ".join(held)
+
     def stats(self) -> EngineStats:
         sch, tier = self.scheduler, self.tier
         if tier is not None:
@@ -283,6 +322,8 @@ class Engine:
             prefix_cache_queries_total=sch.prefix_queries_total,
             prefix_cache_hits_total=sch.prefix_hits_total,
             cached_hashes=self.blocks.cached_hashes(CACHED_HASHES_REPORTED),
+            sleeping=self.sleeping,
+            kv_bytes_released=self.kv.nbytes if self.sleeping else 0,
         )
 
     # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
@@ -332,6 +373,7 @@ class Engine:
         )
 
     def reserve(self, key: str, num_blocks: int) -> bool:
+        self.wake()
         tokens = num_blocks * self.blocks.block_size
         if not self.blocks.can_append(key, tokens):
             return False
@@ -362,6 +404,7 @@ class Engine:
             request.num_computed
         ):
             raise InvalidRequest(f"request {rid!r}: its KV blocks did not all arrive")
+        self.wake()
         seq = self._new_seq(rid, request.prompt_token_ids, request.sampling)
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)

@@ -20,6 +20,7 @@ from pathlib import Path
 from mell.common.config import EngineConfig
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
+from mell.workerd.engine.contract import EngineBusy
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
 
@@ -50,6 +51,7 @@ class FakeEngine:
         self.num_total_blocks = config.num_kv_blocks or 8192
         self._interval_s = 1.0 / token_rate
         self._requests: dict[str, _Request] = {}
+        self.sleeping = False  # no KV to give back: only the state (the worker plane's tests)
 
     def add_request(
         self,
@@ -69,6 +71,7 @@ class FakeEngine:
                 f"exceeds the model's context length ({self.model_config.max_model_len})",
                 param="max_tokens",
             )
+        self.sleeping = False
         self._requests[request_id] = _Request(
             request_id, list(prompt_token_ids), sampling, len(output_token_ids)
         )
@@ -85,6 +88,16 @@ class FakeEngine:
 
     def migratable(self) -> None:
         return None  # no KV cache to move
+
+    def sleep(self) -> int:
+        if self._requests:
+            raise EngineBusy(f"the engine holds {len(self._requests)} requests")
+        self.sleeping = True
+        return 0
+
+    def wake(self) -> int:
+        self.sleeping = False
+        return 0
 
     def step(self) -> list[RequestOutput]:
         if not self._requests:
@@ -106,6 +119,7 @@ class FakeEngine:
             block_size=self.block_size,
             num_preemptions_total=0,
             request_blocks=blocks,
+            sleeping=self.sleeping,
         )
 
     def _next_token(self, req: _Request) -> RequestOutput:

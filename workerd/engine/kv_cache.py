@@ -9,11 +9,14 @@ worker's I/O thread writes KV as it arrives). On CUDA blocks go through pinned h
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from mell.workerd.engine.contract import Frame
+from mell.workerd.heap import give_back_free_memory
 from mell.workerd.model.config import ModelConfig
 
 
@@ -32,27 +35,57 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.device = device
-        self.tensors = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
-        ]
+        self.dtype = dtype
+        self.shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.num_layers = cfg.num_layers
+        self.tensors: list[torch.Tensor] = []
         # Byte views of the CPU caches, [num_blocks, block bytes].
-        self._host_bytes: list[npt.NDArray[np.uint8]] = (
-            [c.view(torch.uint8).numpy().reshape(num_blocks, -1) for c in self.tensors]
-            if device.type == "cpu"
-            else []
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.tensors)
+        self._host_bytes: list[npt.NDArray[np.uint8]] = []
+        self.restore()
 
     @property
     def block_bytes(self) -> int:
         """Bytes of one block of one layer (keys and values)."""
-        cache = self.tensors[0]
-        return cache[0].numel() * cache.element_size()
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole cache, every layer (held or not)."""
+        return self.num_layers * self.shape[0] * self.block_bytes
+
+    @property
+    def released(self) -> bool:
+        return not self.tensors
+
+    def release(self) -> int:
+        """Drop the storage (every block's content is lost) and give its memory back: on CPU
+        the C heap is trimmed (the tensors below glibc's mmap threshold sit in the heap), on
+        CUDA the caching allocator frees its cached blocks. The bytes dropped (0 when already
+        released); nothing may read or write blocks until `restore`."""
+        if self.released:
+            return 0
+        self._host_bytes.clear()
+        self.tensors.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            give_back_free_memory()
+        return self.nbytes
+
+    def restore(self) -> int:
+        """Make the storage again, zeroed (no-op when it is there); the bytes allocated."""
+        if not self.released:
+            return 0
+        self.tensors.extend(
+            torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            for _ in range(self.num_layers)
+        )
+        if self.device.type == "cpu":
+            self._host_bytes.extend(
+                c.view(torch.uint8).numpy().reshape(self.shape[0], -1) for c in self.tensors
+            )
+        return self.nbytes
 
     @property
     def on_host(self) -> bool:

@@ -45,3 +45,5 @@ class EngineStats:
     prefix_cache_hits_total: int = 0  # of those, tokens found cached
     # Cached block hashes (layer 0): of blocks in use, then of free-but-cached ones (MRU first).
     cached_hashes: tuple[list[int], list[int]] = ([], [])
+    sleeping: bool = False  # the KV cache is given back (`sleep`) until `wake`
+    kv_bytes_released: int = 0  # bytes of KV memory given back while sleeping

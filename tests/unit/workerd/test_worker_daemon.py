@@ -20,7 +20,9 @@ from mell.common.messages import (
     Ping,
     Reply,
     RequestFailed,
+    Sleep,
     TokenBatch,
+    Wake,
     Welcome,
 )
 from mell.common.sampling import SamplingParams
@@ -158,3 +160,38 @@ def test_min_step_paces_the_steps_and_keeps_receiving(tmp_path: Path) -> None:
     gaps = [b - a for a, b in itertools.pairwise(batches)]
     assert len(gaps) >= 4 and min(gaps) >= 0.039  # at most one step per 40 ms
     assert replied[0] - pinged[0] < 0.02  # answered within the wait, not after it
+
+
+def test_sleep_is_refused_while_busy_reported_at_once_and_a_request_wakes_it(
+    tmp_path: Path,
+) -> None:
+    worker, link = make_worker(tmp_path, rate=50.0)
+    thread = run_in_thread(worker)
+    link.inbox.put(AddRequest("a", [1, 2], SamplingParams(max_tokens=20)))
+    link.inbox.put(Sleep(call_id=5))
+    wait_for(lambda: link.of(Reply))
+    assert link.of(Reply)[0].call_id == 5
+    assert "holds 1 requests" in (link.of(Reply)[0].error or "")
+    assert not worker.engine.sleeping
+    wait_for(lambda: not worker.engine.has_unfinished())
+    link.inbox.put(Sleep(call_id=6))
+    wait_for(lambda: len(link.of(Reply)) == 2)
+    assert link.of(Reply)[1] == Reply(call_id=6)
+    # The report that shows it asleep went out before the reply.
+    before_reply = link.sent[: link.sent.index(link.of(Reply)[1])]
+    assert [m for m in before_reply if isinstance(m, LoadReport)][-1].load.sleeping
+    link.inbox.put(AddRequest("b", [1, 2], SamplingParams(max_tokens=3)))
+    wait_for(lambda: any(o.request_id == "b" and o.finish_reason
+                         for b in link.of(TokenBatch) for o in b.outputs))  # fmt: skip
+    woke = next(i for i, m in enumerate(link.sent) if isinstance(m, TokenBatch)
+                and any(o.request_id == "b" for o in m.outputs))  # fmt: skip
+    reports = [m for m in link.sent[:woke] if isinstance(m, LoadReport)]
+    assert not reports[-1].load.sleeping  # reported awake before its first token
+    link.inbox.put(Sleep(call_id=7))
+    link.inbox.put(Wake(call_id=8))
+    wait_for(lambda: len(link.of(Reply)) == 4)
+    assert link.of(Reply)[2:] == [Reply(call_id=7), Reply(call_id=8)]
+    assert not worker.engine.sleeping
+    worker.request_stop()
+    thread.join(5)
+    assert not thread.is_alive()
