@@ -87,12 +87,22 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+# Routes outside /v1/ that serve the model as /v1/ does, and need the API key as it does.
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def needs_key(path: str) -> bool:
+    """Whether a request to `path` needs the API key (when the gateway has keys): every /v1/
+    route, /tokenize and /detokenize; not /health, /version, /load, /metrics."""
+    return path.startswith("/v1/") or path in KEYED_PATHS
+
+
 def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
     keys = [k.encode() for k in api_keys]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path.startswith("/v1/"):
+        if keys and needs_key(request.path):
             given = bearer_token(request)
             if not any(hmac.compare_digest(given, k) for k in keys):
                 return error_response(Unauthorized("missing or invalid API key"))
