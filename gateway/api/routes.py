@@ -169,10 +169,11 @@ class _Answer:
         sampling: SamplingParams,
         want_logprobs: bool,
     ) -> Choice:
-        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
+        group = f"{self.request_id}/{i_prompt}" if (self.body.n or 1) > 1 else None
+        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival, group)
         fmt = self._format(index)
         text = self._text(fmt, i_prompt, ids, sampling, want_logprobs)
-        return Choice(job, fmt, text, Outcome())
+        return Choice(job, fmt, text, Outcome(), i_prompt)
 
     def _text(
         self,
