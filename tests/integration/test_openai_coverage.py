@@ -431,13 +431,12 @@ def test_n_choices_share_one_prefill_and_report_its_cached_tokens(
         client.chat.completions.create(**kwargs, seed=20 + i).choices[0].message.content
         for i in range(3)
     ]
-    queried = _prefix_queries(cluster)
+    queried = _settled_prefix_queries(cluster)  # (the singles' lookups reported)
     fresh = [{"role": "user", "content": "Another long question, never asked before. " * 6}]
     shared = client.chat.completions.create(**{**kwargs, "messages": fresh}, seed=1, n=3)
     assert shared.usage is not None
     wait_until(lambda: _prefix_queries(cluster) > queried, what="the worker's load report")
-    time.sleep(0.5)  # (a later report would count any other choice queued for a prefill)
-    assert _prefix_queries(cluster) - queried == shared.usage.prompt_tokens
+    assert _settled_prefix_queries(cluster) - queried == shared.usage.prompt_tokens
     first = client.chat.completions.create(**kwargs, seed=20, n=3)
     assert [c.message.content for c in first.choices] == singles
     single = client.chat.completions.create(**kwargs, seed=20)
@@ -453,6 +452,17 @@ def test_n_choices_share_one_prefill_and_report_its_cached_tokens(
         streamed = chunk.usage or streamed
     assert streamed is not None
     assert streamed.prompt_tokens_details.cached_tokens == cached  # type: ignore[union-attr]
+
+
+def _settled_prefix_queries(cluster: LocalCluster) -> float:
+    """The counter once load reports stop changing it (two reads a second apart agree)."""
+    value = _prefix_queries(cluster)
+    while True:
+        time.sleep(1.0)
+        again = _prefix_queries(cluster)
+        if again == value:
+            return value
+        value = again
 
 
 def _prefix_queries(cluster: LocalCluster) -> float:
