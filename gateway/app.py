@@ -25,11 +25,11 @@ from mell.gateway.api.error_body import error_response, errors_middleware
 from mell.gateway.api.routes import chat_completions, completions, detokenize, tokenize
 from mell.gateway.api.served_models import context_length
 from mell.gateway.cluster.epoch import run_epochs
+from mell.gateway.cluster.loop_lag import probe_loop_lag
 from mell.gateway.cluster.metrics import CONTENT_TYPE
 from mell.gateway.cluster.recovery import reconcile_after_restart
 from mell.gateway.cluster.sleeper import run_sleeper
 from mell.gateway.context import CONTEXT, GatewayContext
-from mell.gateway.loop_lag import probe_loop_lag
 from mell.gateway.policy.base import WorkerStatus
 
 log = structlog.get_logger("mell.gateway")
@@ -93,12 +93,22 @@ async def background_tasks(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+# Routes outside /v1/ that serve the model as /v1/ does, and need the API key as it does.
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize"})
+
+
+def needs_key(path: str) -> bool:
+    """Whether a request to `path` needs the API key (when the gateway has keys): every /v1/
+    route, /tokenize and /detokenize; not /health, /version, /load, /metrics."""
+    return path.startswith("/v1/") or path in KEYED_PATHS
+
+
 def auth_middleware(api_keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
     keys = [k.encode() for k in api_keys]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path.startswith("/v1/"):
+        if keys and needs_key(request.path):
             given = bearer_token(request)
             if not any(hmac.compare_digest(given, k) for k in keys):
                 return error_response(Unauthorized("missing or invalid API key"))

@@ -29,10 +29,37 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct):
+    """A tool call of an earlier assistant message, as the client sends it back."""
+
+    function: FunctionCall
+    id: str | None = None
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+
+
+class FunctionDef(msgspec.Struct, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, omit_defaults=True):
+    type: str
+    function: FunctionDef
 
 
 class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -98,12 +125,12 @@ class ChatCompletionRequest(_Common, kw_only=True):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # passed to the chat template, as vLLM does
-    # Accepted and ignored (only a speed-up hint, or meaningful only with tools).
-    prediction: Any = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none, auto, required or a named function
     parallel_tool_calls: bool | None = None
+    # Accepted and ignored (only a speed-up hint).
+    prediction: Any = None
     # Known but not supported beyond their default.
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -133,6 +160,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolDef] | None = None  # rendered by the template with the messages
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -168,8 +196,6 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "return_token_ids": (None, False),
     "kv_transfer_params": (None,),
     "vllm_xargs": (None,),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "audio": (None,),
@@ -211,6 +237,9 @@ def decode_chat(body: bytes) -> ChatCompletionRequest:
             "max_completion_tokens must be at least 1", param="max_completion_tokens"
         )
     check_template_kwargs(req.chat_template_kwargs)
+    for tool in req.tools or []:
+        if tool.type != "function":
+            raise InvalidRequest(f"tool type {tool.type[:40]!r} is not supported", param="tools")
     return req
 
 
@@ -231,6 +260,13 @@ def decode_tokenize(body: bytes) -> TokenizeRequest:
     return req
 
 
+def tokenize_template_kwargs(req: TokenizeRequest) -> dict[str, Any]:
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.tools:
+        kwargs["tools"] = msgspec.to_builtins(req.tools)
+    return kwargs
+
+
 def decode_detokenize(body: bytes) -> DetokenizeRequest:
     req: DetokenizeRequest = _decode(_detokenize_decoder, body)
     return req
@@ -248,7 +284,14 @@ def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
     kwargs = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort is not None:
         kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    if req.tools:  # as Hugging Face passes them: the OpenAI tool objects
+        kwargs["tools"] = msgspec.to_builtins(req.tools)
     return kwargs
+
+
+def tool_functions(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The `function` objects of the request's tools (name, description, parameters)."""
+    return [msgspec.to_builtins(tool.function) for tool in req.tools or []]
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:

@@ -3,7 +3,9 @@
 Each choice is its own placed request (its own `Job`, id `<request id>-<i>`), answered
 concurrently: a non-streamed response lists every choice; a stream interleaves their chunks,
 each with its `index`, then one usage chunk (if asked) summed over the choices and `[DONE]`.
-Every choice ends in `Dispatcher.release`, whatever happens to the others.
+Every choice ends in `Dispatcher.release`, whatever happens to the others. The choices of one
+prompt share a placement group (one worker, which prefills their prompt once); usage counts
+each prompt once, its cached tokens those its one prefill did not compute.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Choice:
     fmt: Format  # carries the choice's index
     text: TextOutput
     outcome: Outcome
+    prompt: int = 0  # which prompt of the request
     stream: RequestStream | None = None
 
 
@@ -93,7 +96,7 @@ async def _collect(
         for task in tasks:
             task.cancel()
     generated = sum(c.text.num_generated for c in choices)
-    body = choices[0].fmt.full(list(bodies), num_prompt_tokens, generated)
+    body = choices[0].fmt.full(list(bodies), num_prompt_tokens, generated, cached_tokens(choices))
     return web.Response(body=body, content_type="application/json")
 
 
@@ -128,7 +131,7 @@ async def _sse(
         tail = b""
         if include_usage:
             generated = sum(c.text.num_generated for c in choices)
-            tail = choices[0].fmt.usage_chunk(num_prompt_tokens, generated)
+            tail = choices[0].fmt.usage_chunk(num_prompt_tokens, generated, cached_tokens(choices))
         await response.write(tail + DONE)
         await response.write_eof()
     except MellError as err:
@@ -141,6 +144,16 @@ async def _sse(
         for task in tasks:
             task.cancel()
     return response
+
+
+def cached_tokens(choices: list[Choice]) -> int:
+    """Prompt tokens of the request found computed: per prompt, the fewest any of its choices
+    found (the choice that prefilled it; the others took its KV), summed over the prompts."""
+    per_prompt: dict[int, int] = {}
+    for c in choices:
+        found = c.stream.num_cached_tokens if c.stream is not None else 0
+        per_prompt[c.prompt] = min(per_prompt.get(c.prompt, found), found)
+    return sum(per_prompt.values())
 
 
 def _stream(choice: Choice) -> RequestStream:

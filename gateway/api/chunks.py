@@ -16,6 +16,7 @@ import msgspec
 from tokenizers import Tokenizer
 
 from mell.common.sampling import TokenLogprobs
+from mell.gateway.api.tools.parser import ToolCallDelta
 
 _json = msgspec.json.encode
 DONE = b"data: [DONE]\n\n"
@@ -67,7 +68,12 @@ class _Format:
         )
 
     def choice(
-        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        reasoning: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -144,20 +150,28 @@ class ChatFormat(_Format):
         )
 
     def delta_chunk(
-        self, text: str, logprobs: bytes, finish_reason: str | None, reasoning: str = ""
+        self,
+        text: str,
+        logprobs: bytes,
+        finish_reason: str | None,
+        reasoning: str = "",
+        calls: list[ToolCallDelta] | None = None,
     ) -> bytes:
-        """A content delta; with `reasoning`, a `reasoning_content` delta (and the content
-        only if there is some), as vLLM's reasoning parsers send them."""
+        """A content delta; with `reasoning` or tool `calls`, a `reasoning_content` or
+        `tool_calls` delta (and the content only if there is some), as vLLM sends them."""
         tail = (
             b'"finish_reason":null}]}\n\n'
             if finish_reason is None
             else b'"finish_reason":"' + finish_reason.encode() + b'","stop_reason":null}]}\n\n'
         )
+        fields = []
         if reasoning:
-            delta = b'"delta":{"reasoning_content":' + _json(reasoning)
-            delta += (b',"content":' + _json(text)) if text else b""
-        else:
-            delta = b'"delta":{"content":' + _json(text)
+            fields.append(b'"reasoning_content":' + _json(reasoning))
+        if text or not (reasoning or calls):
+            fields.append(b'"content":' + _json(text))
+        if calls:
+            fields.append(b'"tool_calls":' + _json([_call_delta(c) for c in calls]))
+        delta = b'"delta":{' + b",".join(fields)
         return self._choice + delta + b'},"logprobs":' + logprobs + b"," + tail
 
     def logprobs(self, token_ids: list[int], entries: list[TokenLogprobs]) -> Any:
@@ -180,11 +194,19 @@ class ChatFormat(_Format):
         }
 
     def choice(
-        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        reasoning: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+            message["content"] = text or None
         return {
             "index": self.index,
             "message": message,
@@ -222,7 +244,12 @@ class CompletionFormat(_Format):
         return None
 
     def delta_chunk(
-        self, text: str, logprobs: bytes, finish_reason: str | None, reasoning: str = ""
+        self,
+        text: str,
+        logprobs: bytes,
+        finish_reason: str | None,
+        reasoning: str = "",
+        calls: list[ToolCallDelta] | None = None,
     ) -> bytes:
         reason = b"null" if finish_reason is None else b'"' + finish_reason.encode() + b'"'
         return (
@@ -267,7 +294,12 @@ class CompletionFormat(_Format):
         }
 
     def choice(
-        self, text: str, logprobs: Any, finish_reason: str, reasoning: str | None = None
+        self,
+        text: str,
+        logprobs: Any,
+        finish_reason: str,
+        reasoning: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         return {
             "index": self.index,
@@ -276,6 +308,25 @@ class CompletionFormat(_Format):
             "finish_reason": finish_reason,
             "stop_reason": None,
         }
+
+
+def _call_delta(delta: ToolCallDelta) -> dict[str, Any]:
+    """One entry of `delta.tool_calls`: the first of a call has its id, type and name."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
+
+
+def join_calls(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """The `message.tool_calls` of a whole response: its streamed deltas joined per call."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        if delta.id is not None:
+            function = {"name": delta.name, "arguments": ""}
+            calls[delta.index] = {"id": delta.id, "type": "function", "function": function}
+        calls[delta.index]["function"]["arguments"] += delta.arguments
+    return [calls[i] for i in sorted(calls)]
 
 
 def merge_logprobs(parts: list[Any]) -> Any:

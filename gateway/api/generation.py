@@ -21,11 +21,19 @@ from aiohttp import web
 from mell.common.errors import MellError, RequestAbortedError, WorkerLostError
 from mell.common.messages import TokenOutput
 from mell.common.sampling import TokenLogprobs
-from mell.gateway.api.chunks import DONE, ChatFormat, CompletionFormat, encode, merge_logprobs
+from mell.gateway.api.chunks import (
+    DONE,
+    ChatFormat,
+    CompletionFormat,
+    encode,
+    join_calls,
+    merge_logprobs,
+)
 from mell.gateway.api.detokenizer import Detokenizer
 from mell.gateway.api.error_body import error_event
 from mell.gateway.api.reasoning import ReasoningSplitter
 from mell.gateway.api.stop_strings import StopMatcher
+from mell.gateway.api.tools.parser import ToolCallDelta, ToolParser
 from mell.gateway.cluster.dispatcher import Dispatcher, Job
 from mell.gateway.cluster.stream import RequestStream, StreamTimeout
 
@@ -38,6 +46,15 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "Connection": "keep-alive",
 }
+
+
+@dataclass(slots=True)
+class Piece:
+    """New output of a chat choice, split: reasoning, content and tool call deltas."""
+
+    reasoning: str
+    content: str
+    calls: list[ToolCallDelta]
 
 
 class TextOutput:
@@ -55,6 +72,7 @@ class TextOutput:
         "num_generated",
         "prompt_logprobs",
         "reasoning",
+        "tools",
         "want_logprobs",
     )
 
@@ -71,6 +89,7 @@ class TextOutput:
         echo_top: int | None = None,
         show_prompt_logprobs: bool = True,
         reasoning: ReasoningSplitter | None = None,
+        tools: ToolParser | None = None,
     ) -> None:
         """`prefix` (the echoed prompt) comes before the first new text. With `prompt_ids`,
         the prompt logprobs the worker sends become `prompt_logprobs` (vLLM's JSON); with
@@ -80,6 +99,7 @@ class TextOutput:
         self._echo_top = echo_top
         self._show_prompt = show_prompt_logprobs
         self.reasoning = reasoning  # chat of a thinking model: splits reasoning from content
+        self.tools = tools  # chat with tools: reads tool calls out of the content
         self.prompt_logprobs: Any = None
         self._detok = Detokenizer(fmt.tokenizer, skip_special_tokens)
         self._stop = StopMatcher(stops, include_stop) if stops else None
@@ -124,15 +144,26 @@ class TextOutput:
             self._prefix = ""
         return "".join(parts), logprobs
 
-    def split(self, piece: str) -> tuple[str, str]:
-        """(reasoning, content) of new text; at the finish, what the splitter held back too."""
-        if self.reasoning is None:
-            return "", piece
-        reasoning, content = self.reasoning.feed(piece)
-        if self.finish_reason is not None:
-            more = self.reasoning.flush()
-            reasoning, content = reasoning + more[0], content + more[1]
-        return reasoning, content
+    def split(self, piece: str) -> Piece:
+        """Reasoning, content and tool calls of new text; at the finish, what the splitter and
+        the tool parser held back too, and finish reason `tool_calls` if the output made calls
+        (and was not cut by its length)."""
+        reasoning, content = "", piece
+        finished = self.finish_reason is not None
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(piece)
+            if finished:
+                held_reasoning, held_content = self.reasoning.flush()
+                reasoning, content = reasoning + held_reasoning, content + held_content
+        if self.tools is None:
+            return Piece(reasoning, content, [])
+        content, calls = self.tools.feed(content)
+        if finished:
+            held, held_calls = self.tools.flush()
+            content, calls = content + held, calls + held_calls
+            if self.tools.called and self.finish_reason == "stop":
+                self.finish_reason = "tool_calls"
+        return Piece(reasoning, content, calls)
 
     def _prompt_part(self, prompt_ids: list[int], entries: list[TokenLogprobs]) -> Any:
         """Record `prompt_logprobs` (if asked); the echoed prompt's part of the logprobs."""
@@ -229,16 +260,16 @@ class SseWriter:
     def render(self, outputs: list[TokenOutput]) -> bytes:
         """The chunks of these outputs; with the last one, usage (if asked) and [DONE]
         (unless another writes them: `ends_stream` False)."""
-        piece, logprobs = self.text.feed(outputs)
-        reasoning, piece = self.text.split(piece)
+        text, logprobs = self.text.feed(outputs)
+        piece = self.text.split(text)
         finish = self.text.finish_reason
         self.num_cached_tokens = max(
             [self.num_cached_tokens, *(o.num_cached_tokens for o in outputs)]
         )
-        if not piece and not reasoning and finish is None and logprobs is None:
+        if not (piece.content or piece.reasoning or piece.calls or finish or logprobs):
             return b""
         lp = b"null" if logprobs is None else encode(logprobs)
-        data = self.fmt.delta_chunk(piece, lp, finish, reasoning)
+        data = self.fmt.delta_chunk(piece.content, lp, finish, piece.reasoning, piece.calls)
         if finish is not None:
             self.finished = True
             if not self.ends_stream:
@@ -334,13 +365,15 @@ async def collect_choice(
     """Read a request to its end; its choice object of a non-streamed response."""
     parts: list[str] = []
     thoughts: list[str] = []
+    calls: list[ToolCallDelta] = []
     logprobs: list[Any] = []
     try:
         while True:
-            piece, lp = text.feed(outputs)
-            thought, piece = text.split(piece)
-            thoughts.append(thought)
-            parts.append(piece)
+            new, lp = text.feed(outputs)
+            piece = text.split(new)
+            thoughts.append(piece.reasoning)
+            parts.append(piece.content)
+            calls.extend(piece.calls)
             if lp is not None:
                 logprobs.append(lp)
             if text.finish_reason is not None:
@@ -352,7 +385,8 @@ async def collect_choice(
     outcome.finish_reason = text.finish_reason
     merged = merge_logprobs(logprobs) if text.want_logprobs else None
     reasoning = None if text.reasoning is None else "".join(thoughts)
-    choice = text.fmt.choice("".join(parts), merged, text.finish_reason, reasoning)
+    tool_calls = None if text.tools is None else join_calls(calls)
+    choice = text.fmt.choice("".join(parts), merged, text.finish_reason, reasoning, tool_calls)
     if text.prompt_logprobs is not None:
         choice["prompt_logprobs"] = text.prompt_logprobs
     return choice

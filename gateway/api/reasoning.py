@@ -68,7 +68,7 @@ class ReasoningSplitter:
                     reasoning += buffer[:at]
                     self._state, buffer = "content", buffer[at + len(CLOSE) :]
                     continue
-                keep = _partial(buffer, CLOSE)
+                keep = partial_marker(buffer, CLOSE)
                 reasoning += buffer[: len(buffer) - keep]
                 self._held = buffer[len(buffer) - keep :]
                 return reasoning, content
@@ -86,7 +86,7 @@ class ReasoningSplitter:
         return (held if self._keep else ""), ""
 
 
-def _partial(text: str, marker: str) -> int:
+def partial_marker(text: str, marker: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):

@@ -8,6 +8,7 @@ or tokenized (`ServedModel.check_prompt_chars`).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mell.gateway.api.bodies import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ToolCall,
     chat_logprobs,
     check_top_logprobs,
     decode_chat,
@@ -34,12 +36,15 @@ from mell.gateway.api.bodies import (
     stop_strings,
     template_kwargs,
     to_sampling,
+    tokenize_template_kwargs,
+    tool_functions,
 )
 from mell.gateway.api.choices import Choice, respond_many
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
 from mell.gateway.api.generation import Format, Outcome, TextOutput, respond
 from mell.gateway.api.reasoning import ReasoningSplitter
 from mell.gateway.api.served_models import ServedModel, check_token_ids, context_length
+from mell.gateway.api.tools.request import ToolPlan, plan_tools
 from mell.gateway.cluster.dispatcher import Job
 from mell.gateway.context import CONTEXT, GatewayContext
 
@@ -63,7 +68,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     _check_length(limit, len(ids), max_tokens, "messages")
     logprobs = chat_logprobs(body)
     sampling = to_sampling(body, max_tokens, logprobs, model.sampling_defaults)
-    answer = _Answer(new_request_id("chatcmpl"), model, ChatFormat, body, arrival)
+    tools = plan_tools(
+        tool_functions(body),
+        body.tool_choice,
+        body.parallel_tool_calls,
+        model.tool_format,
+        model.name,
+    )
+    sampling = _forced_calls(sampling, tools)
+    answer = _Answer(new_request_id("chatcmpl"), model, ChatFormat, body, arrival, tools=tools)
     return await answer.respond(request, ctx, [ids], sampling, logprobs is not None)
 
 
@@ -100,6 +113,7 @@ class _Answer:
     body: CompletionRequest | ChatCompletionRequest
     arrival: float
     echo: list[str] | None = None  # per prompt, the text echoed before the completion
+    tools: ToolPlan | None = None  # chat: how the request uses its tools
 
     async def respond(
         self,
@@ -155,10 +169,11 @@ class _Answer:
         sampling: SamplingParams,
         want_logprobs: bool,
     ) -> Choice:
-        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
+        group = f"{self.request_id}/{i_prompt}" if (self.body.n or 1) > 1 else None
+        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival, group)
         fmt = self._format(index)
         text = self._text(fmt, i_prompt, ids, sampling, want_logprobs)
-        return Choice(job, fmt, text, Outcome())
+        return Choice(job, fmt, text, Outcome(), i_prompt)
 
     def _text(
         self,
@@ -169,17 +184,20 @@ class _Answer:
         want_logprobs: bool,
     ) -> TextOutput:
         body = self.body
+        tools = self.tools.parser() if self.tools is not None else None
         return TextOutput(
             fmt,
             stop_strings(body),
             want_logprobs,
-            skip_special_tokens=body.skip_special_tokens,
+            skip_special_tokens=body.skip_special_tokens
+            and (tools is None or tools.skip_special_tokens),
             include_stop=body.include_stop_str_in_output,
             prefix=self.echo[i_prompt] if self.echo else "",
             prompt_ids=ids if sampling.prompt_logprobs is not None else None,
             echo_top=sampling.logprobs if self.echo else None,
             show_prompt_logprobs=body.prompt_logprobs is not None,
             reasoning=self._reasoning(),
+            tools=tools,
         )
 
     def _reasoning(self) -> ReasoningSplitter | None:
@@ -188,6 +206,19 @@ class _Answer:
         if self.model.reasoning is None or not isinstance(body, ChatCompletionRequest):
             return None
         return ReasoningSplitter(self.model.reasoning, keep=body.include_reasoning)
+
+
+def _forced_calls(sampling: SamplingParams, tools: ToolPlan) -> SamplingParams:
+    """The sampling of a request whose tool calls the grammar forces (required, named)."""
+    if tools.grammar is None:
+        return sampling
+    if sampling.grammar is not None:
+        raise InvalidRequest(
+            f"tool_choice {tools.mode} forces tool calls: it cannot be combined with "
+            "response_format or guided decoding",
+            param="tool_choice",
+        )
+    return msgspec.structs.replace(sampling, grammar=tools.grammar)
 
 
 def child_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
@@ -253,6 +284,24 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": role, "content": content or ""}
     if message.name:
         out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [_tool_call_dict(call) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    """An earlier tool call for the template. Its arguments, a JSON string on the wire, are
+    given as the object they encode (as vLLM does: Llama's and Mistral's templates need it)."""
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments}
+    out: dict[str, Any] = {"type": call.type, "function": function}
+    if call.id is not None:
+        out["id"] = call.id
     return out
 
 
@@ -321,7 +370,8 @@ async def tokenize(request: web.Request) -> web.Response:
     if body.messages is not None:
         if not body.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        text = _render(model, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        kwargs = tokenize_template_kwargs(body)
+        text = _render(model, body.messages, body.add_generation_prompt, kwargs)
         special = bool(body.add_special_tokens)
     else:
         text = body.prompt or ""

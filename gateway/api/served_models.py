@@ -33,6 +33,7 @@ from mell.common.errors import InvalidRequest, ModelError, NotFound
 from mell.common.model_spec import model_name, read_checkpoint_json, resolve_model_dir
 from mell.gateway.api.chat_template import ChatTemplate
 from mell.gateway.api.reasoning import Style, reasoning_style
+from mell.gateway.api.tools.request import ToolFormat, tool_format
 from mell.gateway.cluster.view import ClusterView
 
 
@@ -48,6 +49,7 @@ class ServedModel:
     max_token_bytes: int = 64  # the most bytes of text one token of the vocabulary covers
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
     reasoning: Style | None = None  # a thinking model's style (gateway/api/reasoning.py)
+    tool_format: ToolFormat | None = None  # how its template writes tool calls (api/tools/)
 
     @classmethod
     def load(cls, spec: str, data_dir: str | Path) -> ServedModel:
@@ -67,6 +69,7 @@ class ServedModel:
             max_token_bytes=max((len(t.encode()) for t in tokenizer.get_vocab()), default=1),
             sampling_defaults=generation_defaults(path),
             reasoning=reasoning_style(template),
+            tool_format=tool_format(template),
         )
 
     @property

@@ -32,7 +32,16 @@ def grammar_of(fields: dict[str, Any]) -> str | None:
     if not given:
         return None
     ((name, value),) = given.items()
-    kind, text = _source(name, value)
+    return _compiled(*_source(name, value), name)
+
+
+def schema_grammar(schema: dict[str, Any], param: str) -> str:
+    """The grammar of a JSON schema (tool calls forced by tool_choice); 400 naming `param`."""
+    return _compiled("json_schema", json.dumps(schema), param)
+
+
+def _compiled(kind: str, text: str, name: str) -> str:
+    """llguidance's grammar text of (format, text), checked; InvalidRequest naming `name`."""
     try:
         grammar = llguidance.grammar_from(kind, text)  # type: ignore[arg-type]
     except (ValueError, TypeError) as err:

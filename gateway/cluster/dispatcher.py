@@ -53,7 +53,16 @@ from mell.common.sampling import SamplingParams
 from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.stream import RequestStream
-from mell.gateway.policy.base import Arrival, Policy, Rejection, blocks_for_tokens
+from mell.gateway.policy.base import (
+    Arrival,
+    Placement,
+    Policy,
+    Rejection,
+    active_workers,
+    arrival_blocks,
+    blocks_for_tokens,
+    free_blocks,
+)
 
 log = structlog.get_logger("mell.gateway")
 Send = Callable[[str, GatewayMessage], bool]  # (worker id, message) -> delivered
@@ -74,6 +83,9 @@ class Job:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival: float  # time.monotonic() when the HTTP request arrived
+    # Choices of one prompt (n > 1) share a group: placed on the worker of the group's first
+    # while it has room, so that the worker prefills their prompt once.
+    group: str | None = None
 
 
 class Dispatcher:
@@ -92,6 +104,7 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.streams: dict[str, RequestStream] = {}
         self.jobs: dict[str, Job] = {}  # what each stream's request was submitted with
+        self._groups: dict[str, tuple[str, int]] = {}  # group -> (its worker, requests in flight)
 
     # ------------------------------------------------------------ requests
 
@@ -107,7 +120,7 @@ class Dispatcher:
             job.sampling.max_tokens,
             self._prefix_hashes(job.model, job.prompt_token_ids),
         )
-        decision = self.policy.place(self.state.view, arrival)
+        decision = self._with_group(job, arrival) or self.policy.place(self.state.view, arrival)
         if isinstance(decision, Rejection):
             raise NoCapacity(decision.reason)
         worker = self.state.view.worker_rows[decision.worker_id]
@@ -121,6 +134,9 @@ class Dispatcher:
         )
         self.streams[job.request_id] = stream
         self.jobs[job.request_id] = job
+        if job.group is not None:
+            worker_id, count = self._groups.get(job.group, (worker.worker_id, 0))
+            self._groups[job.group] = (worker_id, count + 1)
         self.state.record(
             RequestPlaced(
                 request_id=job.request_id,
@@ -146,13 +162,31 @@ class Dispatcher:
             stream.fail(WorkerLostError(f"worker {worker.worker_id} is unreachable"))
         return stream
 
+    def _with_group(self, job: Job, arrival: Arrival) -> Placement | None:
+        """The worker of the job's group, when it is active and has room for the job."""
+        if job.group is None or job.group not in self._groups:
+            return None
+        worker_id = self._groups[job.group][0]
+        for worker in active_workers(self.state.view, job.model):
+            if worker.worker_id == worker_id:
+                fits = free_blocks(worker) >= arrival_blocks(arrival, worker.block_size)
+                return Placement(worker_id) if fits else None
+        return None
+
+    def _leave_group(self, group: str) -> None:
+        worker_id, count = self._groups.pop(group)
+        if count > 1:
+            self._groups[group] = (worker_id, count - 1)
+
     def release(
         self, stream: RequestStream, finish_reason: str | None, reason: str, num_generated: int
     ) -> None:
         """End a request: abort it on its worker if still running, record how it ended."""
         if self.streams.pop(stream.request_id, None) is None:
             return
-        self.jobs.pop(stream.request_id, None)
+        job = self.jobs.pop(stream.request_id, None)
+        if job is not None and job.group is not None:
+            self._leave_group(job.group)
         if not stream.done:
             self._send(stream.worker_id, AbortRequest([stream.request_id]))
         elapsed = time.monotonic() - stream.arrival

@@ -70,3 +70,35 @@ def test_seeded_rows_batch_invariant_on_cuda() -> None:
     gens[3] = torch.Generator().manual_seed(5)
     hists = [History([1], 1)] * 3 + [hist] + [History([1], 1)] * 4
     assert Sampler()(batch, params, gens, hists).token_ids[3] == alone
+
+
+def test_seeded_noise_is_drawn_on_the_device_from_seed_and_index() -> None:
+    """A seeded request's generator lives on the CUDA device and its noise is a function of
+    (seed, token index) there: the token equals argmax(p / E) with E drawn on the device from
+    a generator seeded with token_seed(seed, index), alone or in a batch, run after run."""
+    from mell.workerd.engine.sequence import Sequence, token_seed
+
+    device = torch.device("cuda")
+    p = SamplingParams(temperature=0.8, seed=42, max_tokens=4)
+    seq = Sequence("r", [1, 2, 3], p, [0])
+    seq.output_token_ids = [7, 8]  # the third output token is next
+    gen = seq.token_generator(device)
+    assert gen is not None and gen.device.type == "cuda"
+    row = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(3)).to(device)
+    noise = torch.empty(VOCAB, device=device).exponential_(
+        generator=torch.Generator(device=device).manual_seed(token_seed(42, 2))
+    )
+    want = int((torch.softmax(row[0] / 0.8, dim=-1) / noise).argmax())
+    alone = Sampler()(row, [p], [seq.token_generator(device)], [History([1], 1)]).token_ids[0]
+    assert alone == want
+    others = torch.randn(5, VOCAB, device=device)
+    batch = torch.cat([others[:2], row, others[2:]])
+    params = [SamplingParams(temperature=1.0)] * 2 + [p] + [SamplingParams(top_k=3)] * 3
+    gens: list[torch.Generator | None] = [None] * 6
+    gens[2] = seq.token_generator(device)
+    hists = [History([1], 1)] * 6
+    assert Sampler(seed=9)(batch, params, gens, hists).token_ids[2] == want
+    unseeded = [SamplingParams(temperature=1.0)] * 4
+    rows = torch.randn(4, VOCAB, device=device)
+    first = Sampler(seed=1)(rows, unseeded, [None] * 4).token_ids
+    assert Sampler(seed=1)(rows, unseeded, [None] * 4).token_ids == first  # per sampler seed

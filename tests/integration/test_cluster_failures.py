@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +63,21 @@ def test_api_key_required(cluster: LocalCluster) -> None:
     assert status == 401 and body["error"]["type"] == "AuthenticationError"
     assert get_json(cluster.url + "/v1/models", AUTH)[0] == 200
     assert get_json(cluster.url + "/health")[0] == 200  # health needs no key
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5, 6]})):
+        assert _post(cluster.url + path, body)[0] == 401
+        assert _post(cluster.url + path, body, {"Authorization": "Bearer wrong"})[0] == 401
+        assert _post(cluster.url + path, body, AUTH)[0] == 200
+
+
+def _post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
 
 
 def test_two_models_routed_by_model(client: openai.OpenAI, cluster: LocalCluster) -> None:

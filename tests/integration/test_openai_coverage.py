@@ -7,13 +7,15 @@ prompts, echo, include_stop_str_in_output, skip_special_tokens, /tokenize and /d
 
 from __future__ import annotations
 
+import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from mell_cluster import LocalCluster, metric, start_cluster
+from mell_cluster import LocalCluster, metric, start_cluster, wait_until
 from tokenizers import Tokenizer
 
 from mell.common.config import EngineConfig
@@ -408,3 +410,62 @@ def test_guided_fields(client: openai.OpenAI) -> None:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model="mell-tiny", prompt="x", extra_body=extra)
         assert info.value.body["param"] == param  # type: ignore[index]
+
+
+def test_n_choices_share_one_prefill_and_report_its_cached_tokens(
+    client: openai.OpenAI, cluster: LocalCluster
+) -> None:
+    """The n choices of a prompt go to one worker, which prefills it once: only the first is
+    queued for a prefill (looked up in the prefix cache), the others take its KV (the engine's
+    test_shared_prefill counts the computed tokens); each choice samples as a request of its
+    own seed would, and usage counts the prompt once with the cached tokens of its prefill."""
+    long_chat = [{"role": "user", "content": "A long question about tiny models. " * 6}]
+    kwargs: dict[str, Any] = {
+        "model": "mell-tiny",
+        "messages": long_chat,
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "extra_body": {"ignore_eos": True},
+    }
+    singles = [
+        client.chat.completions.create(**kwargs, seed=20 + i).choices[0].message.content
+        for i in range(3)
+    ]
+    queried = _settled_prefix_queries(cluster)  # (the singles' lookups reported)
+    fresh = [{"role": "user", "content": "Another long question, never asked before. " * 6}]
+    shared = client.chat.completions.create(**{**kwargs, "messages": fresh}, seed=1, n=3)
+    assert shared.usage is not None
+    wait_until(lambda: _prefix_queries(cluster) > queried, what="the worker's load report")
+    assert _settled_prefix_queries(cluster) - queried == shared.usage.prompt_tokens
+    first = client.chat.completions.create(**kwargs, seed=20, n=3)
+    assert [c.message.content for c in first.choices] == singles
+    single = client.chat.completions.create(**kwargs, seed=20)
+    again = client.chat.completions.create(**kwargs, seed=20, n=3)
+    assert again.usage is not None and single.usage is not None
+    assert again.usage.prompt_tokens == single.usage.prompt_tokens
+    cached = again.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    assert cached == single.usage.prompt_tokens_details.cached_tokens > 0  # type: ignore[union-attr]
+    streamed = None
+    for chunk in client.chat.completions.create(
+        **kwargs, seed=20, n=3, stream=True, stream_options={"include_usage": True}
+    ):
+        streamed = chunk.usage or streamed
+    assert streamed is not None
+    assert streamed.prompt_tokens_details.cached_tokens == cached  # type: ignore[union-attr]
+
+
+def _settled_prefix_queries(cluster: LocalCluster) -> float:
+    """The counter once load reports stop changing it (two reads a second apart agree)."""
+    value = _prefix_queries(cluster)
+    while True:
+        time.sleep(1.0)
+        again = _prefix_queries(cluster)
+        if again == value:
+            return value
+        value = again
+
+
+def _prefix_queries(cluster: LocalCluster) -> float:
+    with urllib.request.urlopen(cluster.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return metric(text, "mell:prefix_cache_queries_total", model_name="mell-tiny")

@@ -356,5 +356,33 @@ class BlockManager:
         self._tables[dst] = [list(t) for t in tables]
         self._uniform[dst] = self._uniform[src]
 
+    def fork_prefix(self, src: str, dst: str, num_tokens: int) -> list[tuple[int, int] | None]:
+        """Give `dst` (no blocks yet) the blocks of `src`'s first `num_tokens` tokens: the full
+        blocks shared (one more reference each), the block `num_tokens` ends inside copied on
+        write: `dst` gets a fresh block of its own, into which the caller copies `src`'s (the
+        KV of its first tokens; `dst` writes the rest). Returns per layer the copy to make,
+        (src block, dst block), or None when `num_tokens` fills whole blocks. OutOfBlocks,
+        changing nothing, when a layer has no free block for the copy."""
+        if dst in self._tables:
+            raise ValueError(f"request {dst!r} already has blocks")
+        full, partial = divmod(num_tokens, self.block_size)
+        tables = self._tables[src]
+        if any(len(t) < full + (partial > 0) for t in tables):
+            raise ValueError(f"request {src!r} holds fewer than {num_tokens} tokens")
+        if partial and self.num_free() < 1:
+            raise OutOfBlocks(f"request {dst!r}: no free block to copy into")
+        forked: list[list[int]] = []
+        copies: list[tuple[int, int] | None] = []
+        for pool, table in zip(self._pools, tables, strict=True):
+            shared = table[:full]
+            for b in shared:
+                pool.refs[b] += 1
+            copy = (table[full], pool.take(1)[0]) if partial else None
+            forked.append([*shared, copy[1]] if copy else shared)
+            copies.append(copy)
+        self._tables[dst] = forked
+        self._uniform[dst] = all(t == forked[0] for t in forked)
+        return copies
+
     def _layers(self, layers: Sequence[int] | None) -> Sequence[int]:
         return range(self.num_layers) if layers is None else layers

@@ -19,7 +19,7 @@ from mell.common.hashing import block_hashes
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams, TokenLogprobs
 from mell.common.tiny_model import TINY_MODEL_NAME
-from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.block_manager import BlockManager, OutOfBlocks
 from mell.workerd.engine.contract import (
     EngineBusy,
     Frame,
@@ -34,6 +34,7 @@ from mell.workerd.engine.outputs import EngineStats, RequestOutput
 from mell.workerd.engine.runner import ModelRunner, StagedRows, resolve_device, resolve_dtype
 from mell.workerd.engine.scheduler import OffloadPolicy, ScheduledBatch, Scheduler
 from mell.workerd.engine.sequence import Sequence, SequenceStatus
+from mell.workerd.engine.shared_prefill import SharedPrefill
 from mell.workerd.engine.step_model import StepTimeModel
 from mell.workerd.model.config import ModelConfig, load_model_config
 from mell.workerd.model.grammar import Guide, grammar_tokenizer
@@ -103,6 +104,7 @@ class Engine:
             tpot_slo_s=config.tpot_slo_s,
         )
         self._seqs: dict[str, Sequence] = {}
+        self._shared = SharedPrefill()  # requests waiting on the prefill of their prompt
         self.slo_violations = {"ttft": 0, "tpot": 0}
 
     # -- ServingEngine -------------------------------------------------------------------------
@@ -121,7 +123,35 @@ class Engine:
         seq.output_token_ids.extend(output_token_ids)
         seq.guide = self._guide(sampling, seq.output_token_ids)
         self._seqs[request_id] = seq
-        self.scheduler.add(seq)
+        if output_token_ids:
+            self.scheduler.add(seq)
+        else:
+            self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> None:
+        """A fresh request takes the KV of a live request with its prompt (now, or once that
+        one's prompt is computed), else queues and leads its prompt."""
+        shared = self._shared
+        leader = shared.leader_of(seq) if shared.can_share(seq) else None
+        if leader is None:
+            if shared.can_share(seq):
+                shared.lead(seq)
+            self.scheduler.add(seq)
+        elif self._holds_prompt(leader):
+            self._fork(leader, seq)
+        else:
+            shared.wait(seq, leader)
+
+    def _holds_prompt(self, seq: Sequence) -> bool:
+        """The request's prompt KV is computed, in its device blocks (not staged to the host,
+        nor being loaded back)."""
+        tier = self.tier
+        return (
+            seq.status is SequenceStatus.RUNNING
+            and seq.num_computed >= seq.num_prompt_tokens
+            and self.blocks.has(seq.request_id)
+            and (tier is None or seq.request_id not in tier.loading)
+        )
 
     def _check_request(
         self,
@@ -171,8 +201,14 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
+        self._leave_group(seq)
         self.scheduler.remove(seq)
         return True
+
+    def _leave_group(self, seq: Sequence) -> None:
+        """`seq` stops waiting on, or leading, a shared prefill; its followers go on alone."""
+        for follower in self._shared.leave(seq):
+            self._queue(follower)
 
     def step(self) -> list[RequestOutput]:
         tier = self.tier
@@ -193,6 +229,9 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
             self._cache_computed(seq)
+        for leader, followers in self._shared.computed(batch.seqs):
+            for follower in followers:
+                self._fork(leader, follower)
         outputs = []
         max_len = self.model_config.max_model_len
         for s in samples:
@@ -216,6 +255,7 @@ class Engine:
                 )
             )
             if seq.is_finished:
+                self._leave_group(seq)
                 self.scheduler.remove(seq)
                 del self._seqs[seq.request_id]
         for seq in batch.staged:
@@ -232,6 +272,24 @@ class Engine:
         if self.config.enable_prefix_caching and sampling.prompt_logprobs is None:
             seq.prefix_hashes = block_hashes(prompt_token_ids, self.blocks.block_size)
         return seq
+
+    def _fork(self, leader: Sequence, follower: Sequence) -> None:
+        """The follower takes the leader's prompt KV but for the last prompt token (shared
+        blocks, the last partial one copied), and computes that token itself (its logits give
+        the follower's own first token). Without the leader's prompt KV on the device (staged
+        to the host) or a free block for the copy, the follower queues as any request."""
+        keep = follower.num_prompt_tokens - 1
+        if not self._holds_prompt(leader):
+            self.scheduler.add(follower)
+            return
+        try:
+            copies = self.blocks.fork_prefix(leader.request_id, follower.request_id, keep)
+        except OutOfBlocks:
+            self.scheduler.add(follower)
+            return
+        self.kv.copy_blocks(copies)
+        follower.num_computed = follower.num_cached_tokens = keep
+        self.scheduler.resume(follower)
 
     def _cache_computed(self, seq: Sequence) -> None:
         """Cache the request's prompt blocks whose KV is now computed on the device (not a
@@ -304,7 +362,7 @@ class Engine:
         moved = tier.copies.bytes_moved if tier is not None else {D2H: 0, H2D: 0}
         return EngineStats(
             num_running=len(sch.running),
-            num_waiting=len(sch.waiting),
+            num_waiting=len(sch.waiting) + self._shared.num_followers,
             num_total_blocks=self.blocks.num_blocks,
             num_free_blocks=self.blocks.num_free(),
             block_size=self.blocks.block_size,
@@ -353,6 +411,7 @@ class Engine:
         seq = self._seqs.get(request_id)
         if seq is None or seq.is_finished:
             return False
+        self._leave_group(seq)
         self.scheduler.pause(seq)
         return True
 

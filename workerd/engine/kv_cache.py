@@ -111,6 +111,13 @@ class KVCache:
             for _, start, n in block_runs(block_ids)
         ]
 
+    def copy_blocks(self, copies: list[tuple[int, int] | None]) -> None:
+        """Per layer, copy block `src` to block `dst` ((src, dst); None: nothing), on the
+        cache's device (a forked request's copy-on-write block)."""
+        for cache, copy in zip(self.tensors, copies, strict=True):
+            if copy is not None:
+                cache[copy[1]].copy_(cache[copy[0]])
+
     def write(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
         """Store blocks of one layer received from a peer: `frames` laid out as `read`
         makes them, together exactly `len(block_ids)` blocks, written in order."""

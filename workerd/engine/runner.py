@@ -118,7 +118,7 @@ class ModelRunner:
         result = self.sampler(
             logits,
             [s.sampling for s in samplers],
-            [s.token_generator() for s in samplers],
+            [s.token_generator(self.device) for s in samplers],
             samplers,
         )
         return [

@@ -89,11 +89,13 @@ class Sequence:
         # With sampling.prompt_logprobs: entry i is prompt token i + 1's (from position i).
         self.prompt_logprobs: list[TokenLogprobs] = []
 
-    def token_generator(self) -> torch.Generator | None:
-        """The generator for this request's next token (None: unseeded, the shared one)."""
+    def token_generator(self, device: torch.device | None = None) -> torch.Generator | None:
+        """The generator for this request's next token, on `device` (default the CPU), where
+        the sampler draws its noise (None: unseeded, the shared one). The same (seed, index)
+        gives the same draws on one kind of device; a CUDA generator's differ from a CPU's."""
         if self.sampling.seed is None or self.sampling.is_greedy:
             return None
-        generator = torch.Generator(device="cpu")
+        generator = torch.Generator(device=device or "cpu")
         generator.manual_seed(token_seed(self.sampling.seed, len(self.output_token_ids)))
         return generator
 

@@ -9,10 +9,13 @@ the grammar's mask (workerd/model/grammar.py), bias and min_tokens, then penalti
 (repetition over prompt and output tokens), then temperature, min-p, top-k/top-p; greedy rows
 take the argmax of the processed logits.
 Random draws use the exponential-race trick (argmax of p / E with E ~ Exp(1)), each seeded
-request drawing its noise from its own torch.Generator (CPU; the noise is copied to the device),
-so a seeded request gives the same tokens whatever else is in the batch. The caller seeds that
-generator per token (`Sequence.token_generator`: a function of the request's seed and the
-token's index), so the draws do not depend on where the request ran before.
+request drawing its noise from its own torch.Generator, so a seeded request gives the same
+tokens whatever else is in the batch. The caller seeds that generator per token
+(`Sequence.token_generator`: a function of the request's seed and the token's index), so the
+draws do not depend on where the request ran before. Noise is drawn where its generator lives:
+on a CUDA device for a CUDA generator (unseeded rows: the sampler's own generator on that
+device), nothing copied; a CPU generator's noise is drawn on the host and copied (the CPU path).
+The same seed gives the same tokens on every device of one kind; CPU and CUDA draws differ.
 Log-probabilities are those of the model's raw distribution (before temperature and filters).
 """
 
@@ -46,8 +49,10 @@ class TokenHistory(Protocol):
 
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(
         self,
@@ -86,17 +91,45 @@ class Sampler:
         ):
             scaled = _filter(scaled, params, vocab)
         probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty(rows, vocab)
-        shared = [i for i, g in enumerate(generators) if g is None]
-        if shared:
-            noise[shared] = torch.empty(len(shared), vocab).exponential_(generator=self.generator)
-        for i, g in enumerate(generators):
-            if g is not None:
-                noise[i].exponential_(generator=g)
-        sampled = (probs / noise.to(dev)).argmax(dim=-1)
+        sampled = (probs / self._noise(rows, vocab, generators, dev)).argmax(dim=-1)
         if any(greedy):
             sampled = torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), sampled)
         return sampled
+
+    def _noise(
+        self,
+        rows: int,
+        vocab: int,
+        generators: list[torch.Generator | None],
+        dev: torch.device,
+    ) -> torch.Tensor:
+        """Exp(1) noise [rows, vocab] on `dev`: a seeded row's from its generator, drawn on the
+        generator's device; the others' from the sampler's generator (on `dev` when it is a
+        CUDA device, else the CPU one)."""
+        on_device = dev.type == "cuda"
+        noise = torch.empty(rows, vocab, device=dev if on_device else "cpu")
+        shared = [i for i, g in enumerate(generators) if g is None]
+        if shared:
+            gen = self._device_generator(dev) if on_device else self.generator
+            draw = torch.empty(len(shared), vocab, device=noise.device)
+            noise[shared] = draw.exponential_(generator=gen)
+        for i, g in enumerate(generators):
+            if g is None:
+                continue
+            if g.device == noise.device:
+                noise[i].exponential_(generator=g)
+            else:  # (a CPU generator with CUDA logits: drawn on the host)
+                noise[i] = torch.empty(vocab).exponential_(generator=g).to(noise.device)
+        return noise.to(dev)
+
+    def _device_generator(self, dev: torch.device) -> torch.Generator:
+        """The sampler's generator on `dev` for unseeded rows (made on first use, seeded as
+        the CPU one was)."""
+        gen = self._device_generators.get(dev)
+        if gen is None:
+            gen = self._device_generators[dev] = torch.Generator(device=dev)
+            gen.manual_seed(self.seed)
+        return gen
 
     def _logprobs(
         self, logits: torch.Tensor, params: list[SamplingParams], tokens: torch.Tensor

@@ -7,9 +7,9 @@ import time
 
 from test_metrics import sample
 
+from mell.gateway.cluster.loop_lag import probe_loop_lag
 from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.view import ClusterView
-from mell.gateway.loop_lag import probe_loop_lag
 
 
 async def test_a_blocked_loop_is_observed_as_lag_and_an_idle_one_is_not() -> None:

@@ -144,3 +144,18 @@ def test_grammar_mask_constrains_and_is_batch_invariant(tiny_dir: Path) -> None:
     alone = run(0)
     assert re.fullmatch("(cat|dog)s? [0-9]{2}", alone), alone
     assert run(3) == alone
+
+
+def test_cpu_noise_is_the_generators_exponential_draw() -> None:
+    """On the CPU, a seeded row's noise is its CPU generator's Exp(1) draw (as before the
+    device path existed): the token is argmax(p / E) for E drawn from that seed."""
+    from mell.workerd.engine.sequence import Sequence, token_seed
+
+    p = SamplingParams(temperature=0.7, seed=11, max_tokens=4)
+    seq = Sequence("r", [1, 2], p, [0])
+    gen = seq.token_generator(torch.device("cpu"))
+    assert gen is not None and gen.device.type == "cpu"
+    row = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))
+    noise = torch.empty(64).exponential_(generator=torch.Generator().manual_seed(token_seed(11, 0)))
+    want = int((torch.softmax(row[0] / 0.7, dim=-1) / noise).argmax())
+    assert Sampler()(row, [p], [gen], [History([1], 1)]).token_ids == [want]
