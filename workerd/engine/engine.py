@@ -306,6 +306,7 @@ class Engine:
             num_preemptions=seq.num_preemptions,
             is_finished=seq.is_finished,
             is_decoding=seq.is_decoding,
+            kv_on_host=self.tier is not None and self.tier.holds(request_id),
         )
 
     def pause(self, request_id: str) -> bool:
@@ -333,22 +334,47 @@ class Engine:
 
     def reserve(self, key: str, num_blocks: int) -> bool:
         tokens = num_blocks * self.blocks.block_size
-        if not self.blocks.can_append(key, tokens):
-            return False
-        self.blocks.append(key, tokens)
-        return True
+        tier = self.tier
+        if tier is not None and tier.holds(key):  # (received into the host: it grows there)
+            return tier.reserve(key, tokens)
+        if self.blocks.can_append(key, tokens):
+            self.blocks.append(key, tokens)
+            return True
+        return tier is not None and not self.blocks.has(key) and tier.reserve(key, tokens)
 
     def release(self, key: str) -> int:
-        return self.blocks.free(key)
+        holder = self._holder(key)
+        held = holder.num_blocks_of(key) if holder is not None else 0
+        if self.tier is None:
+            self.blocks.free(key)
+        else:
+            self.tier.release(key, self.blocks)  # (blocks a copy still touches: once done)
+        return held
 
     def block_table(self, key: str, layer: int) -> list[int] | None:
-        return self.blocks.block_table(key, layer) if self.blocks.has(key) else None
+        holder = self._holder(key)
+        return holder.block_table(key, layer) if holder is not None else None
 
-    def read_kv(self, layer: int, block_ids: list[int]) -> list[Frame]:
+    def read_kv(self, key: str, layer: int, block_ids: list[int]) -> list[Frame]:
+        if self.tier is not None and self._holder(key) is self.tier.blocks:
+            return self.tier.read(key, layer, block_ids)
         return self.kv.read(layer, block_ids)
 
-    def write_kv(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
-        self.kv.write(layer, block_ids, frames)
+    def write_kv(
+        self, key: str, layer: int, block_ids: list[int], frames: list[memoryview]
+    ) -> None:
+        if self.tier is not None and self._holder(key) is self.tier.blocks:
+            self.tier.write(layer, block_ids, frames)
+        else:
+            self.kv.write(layer, block_ids, frames)
+
+    def _holder(self, key: str) -> BlockManager | None:
+        """The block manager of the tier whose blocks `key` holds; None when it holds none."""
+        if self.blocks.has(key):
+            return self.blocks
+        if self.tier is not None and self.tier.holds(key):
+            return self.tier.blocks
+        return None
 
     def import_request(self, key: str, request: MigratedRequest) -> None:
         rid = request.request_id
@@ -358,19 +384,19 @@ class Engine:
         tokens = request.prompt_token_ids + request.output_token_ids
         if not 0 <= request.num_computed < len(tokens):
             raise InvalidRequest(f"request {rid!r}: {request.num_computed} computed tokens")
-        if request.num_computed > 0 and self.blocks.num_blocks_of(key) < self.blocks.blocks_for(
-            request.num_computed
-        ):
+        holder = self._holder(key)
+        held = holder.num_blocks_of(key) if holder is not None else 0
+        if request.num_computed > 0 and held < self.blocks.blocks_for(request.num_computed):
             raise InvalidRequest(f"request {rid!r}: its KV blocks did not all arrive")
         seq = self._new_seq(rid, request.prompt_token_ids, request.sampling)
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
         seq.guide = self._guide(request.sampling, seq.output_token_ids)
-        if request.num_computed > 0:
-            self.blocks.rename(key, rid)
+        if holder is not None and request.num_computed > 0:
+            holder.rename(key, rid)  # (host blocks: it waits there to be reloaded)
             seq.num_computed = request.num_computed
         else:
-            self.blocks.free(key)
+            self.release(key)
         self._seqs[rid] = seq
         self.scheduler.resume(seq)
 

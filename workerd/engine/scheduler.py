@@ -125,20 +125,19 @@ class Scheduler:
         self._release(seq)
 
     def pause(self, seq: Sequence) -> None:
-        """Take a request out of the batch, keeping its blocks (it is migrating away). A request
-        on the host tier loses its KV there (a migration sees a preemption)."""
-        if seq.status is SequenceStatus.HOSTED:
-            self._take_out(seq)
-            self._release(seq)
-            self.num_tokens_recomputed_total += seq.num_computed
-            seq.reset_for_recompute()
+        """Take a request out of the batch, keeping its blocks (it is migrating away), on the
+        device or on the host tier."""
         self._take_out(seq)
         seq.status = SequenceStatus.PAUSED
 
     def resume(self, seq: Sequence) -> None:
-        """Put a paused (or migrated-in) request back: running when its cache is filled and
-        there is room in the batch, else at the head of the waiting queue."""
-        if seq.num_computed > 0 and len(self.running) < self.max_num_seqs:
+        """Put a paused (or migrated-in) request back: on the host tier's queue when its KV is
+        there (reloaded in its turn), running when its cache is filled and there is room in
+        the batch, else at the head of the waiting queue."""
+        if self.tier is not None and self.tier.holds(seq.request_id):
+            seq.status = SequenceStatus.HOSTED
+            self._host(seq)
+        elif seq.num_computed > 0 and len(self.running) < self.max_num_seqs:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         else:
