@@ -34,6 +34,7 @@ from mell.gateway.api.bodies import (
     stop_strings,
     template_kwargs,
     to_sampling,
+    to_slo,
 )
 from mell.gateway.api.choices import Choice, respond_many
 from mell.gateway.api.chunks import ChatFormat, CompletionFormat
@@ -117,7 +118,14 @@ class _Answer:
             )
         with structlog.contextvars.bound_contextvars(request_id=self.request_id):
             if n == 1 and len(prompts) == 1:
-                job = Job(self.request_id, self.model.name, prompts[0], sampling, self.arrival)
+                job = Job(
+                    self.request_id,
+                    self.model.name,
+                    prompts[0],
+                    sampling,
+                    self.arrival,
+                    to_slo(self.body),
+                )
                 return await respond(
                     request,
                     ctx.dispatcher,
@@ -155,7 +163,14 @@ class _Answer:
         sampling: SamplingParams,
         want_logprobs: bool,
     ) -> Choice:
-        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival)
+        job = Job(
+            f"{self.request_id}-{index}",
+            self.model.name,
+            ids,
+            sampling,
+            self.arrival,
+            to_slo(self.body),
+        )
         fmt = self._format(index)
         text = self._text(fmt, i_prompt, ids, sampling, want_logprobs)
         return Choice(job, fmt, text, Outcome())

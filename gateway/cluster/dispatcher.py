@@ -50,6 +50,7 @@ from mell.common.messages import (
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.stream import RequestStream
@@ -74,6 +75,7 @@ class Job:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival: float  # time.monotonic() when the HTTP request arrived
+    slo: RequestSLO | None = None  # its own SLOs (the body's extension)
 
 
 class Dispatcher:
@@ -141,7 +143,8 @@ class Dispatcher:
         )
         self.metrics.model(job.model).prompt_tokens.inc(num_prompt)
         if not self._send(
-            worker.worker_id, AddRequest(job.request_id, job.prompt_token_ids, job.sampling)
+            worker.worker_id,
+            AddRequest(job.request_id, job.prompt_token_ids, job.sampling, slo=job.slo),
         ):
             stream.fail(WorkerLostError(f"worker {worker.worker_id} is unreachable"))
         return stream
@@ -305,7 +308,7 @@ class Dispatcher:
             num_output_tokens=len(outputs),
         )
         self.metrics.model(job.model).resumed.inc()
-        message = AddRequest(job.request_id, job.prompt_token_ids, job.sampling, outputs)
+        message = AddRequest(job.request_id, job.prompt_token_ids, job.sampling, outputs, job.slo)
         if not self._send(worker.worker_id, message):
             return f"worker {worker.worker_id} is unreachable too"
         return None

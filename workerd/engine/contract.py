@@ -15,6 +15,7 @@ from typing import Protocol
 
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
 Frame = tuple[int, memoryview]  # some KV blocks of one layer: (number of blocks, their bytes)
@@ -61,10 +62,12 @@ class ServingEngine(Protocol):
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: Sequence[int] = (),
+        slo: RequestSLO | None = None,
     ) -> None:
         """Queue a request; raises InvalidRequest when it cannot run here. `output_token_ids`:
         tokens it already produced elsewhere (a request resumed after its worker died): it
-        continues from there, its next output numbered len(output_token_ids)."""
+        continues from there, its next output numbered len(output_token_ids). `slo`: its own
+        service-level objectives (validated), instead of the engine's defaults."""
         ...
 
     def abort(self, request_id: str) -> bool:

@@ -18,6 +18,7 @@ from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.hashing import block_hashes
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams, TokenLogprobs
+from mell.common.slo import RequestSLO
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.contract import Frame, KVLayout, MigratableEngine, RequestState
@@ -107,9 +108,11 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: abc.Sequence[int] = (),
+        slo: RequestSLO | None = None,
     ) -> None:
-        self._check_request(request_id, prompt_token_ids, sampling, output_token_ids)
+        self._check_request(request_id, prompt_token_ids, sampling, output_token_ids, slo)
         seq = self._new_seq(request_id, prompt_token_ids, sampling)
+        seq.slo = slo
         seq.token_ids.extend(output_token_ids)
         seq.output_token_ids.extend(output_token_ids)
         seq.guide = self._guide(sampling, seq.output_token_ids)
@@ -122,11 +125,14 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: abc.Sequence[int] = (),
+        slo: RequestSLO | None = None,
     ) -> None:
         """What a request must be to run here, new or migrated in (with the tokens it has
-        generated): sampling values in range, a new id, a prompt, every token id in the
-        vocabulary, prompt + max_tokens within max_model_len. InvalidRequest otherwise."""
+        generated): sampling values and SLOs in range, a new id, a prompt, every token id in
+        the vocabulary, prompt + max_tokens within max_model_len. InvalidRequest otherwise."""
         sampling.validate()
+        if slo is not None:
+            slo.validate()
         if request_id in self._seqs:
             raise InvalidRequest(f"duplicate request id {request_id!r}", param="request_id")
         if not prompt_token_ids:
@@ -238,13 +244,18 @@ class Engine:
         seq.num_hashed_blocks = full
 
     def _count_slo(self, seq: Sequence, now: float) -> None:
-        """SLO violations of a finished request (TTFT from when it was added)."""
-        c = self.config
-        if c.ttft_slo_s > 0 and seq.first_token_at - seq.added_at > c.ttft_slo_s:
+        """SLO violations of a finished request (TTFT from when it was added), against its
+        own SLOs or the engine's."""
+        own = seq.slo or RequestSLO()
+        ttft_slo, tpot_slo = (
+            own.ttft_or(self.config.ttft_slo_s),
+            own.tpot_or(self.config.tpot_slo_s),
+        )
+        if ttft_slo > 0 and seq.first_token_at - seq.added_at > ttft_slo:
             self.slo_violations["ttft"] += 1
         decoded = len(seq.output_token_ids) - 1
         tpot = (now - seq.first_token_at) / decoded if decoded > 0 else 0.0
-        if c.tpot_slo_s > 0 and tpot > c.tpot_slo_s:
+        if tpot_slo > 0 and tpot > tpot_slo:
             self.slo_violations["tpot"] += 1
 
     def has_unfinished(self) -> bool:
@@ -330,6 +341,7 @@ class Engine:
             sampling=seq.sampling,
             num_computed=seq.num_computed if with_kv else 0,
             generator_state=None,  # randomness is a function of (seed, index): nothing to carry
+            slo=seq.slo,
         )
 
     def reserve(self, key: str, num_blocks: int) -> bool:
@@ -379,7 +391,7 @@ class Engine:
     def import_request(self, key: str, request: MigratedRequest) -> None:
         rid = request.request_id
         self._check_request(
-            rid, request.prompt_token_ids, request.sampling, request.output_token_ids
+            rid, request.prompt_token_ids, request.sampling, request.output_token_ids, request.slo
         )
         tokens = request.prompt_token_ids + request.output_token_ids
         if not 0 <= request.num_computed < len(tokens):
@@ -389,6 +401,7 @@ class Engine:
         if request.num_computed > 0 and held < self.blocks.blocks_for(request.num_computed):
             raise InvalidRequest(f"request {rid!r}: its KV blocks did not all arrive")
         seq = self._new_seq(rid, request.prompt_token_ids, request.sampling)
+        seq.slo = request.slo
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
         seq.guide = self._guide(request.sampling, seq.output_token_ids)

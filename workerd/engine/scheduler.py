@@ -153,7 +153,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         self._stalled = False
-        self._slack = self._min_slack() if self.tpot_slo_s > 0 else math.inf
+        self._slack = self._min_slack()
         if self.offload.force and self.tier is not None:
             self._random_swap(batch)
         budget = self._schedule_running(batch, budget)
@@ -371,14 +371,15 @@ class Scheduler:
         return extra <= self._slack
 
     def _min_slack(self) -> float:
-        """min over decoding requests of slo · (d + m) − E − m · t_step: d tokens decoded after
-        the first, in E seconds, m still to come (from max_tokens), t_step a decode step."""
+        """min over decoding requests with a TPOT SLO (their own, else `tpot_slo_s`) of
+        slo · (d + m) − E − m · t_step: d tokens decoded after the first, in E seconds, m
+        still to come (from max_tokens), t_step a decode step; inf when none has one."""
         now = time.monotonic()
         step = self.step_model.predict(len(self.running)) if self.step_model.fitted else 0.0
-        slo = self.tpot_slo_s
         slack = math.inf
         for seq in self.running:
-            if seq.first_token_at <= 0.0:
+            slo = seq.slo.tpot_or(self.tpot_slo_s) if seq.slo is not None else self.tpot_slo_s
+            if seq.first_token_at <= 0.0 or slo <= 0.0:
                 continue
             done = len(seq.output_token_ids) - 1
             left = max(seq.sampling.max_tokens - len(seq.output_token_ids), 0)

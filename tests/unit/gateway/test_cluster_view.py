@@ -17,6 +17,7 @@ from mell.common.messages import (
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
 from mell.gateway.cluster.dispatcher import Dispatcher, Job
 from mell.gateway.cluster.metrics import Metrics
@@ -267,6 +268,20 @@ async def test_a_lost_workers_stream_resumes_elsewhere_from_its_tokens() -> None
     d.on_token_batch(second, TokenBatch(1, [TokenOutput("a", 2, [6, 7], None, "length", 10)]))
     assert s.token_ids == [4, 5, 6, 7] and s.finish_reason == "length"  # the lost one's dropped
     lose(d, state, second)  # finished: nothing to resume
+
+
+async def test_a_requests_own_slos_go_to_its_worker_and_along_a_resume() -> None:
+    d, link, state = make_dispatcher()
+    slo = RequestSLO(ttft_s=0.5, tpot_s=0.02)
+    s = d.submit(Job("a", "m", list(range(10)), SamplingParams(max_tokens=4), 0.0, slo))
+    first = s.worker_id
+    [placed] = [m for _, m in link.sent if isinstance(m, AddRequest)]
+    assert placed.slo == slo
+    lose(d, state, first)
+    assert link.sent[-1] == (
+        s.worker_id,
+        AddRequest("a", list(range(10)), job("a").sampling, [], slo),
+    )
 
 
 async def test_worker_loss_fails_its_streams_when_no_worker_can_take_them() -> None:

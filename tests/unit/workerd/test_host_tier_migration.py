@@ -13,12 +13,14 @@ from tier_checks import assert_invariants, assert_no_leaks
 from mell.common.config import EngineConfig
 from mell.common.messages import MigrateBlocks
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.common.tiny_model import write_tiny_model
 from mell.workerd.engine.engine import Engine
 from mell.workerd.engine.sequence import SequenceStatus
 from mell.workerd.migration.settings import MigrationSettings
 
 HOST = 1 << 22
+SLO = RequestSLO(ttft_s=30.0, tpot_s=10.0)  # its own SLOs travel with it (never binding here)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def world(tiny, source: str, destination: str, **settings) -> World:
         MigrationSettings(**settings),
     )
     for rid, (p, s) in SOURCE.items():
-        w.add("a", rid, p, s)
+        w.add("a", rid, p, s, SLO)
     for rid, (p, s) in LOCAL.items():
         w.add("b", rid, p, s)
     return w
@@ -106,12 +108,15 @@ def test_hosted_requests_migrate_with_their_kv(tiny, source, destination) -> Non
     w = world(tiny, source, destination)
     a, b = w.nodes["a"].engine, w.nodes["b"].engine
     moved: set[str] = set()
-    into_host = False
+    into_host = slo_seen = False
     for _ in range(3000):
         if not any(n.engine.has_unfinished() or n.hub.busy for n in w.nodes.values()):
             break
         w.step()
         into_host |= received_on_host(b)
+        arrived = [rid for rid in moved if rid in b._seqs]
+        assert all(b._seqs[rid].slo == SLO for rid in arrived)
+        slo_seen |= bool(arrived)
         for rid in hosted(a):
             if rid not in moved and not w.nodes["a"].hub.migrating(rid):
                 state = a.request_state(rid)
@@ -126,7 +131,7 @@ def test_hosted_requests_migrate_with_their_kv(tiny, source, destination) -> Non
     assert moved and len(ends) == len(moved)
     assert all(e.committed and e.copy_bytes > 0 for e in ends), ends  # KV went, not tokens
     assert a.stats().offload_bytes_total["d2h"] > 0
-    assert into_host == (destination == "host")
+    assert into_host == (destination == "host") and slo_seen
     for eng in (a, b):
         assert_no_leaks(eng)
         eng.close()
