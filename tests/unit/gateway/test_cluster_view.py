@@ -85,6 +85,32 @@ def test_fold_builds_workers_and_requests() -> None:
     assert view.requests["r2"].state == RequestState.PLACED
 
 
+def test_a_request_on_the_host_tier_counts_no_device_kv() -> None:
+    """Requests swapped out or parked on a worker's host tier report their device blocks (0):
+    the view, which every policy packs by (MELL too), sees device KV only; the host tier's
+    usage rides along in the worker's load."""
+    hosted = ev.LoadReported(
+        worker_id="w0",
+        load=WorkerLoad(
+            num_running=0,
+            num_waiting=0,
+            num_total_blocks=10,
+            num_free_blocks=10,
+            num_preemptions_total=1,
+            requests=[RequestLoad("r1", 0, 40)],
+            num_host_total_blocks=64,
+            num_host_free_blocks=61,
+            num_swapped=1,
+        ),
+    )
+    view = fold([*HISTORY, hosted])
+    w0 = view.worker_rows["w0"]
+    assert dict(w0.request_blocks) == {"r1": 0} and w0.num_used_blocks == 0
+    assert view.workers("m")[0].num_free_blocks == 10
+    assert w0.load.num_host_free_blocks == 61 and w0.load.num_swapped == 1
+    assert view.requests["r1"].num_tokens == 40
+
+
 def test_same_events_same_view() -> None:
     a, b = fold(HISTORY), fold(HISTORY)
     assert a.worker_rows == b.worker_rows and a.requests == b.requests
