@@ -16,6 +16,7 @@ from collections.abc import Callable
 import msgspec
 
 from mell.common.sampling import SamplingParams, TokenLogprobs
+from mell.common.slo import RequestSLO
 from mell.common.workers import CachedPrefixes, WorkerIdentity, WorkerLoad
 
 _encoder = msgspec.msgpack.Encoder()
@@ -144,6 +145,7 @@ class AddRequest(msgspec.Struct, frozen=True, array_like=True, tag="add"):
     prompt_token_ids: list[int]
     sampling: SamplingParams
     output_token_ids: list[int] = []
+    slo: RequestSLO | None = None  # its own SLOs (the body's extension); None: the worker's
 
 
 class AbortRequest(msgspec.Struct, frozen=True, array_like=True, tag="abort"):
@@ -279,6 +281,7 @@ class MigratedRequest(msgspec.Struct, frozen=True, kw_only=True, array_like=True
     sampling: SamplingParams
     num_computed: int  # tokens whose K/V travelled (0 for a token transfer: re-prefill)
     generator_state: bytes | None = None  # unused: seeded randomness is f(seed, index)
+    slo: RequestSLO | None = None  # its own SLOs, if it came with some
 
 
 class MigrateReserve(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag="mres"):

@@ -373,6 +373,7 @@ class Worker:
                 message.prompt_token_ids,
                 message.sampling.validate(),
                 message.output_token_ids,
+                message.slo,
             )
         except MellError as err:
             self._fail(message.request_id, err.code, err.message)

@@ -14,6 +14,7 @@ import msgspec
 
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS, SamplingParams
+from mell.common.slo import RequestSLO
 from mell.gateway.api.structured import grammar_of
 
 Int = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]  # JSON ints beyond int64: 400
@@ -81,6 +82,9 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     min_tokens: Int | None = None
+    # mell's extension: this request's SLOs (seconds; the worker's defaults when unset)
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
     # Accepted and ignored, as OpenAI or vLLM ignore them: they never change the output.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -344,6 +348,14 @@ def to_sampling(
     ).validate()
 
 
+def to_slo(req: _Common) -> RequestSLO | None:
+    """The body's own SLOs (mell's extension), None when it sets none; InvalidRequest naming
+    the field for a value outside [0, MAX_SLO_S] (0: the worker's default)."""
+    if req.ttft_slo_s is None and req.tpot_slo_s is None:
+        return None
+    return RequestSLO(req.ttft_slo_s or 0.0, req.tpot_slo_s or 0.0).validate()
+
+
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
@@ -410,6 +422,7 @@ def _check_common(req: _Common) -> None:
     stops = stop_strings(req)
     if len(stops) > 16:
         raise InvalidRequest("at most 16 stop strings", param="stop")
+    to_slo(req)
 
 
 def _same(value: Any, default: Any) -> bool:

@@ -36,6 +36,7 @@ from mell.gateway.api.bodies import (
     stop_strings,
     template_kwargs,
     to_sampling,
+    to_slo,
     tokenize_template_kwargs,
     tool_functions,
 )
@@ -131,7 +132,14 @@ class _Answer:
             )
         with structlog.contextvars.bound_contextvars(request_id=self.request_id):
             if n == 1 and len(prompts) == 1:
-                job = Job(self.request_id, self.model.name, prompts[0], sampling, self.arrival)
+                job = Job(
+                    self.request_id,
+                    self.model.name,
+                    prompts[0],
+                    sampling,
+                    self.arrival,
+                    slo=to_slo(self.body),
+                )
                 return await respond(
                     request,
                     ctx.dispatcher,
@@ -170,7 +178,15 @@ class _Answer:
         want_logprobs: bool,
     ) -> Choice:
         group = f"{self.request_id}/{i_prompt}" if (self.body.n or 1) > 1 else None
-        job = Job(f"{self.request_id}-{index}", self.model.name, ids, sampling, self.arrival, group)
+        job = Job(
+            f"{self.request_id}-{index}",
+            self.model.name,
+            ids,
+            sampling,
+            self.arrival,
+            group=group,
+            slo=to_slo(self.body),
+        )
         fmt = self._format(index)
         text = self._text(fmt, i_prompt, ids, sampling, want_logprobs)
         return Choice(job, fmt, text, Outcome(), i_prompt)

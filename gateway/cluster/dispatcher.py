@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import structlog
 
@@ -50,6 +50,7 @@ from mell.common.messages import (
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.gateway.cluster.metrics import Metrics
 from mell.gateway.cluster.state import ClusterState
 from mell.gateway.cluster.stream import RequestStream
@@ -83,9 +84,11 @@ class Job:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival: float  # time.monotonic() when the HTTP request arrived
+    _: KW_ONLY
     # Choices of one prompt (n > 1) share a group: placed on the worker of the group's first
     # while it has room, so that the worker prefills their prompt once.
     group: str | None = None
+    slo: RequestSLO | None = None  # its own SLOs (the body's extension)
 
 
 class Dispatcher:
@@ -157,7 +160,8 @@ class Dispatcher:
         )
         self.metrics.model(job.model).prompt_tokens.inc(num_prompt)
         if not self._send(
-            worker.worker_id, AddRequest(job.request_id, job.prompt_token_ids, job.sampling)
+            worker.worker_id,
+            AddRequest(job.request_id, job.prompt_token_ids, job.sampling, slo=job.slo),
         ):
             stream.fail(WorkerLostError(f"worker {worker.worker_id} is unreachable"))
         return stream
@@ -339,7 +343,7 @@ class Dispatcher:
             num_output_tokens=len(outputs),
         )
         self.metrics.model(job.model).resumed.inc()
-        message = AddRequest(job.request_id, job.prompt_token_ids, job.sampling, outputs)
+        message = AddRequest(job.request_id, job.prompt_token_ids, job.sampling, outputs, job.slo)
         if not self._send(worker.worker_id, message):
             return f"worker {worker.worker_id} is unreachable too"
         return None

@@ -17,6 +17,7 @@ prefixes are cached), `both` (each policy blind, then aware where it can be), `o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from mell.common.errors import InvalidRequest
 from mell.gateway.policy.base import policy_names
 from mell.gateway.sim.bound import fluid_lower_bound
+from mell.gateway.sim.host_tier import DEFAULT_HOST_LINK_GBPS, HostTierSpec
 from mell.gateway.sim.profile import Profile, load_profile, profile_names
 from mell.gateway.sim.report import (
     lower_bound,
@@ -100,6 +102,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="simulate the workers' prefix caches (traces with hash_ids): placement blind to "
         "them, aware (= on) of them (mell, best-fit), both, or off (default)",
     )
+    p.add_argument(
+        "--kv-offload",
+        default="off",
+        help="the workers' host KV tier (LayerKV), comma-separated to compare: off, swap "
+        "(preempted decoders keep their KV on the host), layerwise (preempted prompts are "
+        "also prefilled to the host and parked); each policy runs once per mode",
+    )
+    p.add_argument(
+        "--host-kv-bytes",
+        type=int,
+        default=0,
+        help="host tier bytes per worker (with --kv-offload)",
+    )
+    p.add_argument(
+        "--host-link-gbps",
+        type=float,
+        default=DEFAULT_HOST_LINK_GBPS,
+        help=f"device-host link of a worker, GB/s (default {DEFAULT_HOST_LINK_GBPS:g})",
+    )
+    p.add_argument(
+        "--tpot-slo-s",
+        type=float,
+        default=0.0,
+        help="SLO-aware admission: a prefill chunk joins a step only while the step stays "
+        "within this TPOT (0: off)",
+    )
     p.add_argument("--plot", metavar="PNG", help="write active workers over time to this PNG")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -108,6 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = _policy_names(args)
+    hosts = _host_tiers(args)
     if args.plot:
         _check_plot_path(Path(args.plot))
     profile = load_profile(args.profile)
@@ -125,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             f"--prefix-cache {args.prefix_cache}: the trace has no prefix hashes (hash_ids: "
             "Mooncake JSONL traces have them)"
         )
-    results = _simulate(args, names, trace, profile)
+    results = _simulate(args, names, hosts, trace, profile)
     header = (
         f"trace {' + '.join(trace.models)}: {len(trace)} requests over {trace.duration_s:.0f} s "
         f"(scale-time {args.scale_time:g}, scale-len {args.scale_len:g}, {trace.clamped} clamped "
@@ -164,15 +193,19 @@ def _policy_names(args: argparse.Namespace) -> list[str]:
 
 
 def _simulate(
-    args: argparse.Namespace, names: list[str], trace: Trace, profile: Profile
+    args: argparse.Namespace,
+    names: list[str],
+    hosts: list[HostTierSpec],
+    trace: Trace,
+    profile: Profile,
 ) -> list[SimResult]:
-    """One run per policy, all measured against the same fluid lower bound."""
+    """One run per policy (and host tier), all measured against the same fluid lower bound."""
     show_progress = (
         not args.no_progress and not args.json and len(trace) >= 2000 and sys.stderr.isatty()
     )
     bound = fluid_lower_bound(trace, profile, args.epoch)  # one reference for every policy
     results = []
-    for name, mode in _runs(names, args.prefix_cache):
+    for (name, mode), host in itertools.product(_runs(names, args.prefix_cache), hosts):
         policy = sim_policy(
             name, profile, args.epoch, headroom=not args.no_headroom, prefix_aware=mode == "aware"
         )
@@ -186,11 +219,26 @@ def _simulate(
             sample_series=bool(args.plot),
             bound=bound,
             prefix_cache=bool(mode),
+            host=host,
         )
         result = sim.run()
         result.prefix_cache = mode
         results.append(result)
     return results
+
+
+def _host_tiers(args: argparse.Namespace) -> list[HostTierSpec]:
+    """The host tier of every run (one per --kv-offload mode), checked before any run."""
+    modes = [m.strip() for m in args.kv_offload.split(",") if m.strip()] or ["off"]
+    return [
+        HostTierSpec(
+            kv_offload=mode,
+            host_kv_bytes=args.host_kv_bytes,
+            link_gbps=args.host_link_gbps,
+            tpot_slo_s=args.tpot_slo_s,
+        ).check()
+        for mode in dict.fromkeys(modes)
+    ]
 
 
 def _runs(names: list[str], prefix_cache: str) -> list[tuple[str, str]]:
@@ -218,6 +266,9 @@ def _json(
         "profile": profile.name,
         "epoch_s": args.epoch,
         "prefix_cache": args.prefix_cache,
+        "kv_offload": args.kv_offload,
+        "host_kv_bytes": args.host_kv_bytes,
+        "tpot_slo_s": args.tpot_slo_s,
         "lower_bound": lower_bound(results),
         "results": [r.summary() for r in results],
     }

@@ -28,6 +28,18 @@ Prompt = list[Any]
 _REQ, _READY, _LEFT, _CTX, _CONTEXT, _BLOCKS = range(6)
 
 
+def tokens_left(rec: Prompt) -> int:
+    """Prompt tokens a queued record has still to compute."""
+    left: int = rec[_LEFT]
+    return left
+
+
+def tokens_computed(rec: Prompt) -> int:
+    """Context tokens of a queued record whose KV is computed."""
+    context: int = rec[_CONTEXT]
+    return context - tokens_left(rec)
+
+
 def _fcfs(rec: Prompt) -> tuple[float, int]:
     return rec[_READY], rec[_REQ]
 
@@ -38,8 +50,15 @@ class PrefillQueues:
     `decode_from[i]` is when request i may start decoding: inf while it is queued, the end of
     its prefill in the epoch that completes it (earlier epochs' values never bind again)."""
 
-    def __init__(self, profile: Profile, first_token: np.ndarray, decode_from: np.ndarray):
+    def __init__(
+        self,
+        profile: Profile,
+        first_token: np.ndarray,
+        decode_from: np.ndarray,
+        tpot_slo_ms: float = 0.0,
+    ):
         self.profile = profile
+        self.tpot_slo_ms = tpot_slo_ms  # > 0: a chunk only as long as the step stays within
         self.first_token, self.decode_from = first_token, decode_from
         self.by_worker: dict[int, list[Prompt]] = {}
         self.where: dict[int, int] = {}  # request -> worker
@@ -111,6 +130,9 @@ class PrefillQueues:
             for rec in queue:
                 c -= rec[_CTX]
             chunk = budget - n if budget - n > 1.0 else 1.0
+            if self.tpot_slo_ms > 0.0 and per_tok > 0.0:  # SLO-aware admission
+                room = (self.tpot_slo_ms - base - per_seq * n - per_kv * c) / per_tok
+                chunk = max(1.0, min(chunk, room))
             mixed_ms = base + per_seq * n + per_kv * c + per_tok * chunk
             rho = chunk * 1000.0 / mixed_ms  # prompt tokens per second while prefilling
             f = t  # the queue is busy until f

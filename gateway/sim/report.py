@@ -40,6 +40,26 @@ def _prefix_row(r: SimResult) -> list[str]:
     return [fmt.format(v) for (_, fmt), v in zip(PREFIX_COLUMNS, values, strict=True)]
 
 
+# with a host tier (LayerKV): its mode, preemptions that swapped / parked KV on the host,
+# tokens preemptions threw away (millions), and the TTFT tail
+HOST_COLUMNS = (
+    ("offload", "{}"),
+    ("swap/park", "{}"),
+    ("recomp Mtok", "{:.2f}"),
+    ("TTFT p99 s", "{:.2f}"),
+)
+
+
+def _host_row(r: SimResult) -> list[str]:
+    values = (
+        r.kv_offload or "off",
+        f"{r.swaps}/{r.parks}",
+        r.recomputed_tokens / 1e6,
+        r.ttft_p99_s,
+    )
+    return [fmt.format(v) for (_, fmt), v in zip(HOST_COLUMNS, values, strict=True)]
+
+
 def _row(r: SimResult) -> list[str]:
     values = (
         r.policy,
@@ -71,10 +91,13 @@ def lower_bound(results: Sequence[SimResult]) -> int:
 
 
 def table(results: Sequence[SimResult]) -> str:
-    """The results, one row each; the prefix cache's columns after the policy when a run
-    simulated the cache."""
+    """The results, one row each; after the policy, the prefix cache's columns when a run
+    simulated the cache, the host tier's when a run had one."""
     columns = list(COLUMNS)
     rows = [_row(r) for r in results]
+    if any(r.kv_offload for r in results):
+        columns[1:1] = HOST_COLUMNS
+        rows = [row[:1] + _host_row(r) + row[1:] for row, r in zip(rows, results, strict=True)]
     if any(r.prefix_cache for r in results):
         columns[1:1] = PREFIX_COLUMNS
         rows = [row[:1] + _prefix_row(r) + row[1:] for row, r in zip(rows, results, strict=True)]

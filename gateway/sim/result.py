@@ -41,6 +41,14 @@ class SimResult:
     prefill_queried_tokens: int = 0
     prefix_evicted_blocks: int = 0
     prefix_cache: str = ""
+    # the host tier (`Simulator(host=...)`): its mode ("" without one), preemptions that
+    # swapped a decoding request's KV to the host, that parked a prompt there (prefilled to the
+    # host), bytes moved both ways; and the tokens preemptions threw away (recomputed)
+    kv_offload: str = ""
+    swaps: int = 0
+    parks: int = 0
+    offload_bytes: int = 0
+    recomputed_tokens: int = 0
     peak_by_model: dict[str, int] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     active: list[int] = field(default_factory=list)

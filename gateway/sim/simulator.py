@@ -36,6 +36,11 @@ holds there. Arrivals carry their prefix hashes and the view answers `prefix_hit
 placement uses them is the policy's choice (cache-aware or cache-blind). Moves are checked
 against the destination's charge; a migrated request's KV lands whole on the destination (its
 blocks there are shared only with what the destination holds).
+
+With a host tier (`host`, `host_tier.HostTierSpec`: `kv_offload` swap or layerwise), a victim
+of step 3 keeps its KV on its worker's host tier when there is room (swapped, or parked if it
+was still prefilling), and resumes by a reload instead of a recompute; `tpot_slo_s` caps each
+step's prefill chunk (the SLO-aware admission rule). See `host_tier.py` for what is modelled.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mell.common.errors import InvalidRequest
 from mell.gateway.policy.base import (
     Arrival,
     Move,
@@ -55,8 +61,9 @@ from mell.gateway.policy.base import (
     Policy,
 )
 from mell.gateway.policy.migration_choice import choose_transfers
-from mell.gateway.sim.batching import PrefillQueues
+from mell.gateway.sim.batching import PrefillQueues, Prompt, tokens_computed, tokens_left
 from mell.gateway.sim.bound import FluidBound, fluid_lower_bound
+from mell.gateway.sim.host_tier import HostTier, HostTierSpec
 from mell.gateway.sim.prefix_cache import PrefixCache
 from mell.gateway.sim.profile import Profile
 from mell.gateway.sim.repack import first_fit_decreasing
@@ -87,6 +94,7 @@ class Simulator:
         progress: Callable[[float], None] | None = None,
         bound: FluidBound | None = None,
         prefix_cache: bool = False,
+        host: HostTierSpec | None = None,
     ) -> None:
         self.trace, self.profile, self.policy = trace, profile, policy
         self.epoch_s = epoch_s
@@ -116,10 +124,16 @@ class Simulator:
         # when each request may decode next: after its prefill (`PrefillQueues`) and after
         # a KV migration's downtime
         self.decode_from = np.zeros(n, dtype=np.float64)
-        self.prefill = PrefillQueues(profile, self.first_token, self.decode_from)
+        spec = (host or HostTierSpec()).check()
+        self.host = HostTier(spec, profile) if spec.kv_offload != "off" else None
+        if self.host is not None and prefix_cache:
+            raise InvalidRequest("the host tier and the prefix caches are not simulated together")
+        self.prefill = PrefillQueues(
+            profile, self.first_token, self.decode_from, spec.tpot_slo_s * 1000.0
+        )
         self.mem_in_use = 0  # KV blocks computed (in memory): prefills count their chunks only
         self.stats = dict.fromkeys(
-            ("preempt", "mig", "kv", "tok", "deferred", "skipped", "rejected"), 0
+            ("preempt", "mig", "kv", "tok", "deferred", "skipped", "rejected", "recomputed"), 0
         )
         # prefix caching: the caches, and each request's KV blocks other requests are charged
         self.cache: PrefixCache | None = None
@@ -218,7 +232,18 @@ class Simulator:
             active=tally.active,
         )
         self._prefix_summary(result)
+        self._host_summary(result)
         return result
+
+    def _host_summary(self, result: SimResult) -> None:
+        """The host tier's measures into `result` (recomputed tokens with or without one)."""
+        result.recomputed_tokens = self.stats["recomputed"]
+        host = self.host
+        if host is None:
+            return
+        result.kv_offload = host.spec.kv_offload
+        result.swaps, result.parks = host.swaps, host.parks
+        result.offload_bytes = host.bytes_moved
 
     def _prefix_summary(self, result: SimResult) -> None:
         """The prefix caches' measures into `result` (none without the cache model)."""
@@ -430,7 +455,7 @@ class Simulator:
                 k = slot[wid]
                 used = used_at[k] if k < known else 0
             if used > cap and len(load) > 1:
-                used = self._preempt(wid, load, used)
+                used = self._preempt(wid, load, used, t_end)
             if waiting.get(wid):
                 used = self._resume(wid, load, used, t_end)
             if self.cache is not None:
@@ -448,24 +473,41 @@ class Simulator:
                 view.release_if_empty(wid)
         return busy, kv
 
-    def _preempt(self, wid: str, load: dict[str, int], used: int) -> int:
-        """Preempt the latest admitted requests of `wid` until it fits; the KV left in use."""
+    def _preempt(self, wid: str, load: dict[str, int], used: int, t_end: float) -> int:
+        """Preempt the latest admitted requests of `wid` until it fits; the KV left in use.
+        A victim's KV goes to the host tier when it can (`_offload`), else it is dropped (to be
+        recomputed)."""
         cap = self.profile.capacity_blocks
         while used > cap and len(load) > 1:
             rid = max(load, key=lambda r: (self.placed_at[int(r)], int(r)))
-            used -= load.pop(rid)
+            blocks = load.pop(rid)
+            used -= blocks
             i = int(rid)
             used += self._release(i, wid)
             del self.live[i]
-            self.prefill.remove(i)
+            self._offload(wid, i, blocks, self.prefill.remove(i), t_end)
             self.state[i] = WAITING
             self.waiting.setdefault(wid, []).append(i)
             self.n_waiting += 1
             self.stats["preempt"] += 1
         return used
 
+    def _offload(self, wid: str, i: int, blocks: int, queued: Prompt | None, t: float) -> None:
+        """Victim i (`blocks` on `wid`; `queued`: its prefill record if still prefilling) keeps
+        its KV on the host tier when there is room (parked: its first token after its prompt's
+        one-pass prefill from `t`), else its computed tokens count as recomputed."""
+        host = self.host
+        kept = host.take(wid, i, blocks, queued is not None) if host is not None else None
+        if kept == "park" and queued is not None and math.isnan(self.first_token[i]):
+            self.first_token[i] = t + self.profile.step.prefill_ms(tokens_left(queued)) / 1000.0
+        elif kept is None:
+            self.stats["recomputed"] += (
+                tokens_computed(queued) if queued is not None else int(self.prompt[i] + self.gen[i])
+            )
+
     def _resume(self, wid: str, load: dict[str, int], used: int, t_end: float) -> int:
-        """Resume waiting requests of `wid` first-come first-served while they fit."""
+        """Resume waiting requests of `wid` first-come first-served while they fit: reloaded
+        from the host tier, or re-prefilled (recompute)."""
         cap, bs = self.profile.capacity_blocks, self.profile.block_size
         queue = self.waiting[wid]
         while queue:
@@ -476,6 +518,9 @@ class Simulator:
             shared = 0 if self.cache is None else self._shared_at(wid, i)
             if used + need - shared > cap and load:
                 break
+            if self.host is not None and i in self.host.on_host:
+                used = self._reload(wid, i, load, used, need, t_end)
+                continue
             if self.cache is not None:
                 cached, need = self._admit(wid, i, need, context)
                 todo = max(1, context - cached)
@@ -491,6 +536,22 @@ class Simulator:
                 self.view.slot[wid], i, t_end, todo, self.prompt[i] + self.gen[i], need
             )
         return used
+
+    def _reload(
+        self, wid: str, i: int, load: dict[str, int], used: int, need: int, t_end: float
+    ) -> int:
+        """Request i (first in `wid`'s queue) comes back from the host tier: running again,
+        decoding once its reload has landed; the KV in use on `wid`."""
+        assert self.host is not None
+        self.waiting[wid].pop(0)
+        self.n_waiting -= 1
+        load[str(i)] = need
+        self.blocks[i] = need
+        self.live[i] = wid
+        self.state[i] = RUNNING
+        self.placed_at[i] = t_end
+        self.decode_from[i] = t_end + self.host.reload(wid, i)
+        return used + need
 
     def _shared_at(self, wid: str, i: int) -> int:
         """KV blocks of request i that running requests on `wid` hold (pure)."""

@@ -1,7 +1,8 @@
 """The host KV tier on CUDA (skipped without CUDA): pinned host blocks, the copy engine's
 streams and events (no host synchronization on submit), copies that land late, and token
 identity of the engine with kv_offload "swap" and "layerwise" (torch attention) while every copy
-stream is held back by a long-running kernel queued ahead of it."""
+stream is held back by a long-running kernel queued ahead of it; a migration's read of host
+blocks whose copy lands late."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import torch
 from mell.common.config import EngineConfig
 from mell.common.sampling import SamplingParams
 from mell.common.tiny_model import write_tiny_model
+from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.copy_engine import D2H, H2D, CudaCopyEngine, Rows
 from mell.workerd.engine.engine import Engine
+from mell.workerd.engine.host_tier import HostTier
 
 pytestmark = pytest.mark.gpu
 
@@ -107,3 +110,34 @@ def test_tokens_identical_with_delayed_copy_streams(tmp_path, mode) -> None:
         tiny, num_kv_blocks=32, kv_offload=mode, host_kv_bytes=1 << 24, kv_offload_force=True
     )
     assert got == expected
+
+
+def test_a_migration_reads_host_blocks_after_their_late_copy_lands() -> None:
+    """A swapped-out request's host blocks read for a migration (`HostTier.read`, pinned
+    memory read in place) while the copy to the host is still held back: the read waits for
+    that layer's event, and the frames hold what the device held; `write` puts received
+    frames into host blocks of another tier."""
+    dev = torch.device("cuda")
+    device_kv = [torch.randn(16, 2, 4, 2, 8, device=dev) for _ in range(2)]
+    tier = HostTier(device_kv, 8, CudaCopyEngine(dev))
+    pool = BlockManager(16, 4, 2)
+    pool.allocate("pad", 8)
+    pool.allocate("m", 14)  # 4 blocks per layer, not at the start of the pool
+    table = pool.block_table("m", 0)
+    _busy(torch.cuda.current_stream(), 300)  # the copy waits behind the compute stream
+    tier.swap_out("m", pool, 14)
+    receiver = HostTier([torch.zeros_like(t) for t in device_kv], 8, CudaCopyEngine(dev))
+    assert receiver.reserve("in", 14)
+    for layer in range(2):
+        ids = tier.blocks.block_table("m", layer)
+        frames = tier.read("m", layer, ids)
+        data = b"".join(bytes(f) for _, f in frames)
+        assert data == device_kv[layer][table].cpu().view(torch.uint8).numpy().tobytes()
+        receiver.write(layer, receiver.blocks.block_table("in", layer), [f for _, f in frames])
+        got = receiver.tensors[layer][receiver.blocks.block_table("in", layer)]
+        assert torch.equal(got, device_kv[layer][table].cpu())
+    tier.release("m", pool)
+    pool.free("pad")
+    torch.cuda.synchronize()
+    tier.poll()
+    assert pool.num_free() == 16 and tier.blocks.num_free() == 8

@@ -20,6 +20,7 @@ from typing import Protocol
 from mell.common.errors import Conflict
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
 Frame = tuple[int, memoryview]  # some KV blocks of one layer: (number of blocks, their bytes)
@@ -53,6 +54,7 @@ class RequestState:
     num_preemptions: int  # changes when the request lost its cache
     is_finished: bool
     is_decoding: bool  # running, everything but the last sampled token in the cache
+    kv_on_host: bool  # its KV waits on the host tier (swapped out, parked), not decoding
 
 
 class ServingEngine(Protocol):
@@ -69,10 +71,12 @@ class ServingEngine(Protocol):
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: Sequence[int] = (),
+        slo: RequestSLO | None = None,
     ) -> None:
         """Queue a request; raises InvalidRequest when it cannot run here. `output_token_ids`:
         tokens it already produced elsewhere (a request resumed after its worker died): it
-        continues from there, its next output numbered len(output_token_ids)."""
+        continues from there, its next output numbered len(output_token_ids). `slo`: its own
+        service-level objectives (validated), instead of the engine's defaults."""
         ...
 
     def abort(self, request_id: str) -> bool:
@@ -111,7 +115,10 @@ class ServingEngine(Protocol):
 
 class MigratableEngine(ServingEngine, Protocol):
     """The operations of a live migration (`workerd/migration/`). Blocks are held under a key:
-    a request id, or a reservation's key on the destination until it becomes a request."""
+    a request id, or a reservation's key on the destination until it becomes a request. The
+    blocks of a key are all in one tier: the device pool, or the host tier of an engine that
+    has one (a request swapped out or parked; a reservation the device had no room for). The
+    engine knows which; the migration only names the key."""
 
     @property
     def kv_layout(self) -> KVLayout: ...
@@ -121,7 +128,8 @@ class MigratableEngine(ServingEngine, Protocol):
         ...
 
     def pause(self, request_id: str) -> bool:
-        """Stop scheduling a request, keeping its blocks; False if it is gone."""
+        """Stop scheduling a request, keeping its blocks (in either tier); False if it is
+        gone."""
         ...
 
     def resume(self, request_id: str) -> None:
@@ -133,7 +141,10 @@ class MigratableEngine(ServingEngine, Protocol):
         ...
 
     def reserve(self, key: str, num_blocks: int) -> bool:
-        """Hold `num_blocks` blocks in total under `key`; False (nothing changed) if short."""
+        """Hold `num_blocks` blocks in total under `key`; False (nothing changed) if short.
+        Device blocks; host blocks when the device is short at the first stage (the request
+        then arrives parked, reloaded when device blocks free up); later stages grow the
+        reservation in the tier of its first."""
         ...
 
     def release(self, key: str) -> int:
@@ -143,21 +154,27 @@ class MigratableEngine(ServingEngine, Protocol):
 
     def import_request(self, key: str, request: MigratedRequest) -> None:
         """Commit a migrated-in request: `key`'s reservation (if any) becomes its blocks, and
-        it joins the batch. Raises InvalidRequest when it cannot run here: it is checked as
-        `add_request` checks a new request (sampling values, token ids in the vocabulary,
-        lengths), its generated tokens as well, and its KV and sampler state."""
+        it joins the batch (or, its blocks on the host, waits there to be reloaded). Raises
+        InvalidRequest when it cannot run here: it is checked as `add_request` checks a new
+        request (sampling values, token ids in the vocabulary, lengths), its generated tokens
+        as well, and its KV and sampler state."""
         ...
 
     def block_table(self, key: str, layer: int) -> list[int] | None:
-        """The blocks `key` holds in one layer, in token order; None when it holds none."""
+        """The blocks `key` holds in one layer (in its tier), in token order; None when it
+        holds none."""
         ...
 
-    def read_kv(self, layer: int, block_ids: list[int]) -> list[Frame]:
-        """Blocks of one layer as bytes to send; the frames together hold `block_ids`, in
-        order. On host memory they are views of the cache (the blocks must not change until
-        sent)."""
+    def read_kv(self, key: str, layer: int, block_ids: list[int]) -> list[Frame]:
+        """Blocks of one layer that `key` holds, as bytes to send; the frames together hold
+        `block_ids`, in order. On host memory (a CPU cache, or the host tier, read once the
+        layer's copy there has landed) they are views of it: the blocks must not change
+        until sent."""
         ...
 
-    def write_kv(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
-        """Store blocks of one layer received from a peer, laid out as `read_kv` makes them."""
+    def write_kv(
+        self, key: str, layer: int, block_ids: list[int], frames: list[memoryview]
+    ) -> None:
+        """Store blocks of one layer received from a peer into blocks `key` holds, laid out
+        as `read_kv` makes them."""
         ...

@@ -60,6 +60,11 @@ class Ticket(ABC):
         """Make what the copy wrote visible to the step: on CPU the calling thread waits for
         this copy only; on CUDA the compute stream waits for its event (the host does not)."""
 
+    @abstractmethod
+    def join(self) -> None:
+        """Block the calling thread until the copy is done (the host reads what it wrote: a
+        migration sending host blocks); waits for this copy only, never the whole device."""
+
 
 class CopyEngine(ABC):
     def __init__(self) -> None:
@@ -118,6 +123,9 @@ class _ThreadTicket(Ticket):
         return self._event.is_set()
 
     def wait(self) -> None:
+        self._event.wait()
+
+    def join(self) -> None:
         self._event.wait()
 
 
@@ -215,6 +223,9 @@ class _CudaTicket(Ticket):
 
     def wait(self) -> None:
         torch.cuda.current_stream().wait_event(self._event)
+
+    def join(self) -> None:
+        self._event.synchronize()
 
 
 class CudaCopyEngine(CopyEngine):

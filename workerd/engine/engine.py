@@ -18,6 +18,7 @@ from mell.common.errors import ConfigError, InvalidRequest, ModelError
 from mell.common.hashing import block_hashes
 from mell.common.messages import MigratedRequest
 from mell.common.sampling import SamplingParams, TokenLogprobs
+from mell.common.slo import RequestSLO
 from mell.common.tiny_model import TINY_MODEL_NAME
 from mell.workerd.engine.block_manager import BlockManager, OutOfBlocks
 from mell.workerd.engine.contract import (
@@ -115,10 +116,12 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: abc.Sequence[int] = (),
+        slo: RequestSLO | None = None,
     ) -> None:
-        self._check_request(request_id, prompt_token_ids, sampling, output_token_ids)
+        self._check_request(request_id, prompt_token_ids, sampling, output_token_ids, slo)
         self.wake()
         seq = self._new_seq(request_id, prompt_token_ids, sampling)
+        seq.slo = slo
         seq.token_ids.extend(output_token_ids)
         seq.output_token_ids.extend(output_token_ids)
         seq.guide = self._guide(sampling, seq.output_token_ids)
@@ -159,11 +162,14 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: abc.Sequence[int] = (),
+        slo: RequestSLO | None = None,
     ) -> None:
         """What a request must be to run here, new or migrated in (with the tokens it has
-        generated): sampling values in range, a new id, a prompt, every token id in the
-        vocabulary, prompt + max_tokens within max_model_len. InvalidRequest otherwise."""
+        generated): sampling values and SLOs in range, a new id, a prompt, every token id in
+        the vocabulary, prompt + max_tokens within max_model_len. InvalidRequest otherwise."""
         sampling.validate()
+        if slo is not None:
+            slo.validate()
         if request_id in self._seqs:
             raise InvalidRequest(f"duplicate request id {request_id!r}", param="request_id")
         if not prompt_token_ids:
@@ -303,13 +309,18 @@ class Engine:
         seq.num_hashed_blocks = full
 
     def _count_slo(self, seq: Sequence, now: float) -> None:
-        """SLO violations of a finished request (TTFT from when it was added)."""
-        c = self.config
-        if c.ttft_slo_s > 0 and seq.first_token_at - seq.added_at > c.ttft_slo_s:
+        """SLO violations of a finished request (TTFT from when it was added), against its
+        own SLOs or the engine's."""
+        own = seq.slo or RequestSLO()
+        ttft_slo, tpot_slo = (
+            own.ttft_or(self.config.ttft_slo_s),
+            own.tpot_or(self.config.tpot_slo_s),
+        )
+        if ttft_slo > 0 and seq.first_token_at - seq.added_at > ttft_slo:
             self.slo_violations["ttft"] += 1
         decoded = len(seq.output_token_ids) - 1
         tpot = (now - seq.first_token_at) / decoded if decoded > 0 else 0.0
-        if c.tpot_slo_s > 0 and tpot > c.tpot_slo_s:
+        if tpot_slo > 0 and tpot > tpot_slo:
             self.slo_violations["tpot"] += 1
 
     def has_unfinished(self) -> bool:
@@ -405,6 +416,7 @@ class Engine:
             num_preemptions=seq.num_preemptions,
             is_finished=seq.is_finished,
             is_decoding=seq.is_decoding,
+            kv_on_host=self.tier is not None and self.tier.holds(request_id),
         )
 
     def pause(self, request_id: str) -> bool:
@@ -429,50 +441,77 @@ class Engine:
             sampling=seq.sampling,
             num_computed=seq.num_computed if with_kv else 0,
             generator_state=None,  # randomness is a function of (seed, index): nothing to carry
+            slo=seq.slo,
         )
 
     def reserve(self, key: str, num_blocks: int) -> bool:
         self.wake()
         tokens = num_blocks * self.blocks.block_size
-        if not self.blocks.can_append(key, tokens):
-            return False
-        self.blocks.append(key, tokens)
-        return True
+        tier = self.tier
+        if tier is not None and tier.holds(key):  # (received into the host: it grows there)
+            return tier.reserve(key, tokens)
+        if self.blocks.can_append(key, tokens):
+            self.blocks.append(key, tokens)
+            return True
+        return tier is not None and not self.blocks.has(key) and tier.reserve(key, tokens)
 
     def release(self, key: str) -> int:
-        return self.blocks.free(key)
+        holder = self._holder(key)
+        held = holder.num_blocks_of(key) if holder is not None else 0
+        if self.tier is None:
+            self.blocks.free(key)
+        else:
+            self.tier.release(key, self.blocks)  # (blocks a copy still touches: once done)
+        return held
 
     def block_table(self, key: str, layer: int) -> list[int] | None:
-        return self.blocks.block_table(key, layer) if self.blocks.has(key) else None
+        holder = self._holder(key)
+        return holder.block_table(key, layer) if holder is not None else None
 
-    def read_kv(self, layer: int, block_ids: list[int]) -> list[Frame]:
+    def read_kv(self, key: str, layer: int, block_ids: list[int]) -> list[Frame]:
+        if self.tier is not None and self._holder(key) is self.tier.blocks:
+            return self.tier.read(key, layer, block_ids)
         return self.kv.read(layer, block_ids)
 
-    def write_kv(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
-        self.kv.write(layer, block_ids, frames)
+    def write_kv(
+        self, key: str, layer: int, block_ids: list[int], frames: list[memoryview]
+    ) -> None:
+        if self.tier is not None and self._holder(key) is self.tier.blocks:
+            self.tier.write(layer, block_ids, frames)
+        else:
+            self.kv.write(layer, block_ids, frames)
+
+    def _holder(self, key: str) -> BlockManager | None:
+        """The block manager of the tier whose blocks `key` holds; None when it holds none."""
+        if self.blocks.has(key):
+            return self.blocks
+        if self.tier is not None and self.tier.holds(key):
+            return self.tier.blocks
+        return None
 
     def import_request(self, key: str, request: MigratedRequest) -> None:
         rid = request.request_id
         self._check_request(
-            rid, request.prompt_token_ids, request.sampling, request.output_token_ids
+            rid, request.prompt_token_ids, request.sampling, request.output_token_ids, request.slo
         )
         tokens = request.prompt_token_ids + request.output_token_ids
         if not 0 <= request.num_computed < len(tokens):
             raise InvalidRequest(f"request {rid!r}: {request.num_computed} computed tokens")
-        if request.num_computed > 0 and self.blocks.num_blocks_of(key) < self.blocks.blocks_for(
-            request.num_computed
-        ):
+        holder = self._holder(key)
+        held = holder.num_blocks_of(key) if holder is not None else 0
+        if request.num_computed > 0 and held < self.blocks.blocks_for(request.num_computed):
             raise InvalidRequest(f"request {rid!r}: its KV blocks did not all arrive")
         self.wake()
         seq = self._new_seq(rid, request.prompt_token_ids, request.sampling)
+        seq.slo = request.slo
         seq.token_ids = tokens
         seq.output_token_ids = list(request.output_token_ids)
         seq.guide = self._guide(request.sampling, seq.output_token_ids)
-        if request.num_computed > 0:
-            self.blocks.rename(key, rid)
+        if holder is not None and request.num_computed > 0:
+            holder.rename(key, rid)  # (host blocks: it waits there to be reloaded)
             seq.num_computed = request.num_computed
         else:
-            self.blocks.free(key)
+            self.release(key)
         self._seqs[rid] = seq
         self.scheduler.resume(seq)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from mell.common.config import EngineConfig
 from mell.common.errors import InvalidRequest
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
+from mell.common.slo import RequestSLO
 from mell.workerd.engine.contract import EngineBusy
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
 
@@ -59,6 +60,7 @@ class FakeEngine:
         prompt_token_ids: list[int],
         sampling: SamplingParams,
         output_token_ids: Sequence[int] = (),
+        slo: RequestSLO | None = None,  # (no admission rule here)
     ) -> None:
         if not prompt_token_ids:
             raise InvalidRequest("prompt is empty", param="prompt")

@@ -9,6 +9,10 @@ Mechanism only; the scheduler decides who goes where. A request is in one of the
 - loading: device blocks given back to it, being written from the host (`swap_in`); the step
   waits for layer l's copy before layer l (`wait_layer`).
 
+A request on the host can also leave for another worker (a live migration reads its host
+blocks in place, `read`), and a destination short of device blocks can receive one into host
+blocks (`reserve`, `write`): it arrives parked.
+
 Every copy is a whole run of blocks of one layer (copy_engine.py). Blocks a copy still reads
 or writes are fenced when their request lets go of them, and freed by `poll` once the copy is
 done; so a request may be released (finished, aborted) at any time, even mid-copy.
@@ -20,7 +24,9 @@ import torch
 
 from mell.common.errors import ConfigError
 from mell.workerd.engine.block_manager import BlockManager
+from mell.workerd.engine.contract import Frame
 from mell.workerd.engine.copy_engine import D2H, H2D, CopyEngine, Rows, Ticket
+from mell.workerd.engine.kv_cache import byte_rows, frame_blocks, read_block_runs, write_block_runs
 
 
 class HostTier:
@@ -43,6 +49,7 @@ class HostTier:
                 f"host_kv_bytes: cannot pin {size} bytes of host memory for the KV host tier "
                 f"({str(err).splitlines()[0]})"
             ) from None
+        self._bytes = [byte_rows(t) for t in self.tensors]  # (views: a migration's frames)
         self.device_tensors = device_tensors
         self.blocks = BlockManager(num_blocks, cache.shape[2], len(device_tensors))
         self.copies = copies
@@ -122,6 +129,31 @@ class HostTier:
         self._fence_all(self.blocks, self.blocks.fence(request_id), tickets)
         self._tickets[request_id] = tickets
         self.loading.add(request_id)
+
+    def read(self, request_id: str, layer: int, block_ids: list[int]) -> list[Frame]:
+        """Host blocks of one layer as frames to send (a migration), once that layer's copy
+        from the device (if still in flight) has landed: views of host memory, a frame per
+        run of consecutive blocks; they must stay held until sent."""
+        tickets = self._tickets.get(request_id)
+        ticket = tickets[layer] if tickets is not None else None
+        if ticket is not None:
+            ticket.join()
+        return read_block_runs(self._bytes[layer], block_ids)
+
+    def reserve(self, key: str, num_tokens: int) -> bool:
+        """Hold host blocks for `num_tokens` in total under `key` (a migration received into
+        the host tier); False, nothing changed, if short."""
+        if not self.blocks.can_append(key, num_tokens):
+            return False
+        self.blocks.append(key, num_tokens)
+        return True
+
+    def write(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
+        """Store received blocks of one layer (laid out as `read` makes them) in host blocks
+        reserved for them; plain memory copies, so any thread may call it."""
+        block_bytes = self._bytes[layer].shape[1]
+        for ids, src in frame_blocks(block_bytes, block_ids, frames):
+            write_block_runs(self._bytes[layer], ids, src)
 
     def wait_layer(self, request_id: str, layer: int) -> None:
         """Before the step touches this layer of a loading request (see Ticket.wait)."""

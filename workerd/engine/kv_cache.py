@@ -10,6 +10,7 @@ worker's I/O thread writes KV as it arrives). On CUDA blocks go through pinned h
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -82,9 +83,7 @@ class KVCache:
             for _ in range(self.num_layers)
         )
         if self.device.type == "cpu":
-            self._host_bytes.extend(
-                c.view(torch.uint8).numpy().reshape(self.shape[0], -1) for c in self.tensors
-            )
+            self._host_bytes.extend(byte_rows(c) for c in self.tensors)
         return self.nbytes
 
     @property
@@ -105,11 +104,7 @@ class KVCache:
             host.copy_(gathered, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             return [(len(block_ids), _bytes_of(host.view(torch.uint8).reshape(-1).numpy()))]
-        cache = self._host_bytes[layer]
-        return [
-            (n, _bytes_of(cache[start : start + n].reshape(-1)))
-            for _, start, n in block_runs(block_ids)
-        ]
+        return read_block_runs(self._host_bytes[layer], block_ids)
 
     def copy_blocks(self, copies: list[tuple[int, int] | None]) -> None:
         """Per layer, copy block `src` to block `dst` ((src, dst); None: nothing), on the
@@ -121,11 +116,8 @@ class KVCache:
     def write(self, layer: int, block_ids: list[int], frames: list[memoryview]) -> None:
         """Store blocks of one layer received from a peer: `frames` laid out as `read`
         makes them, together exactly `len(block_ids)` blocks, written in order."""
-        done = 0
-        for frame in frames:
-            src = np.frombuffer(frame, dtype=np.uint8).reshape(-1, self.block_bytes)
-            self._write_blocks(layer, block_ids[done : done + len(src)], src)
-            done += len(src)
+        for ids, src in frame_blocks(self.block_bytes, block_ids, frames):
+            self._write_blocks(layer, ids, src)
 
     def _write_blocks(self, layer: int, block_ids: list[int], src: npt.NDArray[np.uint8]) -> None:
         if self.device.type == "cuda":
@@ -136,9 +128,40 @@ class KVCache:
             host = staged.view(cache.dtype).view((-1, *cache.shape[1:]))
             cache.index_copy_(0, index, host.to(self.device, non_blocking=True))
             return
-        cache_bytes = self._host_bytes[layer]
-        for i, start, n in block_runs(block_ids):
-            cache_bytes[start : start + n] = src[i : i + n]
+        write_block_runs(self._host_bytes[layer], block_ids, src)
+
+
+def byte_rows(tensor: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """A paged layer tensor in host memory as bytes, [num_blocks, block bytes] (a view)."""
+    return tensor.view(torch.uint8).numpy().reshape(tensor.shape[0], -1)
+
+
+def read_block_runs(rows: npt.NDArray[np.uint8], block_ids: list[int]) -> list[Frame]:
+    """Blocks of host memory (`byte_rows`) as frames: one view per run of consecutive blocks
+    (nothing copied: the blocks must not change until sent)."""
+    return [
+        (n, _bytes_of(rows[start : start + n].reshape(-1))) for _, start, n in block_runs(block_ids)
+    ]
+
+
+def write_block_runs(
+    rows: npt.NDArray[np.uint8], block_ids: list[int], src: npt.NDArray[np.uint8]
+) -> None:
+    """Store `src` [len(block_ids), block bytes] into blocks of host memory, run by run."""
+    for i, start, n in block_runs(block_ids):
+        rows[start : start + n] = src[i : i + n]
+
+
+def frame_blocks(
+    block_bytes: int, block_ids: list[int], frames: list[memoryview]
+) -> Iterator[tuple[list[int], npt.NDArray[np.uint8]]]:
+    """Received frames (together exactly `len(block_ids)` blocks, laid out as `read` makes
+    them) cut into their blocks: (the ids, their bytes [n, block bytes]) per frame, in order."""
+    done = 0
+    for frame in frames:
+        src = np.frombuffer(frame, dtype=np.uint8).reshape(-1, block_bytes)
+        yield block_ids[done : done + len(src)], src
+        done += len(src)
 
 
 def _bytes_of(array: npt.NDArray[np.uint8]) -> memoryview:

@@ -125,20 +125,19 @@ class Scheduler:
         self._release(seq)
 
     def pause(self, seq: Sequence) -> None:
-        """Take a request out of the batch, keeping its blocks (it is migrating away). A request
-        on the host tier loses its KV there (a migration sees a preemption)."""
-        if seq.status is SequenceStatus.HOSTED:
-            self._take_out(seq)
-            self._release(seq)
-            self.num_tokens_recomputed_total += seq.num_computed
-            seq.reset_for_recompute()
+        """Take a request out of the batch, keeping its blocks (it is migrating away), on the
+        device or on the host tier."""
         self._take_out(seq)
         seq.status = SequenceStatus.PAUSED
 
     def resume(self, seq: Sequence) -> None:
-        """Put a paused (or migrated-in) request back: running when its cache is filled and
-        there is room in the batch, else at the head of the waiting queue."""
-        if seq.num_computed > 0 and len(self.running) < self.max_num_seqs:
+        """Put a paused (or migrated-in) request back: on the host tier's queue when its KV is
+        there (reloaded in its turn), running when its cache is filled and there is room in
+        the batch, else at the head of the waiting queue."""
+        if self.tier is not None and self.tier.holds(seq.request_id):
+            seq.status = SequenceStatus.HOSTED
+            self._host(seq)
+        elif seq.num_computed > 0 and len(self.running) < self.max_num_seqs:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
         else:
@@ -154,7 +153,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         self._stalled = False
-        self._slack = self._min_slack() if self.tpot_slo_s > 0 else math.inf
+        self._slack = self._min_slack()
         if self.offload.force and self.tier is not None:
             self._random_swap(batch)
         budget = self._schedule_running(batch, budget)
@@ -372,14 +371,15 @@ class Scheduler:
         return extra <= self._slack
 
     def _min_slack(self) -> float:
-        """min over decoding requests of slo · (d + m) − E − m · t_step: d tokens decoded after
-        the first, in E seconds, m still to come (from max_tokens), t_step a decode step."""
+        """min over decoding requests with a TPOT SLO (their own, else `tpot_slo_s`) of
+        slo · (d + m) − E − m · t_step: d tokens decoded after the first, in E seconds, m
+        still to come (from max_tokens), t_step a decode step; inf when none has one."""
         now = time.monotonic()
         step = self.step_model.predict(len(self.running)) if self.step_model.fitted else 0.0
-        slo = self.tpot_slo_s
         slack = math.inf
         for seq in self.running:
-            if seq.first_token_at <= 0.0:
+            slo = seq.slo.tpot_or(self.tpot_slo_s) if seq.slo is not None else self.tpot_slo_s
+            if seq.first_token_at <= 0.0 or slo <= 0.0:
                 continue
             done = len(seq.output_token_ids) - 1
             left = max(seq.sampling.max_tokens - len(seq.output_token_ids), 0)

@@ -15,6 +15,7 @@ from enum import Enum
 import torch
 
 from mell.common.sampling import FinishReason, SamplingParams, TokenLogprobs
+from mell.common.slo import RequestSLO
 from mell.workerd.model.grammar import Guide
 
 _arrivals = itertools.count()
@@ -48,6 +49,7 @@ class Sequence:
         "prompt_logprobs",
         "request_id",
         "sampling",
+        "slo",
         "status",
         "stop_ids",
         "token_ids",
@@ -68,6 +70,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.sampling = sampling
+        self.slo: RequestSLO | None = None  # its own SLOs (None: the engine's defaults)
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_preemptions = 0  # a migration copying its blocks aborts when this changes
         # Prefix caching: the chained hashes of the prompt's full blocks (empty: caching off),

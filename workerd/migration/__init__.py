@@ -16,6 +16,11 @@ moves to the next state and sends one message. KV transfer:
                                                batch; MigratedIn to the gateway --MigrateAck-->
     COMMITTED: the source frees the request, tells the gateway `MigrationEnded(committed)`.
 
+A request whose KV waits on the source's host tier (LayerKV: swapped out or parked) migrates
+the same way in one stage (paused at once: it does not grow), its blocks read from host memory;
+a destination short of device blocks may reserve host blocks instead, and the request arrives
+parked there, reloaded in its turn.
+
 A token transfer is the same machine without the copy stages: pause, commit with the token ids
 and sampling state (num_computed 0: the destination re-prefills). Every wait has a deadline;
 any failure (request finished or preempted, no blocks at the destination, peer gone, deadline,

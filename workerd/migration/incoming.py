@@ -95,7 +95,7 @@ class IncomingMigration:
         ids = table[msg.first : msg.first + n]
         if len(ids) != n or not self._fits(msg.data, frames):
             return  # not what was reserved: the stage's frame count will not match
-        self.engine.write_kv(msg.layer, ids, [frames[ref.index] for ref in msg.data])
+        self.engine.write_kv(self.key, msg.layer, ids, [frames[ref.index] for ref in msg.data])
         self._frames[msg.stage] = self._frames.get(msg.stage, 0) + 1
         self._seen.add((msg.stage, msg.layer, msg.first))
 

@@ -86,14 +86,15 @@ class OutgoingMigration:
             self._reserve(now)
 
     def _reserve(self, now: float) -> None:
-        """Decide this stage's blocks (pausing for the last one) and ask the destination."""
+        """Decide this stage's blocks (pausing for the last one) and ask the destination. A
+        request whose KV waits on the host tier does not grow: one stage copies it all."""
         state = self.engine.request_state(self.request_id)
         if state is None:  # (checked by every caller just before)
             self.abort("request finished")
             return
         bs = self.engine.kv_layout.block_size
         every = -(-state.num_computed // bs)
-        if every - self.copied <= self.settings.last_stage_max_blocks:
+        if state.kv_on_host or every - self.copied <= self.settings.last_stage_max_blocks:
             self._pause(now)
             self.final, self.target = True, -(-state.num_computed // bs)
         elif self.stage >= self.settings.max_stages:
@@ -129,7 +130,7 @@ class OutgoingMigration:
                 return
             for first in range(self.copied, self.target, per_message):
                 ids = table[first : min(first + per_message, self.target)]
-                frames = self.engine.read_kv(layer, ids)
+                frames = self.engine.read_kv(self.request_id, layer, ids)
                 refs = [FrameRef(i, "uint8", [n, f.nbytes // n]) for i, (n, f) in enumerate(frames)]
                 message = MigrateBlocks(
                     migration_id=self.id, stage=self.stage, layer=layer, first=first, data=refs
@@ -252,6 +253,6 @@ class OutgoingMigration:
             return "request finished"
         if state.num_preemptions != self._preemptions:
             return "request preempted"
-        if self.kind == "kv" and not self.paused and not state.is_decoding:
+        if self.kind == "kv" and not (self.paused or state.is_decoding or state.kv_on_host):
             return "request is not decoding"
         return None

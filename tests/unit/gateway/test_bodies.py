@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mell.common.errors import InvalidRequest
+from mell.common.slo import RequestSLO
 from mell.gateway.api.bodies import (
     chat_logprobs,
     decode_chat,
@@ -12,6 +13,7 @@ from mell.gateway.api.bodies import (
     include_usage,
     stop_strings,
     to_sampling,
+    to_slo,
 )
 
 MSG = '"messages":[{"role":"user","content":"hi"}]'
@@ -165,3 +167,20 @@ def test_structured_output_grammars() -> None:
     assert grammar('"response_format":{"type":"text"}') is None
     assert "json_schema" in (grammar('"response_format":{"type":"json_object"}') or "")
     assert '"yes"' in (grammar('"guided_choice":["yes","no"]') or "")
+
+
+def test_slo_extension_is_carried_and_bounded() -> None:
+    req = decode_chat(("{" + MSG + ',"ttft_slo_s":0.5,"tpot_slo_s":0.02}').encode())
+    assert to_slo(req) == RequestSLO(ttft_s=0.5, tpot_s=0.02)
+    req = decode_completion(b'{"prompt":"x","tpot_slo_s":0.1}')
+    assert to_slo(req) == RequestSLO(ttft_s=0.0, tpot_s=0.1)  # 0: the worker's default
+    assert to_slo(decode_completion(b'{"prompt":"x"}')) is None
+    for field, value in (
+        ("ttft_slo_s", "-1"),
+        ("tpot_slo_s", "1e9"),
+        ("ttft_slo_s", "3600.5"),
+        ("tpot_slo_s", '"fast"'),
+    ):
+        with pytest.raises(InvalidRequest) as err:
+            decode_chat(("{" + MSG + f',"{field}":{value}}}').encode())
+        assert err.value.param == field, (field, value)

@@ -17,6 +17,7 @@ from mell.common.messages import (
     TokenOutput,
 )
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.common.workers import RequestLoad, WorkerIdentity, WorkerLoad
 from mell.gateway.cluster.dispatcher import Dispatcher, Job
 from mell.gateway.cluster.metrics import Metrics
@@ -82,6 +83,32 @@ def test_fold_builds_workers_and_requests() -> None:
     assert view.requests["r1"].state == RequestState.RUNNING
     assert view.requests["r1"].num_tokens == 40
     assert view.requests["r2"].state == RequestState.PLACED
+
+
+def test_a_request_on_the_host_tier_counts_no_device_kv() -> None:
+    """Requests swapped out or parked on a worker's host tier report their device blocks (0):
+    the view, which every policy packs by (MELL too), sees device KV only; the host tier's
+    usage rides along in the worker's load."""
+    hosted = ev.LoadReported(
+        worker_id="w0",
+        load=WorkerLoad(
+            num_running=0,
+            num_waiting=0,
+            num_total_blocks=10,
+            num_free_blocks=10,
+            num_preemptions_total=1,
+            requests=[RequestLoad("r1", 0, 40)],
+            num_host_total_blocks=64,
+            num_host_free_blocks=61,
+            num_swapped=1,
+        ),
+    )
+    view = fold([*HISTORY, hosted])
+    w0 = view.worker_rows["w0"]
+    assert dict(w0.request_blocks) == {"r1": 0} and w0.num_used_blocks == 0
+    assert view.workers("m")[0].num_free_blocks == 10
+    assert w0.load.num_host_free_blocks == 61 and w0.load.num_swapped == 1
+    assert view.requests["r1"].num_tokens == 40
 
 
 def test_same_events_same_view() -> None:
@@ -267,6 +294,20 @@ async def test_a_lost_workers_stream_resumes_elsewhere_from_its_tokens() -> None
     d.on_token_batch(second, TokenBatch(1, [TokenOutput("a", 2, [6, 7], None, "length", 10)]))
     assert s.token_ids == [4, 5, 6, 7] and s.finish_reason == "length"  # the lost one's dropped
     lose(d, state, second)  # finished: nothing to resume
+
+
+async def test_a_requests_own_slos_go_to_its_worker_and_along_a_resume() -> None:
+    d, link, state = make_dispatcher()
+    slo = RequestSLO(ttft_s=0.5, tpot_s=0.02)
+    s = d.submit(Job("a", "m", list(range(10)), SamplingParams(max_tokens=4), 0.0, slo=slo))
+    first = s.worker_id
+    [placed] = [m for _, m in link.sent if isinstance(m, AddRequest)]
+    assert placed.slo == slo
+    lose(d, state, first)
+    assert link.sent[-1] == (
+        s.worker_id,
+        AddRequest("a", list(range(10)), job("a").sampling, [], slo),
+    )
 
 
 async def test_worker_loss_fails_its_streams_when_no_worker_can_take_them() -> None:

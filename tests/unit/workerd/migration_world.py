@@ -56,8 +56,10 @@ class World:
             )
             self.nodes[name] = node
 
-    def add(self, node: str, request_id: str, prompt: list[int], sampling: Any) -> None:
-        self.nodes[node].engine.add_request(request_id, prompt, sampling)
+    def add(
+        self, node: str, request_id: str, prompt: list[int], sampling: Any, slo: Any = None
+    ) -> None:
+        self.nodes[node].engine.add_request(request_id, prompt, sampling, slo=slo)
         self.holder[request_id] = node
 
     def migrate(self, request_id: str, src: str, dst: str, kind: str) -> str | None:

@@ -249,8 +249,8 @@ def test_a_migrated_in_request_caches_its_prompt(tiny) -> None:
     dst = make(tiny)
     dst.reserve("key", dst.blocks.blocks_for(req.num_computed))
     for layer in range(src.kv_layout.num_layers):
-        frames = src.read_kv(layer, src.block_table("m", layer))
-        dst.write_kv(layer, dst.block_table("key", layer), [data for _, data in frames])
+        frames = src.read_kv("m", layer, src.block_table("m", layer))
+        dst.write_kv("key", layer, dst.block_table("key", layer), [data for _, data in frames])
     dst.import_request("key", req)
     dst.step()
     assert dst.blocks.cached_prefix(block_hashes(p, 16)) == 2  # its own copies, now cached

@@ -118,5 +118,5 @@ def test_a_migration_reserving_blocks_wakes_a_sleeping_engine(tiny) -> None:
     eng.sleep()
     assert eng.reserve("migration-in", 2)
     assert not eng.sleeping and len(eng.kv.tensors) == eng.kv.num_layers
-    [(n, frame)] = eng.read_kv(0, eng.block_table("migration-in", 0))
+    [(n, frame)] = eng.read_kv("migration-in", 0, eng.block_table("migration-in", 0))
     assert n == 2 and len(frame) == 2 * eng.kv.block_bytes

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from mell.common.sampling import SamplingParams
+from mell.common.slo import RequestSLO
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.scheduler import Scheduler
 from mell.workerd.engine.sequence import Sequence
+from mell.workerd.engine.step_model import StepTimeModel
 
 ENDLESS = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -64,3 +68,38 @@ def test_whole_prompt_admission_never_preempts_a_prompt_half_way() -> None:
 def test_unknown_admission_rule_is_refused() -> None:
     with pytest.raises(ValueError, match="admission"):
         Scheduler(BlockManager(4, 16, 1), max_num_seqs=1, max_num_batched_tokens=8, admission="x")
+
+
+@pytest.mark.parametrize(
+    ("default_s", "own_s", "admitted"),
+    [
+        (0.0, None, True),  # no SLO at all
+        (1e-6, None, False),  # the worker's default: no slack left for a prefill
+        (0.0, 1e-6, False),  # the request's own, no worker default
+        (1e-6, 10.0, True),  # its own, looser than the worker's, rules
+    ],
+)
+def test_a_requests_own_tpot_slo_rules_admission(default_s, own_s, admitted) -> None:
+    """SLO-aware admission: a prompt joins the step only if the time its prefill adds (the
+    fitted step-time model) fits the TPOT slack of the decoding request, computed from that
+    request's own SLO (the body's extension) when it has one, else the worker's default."""
+    model = StepTimeModel()
+    model.record(1, 0.001)
+    model.record(1001, 0.101)  # 0.1 ms per token
+    sch = Scheduler(
+        BlockManager(64, 16, 2),
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        step_model=model,
+        tpot_slo_s=default_s,
+    )
+    decoder = Sequence("d", [3] * 10, SamplingParams(max_tokens=50, ignore_eos=True), [])
+    decoder.slo = None if own_s is None else RequestSLO(tpot_s=own_s)
+    sch.add(decoder)
+    assert sch.schedule().seqs == [decoder]
+    decoder.num_computed = 10
+    decoder.append_token(5, 1 << 30)
+    decoder.first_token_at = time.monotonic()
+    sch.add(Sequence("p", [4] * 200, ONE, []))
+    batch = sch.schedule()
+    assert [s.request_id for s in batch.seqs] == (["d", "p"] if admitted else ["d"])
