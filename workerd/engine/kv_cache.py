@@ -9,6 +9,8 @@ worker's I/O thread writes KV as it arrives). On CUDA blocks go through pinned h
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -23,6 +25,19 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+class KVStorage(Protocol):
+    """Where the layer tensors live when the pool is elastic (kv_memory.py): reserved for the
+    most blocks, backed only below what was committed and not discarded."""
+
+    tensors: list[torch.Tensor]
+
+    def commit(self, num_blocks: int) -> None: ...
+
+    def discard(self, num_blocks: int) -> None: ...
+
+    def mapped_bytes(self) -> int: ...
+
+
 class KVCache:
     def __init__(
         self,
@@ -31,12 +46,16 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        storage: KVStorage | None = None,
     ) -> None:
         shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.device = device
-        self.tensors = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
-        ]
+        self.storage = storage  # None: plain tensors, all memory held for good
+        self.tensors = (
+            storage.tensors
+            if storage is not None
+            else [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        )
         # Byte views of the CPU caches, [num_blocks, block bytes].
         self._host_bytes: list[npt.NDArray[np.uint8]] = (
             [c.view(torch.uint8).numpy().reshape(num_blocks, -1) for c in self.tensors]
@@ -58,6 +77,14 @@ class KVCache:
     def on_host(self) -> bool:
         """The cache is in host memory: `write` may run on any thread."""
         return self.device.type == "cpu"
+
+    def move_blocks(self, layer: int, moves: list[tuple[int, int]]) -> None:
+        """Compaction: copy blocks (old, new) of one layer (on the device's stream)."""
+        if moves:
+            cache = self.tensors[layer]
+            src = torch.tensor([o for o, _ in moves], dtype=torch.long, device=self.device)
+            dst = torch.tensor([n for _, n in moves], dtype=torch.long, device=self.device)
+            cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def read(self, layer: int, block_ids: list[int]) -> list[Frame]:
         """Some blocks of one layer as bytes to send, in order: (number of blocks, bytes) per
