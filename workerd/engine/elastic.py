@@ -55,14 +55,19 @@ class ElasticPool:
         if self.blocks.top() > cap and not self._compact(sch, cap):
             self._evict_one(sch, batch, cap, prefill)
         extent = max(cap, self.blocks.top())
-        if self.kv.storage is not None:
-            self.kv.storage.commit(extent)
         return min(sch.max_num_batched_tokens, self.budget.tokens_for(extent))
 
     def after_schedule(self, batch: ScheduledBatch) -> None:
+        self.commit()
         tokens = sum(batch.num_tokens)
         self.last = self.budget.account(self.blocks.top(), tokens)
         self.max_batch = max(self.max_batch, len(batch.seqs))
+
+    def commit(self) -> None:
+        """Back every block handed out (the storage maps them where it must; on CPU the
+        kernel commits pages as they are written)."""
+        if self.kv.storage is not None:
+            self.kv.storage.commit(self.blocks.top())
 
     def trim(self) -> None:
         """Give back the memory above the live top, when enough of it is idle."""

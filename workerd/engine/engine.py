@@ -89,6 +89,8 @@ class Engine:
             low_first=budget is not None or storage is not None,
         )
         self.elastic = ElasticPool(budget, self.blocks, self.kv) if budget is not None else None
+        if storage is not None and self.elastic is None:
+            storage.commit(num_blocks)  # (a virtual pool with no budget: all of it, for good)
         self.tier = self._host_tier(checkpoint, device, dtype)
         self.step_model = StepTimeModel()
         self.scheduler = Scheduler(
@@ -350,6 +352,8 @@ class Engine:
         if not self.blocks.can_append(key, tokens):
             return False
         self.blocks.append(key, tokens)
+        if self.elastic is not None:
+            self.elastic.commit()  # (the blocks are written by the migration)
         return True
 
     def release(self, key: str) -> int:

@@ -17,6 +17,7 @@ OS commits on write); `discard(n)` gives back blocks from `n` up (their content 
 
 from __future__ import annotations
 
+import math
 import mmap
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,12 @@ class HostVirtualStorage:
     def __init__(self, num_layers: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         elem = torch.empty((), dtype=dtype).element_size()
         self.num_blocks = shape[0]
-        self.layer_block_bytes = elem * _prod(shape[1:])
+        self.layer_block_bytes = elem * math.prod(shape[1:])
         size = max(self.num_blocks * self.layer_block_bytes, 1)
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         self._maps = [mmap.mmap(-1, size, flags=flags) for _ in range(num_layers)]
         self.tensors = [
-            torch.frombuffer(m, dtype=dtype, count=_prod(shape)).view(shape) for m in self._maps
+            torch.frombuffer(m, dtype=dtype, count=math.prod(shape)).view(shape) for m in self._maps
         ]
         self._top = 0  # blocks at or above this are known to hold no memory
 
@@ -58,13 +59,6 @@ class HostVirtualStorage:
     def mapped_bytes(self) -> int:
         """Bytes that may be resident: every layer up to the highest block not discarded."""
         return self._top * self.layer_block_bytes * len(self._maps)
-
-
-def _prod(xs: tuple[int, ...]) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 def make_storage(

@@ -22,6 +22,7 @@ What broke for others, and what this does about it:
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ class CudaVirtualStorage:
         self._context()
         elem = torch.empty((), dtype=dtype).element_size()
         self.num_blocks = shape[0]
-        self.layer_block_bytes = elem * _prod(shape[1:])
+        self.layer_block_bytes = elem * math.prod(shape[1:])
         size = self.num_blocks * self.layer_block_bytes
         self.granule = max(GRANULE, self._granularity())
         self.reserved = -(-size // self.granule) * self.granule
@@ -105,7 +106,7 @@ class CudaVirtualStorage:
         # bfloat16 has no array-interface type: wrapped as 2-byte items, then reinterpreted.
         self.tensors = []
         for base in self._bases:
-            wrap = torch.as_tensor(_Array(base, (_prod(shape),), typestr), device=device)
+            wrap = torch.as_tensor(_Array(base, (math.prod(shape),), typestr), device=device)
             flat = wrap if wrap.dtype == dtype else wrap.view(torch.int16).view(dtype)
             self.tensors.append(flat.view(shape))
 
@@ -207,10 +208,3 @@ def _driver() -> Any:
     for name in ("cuMemAddressReserve", "cuMemCreate", "cuMemMap", "cuMemSetAccess"):
         getattr(cu, name).restype = ctypes.c_int
     return cu
-
-
-def _prod(xs: tuple[int, ...]) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
