@@ -6,8 +6,9 @@ the KV cap); the block manager hands out only blocks below the cap; while live b
 it, up to COMPACT_BLOCKS_PER_STEP of them move down into free blocks below it (their KV copied,
 the block tables rewritten), and when none is free below, one running request holding blocks
 above it is preempted (swapped to the host tier when that pays, else recomputed): a lazy
-balloon. Before the next step is scheduled (`trim`): when the live top has fallen a slack below
-what the storage holds, the memory above it is given back (free blocks cached for prefix reuse
+balloon. Before the next step is scheduled (`trim`): when the live top has stayed a slack below
+what the storage holds for TRIM_AFTER_STEPS rounds (at once when nothing is live), the memory
+above it is given back (free blocks cached for prefix reuse
 above the live top are dropped first).
 
 Only requests that are running and not being loaded from the host move: a paused (migrating)
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.kv_cache import KVCache
+from mell.workerd.engine.kv_memory import release_host_heap
 from mell.workerd.engine.memory_budget import MemoryBudget, StepMemory
 from mell.workerd.engine.sequence import Sequence
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 COMPACT_BLOCKS_PER_STEP = 64
 TRIM_SLACK_FRACTION = 16  # give memory back once 1/16 of the pool above the live top is idle
+TRIM_AFTER_STEPS = 8  # ... for this many scheduling rounds in a row (no churn within a burst)
 
 
 class ElasticPool:
@@ -41,6 +44,7 @@ class ElasticPool:
         self.blocks_moved_total = 0
         self.victims_total = 0
         self.trims_total = 0
+        self._idle_rounds = 0  # rounds in a row with the slack above the live top idle
 
     def before_schedule(self, sch: Scheduler, batch: ScheduledBatch) -> int:
         """Plan the step; returns its token budget (at most max_num_batched_tokens)."""
@@ -48,7 +52,9 @@ class ElasticPool:
         prefill = _next_prefill(sch)
         tokens = prefill.num_uncomputed if prefill is not None else 0
         need = self.blocks.blocks_for(prefill.num_tokens) if prefill is not None else 0
-        self.budget.plan(self.blocks.top(), decodes, tokens, need)
+        if sch.hosted:  # (reloaded ahead of new prompts: the cap must let it back too)
+            need = max(need, self.blocks.blocks_for(sch.hosted[0].num_tokens))
+        self.budget.plan(self.blocks.top(), decodes, tokens, need, len(sch.running))
         cap = self.budget.cap
         if self.blocks.limit != cap:
             self.blocks.set_limit(cap)
@@ -77,12 +83,19 @@ class ElasticPool:
         live = self.blocks.top(cached=False)
         held = storage.mapped_bytes() // max(self.budget.block_bytes, 1)
         if held - live < self.trim_slack:
+            self._idle_rounds = 0
             return
+        self._idle_rounds += 1
+        if self._idle_rounds < TRIM_AFTER_STEPS and live > 0:
+            return  # (a pool with nothing live at all gives its memory back at once)
+        self._idle_rounds = 0
         cap = self.blocks.limit
         self.blocks.set_limit(min(live, cap))  # (drops cached free blocks above it)
         self.blocks.set_limit(cap)
         storage.discard(live)
         self.trims_total += 1
+        if live == 0 and self.kv.device.type == "cpu":
+            release_host_heap()  # (idle: the activations' freed memory goes back too)
 
     def _compact(self, sch: Scheduler, cap: int) -> bool:
         """Move up to COMPACT_BLOCKS_PER_STEP live blocks from above the cap down; True if

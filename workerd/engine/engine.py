@@ -452,7 +452,7 @@ class Engine:
             c.memory_budget_bytes,
             per_block,
             staging,
-            activation_model(cfg, dtype),
+            activation_model(cfg, dtype, c.block_size, self.runner.attention.name == "torch"),
             min_tokens=min(c.max_num_seqs, c.max_num_batched_tokens),
             max_tokens=c.max_num_batched_tokens,
         )

@@ -17,6 +17,8 @@ OS commits on write); `discard(n)` gives back blocks from `n` up (their content 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import mmap
 from typing import TYPE_CHECKING
@@ -70,3 +72,15 @@ def make_storage(
 
         return CudaVirtualStorage(num_layers, shape, dtype, device)
     return HostVirtualStorage(num_layers, shape, dtype)
+
+
+def release_host_heap() -> None:
+    """Hand the C heap's free memory back to the OS (glibc's malloc_trim; a no-op where there
+    is none): what a big step's activations left behind once the worker is idle."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)

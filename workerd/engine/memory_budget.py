@@ -11,20 +11,28 @@ activation share is what the extent leaves. So the chunk budget and the KV cap a
 together:
 - while the KV is large the step's chunk is small: a prefill runs in the chunks the extent
   leaves beside the decodes;
-- a prefill left fewer than `min_prefill_tokens` for `shrink_after_steps` steps shrinks the
-  cap (deflate): to the KV that leaves it that chunk beside the decodes, never below the
-  blocks it needs; the scheduler then moves blocks above the cap down (compaction) or swaps
-  their holders to the host tier, one victim a step (lazily, like a balloon);
-- `grow_after_steps` steps with no prefill held back grow the cap back to its maximum
-  (inflate; hysteresis);
+- a prefill left fewer than min(its tokens, `min_prefill_tokens`) for `shrink_after_steps`
+  steps shrinks the cap (deflate): to what leaves it its whole chunk (up to max_tokens) if no
+  live block is then above the cap, else to the live blocks (plus a block per running
+  request) if that still leaves it its least chunk, else to what does (never below the blocks
+  it needs); the scheduler then moves blocks above the cap down (compaction) or swaps their
+  holders to the host tier, one victim a step (lazily, like a balloon); a cap below the
+  blocks that prefill needs grows to them instead;
+- `grow_after_steps` steps with no prefill held back grow the cap back (inflate; hysteresis):
+  to its maximum when no prefill waits, else to the most that leaves the next prefill its
+  least chunk;
 - at most `max_flips` changes of direction per `window_steps` steps (no oscillation).
 The maximum cap is what the budget leaves beside a step of `min_tokens` tokens, so a step of
 at least that many tokens always fits. The mechanism (which memory backs the pool, how it is
 given back) is kv_memory.py's.
 
-The activation peak is an analytic bound (`activation_model`), not a measurement: the live
-tensors of one layer per token of the step, plus the float32 logits of every row, plus the
-K/V gather buffers of one layer for the longest context.
+The activation peak is an analytic estimate (`activation_model`), not a measurement: the live
+tensors of one layer per token of the step (times ACTIVATION_SAFETY: temporaries, rotary
+tables, per-thread allocator arenas), plus the float32 logits of every row, plus the K/V
+gather buffers of one layer for the longest context, plus (a backend that gathers pages, torch)
+one layer's share of every KV block of the extent. Measured on mell-tiny (CPU, torch
+attention), a 1,500-token prefill raised the peak RSS (VmHWM) by 18 MiB with one intra-op
+thread and 31 MiB with two; the estimate is 40 MiB, and a test checks it bounds the rise.
 """
 
 from __future__ import annotations
@@ -41,25 +49,33 @@ SHRINK_AFTER_STEPS = 2
 GROW_AFTER_STEPS = 16
 WINDOW_STEPS = 64
 MAX_FLIPS = 4
+ACTIVATION_SAFETY = 4
 
 
 @dataclass(frozen=True, slots=True)
 class ActivationModel:
     per_token: int  # bytes per token of the step
     fixed: int  # bytes whatever the step's size
+    per_block: int = 0  # bytes per KV block of the pool's extent (K/V gathered per layer)
 
-    def peak(self, tokens: int) -> int:
-        return self.fixed + self.per_token * tokens
+    def peak(self, tokens: int, kv_blocks: int = 0) -> int:
+        return self.fixed + self.per_token * tokens + self.per_block * kv_blocks
 
 
-def activation_model(cfg: ModelConfig, dtype: torch.dtype) -> ActivationModel:
-    """An upper bound on a step's activation memory (see the module docstring)."""
+def activation_model(
+    cfg: ModelConfig, dtype: torch.dtype, block_size: int = 16, gathers: bool = False
+) -> ActivationModel:
+    """An estimate of a step's activation memory (see the module docstring); `gathers`: the
+    attention backend copies the batch's K/V pages of a layer out of the pool (torch), so a
+    step holds up to one layer's share of the live KV again."""
     elem = torch.empty((), dtype=dtype).element_size()
     h, d = cfg.hidden_size, cfg.head_dim
     heads, kv = cfg.num_heads, cfg.num_kv_heads
     per_layer = 3 * h + (2 * heads + 2 * kv) * d + 3 * cfg.intermediate_size
     gather = 2 * cfg.max_model_len * kv * d
-    return ActivationModel(per_token=elem * per_layer + 4 * cfg.vocab_size, fixed=elem * gather)
+    per_token = ACTIVATION_SAFETY * elem * per_layer + 4 * cfg.vocab_size
+    per_block = elem * 2 * block_size * kv * d if gathers else 0
+    return ActivationModel(per_token=per_token, fixed=elem * gather, per_block=per_block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +118,7 @@ class MemoryBudget:
         self.min_prefill_tokens = min_prefill_tokens or max(max_tokens // 4, 1)
         self.max_blocks = self.kv_blocks_for(min_tokens)
         if self.max_blocks < 1:
-            least = staging_bytes + activations.peak(min_tokens) + block_bytes
+            least = staging_bytes + activations.peak(min_tokens, 1) + block_bytes
             raise ConfigError(
                 f"memory_budget_bytes {budget_bytes} is too small: staging {staging_bytes} + "
                 f"activations of a {min_tokens}-token step {activations.peak(min_tokens)} + one "
@@ -120,37 +136,54 @@ class MemoryBudget:
     def kv_blocks_for(self, tokens: int) -> int:
         """The most KV blocks beside a step of `tokens` tokens (may be negative)."""
         room = self.budget_bytes - self.staging_bytes - self.act.peak(tokens)
-        return room // self.block_bytes
+        return room // (self.block_bytes + self.act.per_block)
 
     def tokens_for(self, kv_blocks: int) -> int:
         """The most step tokens beside `kv_blocks` KV blocks."""
-        room = self.budget_bytes - self.staging_bytes - kv_blocks * self.block_bytes
-        return max((room - self.act.fixed) // self.act.per_token, 0)
+        room = self.budget_bytes - self.staging_bytes - self.act.peak(0, kv_blocks)
+        return max((room - kv_blocks * self.block_bytes) // self.act.per_token, 0)
 
-    def plan(self, top: int, decode_tokens: int, prefill_tokens: int, need_blocks: int) -> int:
+    def plan(
+        self, top: int, decode_tokens: int, prefill_tokens: int, need_blocks: int, headroom: int = 0
+    ) -> int:
         """This step's token budget, the cap updated first. `top`: one past the highest live
-        block; `decode_tokens`: the running decodes; `prefill_tokens`, `need_blocks`: the
-        tokens left of the prefill the step would run next and the blocks it needs in all (0,
-        0: none waits). The prefill is held back when the budget leaves it fewer than
-        min(its tokens, min_prefill_tokens)."""
+        block; `decode_tokens`: the running decodes; `prefill_tokens`: the tokens left of the
+        prefill the step would run next (0: none waits); `need_blocks`: the blocks the next
+        request to be admitted or reloaded needs in all (the cap never stays below them);
+        `headroom`: blocks the running requests may take this step. The prefill is held back
+        when the budget leaves it fewer than min(its tokens, min_prefill_tokens)."""
         self.step += 1
         while self._flips and self._flips[0] <= self.step - self.window:
             self._flips.popleft()
         chunk = min(prefill_tokens, self.min_prefill_tokens)
         room = self.tokens_for(max(self.cap, top)) - decode_tokens
+        # the most KV that still leaves a waiting prefill its least chunk
+        least = self.kv_blocks_for(decode_tokens + chunk) if prefill_tokens else self.max_blocks
+        least = min(max(least, need_blocks, 1), self.max_blocks)
+        if self.cap < need_blocks:  # (liveness: what must come next fits under the cap)
+            self._move_to(min(need_blocks, self.max_blocks))
         if prefill_tokens > 0 and room < chunk:
             self._starved, self._calm = self._starved + 1, 0
             if self._starved >= self.shrink_after:
-                target = max(self.kv_blocks_for(decode_tokens + chunk), need_blocks, 1)
-                if target < self.cap and self._may_move(-1):
-                    self.cap = target
-                    self.shrinks += 1
+                whole = self.kv_blocks_for(decode_tokens + min(prefill_tokens, self.max_tokens))
+                live = top + headroom
+                target = max(whole, live, need_blocks) if live <= least else least
+                self._move_to(target)
         else:
             self._starved, self._calm = 0, self._calm + 1
-            if self._calm >= self.grow_after and self.cap < self.max_blocks and self._may_move(1):
-                self.cap = self.max_blocks
-                self.grows += 1
+            if self._calm >= self.grow_after and self.cap < least:
+                self._move_to(least)
         return self.tokens_for(max(self.cap, top))
+
+    def _move_to(self, target: int) -> None:
+        """Move the cap (a shrink or a grow), if the flips left in the window allow it."""
+        if target == self.cap or not self._may_move(-1 if target < self.cap else 1):
+            return
+        if target < self.cap:
+            self.shrinks += 1
+        else:
+            self.grows += 1
+        self.cap = target
 
     def account(self, top: int, tokens: int) -> StepMemory:
         """The bytes a step of `tokens` tokens holds with the pool's live top at `top`."""
@@ -160,7 +193,7 @@ class MemoryBudget:
             tokens=tokens,
             kv_bytes=extent * self.block_bytes,
             staging_bytes=self.staging_bytes,
-            activation_bytes=self.act.peak(tokens),
+            activation_bytes=self.act.peak(tokens, extent),
         )
 
     def flips_in_window(self) -> int:

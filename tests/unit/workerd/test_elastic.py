@@ -107,45 +107,39 @@ def test_cached_blocks_above_the_limit_leave_the_cache() -> None:
 # -- the budget -----------------------------------------------------------------------------
 
 
-def test_budget_shrinks_for_a_held_back_prefill_and_grows_back_with_hysteresis() -> None:
+def budget(**kw) -> MemoryBudget:
+    """200 blocks of 1000 bytes, or 200 tokens of 1000 bytes of activations, or a mix."""
     act = ActivationModel(per_token=1000, fixed=0)
-    b = MemoryBudget(
-        200_000,
-        1000,
-        0,
-        act,
-        min_tokens=8,
-        max_tokens=128,
-        shrink_after_steps=2,
-        grow_after_steps=3,
-    )
-    assert b.max_blocks == 192 and b.tokens_for(192) == 8
+    return MemoryBudget(200_000, 1000, 0, act, min_tokens=8, max_tokens=128, **kw)
+
+
+def test_budget_shrinks_for_a_held_back_prefill_and_grows_back_with_hysteresis() -> None:
+    b = budget(shrink_after_steps=2, grow_after_steps=3)
+    assert b.max_blocks == 192 and b.tokens_for(192) == 8 and b.min_prefill_tokens == 32
     b.plan(top=100, decode_tokens=4, prefill_tokens=500, need_blocks=10)
     assert b.cap == 192  # held back once: not yet
     tokens = b.plan(top=100, decode_tokens=4, prefill_tokens=500, need_blocks=10)
-    assert b.cap == 200 - 4 - 32 and b.shrinks == 1  # room for 4 decodes + a 32-token chunk
-    assert tokens == 200 - 100 - 0 if b.cap < 100 else tokens == b.tokens_for(b.cap)
+    # Its whole chunk (128) would need the cap at 68, under the 100 live blocks: the cap
+    # comes down to them (no victim), which leaves the prefill 96 tokens (>= 32).
+    assert b.cap == 100 and b.shrinks == 1 and tokens == 100
+    b.plan(top=100, decode_tokens=4, prefill_tokens=20, need_blocks=2)
+    assert b.cap == 100 and b.grows == 0  # calm, not long enough
     for _ in range(2):
         b.plan(top=50, decode_tokens=4, prefill_tokens=0, need_blocks=0)
-    assert b.cap == 164
-    b.plan(top=50, decode_tokens=4, prefill_tokens=0, need_blocks=0)
-    assert b.cap == 192 and b.grows == 1
+    assert b.cap == 192 and b.grows == 1  # nothing waits: all the KV back
+
+    b = budget(shrink_after_steps=1)
+    b.plan(top=180, decode_tokens=4, prefill_tokens=500, need_blocks=10)
+    # 180 live blocks would leave it 16 < 32 tokens: the cap goes to what leaves it 32 (the
+    # live blocks above it are moved down or leave).
+    assert b.cap == 200 - 4 - 32 and b.tokens_for(max(b.cap, 180)) == 20
+    b = budget(shrink_after_steps=1)
+    b.plan(top=20, decode_tokens=4, prefill_tokens=500, need_blocks=10)
+    assert b.cap == 200 - 4 - 128  # its whole chunk fits beside the live blocks
 
 
 def test_budget_flips_are_bounded_per_window() -> None:
-    act = ActivationModel(per_token=1000, fixed=0)
-    b = MemoryBudget(
-        200_000,
-        1000,
-        0,
-        act,
-        min_tokens=8,
-        max_tokens=128,
-        shrink_after_steps=1,
-        grow_after_steps=1,
-        window_steps=1000,
-        max_flips=3,
-    )
+    b = budget(shrink_after_steps=1, grow_after_steps=1, window_steps=1000, max_flips=3)
     for _ in range(50):  # a prefill that comes and goes every step
         b.plan(top=150, decode_tokens=4, prefill_tokens=500, need_blocks=10)
         b.plan(top=150, decode_tokens=4, prefill_tokens=0, need_blocks=0)
@@ -193,7 +187,7 @@ def test_same_tokens_with_the_elastic_pool_on_and_off(tiny) -> None:
     burst(off, 12, 100, 24)
     want = drain(off)
     for offload in ("swap", "off"):
-        on = make(tiny, memory_budget_bytes=4 << 20, kv_offload=offload, host_kv_bytes=HOST)
+        on = make(tiny, memory_budget_bytes=6 << 20, kv_offload=offload, host_kv_bytes=HOST)
         burst(on, 12, 100, 24)
         assert drain(on, check_budget) == want
         el = on.elastic
@@ -258,4 +252,34 @@ def test_the_budget_holds_every_step_under_random_arrivals(tiny, seed, budget_ki
             check_budget(eng)
         step += 1
         assert step < 5000
+    eng.close()
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_the_activation_estimate_bounds_a_measured_prefill_peak(tiny) -> None:
+    """A fresh 1,500-token prefill: the process's peak RSS rises by no more than the
+    estimate of the step's activations (the KV it writes is counted apart: a static pool,
+    already written)."""
+    eng = make(tiny, num_kv_blocks=128, max_num_batched_tokens=2048, max_model_len=2048)
+    eng.add_request("w", prompt(16), sampling(0, 2))
+    drain(eng)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak starts again from the RSS now
+    before = rss_bytes()
+    eng.add_request("a", prompt(1500), sampling(0, 1))
+    eng.step()
+    rise = peak_rss_bytes() - before
+    from mell.workerd.engine.memory_budget import activation_model
+
+    estimate = activation_model(eng.model_config, eng.dtype).peak(1500)
+    print(f"1500-token prefill: peak RSS rose {rise} bytes, estimate {estimate}")
+    assert rise <= estimate
     eng.close()
