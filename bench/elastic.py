@@ -12,7 +12,7 @@ last), `--out` tokens out each, all arriving at once; the host tier takes swappe
            the blocks handed out; the freed top is given back).
 
 Each variant runs in its own process (so each process's RSS is its own): max batch size (the
-most requests running in a step), output tok/s, TTFT p99, peak RSS during the burst and idle
+most requests given a token in one step), output tok/s, TTFT p99, peak RSS during the burst and idle
 RSS after it drains (/proc/self/statm), with and without the model's weights and code (the
 RSS at engine start is reported too). The last line is `RESULT {json}`; its
 `concurrency_ratio` is elastic / static max batch size (target >= 1.5).
@@ -99,7 +99,7 @@ def run_variant(name: str, model: str, a: argparse.Namespace, out: Any) -> None:
     while eng.has_unfinished():
         outs = eng.step()
         now = time.monotonic()
-        max_batch = max(max_batch, len(eng.scheduler.running))
+        max_batch = max(max_batch, len(outs))
         peak = max(peak, rss())
         for o in outs:
             tokens += len(o.new_token_ids)
@@ -112,7 +112,7 @@ def run_variant(name: str, model: str, a: argparse.Namespace, out: Any) -> None:
     out.put(
         {
             "name": name,
-            "kv_blocks": eng.blocks.num_blocks,
+            "kv_blocks": eng.stats().num_total_blocks,
             "max_batch": max_batch,
             "tok_s": tokens / makespan,
             "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],

@@ -100,12 +100,12 @@ class ElasticPool:
     def _compact(self, sch: Scheduler, cap: int) -> bool:
         """Move up to COMPACT_BLOCKS_PER_STEP live blocks from above the cap down; True if
         some moved."""
-        movable = [
+        movable = {
             s.request_id
             for s in sch.running
             if sch.tier is None or s.request_id not in sch.tier.loading
-        ]
-        holders = [r for r in self.blocks.holders_above(cap) if r in set(movable)]
+        }
+        holders = [r for r in self.blocks.holders_above(cap) if r in movable]
         budget = COMPACT_BLOCKS_PER_STEP
         for layer in range(self.blocks.num_layers):
             moves: list[tuple[int, int]] = []
