@@ -12,7 +12,9 @@ above it is given back (free blocks cached for prefix reuse
 above the live top are dropped first).
 
 Only requests that are running and not being loaded from the host move: a paused (migrating)
-request's blocks, and blocks a copy touches (fenced), stay where they are.
+request's blocks, and blocks a copy touches (fenced), stay where they are. A request whose
+blocks moved counts as preempted for a migration (`num_preemptions`): one copying its blocks
+in an earlier stage, from views of the cache, aborts rather than send a block reused since.
 """
 
 from __future__ import annotations
@@ -101,11 +103,12 @@ class ElasticPool:
         """Move up to COMPACT_BLOCKS_PER_STEP live blocks from above the cap down; True if
         some moved."""
         movable = {
-            s.request_id
+            s.request_id: s
             for s in sch.running
             if sch.tier is None or s.request_id not in sch.tier.loading
         }
         holders = [r for r in self.blocks.holders_above(cap) if r in movable]
+        moved: set[str] = set()
         budget = COMPACT_BLOCKS_PER_STEP
         for layer in range(self.blocks.num_layers):
             moves: list[tuple[int, int]] = []
@@ -120,9 +123,12 @@ class ElasticPool:
                     if new is None:
                         break
                     moves.append((block, new))
+                    moved.update(r for r in holders if new in self.blocks.block_table(r, layer))
                     budget -= 1
             self.kv.move_blocks(layer, moves)
             self.blocks_moved_total += len(moves)
+        for rid in moved:  # a migration reading its blocks (zero-copy frames) aborts
+            movable[rid].num_preemptions += 1
         return budget < COMPACT_BLOCKS_PER_STEP
 
     def _evict_one(

@@ -283,3 +283,29 @@ def test_the_activation_estimate_bounds_a_measured_prefill_peak(tiny) -> None:
     print(f"1500-token prefill: peak RSS rose {rise} bytes, estimate {estimate}")
     assert rise <= estimate
     eng.close()
+
+
+def test_blocks_that_move_count_as_a_preemption_for_a_migration(tiny) -> None:
+    """Compaction rewrites block tables: a request whose held blocks changed ids shows a new
+    num_preemptions (a migration copying its blocks from views of the cache aborts)."""
+    eng = make(tiny, memory_budget_bytes=6 << 20, kv_offload="swap", host_kv_bytes=HOST)
+    burst(eng, 12, 100, 24)
+    seen: dict[str, tuple[list[int], int]] = {}
+    moved = 0
+    while eng.has_unfinished():
+        eng.step()
+        for i in range(12):
+            rid, state = f"r{i}", eng.request_state(f"r{i}")
+            table = eng.block_table(rid, 0)
+            if state is None or table is None:
+                seen.pop(rid, None)
+                continue
+            if rid in seen:
+                old, preemptions = seen[rid]
+                kept = table[: len(old)]
+                if kept != old[: len(kept)]:
+                    moved += 1
+                    assert state.num_preemptions != preemptions
+            seen[rid] = (list(table), state.num_preemptions)
+    assert eng.elastic is not None and eng.elastic.blocks_moved_total > 0 and moved > 0
+    eng.close()
