@@ -29,12 +29,12 @@ def test_granules_map_on_commit_and_go_back_on_discard() -> None:
     shape = (4096, 2, 16, 8, 128)  # 64 KiB per block and layer: 256 MiB per layer
     store = CudaVirtualStorage(2, shape, torch.bfloat16, torch.device("cuda"))
     ptrs = [t.data_ptr() for t in store.tensors]
-    assert store.mapped_bytes() == 0
+    assert store.mapped_bytes() == 2 * GRANULE  # the anchors only
     free0, _ = torch.cuda.mem_get_info()
     store.commit(2048)  # 128 MiB per layer
     assert store.mapped_bytes() == 2 * 2048 * 65536
     free1, _ = torch.cuda.mem_get_info()
-    assert free0 - free1 >= 0.95 * store.mapped_bytes()
+    assert free0 - free1 >= 0.95 * (store.mapped_bytes() - 2 * GRANULE)
     for layer, t in enumerate(store.tensors):
         t[:2048].fill_(layer + 1.0)
     store.discard(512)
@@ -82,7 +82,8 @@ def test_same_tokens_with_the_virtual_elastic_pool(tmp_path, backend) -> None:
             assert eng.elastic.budget.shrinks > 0
             for _ in range(10):
                 eng.step()  # idle: the pool gives its granules back
-            assert eng.kv.storage is not None and eng.kv.storage.mapped_bytes() == 0
+            storage = eng.kv.storage
+            assert storage is not None and storage.mapped_bytes() == 2 * (2 << 20)  # anchors
         eng.close()
         return out
 

@@ -3,8 +3,9 @@ ctypes (libcuda), GPU-only; the contract is kv_memory.py's.
 
 Each layer reserves address space for the whole pool (`cuMemAddressReserve`) and maps 2 MiB
 granules (`cuMemCreate` + `cuMemMap` + `cuMemSetAccess`) as `commit` asks for them, bottom up;
-`discard` unmaps and releases the granules wholly above a block. The layer tensors wrap the
-reservations (`__cuda_array_interface__`) and never move.
+`discard` unmaps and releases the granules wholly above a block (the first granule of each layer
+stays: an anchor). The layer tensors wrap the reservations (`__cuda_array_interface__`) and
+never move.
 
 What broke for others, and what this does about it:
 - vLLM's cumem allocator found both cuda-python and a ctypes libcuda wrapper failing with a
@@ -102,8 +103,12 @@ class CudaVirtualStorage:
                 "cuMemAddressReserve",
             )
             self._bases.append(ptr.value)
-        typestr = {torch.float32: "<f4", torch.bfloat16: "<V2", torch.float16: "<f2"}[dtype]
-        # bfloat16 has no array-interface type: wrapped as 2-byte items, then reinterpreted.
+        # The first granule of each layer stays mapped (an anchor, as kvcached's): torch asks
+        # the driver which device a wrapped pointer is on, which an unmapped range cannot say.
+        for layer, base in enumerate(self._bases):
+            self._map(layer, base)
+        typestr = {torch.float32: "<f4", torch.bfloat16: "<i2", torch.float16: "<f2"}[dtype]
+        # bfloat16 has no array-interface type: wrapped as int16, then reinterpreted.
         self.tensors = []
         for base in self._bases:
             wrap = torch.as_tensor(_Array(base, (math.prod(shape),), typestr), device=device)
@@ -119,8 +124,9 @@ class CudaVirtualStorage:
                 self._map(layer, base + len(self._handles[layer]) * self.granule)
 
     def discard(self, num_blocks: int) -> None:
-        """Unmap and release the granules wholly at or above block `num_blocks`."""
-        keep = -(-num_blocks * self.layer_block_bytes // self.granule)
+        """Unmap and release the granules wholly at or above block `num_blocks` (never the
+        first: the anchor)."""
+        keep = max(-(-num_blocks * self.layer_block_bytes // self.granule), 1)
         if all(len(h) <= keep for h in self._handles):
             return
         torch.cuda.synchronize(self.device)  # no kernel may run on a range being unmapped
@@ -138,6 +144,12 @@ class CudaVirtualStorage:
     def close(self) -> None:
         """Give everything back, the reservations too (the tensors must be gone)."""
         self.discard(0)
+        torch.cuda.synchronize(self.device)
+        for layer, base in enumerate(self._bases):
+            for handle in self._handles[layer]:
+                self._cu.cuMemUnmap(ctypes.c_uint64(base), self._size())
+                self._cu.cuMemRelease(ctypes.c_uint64(handle))
+            self._handles[layer] = []
         for base in self._bases:
             self._cu.cuMemAddressFree(ctypes.c_uint64(base), ctypes.c_size_t(self.reserved))
         self._bases = []

@@ -309,3 +309,13 @@ def test_blocks_that_move_count_as_a_preemption_for_a_migration(tiny) -> None:
             seen[rid] = (list(table), state.num_preemptions)
     assert eng.elastic is not None and eng.elastic.blocks_moved_total > 0 and moved > 0
     eng.close()
+
+
+def test_worker_flags_set_the_budget_and_the_pool() -> None:
+    from mell.workerd.main import build_parser, make_config
+
+    argv = ["--memory-budget-bytes", "123456789", "--kv-pool", "virtual"]
+    engine = make_config(build_parser().parse_args(argv)).engine
+    assert engine.memory_budget_bytes == 123456789 and engine.kv_pool == "virtual"
+    with pytest.raises(ConfigError, match="memory_budget_bytes"):
+        make_config(build_parser().parse_args(["--memory-budget-bytes", "-1"]))
