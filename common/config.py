@@ -78,6 +78,15 @@ class EngineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # time-per-output-token slack allows it, from a step-time model fitted to measured steps.
     ttft_slo_s: NonNegative = 0.0
     tpot_slo_s: NonNegative = 0.0
+    # Elastic memory (eLLM; 0: off, a fixed pool): KV pool + copy staging + the activation
+    # peak of each step's tokens fit in this many bytes; the KV pool shrinks for a big prefill
+    # (its top swapped to the host tier or recomputed) and grows back. The pool's maximum is
+    # what is left beside a step of max_num_seqs tokens (num_kv_blocks, if set, caps it).
+    memory_budget_bytes: Count = 0
+    # The KV pool's memory: "static" (plain tensors), "virtual" (address space reserved for the
+    # maximum, memory backing only blocks in use, the freed top given back: an mmap on CPU, the
+    # CUDA driver's virtual memory API on GPUs), "auto" (virtual on CPU with a memory budget).
+    kv_pool: Literal["auto", "static", "virtual"] = "auto"
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

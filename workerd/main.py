@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-model-len", type=int, help="context length limit")
     p.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        help="elastic memory: KV + staging + activations fit in this (0: a fixed KV pool)",
+    )
+    p.add_argument(
+        "--kv-pool", choices=["auto", "static", "virtual"], help="KV pool memory (virtual: VMM)"
+    )
+    p.add_argument(
         "--prefix-caching",
         dest="enable_prefix_caching",
         action=argparse.BooleanOptionalAction,
@@ -100,6 +108,8 @@ def make_config(args: argparse.Namespace) -> WorkerConfig:
         max_model_len="max_model_len",
         host_kv_bytes="host_kv_bytes",
         kv_offload="kv_offload",
+        memory_budget_bytes="memory_budget_bytes",
+        kv_pool="kv_pool",
         enable_prefix_caching="enable_prefix_caching",
     )
     if device:

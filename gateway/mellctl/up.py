@@ -59,6 +59,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-kv-blocks", type=int, help="KV blocks per worker (default: memory)")
     p.add_argument("--host-kv-bytes", type=int, help="host KV tier per worker (with --kv-offload)")
     p.add_argument("--kv-offload", choices=["off", "swap", "layerwise"], help="host KV tier use")
+    p.add_argument(
+        "--memory-budget-bytes",
+        type=int,
+        action="append",
+        help="elastic memory per worker (KV + activations); repeat: one per worker, in order",
+    )
+    p.add_argument(
+        "--device-memory-bytes",
+        type=int,
+        default=0,
+        help="what the workers sharing the device may use together (their budgets must fit)",
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="workers keep no prefix cache")
     p.add_argument("--fake-token-rate", type=float, help="benchmarks only: workers without model")
     p.add_argument(
@@ -73,10 +85,39 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _worker_budget(args: argparse.Namespace, index: int) -> int:
+    """Worker `index`'s memory budget: its own --memory-budget-bytes, or the only one given
+    (0: none)."""
+    budgets = args.memory_budget_bytes or []
+    if len(budgets) == 1:
+        return int(budgets[0])
+    return int(budgets[index]) if index < len(budgets) else 0
+
+
+def _check_budgets(args: argparse.Namespace) -> None:
+    """Budgets are one per worker (or one for all), none negative, and together within
+    --device-memory-bytes when it is given (workers sharing one device)."""
+    budgets = args.memory_budget_bytes or []
+    if len(budgets) > 1 and len(budgets) != args.workers:
+        raise StartFailed(
+            f"--memory-budget-bytes given {len(budgets)} times for {args.workers} workers "
+            "(give it once, or once per worker)"
+        )
+    if any(b < 0 for b in budgets):
+        raise StartFailed("--memory-budget-bytes must be >= 0")
+    total = sum(_worker_budget(args, i) for i in range(args.workers))
+    if args.device_memory_bytes and total > args.device_memory_bytes:
+        raise StartFailed(
+            f"the workers' memory budgets ({total} bytes together) exceed "
+            f"--device-memory-bytes {args.device_memory_bytes}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     specs = args.model or [TINY]
     if args.workers < len(specs):
         raise StartFailed(f"--workers {args.workers} cannot serve {len(specs)} models")
+    _check_budgets(args)
     data_dir = Path(args.data_dir).expanduser().resolve()
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     specs = [spec if spec == TINY else str(resolve_model_dir(spec, data_dir)) for spec in specs]
@@ -221,6 +262,9 @@ class Cluster:
             cmd.append("--no-prefix-caching")
         if a.sleep_after:
             cmd += ["--sleep-after", str(a.sleep_after)]
+        budget = _worker_budget(a, int(worker_id[1:]))
+        if budget:
+            cmd += ["--memory-budget-bytes", str(budget)]
         return cmd
 
     def _spawn(self, name: str, cmd: list[str], capture_stdout: bool = False) -> Child:

@@ -7,7 +7,13 @@ subset of layers can be given, so that later work (LayerKV) can hold some layers
 elsewhere. A block a copy still reads or writes is *fenced* when its request lets go of it
 (`fence`): out of use but not yet free, until the copy is done (`unfence`). The host tier of
 LayerKV is a second BlockManager. Invariant, per layer, at all times:
-free + used + fenced == total.
+free + used + fenced + beyond == total.
+
+Elastic pools (`low_first`): free blocks are handed out lowest id first, so the pool's live
+blocks stay packed at the bottom; `set_limit(n)` makes only ids below `n` allocatable (free
+blocks at or above it, and those released there later, are *beyond*: out of the pool, their
+memory can be given back); `top()` is one past the highest block still live, and `relocate`
+moves a block's identity down (compaction; the caller copies its KV).
 
 Prefix caching (automatic, vLLM v1's scheme): a block holding a full block of a prompt can be
 *cached* under its chained hash (`mell.common.hashing`, one hash per KV block), per layer
@@ -22,6 +28,7 @@ The block manager only counts; it never touches tensors.
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
@@ -34,10 +41,24 @@ class OutOfBlocks(MellError):
 
 
 class _LayerPool:
-    __slots__ = ("cached", "fenced", "free", "hash_of", "lru", "refs")
+    __slots__ = (
+        "beyond",
+        "cached",
+        "fenced",
+        "free",
+        "hash_of",
+        "limit",
+        "low_first",
+        "lru",
+        "refs",
+    )
 
-    def __init__(self, num_blocks: int) -> None:
-        self.free = list(range(num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
+    def __init__(self, num_blocks: int, low_first: bool = False) -> None:
+        # A stack that pops 0, 1, 2, ... or (low_first) a min-heap.
+        self.low_first = low_first
+        self.free = list(range(num_blocks)) if low_first else list(range(num_blocks - 1, -1, -1))
+        self.limit = num_blocks  # blocks at or above it are never handed out
+        self.beyond: set[int] = set()  # free blocks at or above `limit`
         self.refs = [0] * num_blocks
         self.fenced: set[int] = set()
         self.cached: dict[int, int] = {}  # block hash -> block
@@ -54,9 +75,12 @@ class _LayerPool:
         while len(self.free) < n:  # evict: the least recently released cached block
             block, _ = self.lru.popitem(last=False)
             del self.cached[self.hash_of.pop(block)]
-            self.free.append(block)
-        blocks = self.free[len(self.free) - n :][::-1]
-        del self.free[len(self.free) - n :]
+            self.push_free(block)
+        if self.low_first:
+            blocks = [heapq.heappop(self.free) for _ in range(n)]
+        else:
+            blocks = self.free[len(self.free) - n :][::-1]
+            del self.free[len(self.free) - n :]
         for b in blocks:
             self.refs[b] = 1
         return blocks
@@ -92,12 +116,60 @@ class _LayerPool:
             self.fenced.update(gone)
         else:
             for b in gone:
-                if b in self.hash_of:
+                if b in self.hash_of and b < self.limit:
                     self.lru[b] = None
                 else:
-                    self.free.append(b)
+                    self._uncache(b)
+                    self.push_free(b)
         gone.reverse()
         return gone
+
+    def push_free(self, block: int) -> None:
+        """A block nobody holds, uncached: free, or beyond the limit."""
+        if block >= self.limit:
+            self.beyond.add(block)
+        elif self.low_first:
+            heapq.heappush(self.free, block)
+        else:
+            self.free.append(block)
+
+    def set_limit(self, limit: int) -> None:
+        """Only blocks below `limit` are handed out from now on; free (and free-but-cached)
+        blocks at or above it go beyond, those coming back below it are free again."""
+        old, self.limit = self.limit, limit
+        if limit < old:
+            for b in [b for b in self.lru if b >= limit]:
+                self._uncache(b)
+                self.beyond.add(b)
+            kept = [b for b in self.free if b < limit]
+            self.beyond.update(b for b in self.free if b >= limit)
+            self.free = kept
+            if self.low_first:
+                heapq.heapify(self.free)
+            else:
+                self.free.sort(reverse=True)
+        else:
+            back = sorted(b for b in self.beyond if b < limit)
+            self.beyond.difference_update(back)
+            for b in reversed(back):
+                self.push_free(b)
+
+    def top(self, cached: bool = True) -> int:
+        """One past the highest block in use, fenced or (`cached`) cached (0: none)."""
+        top = max(self.fenced, default=-1)
+        if cached:
+            top = max(top, max(self.lru, default=-1))
+        for b in range(len(self.refs) - 1, top, -1):
+            if self.refs[b] > 0:
+                return b + 1
+        return top + 1
+
+    def take_lowest_below(self, bound: int) -> int | None:
+        """A plain free block below `bound`, the lowest one (low_first pools), taken out of the
+        free list with no reference (relocate gives it one); None if there is none."""
+        if not self.free or self.free[0] >= bound:
+            return None
+        return heapq.heappop(self.free)
 
     def _uncache(self, block: int) -> None:
         block_hash = self.hash_of.pop(block, None)
@@ -117,17 +189,19 @@ class _LayerPool:
     def unfence(self, blocks: Sequence[int]) -> None:
         for b in reversed(blocks):
             self.fenced.remove(b)  # (KeyError: a block unfenced twice, or never fenced)
-            self.free.append(b)
+            self.push_free(b)
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, num_layers: int) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, num_layers: int, *, low_first: bool = False
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0 or num_layers <= 0:
             raise ValueError("num_blocks, block_size and num_layers must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_layers = num_layers
-        self._pools = [_LayerPool(num_blocks) for _ in range(num_layers)]
+        self._pools = [_LayerPool(num_blocks, low_first) for _ in range(num_layers)]
         self._tables: dict[str, list[list[int]]] = {}
         self._uniform: dict[str, bool] = {}
 
@@ -150,6 +224,25 @@ class BlockManager:
         if layer is not None:
             return len(self._pools[layer].fenced)
         return max(len(p.fenced) for p in self._pools)
+
+    def num_beyond(self, layer: int = 0) -> int:
+        """Free blocks of `layer` at or above the limit (out of the pool)."""
+        return len(self._pools[layer].beyond)
+
+    @property
+    def limit(self) -> int:
+        return self._pools[0].limit
+
+    def top(self, cached: bool = True) -> int:
+        """One past the highest block in use, fenced or (`cached`) cached but free, in any
+        layer: the pool's live extent (blocks from here up hold nothing anybody will read)."""
+        return max(p.top(cached) for p in self._pools)
+
+    def holders_above(self, bound: int) -> list[str]:
+        """Requests holding a block at or above `bound` in some layer."""
+        return [
+            r for r, tables in self._tables.items() if any(b >= bound for t in tables for b in t)
+        ]
 
     def num_cached(self, layer: int = 0) -> int:
         """Blocks of `layer` cached under a hash (held or not)."""
@@ -337,6 +430,40 @@ class BlockManager:
     def unfence(self, layer: int, blocks: Sequence[int]) -> None:
         """The copy touching these fenced blocks of `layer` is done: they are free."""
         self._pools[layer].unfence(blocks)
+
+    def set_limit(self, limit: int) -> None:
+        """Hand out only blocks below `limit` (every layer) from now on (see the module
+        docstring); blocks in use above it stay until released."""
+        if not 0 <= limit <= self.num_blocks:
+            raise ValueError(f"limit {limit} out of 0..{self.num_blocks}")
+        for pool in self._pools:
+            pool.set_limit(limit)
+
+    def relocate(self, layer: int, block: int, request_ids: Sequence[str]) -> int | None:
+        """Compaction (low_first pools): give the holders of `block` in `layer` (in use, held
+        by `request_ids` only, not fenced) the lowest free block below it instead, and free
+        `block` (beyond the limit if it is above it); returns the new block (its KV must be
+        copied from the old one before anybody reads it), or None if no free block is lower.
+        A cached block stays cached under its hash at its new place."""
+        pool = self._pools[layer]
+        if pool.refs[block] == 0 or block in pool.fenced:
+            raise ValueError(f"block {block} of layer {layer} is not in use")
+        if sum(self._tables[r][layer].count(block) for r in request_ids) != pool.refs[block]:
+            raise ValueError(f"block {block} of layer {layer} has holders outside {request_ids}")
+        new = pool.take_lowest_below(block)
+        if new is None:
+            return None
+        pool.refs[new], pool.refs[block] = pool.refs[block], 0
+        block_hash = pool.hash_of.pop(block, None)
+        if block_hash is not None:
+            pool.cached[block_hash] = new
+            pool.hash_of[new] = block_hash
+        for rid in request_ids:
+            tables = self._tables[rid]
+            tables[layer][:] = [new if b == block else b for b in tables[layer]]
+            self._uniform[rid] = all(t == tables[0] for t in tables)
+        pool.push_free(block)
+        return new
 
     def rename(self, old: str, new: str) -> None:
         """Hand `old`'s blocks to `new` (a migrated-in reservation becomes its request)."""

@@ -51,7 +51,7 @@ class RequestState:
 
     num_tokens: int  # prompt and generated
     num_computed: int  # tokens whose K/V are in the cache
-    num_preemptions: int  # changes when the request lost its cache
+    num_preemptions: int  # changes when the request lost its cache or its blocks moved
     is_finished: bool
     is_decoding: bool  # running, everything but the last sampled token in the cache
     kv_on_host: bool  # its KV waits on the host tier (swapped out, parked), not decoding

@@ -29,8 +29,11 @@ from mell.workerd.engine.contract import (
     RequestState,
 )
 from mell.workerd.engine.copy_engine import D2H, H2D, make_copy_engine
+from mell.workerd.engine.elastic import ElasticPool
 from mell.workerd.engine.host_tier import HostTier
-from mell.workerd.engine.kv_cache import KVCache, kv_bytes_per_block
+from mell.workerd.engine.kv_cache import KVCache, KVStorage, kv_bytes_per_block
+from mell.workerd.engine.kv_memory import make_storage
+from mell.workerd.engine.memory_budget import MemoryBudget, activation_model
 from mell.workerd.engine.outputs import EngineStats, RequestOutput
 from mell.workerd.engine.runner import ModelRunner, StagedRows, resolve_device, resolve_dtype
 from mell.workerd.engine.scheduler import OffloadPolicy, ScheduledBatch, Scheduler
@@ -80,12 +83,22 @@ class Engine:
             block_size=config.block_size,
             seed=config.seed,
         )
-        num_blocks = self._num_blocks(checkpoint, device, dtype)
-        self.kv = KVCache(checkpoint, num_blocks, config.block_size, dtype, device)
+        budget = self._memory_budget(checkpoint, dtype)
+        num_blocks = self._num_blocks(checkpoint, device, dtype, budget)
+        storage = self._kv_storage(checkpoint, num_blocks, dtype, device, budget is not None)
+        self.kv = KVCache(checkpoint, num_blocks, config.block_size, dtype, device, storage)
         # A request must always fit alone in the pool, or preemption could not make room.
         capacity = num_blocks * config.block_size
         self.model_config: ModelConfig = checkpoint.with_max_model_len(min(max_len, capacity))
-        self.blocks = BlockManager(num_blocks, config.block_size, checkpoint.num_layers)
+        self.blocks = BlockManager(
+            num_blocks,
+            config.block_size,
+            checkpoint.num_layers,
+            low_first=budget is not None or storage is not None,
+        )
+        self.elastic = ElasticPool(budget, self.blocks, self.kv) if budget is not None else None
+        if storage is not None and self.elastic is None:
+            storage.commit(num_blocks)  # (a virtual pool with no budget: all of it, for good)
         self.tier = self._host_tier(checkpoint, device, dtype)
         self.step_model = StepTimeModel()
         self.scheduler = Scheduler(
@@ -103,6 +116,7 @@ class Engine:
             ),
             step_model=self.step_model,
             tpot_slo_s=config.tpot_slo_s,
+            elastic=self.elastic,
         )
         self._seqs: dict[str, Sequence] = {}
         self._shared = SharedPrefill()  # requests waiting on the prefill of their prompt
@@ -220,6 +234,8 @@ class Engine:
         tier = self.tier
         if tier is not None:
             tier.poll()
+        if self.elastic is not None:
+            self.elastic.trim()  # (the memory of blocks freed by the last step goes back)
         batch = self.scheduler.schedule()
         if not batch:
             if tier is not None and tier.in_flight():
@@ -452,6 +468,8 @@ class Engine:
             return tier.reserve(key, tokens)
         if self.blocks.can_append(key, tokens):
             self.blocks.append(key, tokens)
+            if self.elastic is not None:
+                self.elastic.commit()  # (the blocks are written by the migration)
             return True
         return tier is not None and not self.blocks.has(key) and tier.reserve(key, tokens)
 
@@ -563,10 +581,52 @@ class Engine:
     def num_total_blocks(self) -> int:
         return self.blocks.num_blocks
 
-    def _num_blocks(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+    def _memory_budget(self, cfg: ModelConfig, dtype: torch.dtype) -> MemoryBudget | None:
+        """The elastic budget (memory_budget_bytes > 0): staging for one layer's copy of the
+        longest request, activations bounded analytically (memory_budget.py)."""
+        c = self.config
+        if c.memory_budget_bytes == 0:
+            return None
+        per_block = kv_bytes_per_block(cfg, c.block_size, dtype)
+        staging = per_block // cfg.num_layers * -(-cfg.max_model_len // c.block_size)
+        return MemoryBudget(
+            c.memory_budget_bytes,
+            per_block,
+            staging,
+            activation_model(cfg, dtype, c.block_size, self.runner.attention.name == "torch"),
+            min_tokens=min(c.max_num_seqs, c.max_num_batched_tokens),
+            max_tokens=c.max_num_batched_tokens,
+        )
+
+    def _kv_storage(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        elastic: bool,
+    ) -> KVStorage | None:
+        pool = self.config.kv_pool
+        if pool == "static" or (pool == "auto" and not (elastic and device.type == "cpu")):
+            return None
+        shape = (num_blocks, 2, self.config.block_size, cfg.num_kv_heads, cfg.head_dim)
+        return make_storage(cfg.num_layers, shape, dtype, device)
+
+    def _num_blocks(
+        self,
+        cfg: ModelConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+        budget: MemoryBudget | None = None,
+    ) -> int:
         c = self.config
         per_block = kv_bytes_per_block(cfg, c.block_size, dtype)
-        if c.num_kv_blocks > 0:
+        if budget is not None:
+            n = budget.max_blocks
+            if c.num_kv_blocks > 0:
+                n = min(n, c.num_kv_blocks)
+                budget.max_blocks = budget.cap = n
+        elif c.num_kv_blocks > 0:
             n = c.num_kv_blocks
         elif c.kv_cache_memory_bytes > 0:
             n = c.kv_cache_memory_bytes // per_block

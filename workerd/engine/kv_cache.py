@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,19 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+class KVStorage(Protocol):
+    """Where the layer tensors live when the pool is elastic (kv_memory.py): reserved for the
+    most blocks, backed only below what was committed and not discarded."""
+
+    tensors: list[torch.Tensor]
+
+    def commit(self, num_blocks: int) -> None: ...
+
+    def discard(self, num_blocks: int) -> None: ...
+
+    def mapped_bytes(self) -> int: ...
+
+
 class KVCache:
     def __init__(
         self,
@@ -35,12 +49,15 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        storage: KVStorage | None = None,
     ) -> None:
         self.device = device
         self.dtype = dtype
         self.shape = (num_blocks, 2, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.num_layers = cfg.num_layers
         self.tensors: list[torch.Tensor] = []
+        self.storage = storage  # None: plain tensors (made by `restore`, dropped by `release`)
+        self._released = True
         # Byte views of the CPU caches, [num_blocks, block bytes].
         self._host_bytes: list[npt.NDArray[np.uint8]] = []
         self.restore()
@@ -57,15 +74,21 @@ class KVCache:
 
     @property
     def released(self) -> bool:
-        return not self.tensors
+        return self._released
 
     def release(self) -> int:
         """Drop the storage (every block's content is lost) and give its memory back: on CPU
         the C heap is trimmed (the tensors below glibc's mmap threshold sit in the heap), on
-        CUDA the caching allocator frees its cached blocks. The bytes dropped (0 when already
+        CUDA the caching allocator frees its cached blocks; a virtual pool (`storage`) keeps
+        its address space and discards every block. The bytes given back (0 when already
         released); nothing may read or write blocks until `restore`."""
         if self.released:
             return 0
+        self._released = True
+        if self.storage is not None:  # (the address space stays, its memory goes back)
+            held = self.storage.mapped_bytes()
+            self.storage.discard(0)
+            return held
         self._host_bytes.clear()
         self.tensors.clear()
         if self.device.type == "cuda":
@@ -75,21 +98,37 @@ class KVCache:
         return self.nbytes
 
     def restore(self) -> int:
-        """Make the storage again, zeroed (no-op when it is there); the bytes allocated."""
+        """Make the storage again, zeroed (no-op when it is there); the bytes allocated (0 for
+        a virtual pool: its memory comes back as blocks are written)."""
         if not self.released:
             return 0
+        self._released = False
+        if self.storage is not None and self.tensors:
+            return 0
         self.tensors.extend(
-            torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            for _ in range(self.num_layers)
+            self.storage.tensors
+            if self.storage is not None
+            else (
+                torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                for _ in range(self.num_layers)
+            )
         )
         if self.device.type == "cpu":
             self._host_bytes.extend(byte_rows(c) for c in self.tensors)
-        return self.nbytes
+        return 0 if self.storage is not None else self.nbytes
 
     @property
     def on_host(self) -> bool:
         """The cache is in host memory: `write` may run on any thread."""
         return self.device.type == "cpu"
+
+    def move_blocks(self, layer: int, moves: list[tuple[int, int]]) -> None:
+        """Compaction: copy blocks (old, new) of one layer (on the device's stream)."""
+        if moves:
+            cache = self.tensors[layer]
+            src = torch.tensor([o for o, _ in moves], dtype=torch.long, device=self.device)
+            dst = torch.tensor([n for _, n in moves], dtype=torch.long, device=self.device)
+            cache.index_copy_(0, dst, cache.index_select(0, src))
 
     def read(self, layer: int, block_ids: list[int]) -> list[Frame]:
         """Some blocks of one layer as bytes to send, in order: (number of blocks, bytes) per

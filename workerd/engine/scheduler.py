@@ -29,6 +29,8 @@ With a host tier (`tier`, LayerKV; the mechanism is in host_tier.py) the policy 
   computed (its logits give the next token) and no shared block is ever written;
 - SLO-aware admission (`tpot_slo_s` > 0): a prefill chunk joins a step only if the time the
   step-time model says it adds fits in every running request's TPOT slack.
+- an elastic pool (`elastic`, elastic.py; memory_budget_bytes) sets each step's token budget
+  and the KV cap together, before anything is scheduled; a staged prompt must fit in it too.
 """
 
 from __future__ import annotations
@@ -38,11 +40,15 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.host_tier import HostTier
 from mell.workerd.engine.sequence import Sequence, SequenceStatus
 from mell.workerd.engine.step_model import StepTimeModel
+
+if TYPE_CHECKING:
+    from mell.workerd.engine.elastic import ElasticPool
 
 FORCED_SWAP_PROBABILITY = 0.25  # kv_offload_force: chance per step of a random swap-out
 
@@ -88,6 +94,7 @@ class Scheduler:
         offload: OffloadPolicy | None = None,
         step_model: StepTimeModel | None = None,
         tpot_slo_s: float = 0.0,
+        elastic: ElasticPool | None = None,
     ) -> None:
         if admission not in ("whole", "chunk"):
             raise ValueError(f"unknown admission rule {admission!r}")
@@ -98,6 +105,8 @@ class Scheduler:
         self.tier = tier
         self.offload = offload or OffloadPolicy()
         self.step_model = step_model or StepTimeModel()
+        self.elastic = elastic
+        self._step_tokens = max_num_batched_tokens  # this step's token budget
         self.tpot_slo_s = tpot_slo_s
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -152,6 +161,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        if self.elastic is not None:
+            budget = self.elastic.before_schedule(self, batch)
+        self._step_tokens = budget
         self._stalled = False
         self._slack = self._min_slack()
         if self.offload.force and self.tier is not None:
@@ -161,7 +173,14 @@ class Scheduler:
             budget = self._reload(batch, budget)
             self._admit_waiting(batch, budget)
         batch.layer_tables = self._layer_tables(batch.seqs)
+        if self.elastic is not None:
+            self.elastic.after_schedule(batch)
         return batch
+
+    def evict(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Preempt a running request to make room (not a shortage: admissions go on)."""
+        self._preempt(seq, batch)
+        batch.preempted.remove(seq)
 
     def _layer_tables(self, seqs: list[Sequence]) -> list[list[list[int]]]:
         """Block tables per layer; the same list object for all layers when all are uniform."""
@@ -289,6 +308,8 @@ class Scheduler:
         staged = sum(s.num_tokens for s in batch.staged)
         if staged and staged + seq.num_tokens > self.max_num_batched_tokens:
             return False
+        if self.elastic is not None and staged + seq.num_tokens > self._step_tokens:
+            return False  # (the step's activations must fit the memory budget)
         if any(
             n > 1
             for s, n in zip(batch.seqs, batch.num_tokens, strict=True)
@@ -336,8 +357,7 @@ class Scheduler:
             return
         victim = self.running[self._rng.randrange(len(self.running))]
         if self._swap_pays(victim):
-            self._preempt(victim, batch)
-            batch.preempted.remove(victim)  # (not a shortage: admissions go on)
+            self.evict(victim, batch)
 
     def _host(self, seq: Sequence) -> None:
         self.hosted.append(seq)
