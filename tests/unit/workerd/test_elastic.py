@@ -290,7 +290,7 @@ def test_blocks_that_move_count_as_a_preemption_for_a_migration(tiny) -> None:
     num_preemptions (a migration copying its blocks from views of the cache aborts)."""
     eng = make(tiny, memory_budget_bytes=6 << 20, kv_offload="swap", host_kv_bytes=HOST)
     burst(eng, 12, 100, 24)
-    seen: dict[str, tuple[list[int], int]] = {}
+    seen: dict[str, tuple[list[int], int, bool]] = {}
     moved = 0
     while eng.has_unfinished():
         eng.step()
@@ -300,13 +300,13 @@ def test_blocks_that_move_count_as_a_preemption_for_a_migration(tiny) -> None:
             if state is None or table is None:
                 seen.pop(rid, None)
                 continue
-            if rid in seen:
-                old, preemptions = seen[rid]
+            if rid in seen and seen[rid][2] == state.kv_on_host:  # (same tier's table)
+                old, preemptions, _ = seen[rid]
                 kept = table[: len(old)]
                 if kept != old[: len(kept)]:
                     moved += 1
                     assert state.num_preemptions != preemptions
-            seen[rid] = (list(table), state.num_preemptions)
+            seen[rid] = (list(table), state.num_preemptions, state.kv_on_host)
     assert eng.elastic is not None and eng.elastic.blocks_moved_total > 0 and moved > 0
     eng.close()
 
