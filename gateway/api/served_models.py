@@ -152,6 +152,7 @@ class ModelRegistry:
         self._inline_chars = inline_chars
         self._processes = processes
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_ready: asyncio.Future[ProcessPoolExecutor] | None = None
 
     @property
     def max_body_bytes(self) -> int:
@@ -180,17 +181,12 @@ class ModelRegistry:
         model.check_prompt_chars(len(text), "prompt")
         if len(text) <= self._inline_chars:
             return model.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                self._processes,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_yield_the_cpu,
-            )
+        pool = await self._tokenizer_pool()
         loop = asyncio.get_running_loop()
         handoff = _handoff(text)
         try:
             packed = await loop.run_in_executor(
-                self._pool,
+                pool,
                 _encode_in_child,
                 str(model.path),
                 f"/proc/{os.getpid()}/fd/{handoff}",
@@ -207,6 +203,28 @@ class ModelRegistry:
             )
         return array("i", packed).tolist()
 
+    async def _tokenizer_pool(self) -> ProcessPoolExecutor:
+        """The tokenizer processes, started on a thread at the first long prompt: starting
+        them on the event loop (the pool's queues start multiprocessing's resource tracker,
+        then two interpreters) held running streams for tens of ms."""
+        if self._pool_ready is None:
+            self._pool_ready = asyncio.ensure_future(asyncio.to_thread(self._start_pool))
+        try:
+            return await asyncio.shield(self._pool_ready)
+        except Exception:
+            self._pool_ready = None  # (the next long prompt tries again)
+            raise
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        pool = self._pool = ProcessPoolExecutor(
+            self._processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_yield_the_cpu,
+        )
+        for started in [pool.submit(_started) for _ in range(self._processes)]:
+            started.result()  # (each submit while none is idle starts one more process)
+        return pool
+
     def close(self, wait: bool = False) -> None:
         """Stops the tokenizer processes; `wait`: until they have exited."""
         if self._pool is not None:
@@ -219,6 +237,10 @@ NICE = 10  # tokenizer processes yield the CPU to the gateway's event loop
 
 def _yield_the_cpu() -> None:
     os.nice(NICE)
+
+
+def _started() -> None:
+    """A pool process is up (nothing to do)."""
 
 
 def _handoff(text: str) -> int:
