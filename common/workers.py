@@ -53,6 +53,16 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
     # Sleep (`messages.Sleep`): the KV memory is given back, these many bytes of it.
     sleeping: bool = False
     kv_bytes_released: int = 0
+    # The KV pool's memory (elastic under memory_budget_bytes; else the cap is the whole pool
+    # and the counters stay 0): the cap in blocks, the bytes it holds now, the cap's changes
+    # by direction ("shrink", "grow"), blocks moved below a shrunk cap, requests preempted for
+    # it, times the memory above the live blocks was given back.
+    kv_pool_cap_blocks: int = 0
+    kv_pool_mapped_bytes: int = 0
+    kv_pool_resizes_total: dict[str, int] = {}
+    kv_pool_blocks_moved_total: int = 0
+    kv_pool_victims_total: int = 0
+    kv_pool_trims_total: int = 0
 
     @classmethod
     def idle(cls, num_total_blocks: int, num_preemptions_total: int = 0) -> WorkerLoad:

@@ -469,6 +469,12 @@ class Worker:
             prefix_cache_hits_total=stats.prefix_cache_hits_total,
             sleeping=stats.sleeping,
             kv_bytes_released=stats.kv_bytes_released,
+            kv_pool_cap_blocks=stats.kv_pool_cap_blocks,
+            kv_pool_mapped_bytes=stats.kv_pool_mapped_bytes,
+            kv_pool_resizes_total=dict(stats.kv_pool_resizes_total),
+            kv_pool_blocks_moved_total=stats.kv_pool_blocks_moved_total,
+            kv_pool_victims_total=stats.kv_pool_victims_total,
+            kv_pool_trims_total=stats.kv_pool_trims_total,
         )
         prefixes = None
         if self.config.engine.enable_prefix_caching:

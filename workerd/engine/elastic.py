@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.kv_cache import KVCache
 from mell.workerd.engine.memory_budget import MemoryBudget, StepMemory
+from mell.workerd.engine.outputs import EngineStats
 from mell.workerd.engine.sequence import Sequence
 from mell.workerd.heap import give_back_free_memory
 
@@ -98,6 +99,14 @@ class ElasticPool:
         self.trims_total += 1
         if live == 0 and self.kv.device.type == "cpu":
             give_back_free_memory()  # (idle: the activations' freed memory goes back too)
+
+    def count_into(self, stats: EngineStats) -> None:
+        """Report the cap and the counters in the engine's `stats`."""
+        stats.kv_pool_cap_blocks = self.budget.cap
+        stats.kv_pool_resizes_total = {"shrink": self.budget.shrinks, "grow": self.budget.grows}
+        stats.kv_pool_blocks_moved_total = self.blocks_moved_total
+        stats.kv_pool_victims_total = self.victims_total
+        stats.kv_pool_trims_total = self.trims_total
 
     def _compact(self, sch: Scheduler, cap: int) -> bool:
         """Move up to COMPACT_BLOCKS_PER_STEP live blocks from above the cap down; True if

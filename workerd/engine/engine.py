@@ -387,7 +387,7 @@ class Engine:
             tier.poll()  # (blocks whose copies have landed count as free)
         host = tier.blocks if tier is not None else None
         moved = tier.copies.bytes_moved if tier is not None else {D2H: 0, H2D: 0}
-        return EngineStats(
+        stats = EngineStats(
             num_running=len(sch.running),
             num_waiting=len(sch.waiting) + self._shared.num_followers,
             num_total_blocks=self.blocks.num_blocks,
@@ -409,7 +409,13 @@ class Engine:
             cached_hashes=self.blocks.cached_hashes(CACHED_HASHES_REPORTED),
             sleeping=self.sleeping,
             kv_bytes_released=self.kv.nbytes if self.sleeping else 0,
+            kv_pool_cap_blocks=self.blocks.num_blocks,
+            kv_pool_mapped_bytes=self.kv.mapped_bytes,
+            kv_pool_resizes_total={"shrink": 0, "grow": 0},
         )
+        if self.elastic is not None:
+            self.elastic.count_into(stats)
+        return stats
 
     # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
 

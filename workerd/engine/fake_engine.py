@@ -122,6 +122,7 @@ class FakeEngine:
             num_preemptions_total=0,
             request_blocks=blocks,
             sleeping=self.sleeping,
+            kv_pool_cap_blocks=self.num_total_blocks,
         )
 
     def _next_token(self, req: _Request) -> RequestOutput:

@@ -73,6 +73,14 @@ class KVCache:
         return self.num_layers * self.shape[0] * self.block_bytes
 
     @property
+    def mapped_bytes(self) -> int:
+        """Bytes the cache holds now: what a virtual pool has mapped, else the whole cache
+        (0 while released)."""
+        if self.storage is not None:
+            return self.storage.mapped_bytes()
+        return 0 if self.released else self.nbytes
+
+    @property
     def released(self) -> bool:
         return self._released
 

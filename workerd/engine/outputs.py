@@ -47,3 +47,11 @@ class EngineStats:
     cached_hashes: tuple[list[int], list[int]] = ([], [])
     sleeping: bool = False  # the KV cache is given back (`sleep`) until `wake`
     kv_bytes_released: int = 0  # bytes of KV memory given back while sleeping
+    # The KV pool's memory (elastic.py under memory_budget_bytes; without a budget: the cap is
+    # the whole pool, the counters stay 0). The cap in blocks, the bytes the pool holds now.
+    kv_pool_cap_blocks: int = 0
+    kv_pool_mapped_bytes: int = 0
+    kv_pool_resizes_total: dict[str, int] = field(default_factory=dict)  # "shrink", "grow"
+    kv_pool_blocks_moved_total: int = 0  # blocks moved down below a shrunk cap
+    kv_pool_victims_total: int = 0  # requests preempted to clear blocks above the cap
+    kv_pool_trims_total: int = 0  # times memory above the live blocks was given back

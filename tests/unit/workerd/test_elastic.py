@@ -197,6 +197,48 @@ def test_same_tokens_with_the_elastic_pool_on_and_off(tiny) -> None:
     off.close()
 
 
+def test_the_pool_stats_follow_a_burst_under_a_budget(tiny) -> None:
+    """EngineStats carries the cap, the mapped bytes and the counters: the cap shrinks below
+    its maximum and grows back, blocks move or victims leave, the memory goes back at idle."""
+    eng = make(tiny, memory_budget_bytes=6 << 20, kv_offload="swap", host_kv_bytes=HOST)
+    el = eng.elastic
+    assert el is not None
+    first = eng.stats()
+    assert first.kv_pool_cap_blocks == el.budget.max_blocks and first.kv_pool_mapped_bytes == 0
+    burst(eng, 12, 100, 24)
+    caps, mapped = set(), 0
+    while eng.has_unfinished():
+        eng.step()
+        s = eng.stats()
+        caps.add(s.kv_pool_cap_blocks)
+        mapped = max(mapped, s.kv_pool_mapped_bytes)
+    assert min(caps) < el.budget.max_blocks and max(caps) == el.budget.max_blocks
+    assert 0 < mapped <= el.budget.max_blocks * el.budget.block_bytes
+    eng.step()  # idle: the pool trims
+    s = eng.stats()
+    assert s.kv_pool_mapped_bytes == 0 and s.kv_pool_trims_total == el.trims_total > 0
+    assert s.kv_pool_resizes_total == {"shrink": el.budget.shrinks, "grow": el.budget.grows}
+    assert s.kv_pool_resizes_total["shrink"] > 0 and s.kv_pool_resizes_total["grow"] > 0
+    assert s.kv_pool_blocks_moved_total == el.blocks_moved_total
+    assert s.kv_pool_victims_total == el.victims_total
+    assert s.kv_pool_blocks_moved_total + s.kv_pool_victims_total > 0
+    eng.close()
+
+
+@pytest.mark.parametrize("pool", ["static", "virtual"])
+def test_a_pool_without_a_budget_reports_all_of_it_and_no_resizes(tiny, pool) -> None:
+    eng = make(tiny, kv_pool=pool)
+    s = eng.stats()
+    assert s.kv_pool_cap_blocks == s.num_total_blocks == eng.blocks.num_blocks
+    assert s.kv_pool_mapped_bytes == eng.kv.nbytes > 0
+    assert s.kv_pool_resizes_total == {"shrink": 0, "grow": 0}
+    assert s.kv_pool_blocks_moved_total == s.kv_pool_victims_total == s.kv_pool_trims_total == 0
+    eng.sleep()
+    assert eng.stats().kv_pool_mapped_bytes == 0  # given back
+    eng.wake()
+    eng.close()
+
+
 def test_rss_falls_by_the_kv_bytes_freed_after_a_burst_drains(tiny) -> None:
     eng = make(tiny, memory_budget_bytes=64 << 20, max_num_seqs=64)
     storage = eng.kv.storage
