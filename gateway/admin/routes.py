@@ -107,6 +107,7 @@ def worker_json(row: WorkerRow, with_requests: bool = False) -> dict[str, Any]:
         "capacity_blocks": row.capacity_blocks,
         "used_blocks": used,
         "kv_usage": round(used / row.capacity_blocks, 4) if row.capacity_blocks else 0.0,
+        "kv_pool_mapped_bytes": row.kv_pool_mapped_bytes,
         "block_size": row.block_size,
         "num_running": row.num_running,
         "num_waiting": row.num_waiting,

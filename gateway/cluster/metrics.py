@@ -1,7 +1,8 @@
 """Prometheus metrics at /metrics, vLLM's names with a `mell:` prefix plus cluster ones.
 
 Request histograms and counters are updated by the dispatcher; gauges (running, waiting, KV
-usage, active workers, per-worker KV) are computed from the cluster view at scrape time.
+usage, active workers, per-worker KV) and the workers' own counters (preemptions, host tier,
+prefix cache, KV pool) are computed from the cluster view at scrape time.
 It lives in `cluster/` because the dispatcher and the migrator count into it and it reads the
 view; `app` only serves `render()` at /metrics.
 """
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mell.common.workers import WorkerLoad
 from mell.gateway.cluster.view import ClusterView
 from mell.gateway.policy.base import WorkerStatus
 
@@ -214,6 +216,7 @@ class ViewCollector(Collector):
             "Prompt tokens found in workers' prefix caches (their prefill skipped).",
             labels=["model_name"],
         )
+        pool = _KVPoolCounters()
         for model in view.model_names:
             rows = [
                 w
@@ -253,6 +256,13 @@ class ViewCollector(Collector):
             for kind in ("ttft", "tpot"):
                 seen = sum(w.load.slo_violations_total.get(kind, 0) for w in rows)
                 slo.add_metric([model, kind], seen)
+            g["mell:kv_pool_cap_blocks"].add_metric(
+                [model], sum(w.load.kv_pool_cap_blocks for w in rows)
+            )
+            g["mell:kv_pool_mapped_bytes"].add_metric(
+                [model], sum(w.kv_pool_mapped_bytes for w in rows)
+            )
+            pool.add(model, [w.load for w in rows])
         for w in view.worker_rows.values():
             labels = [w.worker_id, w.model, w.status.name.lower()]
             perc = w.num_used_blocks / w.capacity_blocks if w.capacity_blocks else 0
@@ -261,12 +271,52 @@ class ViewCollector(Collector):
             g["mell:worker_requests"].add_metric(labels, len(w.request_blocks))
             g["mell:worker_sleeping"].add_metric(labels, int(w.sleeping))
             g["mell:worker_kv_bytes_released"].add_metric(labels, w.kv_bytes_released)
+            g["mell:worker_kv_pool_cap_blocks"].add_metric(labels, w.load.kv_pool_cap_blocks)
+            g["mell:worker_kv_pool_mapped_bytes"].add_metric(labels, w.kv_pool_mapped_bytes)
         yield from g.values()
         yield preemptions
         yield offload
         yield slo
         yield queries
         yield hits
+        yield from pool.families()
+
+
+class _KVPoolCounters:
+    """The elastic KV pools' counters per model (summed over its live workers' reports)."""
+
+    def __init__(self) -> None:
+        self.resizes = CounterMetricFamily(
+            "mell:kv_pool_resizes",
+            "Changes of the workers' KV pool cap under their memory budget.",
+            labels=["model_name", "direction"],
+        )
+        self.moved = CounterMetricFamily(
+            "mell:kv_pool_blocks_moved",
+            "KV blocks moved down below a shrunk pool cap.",
+            labels=["model_name"],
+        )
+        self.victims = CounterMetricFamily(
+            "mell:kv_pool_victims",
+            "Requests preempted to clear KV blocks above a shrunk pool cap.",
+            labels=["model_name"],
+        )
+        self.trims = CounterMetricFamily(
+            "mell:kv_pool_trims",
+            "Times a worker gave back the KV memory above its live blocks.",
+            labels=["model_name"],
+        )
+
+    def add(self, model: str, loads: list[WorkerLoad]) -> None:
+        for direction in ("shrink", "grow"):
+            n = sum(w.kv_pool_resizes_total.get(direction, 0) for w in loads)
+            self.resizes.add_metric([model, direction], n)
+        self.moved.add_metric([model], sum(w.kv_pool_blocks_moved_total for w in loads))
+        self.victims.add_metric([model], sum(w.kv_pool_victims_total for w in loads))
+        self.trims.add_metric([model], sum(w.kv_pool_trims_total for w in loads))
+
+    def families(self) -> list[Metric]:
+        return [self.resizes, self.moved, self.victims, self.trims]
 
 
 _M = ["model_name"]
@@ -284,9 +334,13 @@ _GAUGES = (
     ("mell:num_requests_in_flight", "Requests placed and not finished.", _M),
     ("mell:sleeping_workers", "Workers asleep: their KV memory given back.", _M),
     ("mell:kv_bytes_released", "KV memory bytes given back by the pool's sleeping workers.", _M),
+    ("mell:kv_pool_cap_blocks", "KV blocks the workers' memory budgets allow now.", _M),
+    ("mell:kv_pool_mapped_bytes", "Memory bytes the workers' KV pools hold now.", _M),
     ("mell:worker_kv_cache_usage_perc", "KV cache usage of one worker (0-1).", _W),
     ("mell:worker_kv_cache_used_blocks", "KV blocks in use on one worker.", _W),
     ("mell:worker_requests", "Requests held by one worker.", _W),
     ("mell:worker_sleeping", "1 while the worker sleeps (its KV memory given back).", _W),
     ("mell:worker_kv_bytes_released", "KV memory bytes the sleeping worker gave back.", _W),
+    ("mell:worker_kv_pool_cap_blocks", "KV blocks the worker's memory budget allows now.", _W),
+    ("mell:worker_kv_pool_mapped_bytes", "Memory bytes the worker's KV pool holds now.", _W),
 )

@@ -143,6 +143,11 @@ class WorkerRow:
         return self.load.kv_bytes_released if self.sleeping else 0
 
     @property
+    def kv_pool_mapped_bytes(self) -> int:
+        """The memory its KV pool holds (as last reported; 0 once lost)."""
+        return self.load.kv_pool_mapped_bytes if self.status != WorkerStatus.LOST else 0
+
+    @property
     def releasable(self) -> bool:
         """Holds nothing and is not lost: its device could be given back."""
         busy = self.request_blocks or self.num_running or self.num_waiting

@@ -82,7 +82,7 @@ def render_workers(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no workers"
     return table(
-        ["WORKER", "MODEL", "STATE", "KV USED", "KV%", "RUN", "WAIT", "REQS", "NOTE"],
+        ["WORKER", "MODEL", "STATE", "KV USED", "KV%", "KV MEM", "RUN", "WAIT", "REQS", "NOTE"],
         [
             [
                 w["worker_id"],
@@ -90,6 +90,7 @@ def render_workers(rows: list[dict[str, Any]]) -> str:
                 w["state"],
                 f"{w['used_blocks']}/{w['capacity_blocks']}",
                 percent(w["kv_usage"]),
+                mib(w.get("kv_pool_mapped_bytes", 0)),
                 w["num_running"],
                 w["num_waiting"],
                 w["num_requests"],

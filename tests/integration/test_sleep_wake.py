@@ -86,6 +86,9 @@ def metrics(cluster: LocalCluster) -> str:
 def test_sleep_gives_the_kv_back_and_requests_wake_the_workers(cluster: LocalCluster) -> None:
     pids = {w: cluster.pids[f"worker {w}"] for w in ("w0", "w1")}
     awake = {w: rss(pid) for w, pid in pids.items()}
+    wait_until(lambda: all(worker(cluster, w)["kv_pool_mapped_bytes"] for w in pids), 10, "reports")
+    mapped = {w: worker(cluster, w)["kv_pool_mapped_bytes"] for w in pids}  # (no budget: all)
+    assert "KV MEM" in ctl(cluster, "workers").stdout
     for w in ("w0", "w1"):
         result = ctl(cluster, "sleep", w)
         assert result.returncode == 0, result.stderr
@@ -93,6 +96,7 @@ def test_sleep_gives_the_kv_back_and_requests_wake_the_workers(cluster: LocalClu
     rows = {w: worker(cluster, w) for w in pids}
     released = {w: rows[w]["kv_bytes_released"] for w in pids}
     assert all(r["sleeping"] for r in rows.values())
+    assert mapped == released and all(r["kv_pool_mapped_bytes"] == 0 for r in rows.values())
     assert all(b >= NUM_KV_BLOCKS * 16 * 1024 for b in released.values()), released
     for w, pid in pids.items():  # the memory has left the process
         assert awake[w] - rss(pid) >= 0.9 * released[w], (w, awake[w], rss(pid), released[w])
@@ -103,6 +107,8 @@ def test_sleep_gives_the_kv_back_and_requests_wake_the_workers(cluster: LocalClu
     text = metrics(cluster)
     assert metric(text, "mell:worker_sleeping", worker="w1") == 1.0
     assert metric(text, "mell:kv_bytes_released", model_name="mell-tiny") == sum(released.values())
+    assert metric(text, "mell:kv_pool_mapped_bytes", model_name="mell-tiny") == 0
+    assert metric(text, "mell:kv_pool_cap_blocks", model_name="mell-tiny") == 2 * NUM_KV_BLOCKS
 
     # Requests placed on sleeping workers wake them and complete: none is lost.
     outs: list[Any] = []
@@ -120,7 +126,9 @@ def test_sleep_gives_the_kv_back_and_requests_wake_the_workers(cluster: LocalClu
     for w in pids:
         assert ctl(cluster, "wake", w).returncode == 0
     assert not status(cluster)["sleeping"]
-    assert metric(metrics(cluster), "mell:worker_sleeping", worker="w0") == 0.0
+    text = metrics(cluster)
+    assert metric(text, "mell:worker_sleeping", worker="w0") == 0.0
+    assert metric(text, "mell:worker_kv_pool_mapped_bytes", worker="w0") == mapped["w0"]
 
 
 def test_bad_sleep_requests_get_one_error_line(cluster: LocalCluster) -> None:
