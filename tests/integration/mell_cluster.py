@@ -88,6 +88,15 @@ def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]
         return err.code, json.loads(err.read() or b"null")
 
 
+def post_json(url: str, body: Any, timeout_s: float = 120.0) -> Any:
+    """POST `body` as JSON; the decoded reply (an HTTP error raises)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text, 0.0 when absent."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mell_cluster import MELLCTL, LocalCluster, metric, start_cluster, wait_until
+from mell_cluster import MELLCTL, LocalCluster, metric, post_json, start_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,13 +65,7 @@ def complete(url: str, max_tokens: int, out: list[Any]) -> threading.Thread:
     def run() -> None:
         body = {"model": "mell-tiny", "prompt": "hello there", "max_tokens": max_tokens,
                 "temperature": 0, "ignore_eos": True}  # fmt: skip
-        request = urllib.request.Request(
-            url + "/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            out.append(json.loads(response.read()))
+        out.append(post_json(url + "/v1/completions", body))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
