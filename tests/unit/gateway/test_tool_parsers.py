@@ -113,6 +113,32 @@ def test_a_call_cut_by_the_length_keeps_what_it_has() -> None:
     assert content == "" and join_calls(deltas)[0]["function"]["arguments"] == '{"a": "xy'
 
 
+def test_arguments_written_as_a_json_string_become_the_object_text() -> None:
+    """A JSON string that encodes an object is decoded (streamed and not); any other string
+    value stays as written."""
+    out = (
+        '<tool_call>{"name": "w", "arguments": "{\\"city\\": \\"Paris\\"}" }</tool_call>'
+        '<tool_call>{"arguments": " {\\"a\\": [1]} ", "name": "x"}</tool_call>'
+        '<tool_call>{"name": "y", "arguments": "not json"}</tool_call>'
+        '<tool_call>{"name": "z", "arguments": "[1, 2]"}</tool_call>'
+    )
+    assert _parse(HermesParser, out)[1] == [
+        ("w", '{"city": "Paris"}'),
+        ("x", '{"a": [1]}'),
+        ("y", '"not json"'),
+        ("z", '"[1, 2]"'),
+    ]
+    llama = '{"name": "f", "parameters": "{\\"q\\": \\"a; b\\"}"}; {"name": "g"}'
+    assert _parse(Llama3JsonParser, llama) == ("", [("f", '{"q": "a; b"}'), ("g", "{}")])
+    mistral = '[TOOL_CALLS][{"name": "f", "arguments": "{\\"s\\": \\"[x]\\"}"}]'
+    assert _parse(MistralParser, mistral) == ("", [("f", '{"s": "[x]"}')])
+
+
+def test_a_string_argument_cut_by_the_length_is_kept_as_written() -> None:
+    cut = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1'
+    assert _parse(HermesParser, cut)[1] == [("f", '"{\\"a\\": 1')]
+
+
 QWEN = "{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>{{ messages }}"
 LLAMA = "{{- '<|python_tag|>' }}{{ messages }}"
 MISTRAL = "[AVAILABLE_TOOLS]{{ tools }}[TOOL_CALLS]{{ messages }}"

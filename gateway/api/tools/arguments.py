@@ -1,0 +1,58 @@
+"""A tool call's arguments value as it streams, a character at a time.
+
+OpenAI's `function.arguments` is the JSON text of an object. A model writes its arguments as
+that object (passed on as written, the whitespace around it dropped) or, sometimes, as a JSON
+string that encodes it (`"arguments": "{\\"city\\": \\"Paris\\"}"`): such a string is held until
+it ends, then becomes the text it encodes when that is JSON of an object, or stays as written.
+Either way a streamed call's fragments join to the text a whole-output parse gives.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class ArgumentsText:
+    """The text to emit for one arguments value, given its characters in order."""
+
+    __slots__ = ("_quoted", "_started", "_ws")
+
+    def __init__(self) -> None:
+        self._quoted: list[str] | None = None  # a JSON string value, held until its end
+        self._started = False  # a character of the value was taken
+        self._ws = ""  # whitespace after the last emitted character, held back
+
+    def add(self, c: str, in_string: bool) -> str:
+        """Text to emit now for the next character `c` (`in_string`: inside, opening or closing
+        a JSON string)."""
+        if self._quoted is not None:
+            self._quoted.append(c)
+            return ""
+        if c.isspace() and not in_string:
+            if self._started:
+                self._ws += c
+            return ""
+        if not self._started and c == '"':
+            self._quoted, self._started = [c], True
+            return ""
+        out, self._ws, self._started = self._ws + c, "", True
+        return out
+
+    def end(self) -> str:
+        """At the value's end (or the output's): the held string's text, if any."""
+        if self._quoted is None:
+            return ""
+        raw, self._quoted = "".join(self._quoted).strip(), None
+        return object_text(raw)
+
+
+def object_text(raw: str) -> str:
+    """`raw` (a JSON string literal as written): the text it encodes when that is JSON of an
+    object, else `raw` itself."""
+    try:
+        inner = json.loads(raw)
+        if isinstance(inner, str) and isinstance(json.loads(inner), dict):
+            return inner.strip()
+    except (ValueError, RecursionError):
+        pass
+    return raw
