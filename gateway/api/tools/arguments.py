@@ -56,3 +56,49 @@ def object_text(raw: str) -> str:
     except (ValueError, RecursionError):
         pass
     return raw
+
+
+class ValueScanner:
+    """Reads one bare JSON value, a call's arguments (as after Mistral's `[ARGS]`), from its
+    first character: `feed` returns how many characters it took and the arguments text to emit;
+    `done` once the value ended (an object's or array's closing bracket, a string's closing
+    quote, or the end of a literal such as `null`)."""
+
+    __slots__ = ("_args", "_depth", "_escape", "_in_string", "_started", "done")
+
+    def __init__(self) -> None:
+        self._args = ArgumentsText()
+        self._depth = 0
+        self._in_string = self._escape = False
+        self._started = False
+        self.done = False
+
+    def feed(self, text: str) -> tuple[int, str]:
+        out: list[str] = []
+        for i, c in enumerate(text):
+            if self._in_string:
+                closes = not self._escape and c == '"'
+                self._escape = not self._escape and c == "\\"
+                out.append(self._args.add(c, True))
+                self._in_string = not closes
+                if closes and self._depth == 0:
+                    return self._end(i + 1, out)
+                continue
+            if self._started and self._depth == 0 and (c.isspace() or c in "[{<,"):
+                return self._end(i, out)  # a literal ended
+            self._started = self._started or not c.isspace()
+            self._in_string = c == '"'
+            self._depth += (c in "{[") - (c in "}]")
+            out.append(self._args.add(c, self._in_string))
+            if c in "}]" and self._depth <= 0:
+                return self._end(i + 1, out)
+        return len(text), "".join(out)
+
+    def cut(self) -> str:
+        """The output ended inside the value: the text held back, if any."""
+        return self._args.end()
+
+    def _end(self, used: int, out: list[str]) -> tuple[int, str]:
+        self.done = True
+        out.append(self._args.end())
+        return used, "".join(out)

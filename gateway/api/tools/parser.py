@@ -123,8 +123,12 @@ class CallParser(ToolParser):
 
     def _cut(self) -> list[ToolCallDelta]:
         """The output ended inside a call: its arguments text held back, if any."""
-        held = self._scanner.cut() if self._scanner is not None else ""
+        held = self._held()
         return [ToolCallDelta(self._index, held)] if held and self._index is not None else []
+
+    def _held(self) -> str:
+        """The arguments text the call being read holds back (the output ended in it)."""
+        return self._scanner.cut() if self._scanner is not None else ""
 
     def _read_calls(self, text: str) -> list[ToolCallDelta]:
         """Deltas of the call region's next text (the region starts at the format's marker)."""
