@@ -1,12 +1,14 @@
 """One tool call written as a JSON object, `{"name": ..., "arguments": {...}}`, read a piece at
-a time: the name once its string closes, the arguments value as raw text fragments as they
-arrive (leading and trailing whitespace dropped), so the fragments of a streamed call join to
-the same text a whole-output parse gives.
+a time: the name once its string closes, the arguments value as text fragments as they arrive
+(`ArgumentsText`: leading and trailing whitespace dropped, a JSON string that encodes an object
+decoded), so the fragments of a streamed call join to the same text a whole-output parse gives.
 """
 
 from __future__ import annotations
 
 import json
+
+from mell.gateway.api.tools.arguments import ArgumentsText
 
 
 class ObjectScanner:
@@ -14,15 +16,15 @@ class ObjectScanner:
 
     __slots__ = (
         "_arg_keys",
+        "_args",
         "_depth",
         "_escape",
         "_in_string",
         "_key",
         "_key_raw",
         "_name_raw",
+        "_out",
         "_phase",
-        "_started",
-        "_ws",
         "done",
         "name",
         "saw_arguments",
@@ -37,15 +39,16 @@ class ObjectScanner:
         self._key: str | None = None
         self._key_raw: list[str] = []
         self._name_raw: list[str] = []
-        self._started = False  # an arguments character was emitted
-        self._ws = ""  # whitespace after the last emitted arguments character, held back
+        self._args = ArgumentsText()
+        self._out: list[str] = []  # arguments text of the current feed
         self.name: str | None = None
         self.saw_arguments = False
         self.done = False
 
     def feed(self, text: str) -> tuple[int, str]:
         """(characters consumed, new arguments text); consumes up to the object's `}`."""
-        out: list[str] = []
+        out = self._out
+        out.clear()
         for i, c in enumerate(text):
             if self._in_string:
                 self._take(c, out)
@@ -87,12 +90,7 @@ class ObjectScanner:
             self._name_raw.append(c)
         elif self._key in self._arg_keys:
             self.saw_arguments = True
-            if c.isspace() and not self._in_string:
-                if self._started:
-                    self._ws += c
-                return
-            out.append(self._ws + c)
-            self._ws, self._started = "", True
+            out.append(self._args.add(c, self._in_string))
 
     def _string_closed(self) -> None:
         if self._depth != 1:
@@ -104,7 +102,13 @@ class ObjectScanner:
         elif self._phase == "value" and self._key == "name":
             self._value_end()
 
+    def cut(self) -> str:
+        """The output ended inside this object: the arguments text held back, if any."""
+        return self._args.end()
+
     def _value_end(self) -> None:
+        if self._key in self._arg_keys:
+            self._out.append(self._args.end())
         if self._key == "name" and self.name is None and self._name_raw:
             value = _loads("".join(self._name_raw))
             self.name = value if isinstance(value, str) and value else None

@@ -97,6 +97,7 @@ class CallParser(ToolParser):
         if self._state == "never":
             return text, []
         if self._state == "calls":
+            self._region.append(text)
             return "", self._read_calls(text)
         self._buffer += text
         start = self.calls_start(self._buffer)
@@ -109,6 +110,7 @@ class CallParser(ToolParser):
             return content, []
         content, rest = self._buffer[: start.at], self._buffer[start.at :]
         self._buffer, self._state = "", "calls"
+        self._region.append(rest)
         return content, self._read_calls(rest)
 
     def flush(self) -> tuple[str, list[ToolCallDelta]]:
@@ -117,10 +119,19 @@ class CallParser(ToolParser):
             return content, []
         if not self.called:  # a region that never became a call is content after all
             return "".join(self._region), []
-        return "", []
+        return "", self._cut()
+
+    def _cut(self) -> list[ToolCallDelta]:
+        """The output ended inside a call: its arguments text held back, if any."""
+        held = self._held()
+        return [ToolCallDelta(self._index, held)] if held and self._index is not None else []
+
+    def _held(self) -> str:
+        """The arguments text the call being read holds back (the output ended in it)."""
+        return self._scanner.cut() if self._scanner is not None else ""
 
     def _read_calls(self, text: str) -> list[ToolCallDelta]:
-        self._region.append(text)
+        """Deltas of the call region's next text (the region starts at the format's marker)."""
         deltas: list[ToolCallDelta] = []
         while text:
             if self._scanner is None:
@@ -141,14 +152,24 @@ class CallParser(ToolParser):
             self._pending += arguments
             return []
         out: list[ToolCallDelta] = []
-        if self._index is None:
-            if self._max_calls is not None and self._count >= self._max_calls:
-                return []  # a call past the limit: dropped
-            self._index, self._count = self._count, self._count + 1
-            out.append(ToolCallDelta(self._index, "", self.new_id(), scanner.name))
-            arguments, self._pending = self._pending + arguments, ""
+        index = self._index
+        if index is None:
+            start = self._open_call(scanner.name)
+            if start is None:
+                return []
+            out.append(start)
+            index, arguments, self._pending = start.index, self._pending + arguments, ""
         if scanner.done and not scanner.saw_arguments:
             arguments += "{}"
         if arguments:
-            out.append(ToolCallDelta(self._index, arguments))
+            out.append(ToolCallDelta(index, arguments))
         return out
+
+    def _open_call(self, name: str, given_id: str | None = None) -> ToolCallDelta | None:
+        """The first delta of a new call, now the one being read (None: a call past the limit,
+        dropped). `given_id`: the id the model wrote, if any."""
+        if self._max_calls is not None and self._count >= self._max_calls:
+            return None
+        index = self._index = self._count
+        self._count += 1
+        return ToolCallDelta(index, "", given_id or self.new_id(), name)

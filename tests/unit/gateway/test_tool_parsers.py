@@ -100,6 +100,64 @@ def test_mistral_calls_and_ids() -> None:
     ids = [d.id for d in deltas if d.id is not None]
     assert len(ids) == 2 and all(len(i) == 9 and i.isalnum() for i in ids)
     assert not MistralParser.skip_special_tokens
+    spaced = '[TOOL_CALLS] [{"name": "f", "arguments": {}}]'  # tokenizer v3 writes a space
+    assert _parse(MistralParser, spaced) == ("", [("f", "{}")])
+
+
+def test_mistral_v11_calls_one_marker_each() -> None:
+    out = (
+        'Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris [TOOL_CALLS] }{", "days": [1]}'
+        '[TOOL_CALLS] time [ARGS] {}[TOOL_CALLS]search[ARGS]{"q": "a"}</s>'
+    )
+    assert _parse(MistralParser, out) == (
+        "Checking.",
+        [
+            ("get_weather", '{"city": "Paris [TOOL_CALLS] }{", "days": [1]}'),
+            ("time", "{}"),
+            ("search", '{"q": "a"}'),
+        ],
+    )
+    assert _parse(MistralParser, out, max_calls=1)[1] == [
+        ("get_weather", '{"city": "Paris [TOOL_CALLS] }{", "days": [1]}')
+    ]
+    # a decoder that drops [ARGS] leaves name{...}; a JSON string that encodes an object
+    assert _parse(MistralParser, '[TOOL_CALLS]f{"a": 1}[TOOL_CALLS]g[ARGS]"{\\"b\\": 2}"') == (
+        "",
+        [("f", '{"a": 1}'), ("g", '{"b": 2}')],
+    )
+
+
+def test_mistral_v11_call_ids() -> None:
+    out = '[TOOL_CALLS]f[CALL_ID]a1B2c3D4e[ARGS]{"x": 1}[TOOL_CALLS]g[CALL_ID]not-an-id[ARGS]{}'
+    assert _parse(MistralParser, out) == ("", [("f", '{"x": 1}'), ("g", "{}")])
+    for pieces in ([out], list(out)):
+        _, deltas = _run(MistralParser(), pieces)
+        ids = [d.id for d in deltas if d.id is not None]
+        assert ids[0] == "a1B2c3D4e" and len(ids[1]) == 9 and ids[1].isalnum()
+
+
+def test_mistral_v11_streams_the_name_then_argument_fragments() -> None:
+    parser = MistralParser()
+    assert parser.feed("Hi [TOOL_") == ("Hi ", [])
+    assert parser.feed("CALLS]get_wea") == ("", [])
+    assert parser.feed("ther[AR") == ("", [])
+    content, deltas = parser.feed('GS]{"city": "Pa')
+    assert content == "" and [(d.index, d.name, d.arguments) for d in deltas] == [
+        (0, "get_weather", ""),
+        (0, None, '{"city": "Pa'),
+    ]
+    assert parser.feed('ris"}') == ("", [ToolCallDelta(0, 'ris"}')])
+    assert parser.flush() == ("", [])
+
+
+def test_mistral_v11_heads_without_a_call() -> None:
+    # a head without arguments is dropped; a region that never becomes a call is content
+    out = '[TOOL_CALLS]oops[TOOL_CALLS]f[ARGS]{"a": 1}'
+    assert _parse(MistralParser, out) == ("", [("f", '{"a": 1}')])
+    assert _parse(MistralParser, "[TOOL_CALLS]just text") == ("[TOOL_CALLS]just text", [])
+    # cut by the length: what the call has
+    content, deltas = _run(MistralParser(), ['[TOOL_CALLS]f[ARGS]{"a": "xy'])
+    assert content == "" and join_calls(deltas)[0]["function"]["arguments"] == '{"a": "xy'
 
 
 def test_forced_required_and_named() -> None:
@@ -111,6 +169,32 @@ def test_forced_required_and_named() -> None:
 def test_a_call_cut_by_the_length_keeps_what_it_has() -> None:
     content, deltas = _run(HermesParser(), ['<tool_call>{"name": "f", "arguments": {"a": "xy'])
     assert content == "" and join_calls(deltas)[0]["function"]["arguments"] == '{"a": "xy'
+
+
+def test_arguments_written_as_a_json_string_become_the_object_text() -> None:
+    """A JSON string that encodes an object is decoded (streamed and not); any other string
+    value stays as written."""
+    out = (
+        '<tool_call>{"name": "w", "arguments": "{\\"city\\": \\"Paris\\"}" }</tool_call>'
+        '<tool_call>{"arguments": " {\\"a\\": [1]} ", "name": "x"}</tool_call>'
+        '<tool_call>{"name": "y", "arguments": "not json"}</tool_call>'
+        '<tool_call>{"name": "z", "arguments": "[1, 2]"}</tool_call>'
+    )
+    assert _parse(HermesParser, out)[1] == [
+        ("w", '{"city": "Paris"}'),
+        ("x", '{"a": [1]}'),
+        ("y", '"not json"'),
+        ("z", '"[1, 2]"'),
+    ]
+    llama = '{"name": "f", "parameters": "{\\"q\\": \\"a; b\\"}"}; {"name": "g"}'
+    assert _parse(Llama3JsonParser, llama) == ("", [("f", '{"q": "a; b"}'), ("g", "{}")])
+    mistral = '[TOOL_CALLS][{"name": "f", "arguments": "{\\"s\\": \\"[x]\\"}"}]'
+    assert _parse(MistralParser, mistral) == ("", [("f", '{"s": "[x]"}')])
+
+
+def test_a_string_argument_cut_by_the_length_is_kept_as_written() -> None:
+    cut = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1'
+    assert _parse(HermesParser, cut)[1] == [("f", '"{\\"a\\": 1')]
 
 
 QWEN = "{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>{{ messages }}"
