@@ -92,9 +92,9 @@ class KVCache:
         released); nothing may read or write blocks until `restore`."""
         if self.released:
             return 0
+        held = self.mapped_bytes
         self._released = True
         if self.storage is not None:  # (the address space stays, its memory goes back)
-            held = self.storage.mapped_bytes()
             self.storage.discard(0)
             return held
         self._host_bytes.clear()
@@ -103,7 +103,7 @@ class KVCache:
             torch.cuda.empty_cache()
         else:
             give_back_free_memory()
-        return self.nbytes
+        return held
 
     def restore(self) -> int:
         """Make the storage again, zeroed (no-op when it is there); the bytes allocated (0 for
