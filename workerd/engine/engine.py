@@ -413,9 +413,7 @@ class Engine:
             kv_pool_mapped_bytes=self.kv.mapped_bytes,
             kv_pool_resizes_total={"shrink": 0, "grow": 0},
         )
-        if self.elastic is not None:
-            self.elastic.count_into(stats)
-        return stats
+        return self.elastic.with_counts(stats) if self.elastic is not None else stats
 
     # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
 
