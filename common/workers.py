@@ -59,6 +59,9 @@ class WorkerStats(msgspec.Struct, frozen=True, kw_only=True):
     num_swaps_total: int = 0  # preemptions that moved KV to the host instead of dropping it
     num_parked_total: int = 0  # prompts prefilled straight to the host
     num_tokens_recomputed_total: int = 0  # computed tokens thrown away by preemptions
+    # Tokens the model computed: prefill chunks (prefix cache hits skipped, recomputation after
+    # a preemption or a token transfer included) and one per decode.
+    num_computed_tokens_total: int = 0
     offload_bytes_total: dict[str, int] = {}  # KV bytes copied, by direction: "d2h", "h2d"
     slo_violations_total: dict[str, int] = {}  # by kind: "ttft", "tpot"
     # Automatic prefix caching (vLLM's counting): prompt tokens looked up, tokens found cached.

@@ -150,6 +150,12 @@ MODEL_FAMILIES = (
     ),
     counter("mell:num_preemptions", "Preemptions.", "num_preemptions_total"),
     counter(
+        "mell:computed_tokens",
+        "Tokens the workers' models computed: prefill (cache hits skipped, recomputation "
+        "included) and decode.",
+        "num_computed_tokens_total",
+    ),
+    counter(
         "mell:kv_offload_bytes",
         "KV bytes copied between device and host tier.",
         "offload_bytes_total",
