@@ -44,3 +44,16 @@ def test_the_load_report_carries_the_engines_stats_whole(tiny) -> None:
     assert got.load.requests == [RequestLoad("live", 4, 65)]
     sent = msgspec.msgpack.decode(wire, type=list)[1]  # (array_like: [tag, load, ...])
     assert set(sent) == {*WorkerStats.__struct_fields__, "requests"}
+
+
+def test_computed_tokens_count_prefill_past_the_cache_and_each_decode(tiny) -> None:
+    """Per request: its prompt less the tokens the prefix cache held, and one per token
+    sampled after the first (mell:computed_tokens)."""
+    eng = Engine(EngineConfig(model=str(tiny), max_model_len=512, enable_prefix_caching=True))
+    first, again = list(range(3, 43)), list(range(3, 43))  # 40 tokens; the second hits 32
+    run(eng, first)
+    assert eng.stats().num_computed_tokens_total == 40 + 7
+    run(eng, again, list(range(100, 105)))
+    stats = eng.stats()
+    assert stats.prefix_cache_hits_total == 32
+    assert stats.num_computed_tokens_total == (40 + 40 + 5) - 32 + 3 * 7
