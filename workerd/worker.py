@@ -449,33 +449,14 @@ class Worker:
             self._report_drained(exiting=False)
 
     def _load_report(self) -> LoadReport:
+        """The engine's stats whole, with the requests this worker holds (their blocks as the
+        engine counts them, their tokens as this loop does) and its prefix cache summary."""
         stats = self.engine.stats()
-        load = WorkerLoad(
-            num_running=stats.num_running,
-            num_waiting=stats.num_waiting,
-            num_total_blocks=stats.num_total_blocks,
-            num_free_blocks=stats.num_free_blocks,
-            num_preemptions_total=stats.num_preemptions_total,
-            requests=[
-                RequestLoad(rid, stats.request_blocks.get(rid, 0), num_tokens)
-                for rid, num_tokens in self._tokens.items()
-            ],
-            num_host_total_blocks=stats.num_host_total_blocks,
-            num_host_free_blocks=stats.num_host_free_blocks,
-            num_swapped=stats.num_swapped,
-            offload_bytes_total=dict(stats.offload_bytes_total),
-            slo_violations_total=dict(stats.slo_violations_total),
-            prefix_cache_queries_total=stats.prefix_cache_queries_total,
-            prefix_cache_hits_total=stats.prefix_cache_hits_total,
-            sleeping=stats.sleeping,
-            kv_bytes_released=stats.kv_bytes_released,
-            kv_pool_cap_blocks=stats.kv_pool_cap_blocks,
-            kv_pool_mapped_bytes=stats.kv_pool_mapped_bytes,
-            kv_pool_resizes_total=dict(stats.kv_pool_resizes_total),
-            kv_pool_blocks_moved_total=stats.kv_pool_blocks_moved_total,
-            kv_pool_victims_total=stats.kv_pool_victims_total,
-            kv_pool_trims_total=stats.kv_pool_trims_total,
-        )
+        requests = [
+            RequestLoad(rid, stats.request_blocks.get(rid, 0), num_tokens)
+            for rid, num_tokens in self._tokens.items()
+        ]
+        load = WorkerLoad.of(stats, requests)
         prefixes = None
         if self.config.engine.enable_prefix_caching:
             prefixes = CachedPrefixes(*stats.cached_hashes)

@@ -1,7 +1,11 @@
 """The cluster view: workers, model pools, requests and migrations, as a fold of cluster events.
 
-`ClusterView.apply(envelope)` is the only code that changes it. The fold is a function of the
-*set* of envelopes, not of the order in which different sources' envelopes arrive:
+`ClusterView.apply(envelope)` is the only code that changes the fold. Beside it the view keeps
+one piece of soft state, each worker's newest prefix cache summary, which changes through one
+other door, `note_prefixes` (the worker link calls it with each load report; see
+`prefix_summaries.py`): a hint for placement, not journaled, not in snapshots. The fold is a
+function of the *set* of envelopes, not of the order in which different sources' envelopes
+arrive:
 
 - an envelope whose seq is not above the last one folded from its source is skipped, so
   replaying a duplicated suffix of the history changes nothing;
@@ -19,8 +23,10 @@
   worker is kept as a tombstone, so a commit stamped before the exit but folded after it still
   moves it away, whatever the order.
 
-Derived state (a worker row's counters and `request_blocks`; `requests` and `migrations`, the
-live subsets) is recomputed from the registers. The view implements the policies' `PolicyView`
+Derived state (a worker row's load and `request_blocks`; `requests` and `migrations`, the live
+subsets) is recomputed from the registers. A worker's row keeps its newest `WorkerLoad` whole
+(the stats its engine measured, `mell.common.workers`): `/metrics` reads it through one table
+(`view_metrics.py`), the admin API through the row. The view implements the policies' `PolicyView`
 (the policy contract, `policy/base.py`); placement, the dispatcher, `/metrics` and the admin API
 read it. Liveness timing is not here: the worker link decides when a worker is lost and records
 `WorkerLost`.
@@ -59,6 +65,7 @@ from mell.common.events import (
     WorkerUndrained,
 )
 from mell.common.workers import CachedPrefixes, WorkerIdentity, WorkerLoad
+from mell.gateway.cluster.prefix_summaries import PrefixSummaries
 from mell.gateway.policy.base import PrefixHit, WorkerInfo, WorkerStatus
 
 Stamp = tuple[float, str, int]  # (ts, source, seq) of an envelope: a total order of the history
@@ -244,9 +251,7 @@ class ClusterView:
         self._rows: dict[str, RequestRow] = {}  # every request not ended: live or tombstone
         self._flights: dict[str, MigrationRow] = {}  # every migration in flight, by id
         self._loads_since_prune = 0
-        # Soft state, not folded from events: each worker's cached prefix hashes, from its
-        # newest load report (all of them, and those running requests hold).
-        self._prefixes: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
+        self._prefixes = PrefixSummaries()  # soft state, not folded (see `note_prefixes`)
 
     # ------------------------------------------------------------ PolicyView
 
@@ -264,28 +269,20 @@ class ClusterView:
         """PrefixView, from the workers' reported cache summaries (see `note_prefixes`)."""
         hits = {}
         for w in self.workers(model):
-            cached = self._prefixes.get(w.worker_id)
-            if cached is None:
-                continue
-            every, in_use = cached
-            n = shared = 0
-            for h in prefix_hashes:
-                if h not in every:
-                    break
-                n += 1
-                shared += h in in_use
-            if n:
-                hits[w.worker_id] = PrefixHit(tokens=n * w.block_size, shared_blocks=shared)
+            hit = self._prefixes.hit(w.worker_id, prefix_hashes, w.block_size)
+            if hit is not None:
+                hits[w.worker_id] = hit
         return hits
 
+    # ------------------------------------------------------------ soft state
+
     def note_prefixes(self, worker_id: str, prefixes: CachedPrefixes | None) -> None:
-        """A worker's newest prefix cache summary (None: it caches nothing). Not an event: a
-        hint for placement, lost on a gateway restart until the next report."""
-        if prefixes is None or worker_id not in self.worker_rows:
-            self._prefixes.pop(worker_id, None)
-            return
-        in_use = frozenset(prefixes.in_use)
-        self._prefixes[worker_id] = (in_use | frozenset(prefixes.free), in_use)
+        """A worker's newest prefix cache summary (None: it caches nothing): the one door of
+        the view's soft state. Not an event: a hint for placement, lost on a gateway restart
+        until the next report; ignored for a worker the view has no row for."""
+        if worker_id not in self.worker_rows:
+            prefixes = None
+        self._prefixes.note(worker_id, prefixes)
 
     # ------------------------------------------------------------ queries
 
@@ -312,8 +309,9 @@ class ClusterView:
     # ------------------------------------------------------------ the fold
 
     def apply(self, envelope: EventEnvelope) -> None:
-        """Fold one event into the view. The only mutator; an envelope already folded (its seq
-        is not above its source's last) is skipped."""
+        """Fold one event into the view: the only mutator of the fold (the soft state has its
+        own door, `note_prefixes`). An envelope already folded (its seq is not above its
+        source's last) is skipped."""
         source, seq = envelope.source, envelope.seq
         if seq <= self.last_seq.get(source, 0):
             return
@@ -432,11 +430,11 @@ class ClusterView:
         joined = regs.joined if regs is not None else None
         if regs is None or joined is None or regs.exited > regs.joined_stamp:
             self.worker_rows.pop(worker_id, None)
-            self._prefixes.pop(worker_id, None)
+            self._prefixes.forget(worker_id)
             return
         row = self.worker_rows.get(worker_id)
         if row is None or row.boot_id != joined.boot_id or row.joined_at != regs.joined_stamp[0]:
-            self._prefixes.pop(worker_id, None)  # (a new process: its cache starts empty)
+            self._prefixes.forget(worker_id)  # (a new process: its cache starts empty)
             row = self.worker_rows[worker_id] = self._new_row(joined, regs.joined_stamp[0])
         row.status = WorkerStatus(regs.status)
         row.drained, row.lost_reason = regs.drained, regs.lost_reason

@@ -52,6 +52,13 @@ def counters(cluster: LocalCluster) -> dict[str, float]:
     }
 
 
+def tokens(cluster: LocalCluster) -> tuple[float, float]:
+    """(tokens the worker's model computed, prompt tokens its prefix cache held)."""
+    text = metrics(cluster)
+    computed = metric(text, "mell:computed_tokens_total", model_name="mell-tiny")
+    return computed, metric(text, "mell:prefix_cache_hits_total", model_name="mell-tiny")
+
+
 def complete(url: str, i: int, out: list[Any]) -> None:
     body = {"model": "mell-tiny", "prompt": f"{i} " + "hello there " * 100, "max_tokens": 24,
             "temperature": 0, "ignore_eos": True}  # fmt: skip
@@ -61,6 +68,7 @@ def complete(url: str, i: int, out: list[Any]) -> None:
 def test_the_pool_figures_follow_a_burst_under_a_budget(cluster: LocalCluster) -> None:
     wait_until(lambda: pool(cluster, "cap_blocks") > 0, 30, "the worker's first load report")
     before = counters(cluster)
+    computed, hits = tokens(cluster)
     outs: list[Any] = []
     threads = [threading.Thread(target=complete, args=(cluster.url, i, outs)) for i in range(3)]
     for t in threads:
@@ -76,6 +84,13 @@ def test_the_pool_figures_follow_a_burst_under_a_budget(cluster: LocalCluster) -
     )
     after = counters(cluster)
     print(f"pool counters before the burst {before}, after {after}")
+    # the model computed each prompt (less its cached prefix) and each token after the first;
+    # more where a victim was recomputed rather than swapped
+    computed_after, hits_after = tokens(cluster)
+    prompts = sum(o["usage"]["prompt_tokens"] for o in outs)
+    print(f"computed {computed_after - computed} tokens for {prompts} prompt tokens, "
+          f"{hits_after - hits} of them cached, and 3 x 23 decodes")  # fmt: skip
+    assert computed_after - computed >= prompts - (hits_after - hits) + 3 * 23
     assert after["shrink"] > before["shrink"] and after["grow"] > before["grow"]
     assert after["victims"] + after["moved"] > before["victims"] + before["moved"]
     cap = pool(cluster, "cap_blocks")

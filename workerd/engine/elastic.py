@@ -19,12 +19,14 @@ in an earlier stage, from views of the cache, aborts rather than send a block re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+import msgspec
+
+from mell.common.workers import WorkerStats
 from mell.workerd.engine.block_manager import BlockManager
 from mell.workerd.engine.kv_cache import KVCache
 from mell.workerd.engine.memory_budget import MemoryBudget, StepMemory
-from mell.workerd.engine.outputs import EngineStats
 from mell.workerd.engine.sequence import Sequence
 from mell.workerd.heap import give_back_free_memory
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 COMPACT_BLOCKS_PER_STEP = 64
 TRIM_SLACK_FRACTION = 16  # give memory back once 1/16 of the pool above the live top is idle
 TRIM_AFTER_STEPS = 8  # ... for this many scheduling rounds in a row (no churn within a burst)
+
+S = TypeVar("S", bound=WorkerStats)
 
 
 class ElasticPool:
@@ -100,13 +104,16 @@ class ElasticPool:
         if live == 0 and self.kv.device.type == "cpu":
             give_back_free_memory()  # (idle: the activations' freed memory goes back too)
 
-    def count_into(self, stats: EngineStats) -> None:
-        """Report the cap and the counters in the engine's `stats`."""
-        stats.kv_pool_cap_blocks = self.budget.cap
-        stats.kv_pool_resizes_total = {"shrink": self.budget.shrinks, "grow": self.budget.grows}
-        stats.kv_pool_blocks_moved_total = self.blocks_moved_total
-        stats.kv_pool_victims_total = self.victims_total
-        stats.kv_pool_trims_total = self.trims_total
+    def with_counts(self, stats: S) -> S:
+        """`stats` with the pool's cap and counters in it."""
+        return msgspec.structs.replace(
+            stats,
+            kv_pool_cap_blocks=self.budget.cap,
+            kv_pool_resizes_total={"shrink": self.budget.shrinks, "grow": self.budget.grows},
+            kv_pool_blocks_moved_total=self.blocks_moved_total,
+            kv_pool_victims_total=self.victims_total,
+            kv_pool_trims_total=self.trims_total,
+        )
 
     def _compact(self, sch: Scheduler, cap: int) -> bool:
         """Move up to COMPACT_BLOCKS_PER_STEP live blocks from above the cap down; True if

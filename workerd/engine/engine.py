@@ -121,6 +121,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._shared = SharedPrefill()  # requests waiting on the prefill of their prompt
         self.slo_violations = {"ttft": 0, "tpot": 0}
+        self.num_computed_tokens_total = 0  # tokens the model computed (prefill and decode)
 
     # -- ServingEngine -------------------------------------------------------------------------
 
@@ -248,6 +249,7 @@ class Engine:
         samples = self.runner.execute(batch, self.kv.tensors, hooks)
         now = time.monotonic()
         self.step_model.record(sum(batch.num_tokens), now - started)
+        self.num_computed_tokens_total += sum(batch.num_tokens)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             seq.num_computed += n
             self._cache_computed(seq)
@@ -402,6 +404,7 @@ class Engine:
             num_swaps_total=sch.num_swaps_total,
             num_parked_total=sch.num_parked_total,
             num_tokens_recomputed_total=sch.num_tokens_recomputed_total,
+            num_computed_tokens_total=self.num_computed_tokens_total,
             offload_bytes_total={"d2h": moved[D2H], "h2d": moved[H2D]},
             slo_violations_total=dict(self.slo_violations),
             prefix_cache_queries_total=sch.prefix_queries_total,
@@ -413,9 +416,7 @@ class Engine:
             kv_pool_mapped_bytes=self.kv.mapped_bytes,
             kv_pool_resizes_total={"shrink": 0, "grow": 0},
         )
-        if self.elastic is not None:
-            self.elastic.count_into(stats)
-        return stats
+        return self.elastic.with_counts(stats) if self.elastic is not None else stats
 
     # -- migration: MigratableEngine (contracts in engine/contract.py) -----------------------
 

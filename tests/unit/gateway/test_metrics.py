@@ -114,3 +114,14 @@ async def test_time_per_output_token_is_observed_when_a_request_finishes() -> No
     d.release(s, "length", "finished", 3)
     text = d.metrics.render().decode()
     assert sample(text, "mell:time_per_output_token_seconds_count", model_name="m") == 1
+
+
+def test_computed_tokens_sum_over_the_models_live_workers() -> None:
+    history = [
+        *HISTORY,
+        ev.LoadReported(worker_id="w0", load=load(num_computed_tokens_total=1200)),
+        ev.LoadReported(worker_id="w1", load=load(num_computed_tokens_total=300)),
+    ]
+    assert sample(Metrics(fold(history)).render().decode(), "mell:computed_tokens_total") == 1500
+    lost = fold([*history, ev.WorkerLost(worker_id="w1", reason="silent")])
+    assert sample(Metrics(lost).render().decode(), "mell:computed_tokens_total") == 1200
